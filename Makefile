@@ -1,0 +1,29 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test install run-local bench schemas clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+
+## Run the whole test suite against local RabbitMQ, Redis and a SecantusDB it starts.
+test: install
+	$(BIN)/python -m pytest
+
+## Run the whole system without Docker: local RabbitMQ/Redis, a SecantusDB it starts.
+run-local: install
+	$(BIN)/mergetag dev
+
+bench: install
+	$(BIN)/python bench/receiver_throughput.py
+
+schemas: install
+	$(BIN)/python -m schemas.export
+
+clean:
+	rm -rf $(VENV) .pytest_cache .local

@@ -1,0 +1,178 @@
+"""The ``mergetag`` command: run each process, and the operators' dead-letter tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+from datetime import timedelta
+
+from adapters.settings import get_settings
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("MERGETAG_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aio_pika", "aiormq", "pika"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from adapters.receiver import create_app
+    from adapters.sentry import init_sentry
+
+    settings = get_settings()
+    init_sentry(settings, "receiver")
+    host, port = args.host or settings.receiver_host, args.port or settings.receiver_port
+    web.run_app(create_app(settings), host=host, port=port, access_log=None,
+                print=lambda *_: logging.getLogger("mergetag").info("receiver on %s:%s", host, port))
+    return 0
+
+
+def _serve(queues: list[str], sweep: bool) -> int:
+    """Consume ``queues`` with a Dramatiq worker until SIGTERM/SIGINT; optionally run the sweeper."""
+    import dramatiq
+
+    from adapters.store import ProfileStore
+    from workers import actors, sweeper
+
+    settings = actors.settings
+    worker = dramatiq.Worker(actors.broker, queues=set(queues), worker_threads=settings.worker_threads)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    logging.getLogger("mergetag").info("consuming %s", ", ".join(queues))
+
+    loop = asyncio.new_event_loop()
+    sweep_stop = asyncio.Event()
+    if sweep:
+        store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+        run = sweeper.run(store, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s), sweep_stop)
+        threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
+    stop.wait()
+    if sweep:
+        loop.call_soon_threadsafe(sweep_stop.set)
+    worker.stop(timeout=10_000)
+    actors.broker.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from broker import topology
+
+    prefix = get_settings().queue_prefix
+    queues = {"events": [topology.events_queue(prefix)], "sync": [topology.sync_queue(prefix)], "all": topology.all_queues(prefix)}
+    return _serve(queues[args.queues], sweep=False)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from broker import topology
+
+    return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from adapters.esp import mailchimp_sandbox
+
+    mailchimp_sandbox.main(args.rest)
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from broker.dead_letters import DeadLetters
+
+    settings = get_settings()
+    tools = DeadLetters(settings.amqp_url, settings.queue_prefix)
+    ids = set(args.ids) if getattr(args, "ids", None) else None
+    if args.action == "list":
+        rows = [d.summary() for d in tools.list(args.queue)]
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            print(f"{'QUEUE':<24} {'MESSAGE ID':<38} {'ACTOR':<15} {'ERROR':<22} {'AGE':>8}  DETAIL")
+            for r in rows:
+                age = "-" if r["age_s"] is None else f"{r['age_s']:.0f}s"
+                print(f"{r['queue']:<24} {r['message_id']:<38} {r['actor']:<15} {r['error']:<22} {age:>8}  {r['detail']}")
+        return 0
+    if args.action == "show":
+        letter = tools.show(args.message_id)
+        if letter is None:
+            print(json.dumps({"error": "not_found", "message_id": args.message_id}))
+            return 1
+        print(json.dumps({**letter.summary(), "options": letter.message.options}, indent=2, default=str))
+        return 0
+    if args.action in {"replay", "purge"}:
+        if ids is None and not args.all:
+            print(json.dumps({"error": "selection_required", "detail": "name message ids or pass --all"}))
+            return 2
+        done = getattr(tools, args.action)(args.queue, ids)
+        print(json.dumps({args.action + "ed" if args.action == "replay" else "purged": [d.message_id for d in done], "count": len(done)}))
+        return 0
+    return 2
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from adapters.dev import run_local
+
+    return run_local(args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergetag", description="mergetag: events in, fresh merge fields out.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("receiver", help="run the webhook receiver")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_receiver)
+
+    p = sub.add_parser("worker", help="run the pipeline's Dramatiq workers")
+    p.add_argument("--queues", choices=["events", "sync", "all"], default="events")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sync", help="run the background ESP sync (sync workers and the pending sweeper)")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("sandbox", help="run the Mailchimp sandbox (arguments pass through)")
+    p.add_argument("esp", choices=["mailchimp"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("dev", help="run the whole system locally, without Docker")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dev)
+
+    dlq = sub.add_parser("dlq", help="inspect and re-drive dead letters").add_subparsers(dest="action", required=True)
+    p = dlq.add_parser("list", help="dead letters per queue with actor, error and age")
+    p.add_argument("--queue", help="events or sync (default: all)")
+    p.add_argument("--json", action="store_true")
+    p = dlq.add_parser("show", help="one dead letter, with its options")
+    p.add_argument("message_id")
+    for action in ("replay", "purge"):
+        p = dlq.add_parser(action, help=f"{action} selected dead letters, or --all")
+        p.add_argument("ids", nargs="*", help="message ids")
+        p.add_argument("--all", action="store_true")
+        p.add_argument("--queue")
+    for p in dlq.choices.values():
+        p.set_defaults(func=cmd_dlq)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

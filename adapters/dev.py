@@ -1,0 +1,93 @@
+"""``mergetag dev``: the whole system on this machine, without Docker.
+
+Uses the local RabbitMQ and Redis, starts a SecantusDB (MongoDB wire protocol)
+unless ``MONGODB_URI``/``MERGETAG_MONGODB_URI`` is set, the Mailchimp sandbox,
+the receiver, the workers and the sync, each as its own process. Ctrl-C stops all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEV_SECRET = "dev-shopify-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def start_secantus(storage: str = ":memory:") -> tuple[subprocess.Popen, str]:
+    """Start SecantusDB on a free port; returns the process and its MongoDB URI."""
+    port = free_port()
+    binary = Path(sys.executable).with_name("secantusd-py")
+    process = subprocess.Popen(
+        [str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", storage],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, process=process)
+    return process, f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+
+def run_local(receiver_port: int) -> int:
+    env = dict(os.environ)
+    processes: list[subprocess.Popen] = []
+    if not (env.get("MONGODB_URI") or env.get("MERGETAG_MONGODB_URI")):
+        storage = tempfile.mkdtemp(prefix="mergetag-secantus-")
+        mongo, uri = start_secantus(storage)
+        processes.append(mongo)
+        env["MERGETAG_MONGODB_URI"] = uri
+    sandbox_port = int(env.get("MERGETAG_SANDBOX_PORT", "8081"))
+    env.setdefault("MERGETAG_SHOPIFY_SECRETS", DEV_SECRET)
+    env.setdefault("MERGETAG_MAILCHIMP_BASE_URL", f"http://127.0.0.1:{sandbox_port}/3.0")
+    env.setdefault("MERGETAG_SYNC_GRACE_S", "5")
+    mergetag = [sys.executable, "-m", "adapters.cli"]
+    sandbox = subprocess.Popen([*mergetag, "sandbox", "mailchimp", "--port", str(sandbox_port)], env=env)
+    processes.append(sandbox)
+    wait_for_port(sandbox_port, process=sandbox)
+    for command in (["worker"], ["sync"], ["receiver", "--port", str(receiver_port)]):
+        processes.append(subprocess.Popen([*mergetag, *command], env=env))
+    wait_for_port(receiver_port, process=processes[-1])
+    print(
+        f"mergetag is running: receiver http://127.0.0.1:{receiver_port}, "
+        f"Mailchimp sandbox http://127.0.0.1:{sandbox_port}/3.0, MongoDB {env['MERGETAG_MONGODB_URI']}, "
+        f"Shopify secret {env['MERGETAG_SHOPIFY_SECRETS'].split(',')[0]!r}. Ctrl-C stops.",
+        flush=True,
+    )
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in reversed(processes):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0

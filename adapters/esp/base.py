@@ -1,0 +1,19 @@
+"""What every ESP adapter provides. A new ESP is one module implementing this, plus its sandbox."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from schemas.profile import Profile
+
+
+class Esp(Protocol):
+    name: str
+
+    def member(self, profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any] | None:
+        """What the ESP should hold for ``profile`` (pure); None when it cannot be synced (no email)."""
+
+    async def upsert(self, member: dict[str, Any]) -> None:
+        """Create or update the member. Raises EspUnavailable (retry) or EspRejected (dead-letter)."""
+
+    async def close(self) -> None: ...

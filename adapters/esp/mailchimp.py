@@ -1,0 +1,138 @@
+"""Mailchimp Marketing API v3: one member upsert per profile.
+
+``PUT /lists/{list}/members/{md5(lower(email))}`` with ``status_if_new`` only,
+so an existing member's consent is never overwritten; the one exception is an
+unsubscribe, which is pushed as ``status: unsubscribed`` (consent wins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+
+from schemas.errors import EspRejected, EspUnavailable
+from schemas.events import Scalar
+from schemas.profile import Profile
+
+NAME = "mailchimp"
+_STATUS_IF_NEW = {
+    "subscribed": "subscribed",
+    "unsubscribed": "unsubscribed",
+    "pending": "pending",
+    "not_subscribed": "transactional",
+}
+
+
+def subscriber_hash(email: str) -> str:
+    return hashlib.md5(email.lower().encode()).hexdigest()
+
+
+def profile_values(profile: Profile) -> dict[str, Scalar]:
+    """Every trait a merge field can name: the profile's own traits, then the computed ones."""
+    values: dict[str, Scalar] = {name: trait.value for name, trait in profile.traits.items()}
+    c = profile.computed
+    values.update(
+        lifetime_value=float(c.lifetime_value),
+        order_count=c.order_count,
+        last_order_date=c.last_order_date.date().isoformat() if c.last_order_date else None,
+        loyalty_tier=c.loyalty_tier,
+        categories_viewed=", ".join(c.categories_viewed) or None,
+    )
+    return values
+
+
+def _merge_value(value: Scalar) -> Scalar:
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.date().isoformat()
+    return value
+
+
+def member_body(profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any] | None:
+    """The member Mailchimp should hold for ``profile``. Pure.
+
+    Parameters:
+      merge_fields: trait name -> merge tag. Traits without a value are left out
+        rather than blanked, so a missing value never erases one set elsewhere.
+    """
+    if profile.email is None:
+        return None
+    values = profile_values(profile)
+    fields = {tag: _merge_value(values[trait]) for trait, tag in sorted(merge_fields.items()) if values.get(trait) is not None}
+    consent = profile.consent.get("email")
+    state = consent.state if consent else "not_subscribed"
+    body: dict[str, Any] = {
+        "email_address": profile.email,
+        "status_if_new": _STATUS_IF_NEW[state],
+        "merge_fields": fields,
+    }
+    if state == "unsubscribed":
+        body["status"] = "unsubscribed"
+    return body
+
+
+def member_hash(member: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(member, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Mailchimp:
+    """The adapter.
+
+    Parameters:
+      base_url: API root ending in ``/3.0`` (the sandbox's, or the data centre's).
+      api_key: sent as the Basic-auth password.
+      list_id: the audience.
+      timeout: seconds per request.
+    """
+
+    name = NAME
+
+    def __init__(self, base_url: str, api_key: str, list_id: str, timeout: float = 10.0) -> None:
+        self._base = base_url.rstrip("/")
+        self._auth = aiohttp.BasicAuth("mergetag", api_key)
+        self._list = list_id
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def member(self, profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any] | None:
+        return member_body(profile, merge_fields)
+
+    async def upsert(self, member: dict[str, Any]) -> None:
+        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(member['email_address'])}"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(auth=self._auth, timeout=self._timeout)
+        try:
+            async with self._session.put(url, json=member) as response:
+                if response.status < 300:
+                    return
+                problem = await _problem(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
+        status = response.status
+        detail = f"mailchimp {status} {problem.get('title', '')}".strip()
+        fields = [e.get("field") for e in problem.get("errors", []) if isinstance(e, dict) and e.get("field")]
+        if fields:
+            detail += f" (fields: {', '.join(map(str, fields))})"
+        if status == 429 or status >= 500:
+            retry_after = response.headers.get("Retry-After")
+            raise EspUnavailable(detail, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
+        raise EspRejected(detail)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _problem(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """Mailchimp's problem+json, reduced to what is safe to keep (its ``detail`` may name the member)."""
+    try:
+        body = await response.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,253 @@
+"""A Mailchimp sandbox: a real HTTP server that enforces the parts of the Mailchimp
+Marketing API v3 contract mergetag relies on. State lives in memory.
+
+Enforced: Basic auth with the API key as password; the MD5 member path; member
+body validation (status enums, ``status_if_new`` for new members, merge tags
+defined on the audience, number and date types); the compliance rule that an
+unsubscribed member cannot be resubscribed through the API; problem+json errors;
+429 beyond 10 simultaneous connections per key.
+
+Sandbox-only controls live under ``/_sandbox`` (fault injection, statistics).
+
+Run: ``python -m adapters.esp.mailchimp_sandbox --port 8081``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import re
+from collections.abc import Awaitable, Callable
+from datetime import date
+from typing import Any
+
+from aiohttp import web
+
+STATUSES = {"subscribed", "unsubscribed", "cleaned", "pending", "transactional"}
+TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
+MAX_MERGE_FIELDS = 30
+MAX_CONNECTIONS = 10
+DEFAULT_FIELDS = {"FNAME": "text", "LNAME": "text", "LTV": "number", "ORDERS": "number", "LASTORDER": "date", "TIER": "text"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> web.Response:
+    body: dict[str, Any] = {
+        "type": "https://mailchimp.com/developer/marketing/docs/errors/",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": hashlib.md5(detail.encode()).hexdigest(),
+    }
+    if errors:
+        body["errors"] = errors
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+class Sandbox:
+    """The in-memory audience(s) and the contract checks.
+
+    Parameters:
+      api_key: the only key accepted.
+      lists: list id -> {merge tag: type}.
+    """
+
+    def __init__(self, api_key: str, lists: dict[str, dict[str, str]]) -> None:
+        self.api_key = api_key
+        self.merge_fields = {list_id: dict(fields) for list_id, fields in lists.items()}
+        self.members: dict[str, dict[str, dict[str, Any]]] = {list_id: {} for list_id in lists}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests: dict[str, int] = {}
+        self.faults: list[int] = []
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard])
+        app.router.add_get("/3.0/ping", self.ping)
+        app.router.add_get("/3.0/lists/{list_id}/merge-fields", self.list_merge_fields)
+        app.router.add_post("/3.0/lists/{list_id}/merge-fields", self.add_merge_field)
+        app.router.add_get("/3.0/lists/{list_id}/members", self.list_members)
+        app.router.add_get("/3.0/lists/{list_id}/members/{hash}", self.get_member)
+        app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
+        app.router.add_post("/_sandbox/faults", self.add_faults)
+        app.router.add_get("/_sandbox/stats", self.stats)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/_sandbox/"):
+            return await handler(request)
+        if not self._authorized(request.headers.get("Authorization", "")):
+            return problem(401, "API Key Invalid", "Your API key may be invalid, or you've attempted to access the wrong datacenter.")
+        if self.in_flight >= MAX_CONNECTIONS:
+            return problem(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            route = f"{request.method} {request.match_info.route.resource.canonical if request.match_info.route.resource else request.path}"
+            self.requests[route] = self.requests.get(route, 0) + 1
+            if self.faults and request.method != "GET":
+                status = self.faults.pop(0)
+                return problem(status, "Injected Fault", f"sandbox fault {status}")
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            _, _, password = base64.b64decode(value).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return password == self.api_key
+
+    def _list(self, request: web.Request) -> str:
+        list_id = request.match_info["list_id"]
+        if list_id not in self.members:
+            raise web.HTTPNotFound(
+                text=json.dumps({"type": "about:blank", "title": "Resource Not Found", "status": 404,
+                                 "detail": "The requested resource could not be found.", "instance": ""}),
+                content_type="application/problem+json",
+            )
+        return list_id
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.json_response({"health_status": "Everything's Chimpy!"})
+
+    async def list_merge_fields(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        fields = [{"tag": tag, "name": tag, "type": kind, "list_id": list_id} for tag, kind in self.merge_fields[list_id].items()]
+        return web.json_response({"merge_fields": fields, "list_id": list_id, "total_items": len(fields)})
+
+    async def add_merge_field(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        body = await _json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "name", "message": "This value should not be blank."}])
+        tag = str(body.get("tag") or body["name"]).upper()
+        kind = body.get("type", "text")
+        if not TAG.match(tag) or kind not in {"text", "number", "date"}:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "tag", "message": "Invalid merge tag."}])
+        fields = self.merge_fields[list_id]
+        if tag in fields:
+            return problem(400, "Invalid Resource", f"A Merge Field with the tag \"{tag}\" already exists for this list.")
+        if len(fields) >= MAX_MERGE_FIELDS:
+            return problem(400, "Invalid Resource", "This list has reached its maximum number of merge fields.")
+        fields[tag] = kind
+        return web.json_response({"tag": tag, "name": body["name"], "type": kind, "list_id": list_id})
+
+    async def list_members(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        members = list(self.members[list_id].values())
+        return web.json_response({"members": members, "list_id": list_id, "total_items": len(members)})
+
+    async def get_member(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        member = self.members[list_id].get(request.match_info["hash"].lower())
+        if member is None:
+            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+        return web.json_response(member)
+
+    async def put_member(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        body = await _json(request)
+        if not isinstance(body, dict):
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+        errors = self._validate_member(list_id, body)
+        if errors:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
+        email = body["email_address"]
+        member_hash = hashlib.md5(email.lower().encode()).hexdigest()
+        if request.match_info["hash"].lower() != member_hash:
+            return problem(400, "Invalid Resource", "The subscriber hash does not match the email address.", [{"field": "email_address", "message": "hash mismatch"}])
+        members = self.members[list_id]
+        existing = members.get(member_hash)
+        if existing is None:
+            status = body.get("status") or body.get("status_if_new")
+            if status is None:
+                return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "status_if_new", "message": "Required for new members."}])
+            member = {"id": member_hash, "email_address": email, "status": status, "merge_fields": {}, "list_id": list_id, "update_count": 0}
+        else:
+            member = dict(existing)
+            new_status = body.get("status")
+            if new_status == "subscribed" and existing["status"] in {"unsubscribed", "cleaned"}:
+                return problem(400, "Member In Compliance State", f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
+            if new_status:
+                member["status"] = new_status
+        member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
+        member["update_count"] += 1
+        members[member_hash] = member
+        return web.json_response(member)
+
+    def _validate_member(self, list_id: str, body: dict[str, Any]) -> list[dict[str, str]]:
+        errors = []
+        email = body.get("email_address")
+        if not isinstance(email, str) or not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", email):
+            errors.append({"field": "email_address", "message": "This value should be a valid email."})
+        for key in ("status", "status_if_new"):
+            if key in body and body[key] not in STATUSES:
+                errors.append({"field": key, "message": "Invalid status."})
+        merge_fields = body.get("merge_fields", {})
+        if not isinstance(merge_fields, dict):
+            return [*errors, {"field": "merge_fields", "message": "Schema describes object."}]
+        defined = self.merge_fields[list_id]
+        for tag, value in merge_fields.items():
+            kind = defined.get(tag)
+            if kind is None:
+                errors.append({"field": f"merge_fields.{tag}", "message": "Merge field is not defined on this audience."})
+            elif not _valid_value(kind, value):
+                errors.append({"field": f"merge_fields.{tag}", "message": f"Invalid value for a {kind} field."})
+        return errors
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        self.faults.extend([int(body.get("status", 503))] * int(body.get("count", 1)))
+        return web.json_response({"pending_faults": len(self.faults)})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.requests, "max_in_flight": self.max_in_flight})
+
+
+def _valid_value(kind: str, value: Any) -> bool:
+    if value == "":
+        return True
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "date":
+        try:
+            date.fromisoformat(value)
+        except (TypeError, ValueError):
+            return False
+        return True
+    return isinstance(value, str) and len(value) <= 255
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--api-key", default="sandbox0000000000000000000000000-us1")
+    parser.add_argument("--list-id", default="sandbox")
+    parser.add_argument("--merge-fields", default=",".join(f"{t}:{k}" for t, k in DEFAULT_FIELDS.items()),
+                        help="TAG:type,... defined on the audience at start")
+    args = parser.parse_args(argv)
+    fields = dict(item.split(":", 1) for item in args.merge_fields.split(",") if item)
+    sandbox = Sandbox(args.api_key, {args.list_id: fields})
+    web.run_app(sandbox.app(), host=args.host, port=args.port, print=lambda *_: print(f"mailchimp sandbox on {args.host}:{args.port}", flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The one settings object: every knob is a ``MERGETAG_*`` environment variable."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MERGE_FIELDS = {
+    "first_name": "FNAME",
+    "last_name": "LNAME",
+    "lifetime_value": "LTV",
+    "order_count": "ORDERS",
+    "last_order_date": "LASTORDER",
+    "loyalty_tier": "TIER",
+}
+DEFAULT_LOYALTY_TIERS = {"bronze": 0.0, "silver": 250.0, "gold": 1000.0}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MERGETAG_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue_prefix: str = "mergetag"
+    mongodb_uri: str = Field(
+        "mongodb://127.0.0.1:27017/?directConnection=true",
+        validation_alias=AliasChoices("MERGETAG_MONGODB_URI", "MONGODB_URI"),
+    )
+    mongodb_database: str = "mergetag"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    receiver_host: str = "0.0.0.0"
+    receiver_port: int = 8080
+    max_body_bytes: int = 1_048_576
+    publish_timeout_s: float = 2.0
+    retry_after_s: int = 5
+    shopify_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    retry_max: int = 8
+    retry_min_backoff_ms: int = 1_000
+    retry_max_backoff_ms: int = 300_000
+    worker_threads: int = 8
+
+    mailchimp_api_key: str = "sandbox0000000000000000000000000-us1"
+    mailchimp_base_url: str | None = None
+    mailchimp_list_id: str = "sandbox"
+    mailchimp_timeout_s: float = 10.0
+    merge_fields: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MERGE_FIELDS))
+    loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
+
+    sync_sweep_interval_s: float = 2.0
+    sync_grace_s: float = 10.0
+
+    sentry_dsn: str | None = Field(None, validation_alias=AliasChoices("MERGETAG_SENTRY_DSN", "SENTRY_DSN"))
+    sentry_environment: str = "development"
+
+    @field_validator("shopify_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: Any) -> Any:
+        """Secrets come comma-separated, newest first, so a rotation is one edit."""
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("merge_fields", "loyalty_tiers", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @property
+    def mailchimp_url(self) -> str:
+        """The API root: explicit (sandbox) or the data centre named by the key's suffix."""
+        if self.mailchimp_base_url:
+            return self.mailchimp_base_url.rstrip("/")
+        dc = self.mailchimp_api_key.rsplit("-", 1)[-1]
+        return f"https://{dc}.api.mailchimp.com/3.0"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,155 @@
+"""Dead-letter tools: list, show, replay and purge what landed in the ``.XQ`` queues.
+
+Reading a queue without consuming it: every message is fetched unacknowledged
+and the channel is closed at the end, which puts back whatever was not acked.
+Replay publishes a fresh copy to the original queue, waits for the broker's
+confirm, and only then acks the dead letter: a crash in between leaves a
+duplicate, never a loss, and the pipeline's idempotency absorbs the duplicate.
+A second replay finds nothing left to replay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from broker import topology
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    queue: str
+    message_id: str
+    actor: str
+    code: str
+    detail: str
+    retries: int
+    failed_at_ms: int | None
+    message: dramatiq.Message
+
+    @property
+    def age_s(self) -> float | None:
+        return None if self.failed_at_ms is None else max(0.0, time.time() - self.failed_at_ms / 1000)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "message_id": self.message_id,
+            "actor": self.actor,
+            "error": self.code,
+            "detail": self.detail,
+            "retries": self.retries,
+            "age_s": None if self.age_s is None else round(self.age_s, 1),
+        }
+
+
+def _parse(queue: str, body: bytes) -> DeadLetter:
+    message = dramatiq.Message.decode(body)
+    reason = message.options.get("dead_letter") or {}
+    last = message.options.get("last_error") or {}
+    return DeadLetter(
+        queue=queue,
+        message_id=message.message_id,
+        actor=message.actor_name,
+        code=str(reason.get("code") or last.get("code") or "unknown"),
+        detail=str(reason.get("detail") or last.get("detail") or ""),
+        retries=int(reason.get("retries", message.options.get("retries", 0))),
+        failed_at_ms=reason.get("failed_at") or message.options.get("requeue_timestamp"),
+        message=message,
+    )
+
+
+class DeadLetters:
+    """Operator tools over the dead-letter queues of ``prefix``.
+
+    Parameters:
+      amqp_url: the broker.
+      prefix: the deployment's queue prefix.
+    """
+
+    def __init__(self, amqp_url: str, prefix: str) -> None:
+        self._params = pika.URLParameters(amqp_url)
+        self.queues = topology.all_queues(prefix)
+
+    @contextmanager
+    def _channel(self) -> Iterator[BlockingChannel]:
+        connection = pika.BlockingConnection(self._params)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for queue in self.queues:
+                for name, arguments in topology.declarations(queue):
+                    channel.queue_declare(name, durable=True, arguments=arguments)
+            yield channel
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    def _walk(self, channel: BlockingChannel, queue: str | None) -> Iterator[tuple[str, int, bytes]]:
+        for canonical in self._select(queue):
+            xq = topology.xq_name(canonical)
+            while True:
+                method, _, body = channel.basic_get(xq, auto_ack=False)
+                if method is None:
+                    break
+                yield canonical, method.delivery_tag, body
+
+    def _select(self, queue: str | None) -> list[str]:
+        if queue is None:
+            return self.queues
+        matches = [q for q in self.queues if q == queue or q.rsplit(".", 1)[-1] == queue]
+        if not matches:
+            raise ValueError(f"unknown queue {queue!r}; known: {', '.join(self.queues)}")
+        return matches
+
+    def list(self, queue: str | None = None) -> list[DeadLetter]:
+        with self._channel() as channel:
+            return [_parse(canonical, body) for canonical, _, body in self._walk(channel, queue)]
+
+    def show(self, message_id: str) -> DeadLetter | None:
+        return next((d for d in self.list() if d.message_id == message_id), None)
+
+    def replay(self, queue: str | None = None, message_ids: set[str] | None = None) -> list[DeadLetter]:
+        """Send selected (default: all) dead letters back to their queue, with retries reset."""
+
+        def resend(channel: BlockingChannel, letter: DeadLetter) -> None:
+            options = {k: v for k, v in letter.message.options.items() if k not in {"dead_letter", "retries", "traceback", "eta"}}
+            options["replayed"] = letter.message.options.get("replayed", 0) + 1
+            fresh = letter.message.copy(queue_name=letter.queue, options=options)
+            channel.basic_publish(
+                exchange="",
+                routing_key=letter.queue,
+                body=fresh.encode(),
+                properties=pika.BasicProperties(delivery_mode=2),
+                mandatory=True,
+            )
+
+        return self._take(queue, message_ids, resend)
+
+    def purge(self, queue: str | None = None, message_ids: set[str] | None = None) -> list[DeadLetter]:
+        """Delete selected (default: all) dead letters."""
+        return self._take(queue, message_ids, lambda channel, letter: None)
+
+    def _take(
+        self,
+        queue: str | None,
+        message_ids: set[str] | None,
+        action: Callable[[BlockingChannel, DeadLetter], None],
+    ) -> list[DeadLetter]:
+        taken = []
+        with self._channel() as channel:
+            for canonical, tag, body in list(self._walk(channel, queue)):
+                letter = _parse(canonical, body)
+                if message_ids is not None and letter.message_id not in message_ids:
+                    continue
+                action(channel, letter)
+                channel.basic_ack(tag)
+                taken.append(letter)
+        return taken

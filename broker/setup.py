@@ -1,0 +1,36 @@
+"""The Dramatiq broker: RabbitMQ with publisher confirms and mergetag's middleware."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
+
+from adapters.sentry import init_sentry
+from adapters.settings import Settings
+from broker.middleware import RetryOrDeadLetter
+
+
+def create_broker(settings: Settings, component: str = "worker") -> RabbitmqBroker:
+    """Build and install the global broker. Sentry is initialised first: its integration patches the broker."""
+    init_sentry(settings, component)
+    broker = RabbitmqBroker(
+        url=settings.amqp_url,
+        confirm_delivery=True,
+        middleware=[
+            AgeLimit(),
+            TimeLimit(),
+            ShutdownNotifications(),
+            Callbacks(),
+            Pipelines(),
+            CurrentMessage(),
+            AsyncIO(),
+            RetryOrDeadLetter(
+                max_retries=settings.retry_max,
+                min_backoff=settings.retry_min_backoff_ms,
+                max_backoff=settings.retry_max_backoff_ms,
+            ),
+        ],
+    )
+    dramatiq.set_broker(broker)
+    return broker

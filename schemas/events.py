@@ -1,0 +1,144 @@
+"""Canonical events: the one language every source is mapped into.
+
+Each event carries its own identity (``event_id``), where it came from
+(``source``), when it happened (``event_time``) and when mergetag first saw it
+(``received_at``). The merge depends on ``event_time`` and ``source`` only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Annotated, Literal, Union
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+EVENT_SCHEMA_VERSION = "1.0"
+
+Scalar = Union[str, int, float, bool, None]
+
+
+def normalize_email(value: str | None) -> str | None:
+    """Trim and lowercase: one person, one key, whatever the sender typed."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return value or None
+
+
+class Identity(BaseModel):
+    """Who the event is about. At least one identifier is required."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    email: str | None = None
+    customer_id: str | None = Field(None, description="The source's own customer id, as a string.")
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        value = normalize_email(value)
+        if value is not None and ("@" not in value or value.startswith("@") or value.endswith("@")):
+            raise ValueError("not an email address")
+        return value
+
+    @model_validator(mode="after")
+    def _some_identifier(self) -> Identity:
+        if self.email is None and self.customer_id is None:
+            raise ValueError("an identity needs an email or a customer id")
+        return self
+
+
+class LineItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    product_id: str | None = None
+    title: str | None = None
+    category: str | None = None
+    price: Decimal = Decimal("0")
+    quantity: int = 1
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: str = EVENT_SCHEMA_VERSION
+    event_id: str = Field(min_length=1, description="Stable across re-deliveries of the same happening.")
+    source: str = Field(min_length=1)
+    event_time: AwareDatetime
+    received_at: AwareDatetime
+    identity: Identity
+
+    @field_validator("event_time", "received_at")
+    @classmethod
+    def _millisecond_utc(cls, value: datetime) -> datetime:
+        """Store and compare at the precision MongoDB keeps, in UTC, so a round trip changes nothing."""
+        return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+class CustomerUpdated(_Event):
+    """A customer was created, identified or changed: new trait values."""
+
+    type: Literal["customer.identified", "customer.updated"]
+    traits: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class OrderCompleted(_Event):
+    type: Literal["order.completed"] = "order.completed"
+    order_id: str = Field(min_length=1)
+    total: Decimal = Field(ge=0)
+    currency: str | None = None
+    items: tuple[LineItem, ...] = ()
+
+
+class CheckoutChanged(_Event):
+    type: Literal["checkout.started", "checkout.updated"]
+    checkout_id: str = Field(min_length=1)
+    url: str | None = None
+    total: Decimal = Field(ge=0)
+    currency: str | None = None
+    items: tuple[LineItem, ...] = ()
+    completed: bool = False
+
+
+class ProductViewed(_Event):
+    type: Literal["product.viewed"] = "product.viewed"
+    product_id: str | None = None
+    title: str | None = None
+    category: str | None = None
+    url: str | None = None
+
+
+class ConsentChanged(_Event):
+    type: Literal["consent.changed"] = "consent.changed"
+    channel: Literal["email", "sms"] = "email"
+    state: Literal["subscribed", "unsubscribed", "pending", "not_subscribed"]
+
+
+class EmailOpened(_Event):
+    type: Literal["email.opened"] = "email.opened"
+    esp: str
+    campaign_id: str | None = None
+
+
+Event = Annotated[
+    Union[CustomerUpdated, OrderCompleted, CheckoutChanged, ProductViewed, ConsentChanged, EmailOpened],
+    Field(discriminator="type"),
+]
+EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+__all__ = [
+    "EVENT_SCHEMA_VERSION",
+    "CheckoutChanged",
+    "ConsentChanged",
+    "CustomerUpdated",
+    "EmailOpened",
+    "Event",
+    "EventAdapter",
+    "Identity",
+    "LineItem",
+    "OrderCompleted",
+    "ProductViewed",
+    "Scalar",
+    "normalize_email",
+]

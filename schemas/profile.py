@@ -1,0 +1,96 @@
+"""The profile: one per customer, the single source of every merge field.
+
+Every stored fact keeps its lineage (event time, source, event id) so that the
+merge can decide by event time alone and anyone can see where a value came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+
+from schemas.events import Scalar
+
+PROFILE_SCHEMA_VERSION = "1.0"
+
+Money = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str)]
+
+
+class Stamp(BaseModel):
+    """Where and when a value came from; the merge orders facts by ``key``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_time: AwareDatetime
+    source: str
+    event_id: str
+
+    @property
+    def key(self) -> tuple[datetime, str, str]:
+        return (self.event_time, self.source, self.event_id)
+
+
+class Trait(Stamp):
+    value: Scalar
+
+
+class OrderFact(Stamp):
+    total: Money
+    currency: str | None = None
+    categories: tuple[str, ...] = ()
+
+
+class CheckoutFact(Stamp):
+    url: str | None = None
+    total: Money
+    item_count: int = 0
+    completed: bool = False
+
+
+ConsentState = Literal["subscribed", "unsubscribed", "pending", "not_subscribed"]
+
+
+class Consent(Stamp):
+    state: ConsentState
+
+
+class Computed(BaseModel):
+    """Derived by enrichment from the facts above; never merged, always recomputed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lifetime_value: Money = Decimal("0")
+    order_count: int = 0
+    last_order_date: AwareDatetime | None = None
+    loyalty_tier: str | None = None
+    categories_viewed: tuple[str, ...] = ()
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: str = PROFILE_SCHEMA_VERSION
+    id: str
+    email: str | None = None
+    identifiers: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="Customer ids per source, sorted."
+    )
+    traits: dict[str, Trait] = Field(default_factory=dict)
+    orders: dict[str, OrderFact] = Field(default_factory=dict)
+    checkouts: dict[str, CheckoutFact] = Field(default_factory=dict)
+    categories_viewed: tuple[str, ...] = ()
+    consent: dict[str, Consent] = Field(default_factory=dict)
+    last_email_open: Stamp | None = None
+    first_seen: AwareDatetime | None = None
+    last_seen: AwareDatetime | None = None
+    computed: Computed = Field(default_factory=Computed)
+
+
+def profile_id_for_email(email: str) -> str:
+    """A stable id that names the person without spelling out their address."""
+    return "p_" + hashlib.sha256(email.encode()).hexdigest()[:32]
+

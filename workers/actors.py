@@ -1,0 +1,98 @@
+"""The pipeline's actors. Importing this module installs the broker.
+
+``process_event``: validate -> map -> merge (+ enrich) into MongoDB -> mark for sync.
+``sync_profile``: send the profile's member to the ESP unless it already holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import dramatiq
+
+from adapters.esp.mailchimp import NAME as MAILCHIMP, member_hash
+from adapters.settings import get_settings
+from adapters.store import ProfileStore
+from broker import topology
+from broker.setup import create_broker
+from schemas.errors import EspRejected, IdentityUnresolved, MergetagError
+from schemas.events import Event, Identity
+from workers.pipeline import by_identity, events_for, merge_all, new_profile, parse_delivery
+from workers.runtime import runtime
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+broker = create_broker(settings)
+
+MAX_WRITE_ATTEMPTS = 20
+
+
+class LostRace(MergetagError):
+    """Another worker kept winning the optimistic write; try the whole message again later."""
+
+    code = "write_contention"
+    retryable = True
+
+
+@dramatiq.actor(actor_name=topology.PROCESS_EVENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
+async def process_event(delivery: dict[str, Any]) -> None:
+    """Raises EventInvalid/UnsupportedEvent (dead-lettered at once) or retryable errors."""
+    rt = await runtime()
+    parsed = parse_delivery(delivery)
+    to_sync = []
+    for identity, events in by_identity(events_for(parsed)).items():
+        profile_id = await merge_into_profile(rt.store, identity, events)
+        if profile_id is not None:
+            to_sync.append(profile_id)
+    for profile_id in to_sync:
+        await asyncio.to_thread(sync_profile.send, profile_id)
+    log.info("delivery %s/%s merged into %d profile(s)", parsed.source, parsed.delivery_id, len(to_sync))
+
+
+async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> str | None:
+    """Merge ``events`` into the identity's profile; returns its id when the ESP needs an update.
+
+    Two round trips on the common path: a point read and a version-guarded write.
+    """
+    rt = await runtime()
+    for _ in range(MAX_WRITE_ATTEMPTS):
+        if identity.email is not None:
+            found = await store.load(new_profile(identity).id)  # type: ignore[union-attr]
+        else:
+            found = await store.find_by_key(f"{events[0].source}:{identity.customer_id}")
+        if found is None:
+            profile, meta = new_profile(identity), {"version": None, "esp": {}}
+            if profile is None:
+                raise IdentityUnresolved(f"no profile yet for a {events[0].source} customer id")
+        else:
+            profile, meta = found
+        merged = merge_all(profile, events, rt.settings.loyalty_tiers)
+        sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
+        if merged == profile and meta["version"] is not None:
+            return None
+        member = rt.esp.member(merged, rt.settings.merge_fields)
+        digest = member_hash(member) if member is not None else None
+        if await store.save(merged, meta["version"], MAILCHIMP, member, digest):
+            return merged.id if member is not None and digest != sent_hash else None
+    raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
+
+
+@dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix))
+async def sync_profile(profile_id: str) -> None:
+    """Idempotent: a profile whose member was already sent is skipped without a request."""
+    rt = await runtime()
+    state = await rt.store.sync_state(profile_id, MAILCHIMP)
+    if not state or not state.get("member"):
+        return
+    if state.get("sent_hash") == state["member_hash"]:
+        log.debug("profile %s unchanged since last sync", profile_id)
+        return
+    try:
+        await rt.esp.upsert(state["member"])
+    except EspRejected as exc:
+        await rt.store.mark_failed(profile_id, MAILCHIMP, state["member_hash"], exc.code)
+        raise
+    await rt.store.mark_sent(profile_id, MAILCHIMP, state["member_hash"])
+    log.info("profile %s synced to %s", profile_id, MAILCHIMP)

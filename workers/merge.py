@@ -1,0 +1,105 @@
+"""The merge: a pure function from (profile, event) to profile.
+
+Every field is a join-semilattice, so applying a set of events in any order,
+any number of times, yields the same profile:
+
+- traits, orders, checkouts and consent are last-writer-wins registers ordered
+  by ``(event_time, source, event_id)``; a re-delivered event has an equal key
+  and changes nothing, an older one loses;
+- orders are keyed by order id, so counters derived from them never double count;
+- categories viewed are a set union; first/last seen are min/max.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TypeVar
+
+from schemas.events import (
+    CheckoutChanged,
+    ConsentChanged,
+    CustomerUpdated,
+    EmailOpened,
+    Event,
+    OrderCompleted,
+    ProductViewed,
+)
+from schemas.profile import CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
+
+S = TypeVar("S", bound=Stamp)
+
+_CONSENT_RANK = {"unsubscribed": 3, "not_subscribed": 2, "pending": 1, "subscribed": 0}
+
+
+def newer(current: S | None, candidate: S) -> S:
+    """Last writer wins by event time; source and event id break ties deterministically."""
+    if current is None or candidate.key > current.key:
+        return candidate
+    return current
+
+
+def _consent_key(consent: Consent) -> tuple[datetime, int, str, str]:
+    """At the same instant, the more restrictive state wins: consent is never assumed."""
+    return (consent.event_time, _CONSENT_RANK[consent.state], consent.source, consent.event_id)
+
+
+def _stamp(event: Event) -> dict[str, object]:
+    return {"event_time": event.event_time, "source": event.source, "event_id": event.event_id}
+
+
+def _min(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None or b < a else a
+
+
+def _max(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None or b > a else a
+
+
+def apply_event(profile: Profile, event: Event) -> Profile:
+    """Return ``profile`` with ``event`` merged in. Pure; never mutates its inputs."""
+    changes: dict[str, object] = {
+        "first_seen": _min(profile.first_seen, event.event_time),
+        "last_seen": _max(profile.last_seen, event.event_time),
+    }
+    if profile.email is None and event.identity.email is not None:
+        changes["email"] = event.identity.email
+    if event.identity.customer_id is not None:
+        ids = set(profile.identifiers.get(event.source, ())) | {event.identity.customer_id}
+        changes["identifiers"] = {**profile.identifiers, event.source: tuple(sorted(ids))}
+
+    stamp = _stamp(event)
+    match event:
+        case CustomerUpdated():
+            traits = dict(profile.traits)
+            for name, value in event.traits.items():
+                traits[name] = newer(traits.get(name), Trait(value=value, **stamp))
+            changes["traits"] = traits
+        case OrderCompleted():
+            fact = OrderFact(
+                total=event.total,
+                currency=event.currency,
+                categories=tuple(sorted({i.category for i in event.items if i.category})),
+                **stamp,
+            )
+            changes["orders"] = {**profile.orders, event.order_id: newer(profile.orders.get(event.order_id), fact)}
+        case CheckoutChanged():
+            fact = CheckoutFact(
+                url=event.url,
+                total=event.total,
+                item_count=sum(i.quantity for i in event.items),
+                completed=event.completed,
+                **stamp,
+            )
+            current = profile.checkouts.get(event.checkout_id)
+            changes["checkouts"] = {**profile.checkouts, event.checkout_id: newer(current, fact)}
+        case ProductViewed():
+            if event.category:
+                changes["categories_viewed"] = tuple(sorted(set(profile.categories_viewed) | {event.category}))
+        case ConsentChanged():
+            fact = Consent(state=event.state, **stamp)
+            current = profile.consent.get(event.channel)
+            if current is None or _consent_key(fact) > _consent_key(current):
+                changes["consent"] = {**profile.consent, event.channel: fact}
+        case EmailOpened():
+            changes["last_email_open"] = newer(profile.last_email_open, Stamp(**stamp))
+    return profile.model_copy(update=changes)

@@ -1,0 +1,31 @@
+"""Per-process resources of the workers, created lazily inside the worker's event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters.esp.mailchimp import Mailchimp
+from adapters.settings import Settings, get_settings
+from adapters.store import ProfileStore
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: ProfileStore
+    esp: Mailchimp
+
+
+_runtime: Runtime | None = None
+
+
+async def runtime() -> Runtime:
+    """The process's store and ESP client; indexes are ensured once, on first use."""
+    global _runtime
+    if _runtime is None:
+        settings = get_settings()
+        store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+        await store.ensure_indexes()
+        esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key, settings.mailchimp_list_id, settings.mailchimp_timeout_s)
+        _runtime = Runtime(settings, store, esp)
+    return _runtime

@@ -1,0 +1,41 @@
+"""The background ESP sync: finds profiles still pending and sends them to ``sync_profile``.
+
+The merge actor enqueues a sync as soon as a profile changes; the sweeper is
+the safety net for everything that slipped through (a crash between the write
+and the enqueue, a dead-lettered sync that was purged, a mapping change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from adapters.esp.mailchimp import NAME as MAILCHIMP
+from adapters.store import ProfileStore
+
+log = logging.getLogger(__name__)
+
+
+async def sweep_once(store: ProfileStore, grace: timedelta) -> int:
+    from workers.actors import sync_profile
+
+    pending = await store.pending(MAILCHIMP, grace)
+    for profile_id in pending:
+        await asyncio.to_thread(sync_profile.send, profile_id)
+    if pending:
+        log.info("sweeper re-enqueued %d pending profile(s)", len(pending))
+    return len(pending)
+
+
+async def run(store: ProfileStore, interval: float, grace: timedelta, stop: asyncio.Event) -> None:
+    """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages."""
+    while not stop.is_set():
+        try:
+            await sweep_once(store, grace)
+        except Exception:  # the loop must outlive any single failure; Sentry and the log see it
+            log.exception("sweep failed; retrying in %.1fs", interval)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            pass
