@@ -51,7 +51,12 @@ def start_secantus(storage: str = ":memory:") -> tuple[subprocess.Popen, str]:
     return process, f"mongodb://127.0.0.1:{port}/?directConnection=true"
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_local(receiver_port: int) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     env = dict(os.environ)
     processes: list[subprocess.Popen] = []
     if not (env.get("MONGODB_URI") or env.get("MERGETAG_MONGODB_URI")):

@@ -48,7 +48,7 @@ async def process_event(delivery: dict[str, Any]) -> None:
             to_sync.append(profile_id)
     for profile_id in to_sync:
         await asyncio.to_thread(sync_profile.send, profile_id)
-    log.info("delivery %s/%s merged into %d profile(s)", parsed.source, parsed.delivery_id, len(to_sync))
+    log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(to_sync))
 
 
 async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> str | None:

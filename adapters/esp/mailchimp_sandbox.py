@@ -64,6 +64,7 @@ class Sandbox:
         self.max_in_flight = 0
         self.requests: dict[str, int] = {}
         self.faults: list[int] = []
+        self.latency_s = 0.0
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -74,6 +75,7 @@ class Sandbox:
         app.router.add_get("/3.0/lists/{list_id}/members/{hash}", self.get_member)
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
         app.router.add_post("/_sandbox/faults", self.add_faults)
+        app.router.add_post("/_sandbox/latency", self.set_latency)
         app.router.add_get("/_sandbox/stats", self.stats)
         return app
 
@@ -93,6 +95,8 @@ class Sandbox:
             if self.faults and request.method != "GET":
                 status = self.faults.pop(0)
                 return problem(status, "Injected Fault", f"sandbox fault {status}")
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
             return await handler(request)
         finally:
             self.in_flight -= 1
@@ -209,6 +213,11 @@ class Sandbox:
         body = await _json(request)
         self.faults.extend([int(body.get("status", 503))] * int(body.get("count", 1)))
         return web.json_response({"pending_faults": len(self.faults)})
+
+    async def set_latency(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        self.latency_s = float(body.get("ms", 0)) / 1000
+        return web.json_response({"latency_ms": self.latency_s * 1000})
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "max_in_flight": self.max_in_flight})

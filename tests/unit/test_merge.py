@@ -1,0 +1,116 @@
+"""The merge's core claim: any order, any duplication of the same events gives the same profile."""
+
+import itertools
+import random
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+from schemas.events import ConsentChanged, CustomerUpdated, EventAdapter, OrderCompleted, ProductViewed
+from schemas.profile import Profile
+from workers.enrich import enrich, loyalty_tier
+from workers.pipeline import merge_all
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+TIERS = {"bronze": 0, "silver": 250, "gold": 1000}
+IDENTITY = {"email": "a@example.com", "customer_id": "1"}
+
+
+def at(minutes: int) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def base(event_id: str, minutes: int, source: str = "shopify") -> dict:
+    return {"event_id": event_id, "source": source, "event_time": at(minutes), "received_at": at(100), "identity": IDENTITY}
+
+
+def update(event_id, minutes, source="shopify", **traits):
+    return CustomerUpdated(type="customer.updated", traits=traits, **base(event_id, minutes, source))
+
+
+def order(order_id, minutes, total):
+    return OrderCompleted(order_id=order_id, total=Decimal(total), **base(f"o{order_id}", minutes))
+
+
+def consent(event_id, minutes, state):
+    return ConsentChanged(state=state, **base(event_id, minutes))
+
+
+def fresh() -> Profile:
+    return Profile(id="p_1")
+
+
+EVENTS = [
+    update("u1", 1, first_name="Ann", city="Oslo"),
+    update("u2", 5, first_name="Anna"),
+    update("u3", 3, city="Bergen"),
+    order("1", 2, "100.00"),
+    order("2", 4, "300.50"),
+    consent("c1", 2, "subscribed"),
+    consent("c2", 6, "unsubscribed"),
+    ProductViewed(category="shoes", **base("v1", 1)),
+]
+
+
+def test_every_permutation_gives_the_same_profile():
+    expected = merge_all(fresh(), EVENTS, TIERS)
+    for perm in itertools.islice(itertools.permutations(EVENTS), 0, None, 97):
+        assert merge_all(fresh(), perm, TIERS) == expected
+
+
+def test_duplicates_in_any_order_change_nothing():
+    expected = merge_all(fresh(), EVENTS, TIERS)
+    rng = random.Random(7)
+    for _ in range(200):
+        stream = EVENTS + rng.choices(EVENTS, k=rng.randint(1, 10))
+        rng.shuffle(stream)
+        assert merge_all(fresh(), stream, TIERS) == expected
+
+
+def test_latest_event_time_wins_per_trait_not_arrival():
+    profile = merge_all(fresh(), EVENTS, TIERS)
+    assert profile.traits["first_name"].value == "Anna"
+    assert profile.traits["first_name"].event_id == "u2"
+    assert profile.traits["city"].value == "Bergen"
+    assert profile.traits["city"].source == "shopify"
+
+
+def test_counters_never_double_count_redelivered_orders():
+    profile = merge_all(fresh(), [order("1", 2, "100.00")] * 5 + [order("2", 4, "300.50")] * 3, TIERS)
+    assert profile.computed.order_count == 2
+    assert profile.computed.lifetime_value == Decimal("400.50")
+    assert profile.computed.last_order_date == at(4)
+    assert profile.computed.loyalty_tier == "silver"
+
+
+def test_consent_is_last_writer_wins_and_restrictive_on_ties():
+    assert merge_all(fresh(), EVENTS, TIERS).consent["email"].state == "unsubscribed"
+    tie = [consent("z", 9, "subscribed"), consent("a", 9, "unsubscribed")]
+    assert merge_all(fresh(), tie, TIERS).consent["email"].state == "unsubscribed"
+    assert merge_all(fresh(), tie[::-1], TIERS).consent["email"].state == "unsubscribed"
+
+
+def test_first_and_last_seen_and_identifiers():
+    profile = merge_all(fresh(), EVENTS, TIERS)
+    assert (profile.first_seen, profile.last_seen) == (at(1), at(6))
+    assert profile.identifiers == {"shopify": ("1",)}
+    assert profile.email == "a@example.com"
+    assert profile.computed.categories_viewed == ("shoes",)
+
+
+def test_loyalty_tier_thresholds():
+    assert loyalty_tier(Decimal("0"), TIERS) == "bronze"
+    assert loyalty_tier(Decimal("999.99"), TIERS) == "silver"
+    assert loyalty_tier(Decimal("1000"), TIERS) == "gold"
+    assert loyalty_tier(Decimal("5"), {"vip": 100}) is None
+
+
+def test_enrich_is_idempotent():
+    once = enrich(merge_all(fresh(), EVENTS, TIERS), TIERS)
+    assert enrich(once, TIERS) == once
+
+
+def test_event_times_are_normalised_to_utc_milliseconds():
+    event = EventAdapter.validate_python(
+        {**base("x", 0), "event_time": "2024-01-01T10:00:00.123456+02:00", "type": "customer.updated"}
+    )
+    assert event.event_time == datetime(2024, 1, 1, 8, 0, 0, 123000, tzinfo=timezone.utc)
