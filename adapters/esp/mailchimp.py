@@ -95,7 +95,7 @@ class Mailchimp:
 
     def __init__(self, base_url: str, api_key: str, list_id: str, timeout: float = 10.0) -> None:
         self._base = base_url.rstrip("/")
-        self._auth = aiohttp.BasicAuth("mergetag", api_key)
+        self._headers = {"Authorization": aiohttp.encode_basic_auth("mergetag", api_key)}
         self._list = list_id
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -106,7 +106,7 @@ class Mailchimp:
     async def upsert(self, member: dict[str, Any]) -> None:
         url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(member['email_address'])}"
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(auth=self._auth, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         try:
             async with self._session.put(url, json=member) as response:
                 if response.status < 300:

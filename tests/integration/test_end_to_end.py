@@ -1,0 +1,126 @@
+"""A signed webhook all the way: receiver -> RabbitMQ -> actors -> MongoDB -> sync -> Mailchimp sandbox."""
+
+import uuid
+
+from tests.conftest import eventually, post_webhook
+from tests.samples import customer, order
+
+
+def unique_email() -> str:
+    return f"e2e-{uuid.uuid4().hex[:12]}@example.com"
+
+
+async def test_signed_webhook_reaches_the_mailchimp_member(receiver, sandbox, system, http):
+    email = unique_email()
+    response = await post_webhook(http, receiver, "customers/create", customer(email, first_name="Bob"))
+    assert response.status == 202
+
+    member = await eventually(lambda: sandbox.member(http, email))
+    assert member["status"] == "subscribed"  # the sample accepts marketing; status_if_new applies
+    assert member["merge_fields"]["FNAME"] == "Bob"
+    assert member["merge_fields"]["LNAME"] == "Biller"
+    assert member["merge_fields"]["TIER"] == "bronze"
+
+    response = await post_webhook(http, receiver, "orders/create", order(email, total="1200.00"))
+    assert response.status == 202
+
+    async def updated():
+        m = await sandbox.member(http, email)
+        return m if m["merge_fields"].get("ORDERS") == 1 else None
+
+    member = await eventually(updated)
+    assert member["merge_fields"]["LTV"] == 1200.0
+    assert member["merge_fields"]["TIER"] == "gold"
+    assert member["merge_fields"]["LASTORDER"] == "2024-01-02"
+
+    profile = await system.db.profiles.find_one({"email": email})
+    assert profile["computed"]["order_count"] == 1
+    assert profile["traits"]["first_name"]["source"] == "shopify"
+    assert profile["esp"]["mailchimp"]["pending"] is False
+
+
+async def _final_state(system, sandbox, http, email):
+    async def settled():
+        doc = await system.db.profiles.find_one({"email": email})
+        return doc if doc and doc["esp"]["mailchimp"].get("pending") is False else None
+
+    doc = await eventually(settled)
+    member = await sandbox.member(http, email)
+    return doc, member
+
+
+async def test_duplicates_and_reverse_order_give_the_same_profile_and_member(receiver, sandbox, system, http):
+    in_order, reversed_, twice = unique_email(), unique_email(), unique_email()
+    older = dict(first_name="Old", updated_at="2024-05-01T10:00:00Z")
+    newer = dict(first_name="New", updated_at="2024-05-02T10:00:00Z")
+
+    for payload in (customer(in_order, **older), customer(in_order, **newer)):
+        assert (await post_webhook(http, receiver, "customers/update", payload)).status == 202
+    doc_a, member_a = await _final_state(system, sandbox, http, in_order)
+
+    for payload in (customer(reversed_, **newer), customer(reversed_, **older)):
+        assert (await post_webhook(http, receiver, "customers/update", payload)).status == 202
+    for payload in (customer(twice, **older), customer(twice, **newer), customer(twice, **newer), customer(twice, **older)):
+        assert (await post_webhook(http, receiver, "customers/update", payload, webhook_id="same-delivery")).status == 202
+    order_body = order(twice, total="50.00")
+    for _ in range(3):
+        assert (await post_webhook(http, receiver, "orders/create", order_body)).status == 202
+    doc_b, member_b = await _final_state(system, sandbox, http, reversed_)
+
+    async def twice_has_order():
+        doc = await system.db.profiles.find_one({"email": twice})
+        return doc if doc and doc["orders"] and doc["esp"]["mailchimp"].get("pending") is False else None
+
+    doc_c = await eventually(twice_has_order)
+    member_c = await sandbox.member(http, twice)
+
+    assert doc_a["traits"] == doc_b["traits"]
+    assert doc_a["traits"]["first_name"]["value"] == "New"
+    assert member_a["merge_fields"] == member_b["merge_fields"]
+    assert member_a["merge_fields"]["FNAME"] == "New"
+    # Re-delivered orders never double count.
+    assert doc_c["computed"]["order_count"] == 1
+    assert doc_c["computed"]["lifetime_value"] == "50.00"
+    assert member_c["merge_fields"]["ORDERS"] == 1
+
+
+async def test_unchanged_profile_is_not_sent_again(receiver, sandbox, system, http):
+    email = unique_email()
+    payload = customer(email, first_name="Same")
+    assert (await post_webhook(http, receiver, "customers/update", payload)).status == 202
+    first = await eventually(lambda: sandbox.member(http, email))
+    assert first["update_count"] == 1
+    doc = await system.db.profiles.find_one({"email": email})
+    for _ in range(3):
+        assert (await post_webhook(http, receiver, "customers/update", payload)).status == 202
+
+    async def processed_and_settled():
+        counts = await system.db.profiles.find_one({"email": email})
+        return counts["version"] == doc["version"] and not counts["esp"]["mailchimp"]["pending"]
+
+    await eventually(processed_and_settled)
+    # Wait past the sweeper's grace period so a stray re-send would have happened.
+    import asyncio
+
+    await asyncio.sleep(2.0)
+    assert (await sandbox.member(http, email))["update_count"] == 1
+
+
+async def test_unsubscribed_member_is_never_resubscribed(receiver, sandbox, system, http):
+    email = unique_email()
+    unsubscribe = {"customer_id": 42, "email_address": email,
+                   "email_marketing_consent": {"state": "unsubscribed", "consent_updated_at": "2024-06-01T00:00:00Z"}}
+    assert (await post_webhook(http, receiver, "customers_email_marketing_consent/update", unsubscribe)).status == 202
+    member = await eventually(lambda: sandbox.member(http, email))
+    assert member["status"] == "unsubscribed"
+    # A later profile update that still says accepts_marketing=true (stale) must not resubscribe.
+    stale = customer(email, first_name="Later", updated_at="2024-07-01T00:00:00Z",
+                     accepts_marketing=True, accepts_marketing_updated_at="2024-01-01T00:00:00Z")
+    assert (await post_webhook(http, receiver, "customers/update", stale)).status == 202
+
+    async def renamed():
+        m = await sandbox.member(http, email)
+        return m if m["merge_fields"].get("FNAME") == "Later" else None
+
+    member = await eventually(renamed)
+    assert member["status"] == "unsubscribed"
