@@ -6,21 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import threading
 from datetime import timedelta
 
+from adapters import logs
 from adapters.settings import get_settings
-
-
-def _logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("MERGETAG_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("aio_pika", "aiormq", "pika"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
@@ -168,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _logging()
+    logs.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)

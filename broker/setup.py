@@ -6,6 +6,7 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 
+from adapters import logs
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
 from broker.middleware import RetryOrDeadLetter
@@ -13,6 +14,7 @@ from broker.middleware import RetryOrDeadLetter
 
 def create_broker(settings: Settings, component: str = "worker") -> RabbitmqBroker:
     """Build and install the global broker. Sentry is initialised first: its integration patches the broker."""
+    logs.install()
     init_sentry(settings, component)
     broker = RabbitmqBroker(
         url=settings.amqp_url,

@@ -83,10 +83,20 @@ def signed(payload: dict[str, Any] | bytes, secret: str = SHOPIFY_SECRET) -> tup
     return body, sign(body, secret)
 
 
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
 async def post_webhook(
     session: aiohttp.ClientSession, base_url: str, topic: str, payload: dict[str, Any] | bytes,
     *, secret: str = SHOPIFY_SECRET, webhook_id: str | None = None, source: str = "shopify",
-) -> aiohttp.ClientResponse:
+) -> Reply:
     body, signature = signed(payload, secret)
     headers = {
         "Content-Type": "application/json",
@@ -96,8 +106,7 @@ async def post_webhook(
         "X-Shopify-Shop-Domain": "test.myshopify.com",
     }
     async with session.post(f"{base_url}/webhooks/{source}", data=body, headers=headers) as response:
-        await response.read()
-        return response
+        return Reply(response.status, dict(response.headers), await response.read())
 
 
 @pytest.fixture(scope="session")

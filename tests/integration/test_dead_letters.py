@@ -1,0 +1,113 @@
+"""Permanent failures dead-letter with their reason; replay after a fix brings them through, once."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+import aiohttp
+
+from tests.conftest import ROOT, eventually, post_webhook
+from tests.samples import customer
+
+
+def mergetag(system, *args: str) -> dict | list:
+    """The operator's CLI, as a real process against the real broker."""
+    out = subprocess.run([sys.executable, "-m", "adapters.cli", *args], cwd=ROOT, env=system.env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+async def dead_letters(system, queue: str) -> list[dict]:
+    return await asyncio.to_thread(mergetag, system, "dlq", "list", "--queue", queue, "--json")
+
+
+async def test_esp_rejection_dead_letters_then_replays_once_after_the_fix(receiver, sandbox, system, http):
+    email = f"dlq-{uuid.uuid4().hex[:10]}@example.com"
+    with_city = customer(email, first_name="Cy", default_address={"city": "Ottawa", "country_code": "CA"})
+    assert (await post_webhook(http, receiver, "customers/update", with_city)).status == 202
+
+    async def rejected():
+        doc = await system.db.profiles.find_one({"email": email})
+        if not doc or doc["esp"]["mailchimp"].get("failed_code") != "esp_rejected":
+            return None
+        letters = [d for d in await dead_letters(system, "sync") if d["error"] == "esp_rejected"]
+        return letters, doc
+
+    letters, doc = await eventually(rejected)
+    mine = [d for d in letters if d["actor"] == "sync_profile"]
+    assert len(mine) == 1
+    letter = mine[0]
+    assert "CITY" in letter["detail"]
+    assert email not in json.dumps(letter)
+    assert letter["retries"] == 0  # a 4xx is permanent: no retries
+    assert await sandbox.member(http, email) is None
+
+    # The background sweeper must not resend a refused member over and over.
+    await asyncio.sleep(2.5)
+    assert len([d for d in await dead_letters(system, "sync") if d["actor"] == "sync_profile"]) == 1
+
+    # The fix: the audience gets the merge field (a real Mailchimp API call).
+    async with http.post(f"{sandbox.api}/lists/sandbox/merge-fields", json={"name": "City", "tag": "CITY", "type": "text"},
+                         headers={"Authorization": aiohttp.encode_basic_auth("t", system.settings.mailchimp_api_key)}) as r:
+        assert r.status == 200
+
+    first = await asyncio.to_thread(mergetag, system, "dlq", "replay", "--queue", "sync", letter["message_id"])
+    assert first == {"replayed": [letter["message_id"]], "count": 1}
+    member = await eventually(lambda: sandbox.member(http, email))
+    assert member["merge_fields"]["CITY"] == "Ottawa"
+
+    async def settled():
+        d = await system.db.profiles.find_one({"email": email})
+        return d if d["esp"]["mailchimp"]["pending"] is False else None
+
+    before = await eventually(settled)
+    second = await asyncio.to_thread(mergetag, system, "dlq", "replay", "--queue", "sync", letter["message_id"])
+    assert second == {"replayed": [], "count": 0}
+    await asyncio.sleep(1.5)
+    after = await system.db.profiles.find_one({"email": email})
+    assert after == before
+    assert (await sandbox.member(http, email))["update_count"] == member["update_count"]
+
+
+async def test_invalid_event_is_kept_with_its_reason_and_alarms_sentry_without_pii(receiver, system, sentry_sink, http):
+    email = f"leak-{uuid.uuid4().hex[:10]}@example.com"
+    invalid = {"customer_id": 77, "email_address": email, "email_marketing_consent": {"state": None}}
+    reply = await post_webhook(http, receiver, "customers_email_marketing_consent/update", invalid)
+    assert reply.status == 202
+    message_id = reply.json()["message_id"]
+
+    async def kept():
+        return [d for d in await dead_letters(system, "events") if d["message_id"] == message_id]
+
+    (letter,) = await eventually(kept)
+    assert letter["error"] == "validation_failed"
+    assert letter["actor"] == "process_event"
+    assert "state" in letter["detail"]
+    assert letter["retries"] == 0
+
+    shown = await asyncio.to_thread(mergetag, system, "dlq", "show", message_id)
+    assert shown["options"]["dead_letter"]["code"] == "validation_failed"
+
+    async def alarmed():
+        return [e for e in sentry_sink.events() if "EventInvalid" in json.dumps(e.get("exception", {}))]
+
+    events = await eventually(alarmed)
+    assert events
+    raw = b"".join(sentry_sink.envelopes)
+    assert email.encode() not in raw
+    assert b"@example.com" not in raw
+
+    log = (system.logs / "worker.log").read_text()
+    assert email not in log
+    assert f"process_event#{message_id}" in log
+
+
+async def test_transient_esp_failures_retry_until_they_pass(receiver, sandbox, system, http):
+    email = f"retry-{uuid.uuid4().hex[:10]}@example.com"
+    await sandbox.control(http, "faults", {"status": 503, "count": 2})
+    assert (await post_webhook(http, receiver, "customers/update", customer(email, first_name="Rita"))).status == 202
+    member = await eventually(lambda: sandbox.member(http, email))
+    assert member["merge_fields"]["FNAME"] == "Rita"
+    assert not [d for d in await dead_letters(system, "sync") if d["detail"].startswith("mailchimp 503")]
