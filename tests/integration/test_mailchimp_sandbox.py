@@ -1,0 +1,98 @@
+"""The sandbox enforces the Mailchimp contract the adapter depends on (run as its own process)."""
+
+import asyncio
+import hashlib
+
+import aiohttp
+import pytest
+
+from adapters.esp.mailchimp import Mailchimp
+from schemas.errors import EspRejected, EspUnavailable
+from tests.conftest import API_KEY
+
+
+def auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": aiohttp.encode_basic_auth("anyone", key)}
+
+
+def path(email: str) -> str:
+    return f"/lists/sandbox/members/{hashlib.md5(email.lower().encode()).hexdigest()}"
+
+
+async def put(http, sandbox, email, body, key=API_KEY, member_path=None):
+    async with http.put(sandbox.api + (member_path or path(email)), json=body, headers=auth(key)) as r:
+        return r.status, r.content_type, await r.json()
+
+
+async def test_auth_is_basic_with_the_key_as_password(sandbox, http):
+    status, content_type, body = await put(http, sandbox, "a@example.com", {}, key="wrong-us1")
+    assert status == 401 and content_type == "application/problem+json"
+    assert body["title"] == "API Key Invalid"
+
+
+async def test_member_path_must_be_the_md5_of_the_lowercased_email(sandbox, http):
+    body = {"email_address": "Case@Example.com", "status_if_new": "subscribed"}
+    status, _, problem = await put(http, sandbox, "x", body, member_path=path("other@example.com"))
+    assert status == 400 and problem["errors"][0]["field"] == "email_address"
+    status, _, member = await put(http, sandbox, "case@example.com", body)
+    assert status == 200 and member["status"] == "subscribed"
+
+
+async def test_new_members_need_status_if_new_and_valid_statuses(sandbox, http):
+    status, _, problem = await put(http, sandbox, "n@example.com", {"email_address": "n@example.com"})
+    assert status == 400 and problem["errors"][0]["field"] == "status_if_new"
+    status, _, problem = await put(http, sandbox, "n@example.com", {"email_address": "n@example.com", "status_if_new": "maybe"})
+    assert status == 400
+
+
+async def test_merge_tags_must_be_defined_and_typed(sandbox, http):
+    base = {"email_address": "m@example.com", "status_if_new": "transactional"}
+    status, _, problem = await put(http, sandbox, "m@example.com", {**base, "merge_fields": {"NOPE": "x"}})
+    assert status == 400 and problem["errors"][0]["field"] == "merge_fields.NOPE"
+    status, _, problem = await put(http, sandbox, "m@example.com", {**base, "merge_fields": {"LTV": "lots"}})
+    assert status == 400
+    status, _, problem = await put(http, sandbox, "m@example.com", {**base, "merge_fields": {"LASTORDER": "01/02/2024"}})
+    assert status == 400
+    status, _, member = await put(http, sandbox, "m@example.com", {**base, "merge_fields": {"LTV": 3.5, "LASTORDER": "2024-02-01"}})
+    assert status == 200 and member["merge_fields"] == {"LTV": 3.5, "LASTORDER": "2024-02-01"}
+
+
+async def test_status_if_new_never_changes_an_existing_member_and_unsubscribed_stays(sandbox, http):
+    email = "consent@example.com"
+    await put(http, sandbox, email, {"email_address": email, "status": "unsubscribed", "status_if_new": "unsubscribed"})
+    status, _, member = await put(http, sandbox, email, {"email_address": email, "status_if_new": "subscribed"})
+    assert status == 200 and member["status"] == "unsubscribed"
+    status, _, problem = await put(http, sandbox, email, {"email_address": email, "status": "subscribed"})
+    assert status == 400 and problem["title"] == "Member In Compliance State"
+
+
+async def test_more_than_ten_simultaneous_connections_get_429(sandbox, http):
+    await sandbox.control(http, "latency", {"ms": 300})
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as many:
+            async def ping():
+                async with many.get(f"{sandbox.api}/ping", headers=auth()) as r:
+                    return r.status
+            statuses = await asyncio.gather(*(ping() for _ in range(16)))
+    finally:
+        await sandbox.control(http, "latency", {"ms": 0})
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 6
+
+
+async def test_adapter_maps_errors_to_retryable_and_permanent(sandbox, http):
+    esp = Mailchimp(sandbox.api, API_KEY, "sandbox")
+    try:
+        with pytest.raises(EspRejected) as rejected:
+            await esp.upsert({"email_address": "r@example.com", "status_if_new": "transactional", "merge_fields": {"NOPE": 1}})
+        assert "NOPE" in rejected.value.detail and "r@example.com" not in rejected.value.detail
+        await sandbox.control(http, "faults", {"status": 503, "count": 1})
+        with pytest.raises(EspUnavailable):
+            await esp.upsert({"email_address": "r@example.com", "status_if_new": "transactional"})
+        await esp.upsert({"email_address": "r@example.com", "status_if_new": "transactional"})
+        unreachable = Mailchimp("http://127.0.0.1:1/3.0", API_KEY, "sandbox", timeout=2)
+        with pytest.raises(EspUnavailable):
+            await unreachable.upsert({"email_address": "r@example.com", "status_if_new": "transactional"})
+        await unreachable.close()
+    finally:
+        await esp.close()
