@@ -1,0 +1,146 @@
+"""Webhooks per second the receiver accepts with durable confirms, next to a bare aiohttp handler.
+
+Both servers run as their own processes on this machine and are measured in the
+same run, alternating, by the same load generator; the ratio is what to compare
+across runs (the machines are shared and noisy). Prints one JSON object.
+
+    python bench/receiver_throughput.py [--requests 4000] [--concurrency 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pika
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapters.dev import free_port, wait_for_port  # noqa: E402
+from adapters.sources.shopify import sign  # noqa: E402
+from broker import topology  # noqa: E402
+
+SECRET = "bench-secret"
+AMQP_URL = os.environ.get("MERGETAG_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+BARE = """
+import sys
+from aiohttp import web
+async def handle(request):
+    await request.read()
+    return web.json_response({"status": "accepted"}, status=202)
+app = web.Application()
+app.router.add_post("/webhooks/{source}", handle)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def payload(i: int) -> bytes:
+    sample = json.loads((ROOT / "tests/fixtures/shopify/CustomersCreate.json").read_text())
+    sample.update(email=f"bench-{i}@example.com", updated_at="2026-01-01T00:00:00Z")
+    return json.dumps(sample).encode()
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
+    """Send every body once with ``concurrency`` in flight; returns (requests/s, accepted)."""
+    accepted = 0
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal accepted
+        while not queue.empty():
+            body = queue.get_nowait()
+            headers = {"X-Shopify-Topic": "customers/update", "X-Shopify-Hmac-Sha256": sign(body, SECRET),
+                       "X-Shopify-Webhook-Id": str(uuid.uuid4()), "Content-Type": "application/json"}
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                accepted += response.status == 202
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return len(bodies) / elapsed, accepted
+
+
+def queued(prefix: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        queue = topology.events_queue(prefix)
+        return connection.channel().queue_declare(queue, durable=True, arguments=topology.queue_arguments(queue)).method.message_count
+    finally:
+        connection.close()
+
+
+def drop(prefix: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        for queue in topology.all_queues(prefix):
+            for name, _ in topology.declarations(queue):
+                channel.queue_delete(name)
+    finally:
+        connection.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    prefix = "bench" + uuid.uuid4().hex[:8]
+    env = {**os.environ, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_AMQP_URL": AMQP_URL,
+           "MERGETAG_LOG_LEVEL": "WARNING"}
+    receiver_port, bare_port = free_port(), free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "adapters.cli", "receiver", "--host", "127.0.0.1", "--port", str(receiver_port)],
+                                cwd=ROOT, env=env)
+    bare = subprocess.Popen([sys.executable, "-c", BARE, str(bare_port)])
+    try:
+        wait_for_port(receiver_port, process=receiver)
+        wait_for_port(bare_port, process=bare)
+        bodies = [payload(i) for i in range(args.requests)]
+        await load(f"http://127.0.0.1:{receiver_port}/webhooks/shopify", bodies[:200], args.concurrency)  # warm-up
+        await load(f"http://127.0.0.1:{bare_port}/webhooks/shopify", bodies[:200], args.concurrency)
+        receiver_runs, bare_runs, accepted_total = [], [], 0
+        for _ in range(args.rounds):
+            rps, accepted = await load(f"http://127.0.0.1:{receiver_port}/webhooks/shopify", bodies, args.concurrency)
+            receiver_runs.append(rps)
+            accepted_total += accepted
+            bare_runs.append((await load(f"http://127.0.0.1:{bare_port}/webhooks/shopify", bodies, args.concurrency))[0])
+        in_queue = queued(prefix)
+    finally:
+        receiver.terminate()
+        bare.terminate()
+        receiver.wait()
+        bare.wait()
+        drop(prefix)
+
+    receiver_rps, bare_rps = statistics.median(receiver_runs), statistics.median(bare_runs)
+    print(json.dumps({
+        "receiver_rps": round(receiver_rps, 1),
+        "bare_rps": round(bare_rps, 1),
+        "ratio": round(receiver_rps / bare_rps, 3),
+        "requests_per_round": args.requests,
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+        "accepted": accepted_total,
+        "confirmed_in_queue": in_queue - 200,
+    }))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
