@@ -44,6 +44,9 @@ class ProfileStore:
     def connect(cls, uri: str, database: str) -> ProfileStore:
         return cls(AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5_000), database)
 
+    async def close(self) -> None:
+        await self.client.close()
+
     async def ensure_indexes(self) -> None:
         await self.profiles.create_index([("keys", ASCENDING)], name="identity_keys")
         await self.profiles.create_index(

@@ -113,3 +113,27 @@ class RetryOrDeadLetter(Middleware):
         max_backoff = actor.options.get("max_backoff", self.max_backoff)
         _, delay = compute_backoff(retries, factor=min_backoff, max_backoff=max_backoff)
         return delay
+
+
+class CloseOnShutdown(Middleware):
+    """Runs an async cleanup on the worker's event loop before the AsyncIO middleware stops it.
+
+    Must come before ``AsyncIO`` in the middleware list: hooks run in list order.
+
+    Parameters:
+      cleanup: a coroutine function closing per-process connections.
+    """
+
+    def __init__(self, cleanup) -> None:  # noqa: ANN001
+        self.cleanup = cleanup
+
+    def after_worker_shutdown(self, broker, worker):  # noqa: ANN001
+        from dramatiq.asyncio import get_event_loop_thread
+
+        thread = get_event_loop_thread()
+        if thread is None:
+            return
+        try:
+            thread.run_coroutine(self.cleanup())
+        except Exception:  # shutting down: log and carry on
+            log.exception("cleanup on worker shutdown failed")

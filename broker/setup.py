@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
@@ -9,11 +11,17 @@ from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pi
 from adapters import logs
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
-from broker.middleware import RetryOrDeadLetter
+from broker.middleware import CloseOnShutdown, RetryOrDeadLetter
 
 
-def create_broker(settings: Settings, component: str = "worker") -> RabbitmqBroker:
-    """Build and install the global broker. Sentry is initialised first: its integration patches the broker."""
+def create_broker(
+    settings: Settings, component: str = "worker", on_shutdown: Callable[[], Awaitable[None]] | None = None
+) -> RabbitmqBroker:
+    """Build and install the global broker. Sentry is initialised first: its integration patches the broker.
+
+    Parameters:
+      on_shutdown: coroutine function run on the worker's event loop when the worker stops.
+    """
     logs.install()
     init_sentry(settings, component)
     broker = RabbitmqBroker(
@@ -26,6 +34,7 @@ def create_broker(settings: Settings, component: str = "worker") -> RabbitmqBrok
             Callbacks(),
             Pipelines(),
             CurrentMessage(),
+            *([CloseOnShutdown(on_shutdown)] if on_shutdown else []),
             AsyncIO(),
             RetryOrDeadLetter(
                 max_retries=settings.retry_max,

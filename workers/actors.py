@@ -20,11 +20,11 @@ from broker.setup import create_broker
 from schemas.errors import EspRejected, IdentityUnresolved, MergetagError
 from schemas.events import Event, Identity
 from workers.pipeline import by_identity, events_for, merge_all, new_profile, parse_delivery
-from workers.runtime import runtime
+from workers.runtime import close_runtime, runtime
 
 log = logging.getLogger(__name__)
 settings = get_settings()
-broker = create_broker(settings)
+broker = create_broker(settings, on_shutdown=close_runtime)
 
 MAX_WRITE_ATTEMPTS = 20
 

@@ -29,3 +29,12 @@ async def runtime() -> Runtime:
         esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key, settings.mailchimp_list_id, settings.mailchimp_timeout_s)
         _runtime = Runtime(settings, store, esp)
     return _runtime
+
+
+async def close_runtime() -> None:
+    """Close the process's connections (called on worker shutdown, inside the event loop)."""
+    global _runtime
+    if _runtime is not None:
+        rt, _runtime = _runtime, None
+        await rt.esp.close()
+        await rt.store.close()

@@ -30,6 +30,13 @@ async def sweep_once(store: ProfileStore, grace: timedelta) -> int:
 
 async def run(store: ProfileStore, interval: float, grace: timedelta, stop: asyncio.Event) -> None:
     """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages."""
+    try:
+        await _loop(store, interval, grace, stop)
+    finally:
+        await store.close()
+
+
+async def _loop(store: ProfileStore, interval: float, grace: timedelta, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await sweep_once(store, grace)

@@ -111,3 +111,21 @@ async def test_transient_esp_failures_retry_until_they_pass(receiver, sandbox, s
     member = await eventually(lambda: sandbox.member(http, email))
     assert member["merge_fields"]["FNAME"] == "Rita"
     assert not [d for d in await dead_letters(system, "sync") if d["detail"].startswith("mailchimp 503")]
+
+
+async def test_purge_removes_only_what_was_selected(receiver, system, http):
+    ids = []
+    for _ in range(2):
+        invalid = {"customer_id": 78, "email_address": None, "email_marketing_consent": {"state": None}}
+        reply = await post_webhook(http, receiver, "customers_email_marketing_consent/update", invalid)
+        ids.append(reply.json()["message_id"])
+
+    async def both_kept():
+        present = {d["message_id"] for d in await dead_letters(system, "events")}
+        return set(ids) <= present
+
+    await eventually(both_kept)
+    purged = await asyncio.to_thread(mergetag, system, "dlq", "purge", "--queue", "events", ids[0])
+    assert purged == {"purged": [ids[0]], "count": 1}
+    remaining = {d["message_id"] for d in await dead_letters(system, "events")}
+    assert ids[0] not in remaining and ids[1] in remaining
