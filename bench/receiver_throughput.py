@@ -21,14 +21,13 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-import pika
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.dev import free_port, wait_for_port  # noqa: E402
 from adapters.sources.shopify import sign  # noqa: E402
-from broker import topology  # noqa: E402
+from broker import admin, topology  # noqa: E402
 
 SECRET = "bench-secret"
 AMQP_URL = os.environ.get("MERGETAG_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -75,26 +74,6 @@ async def load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, 
     return len(bodies) / elapsed, accepted
 
 
-def queued(prefix: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        queue = topology.events_queue(prefix)
-        return connection.channel().queue_declare(queue, durable=True, arguments=topology.queue_arguments(queue)).method.message_count
-    finally:
-        connection.close()
-
-
-def drop(prefix: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        for queue in topology.all_queues(prefix):
-            for name, _ in topology.declarations(queue):
-                channel.queue_delete(name)
-    finally:
-        connection.close()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=4000)
@@ -121,13 +100,13 @@ async def main() -> None:
             receiver_runs.append(rps)
             accepted_total += accepted
             bare_runs.append((await load(f"http://127.0.0.1:{bare_port}/webhooks/shopify", bodies, args.concurrency))[0])
-        in_queue = queued(prefix)
+        in_queue = admin.queue_depths(AMQP_URL, prefix)[topology.events_queue(prefix)]
     finally:
         receiver.terminate()
         bare.terminate()
         receiver.wait()
         bare.wait()
-        drop(prefix)
+        admin.drop_queues(AMQP_URL, prefix)
 
     receiver_rps, bare_rps = statistics.median(receiver_runs), statistics.median(bare_runs)
     print(json.dumps({

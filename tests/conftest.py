@@ -30,7 +30,7 @@ from adapters.esp.mailchimp import subscriber_hash
 from adapters.receiver import create_app
 from adapters.settings import DEFAULT_MERGE_FIELDS, Settings
 from adapters.sources.shopify import sign
-from broker import topology
+from broker import admin
 
 AMQP_URL = os.environ.get("MERGETAG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 API_KEY = "testkey00000000000000000000000000-us1"
@@ -54,28 +54,11 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
 
 
 def queue_counts(prefix: str) -> dict[str, int]:
-    """Messages ready in every queue of ``prefix`` (main, delay and dead-letter)."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        counts = {}
-        for queue in topology.all_queues(prefix):
-            for name, arguments in topology.declarations(queue):
-                counts[name] = channel.queue_declare(name, durable=True, arguments=arguments).method.message_count
-        return counts
-    finally:
-        connection.close()
+    return admin.queue_depths(AMQP_URL, prefix)
 
 
 def delete_queues(prefix: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        for queue in topology.all_queues(prefix):
-            for name, _ in topology.declarations(queue):
-                channel.queue_delete(name)
-    finally:
-        connection.close()
+    admin.drop_queues(AMQP_URL, prefix)
 
 
 def signed(payload: dict[str, Any] | bytes, secret: str = SHOPIFY_SECRET) -> tuple[bytes, str]:
@@ -224,15 +207,7 @@ class System:
 
 
 def _consumers(prefix: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        return min(
-            channel.queue_declare(q, durable=True, arguments=topology.queue_arguments(q)).method.consumer_count
-            for q in topology.all_queues(prefix)
-        )
-    finally:
-        connection.close()
+    return min(admin.consumer_counts(AMQP_URL, prefix).values())
 
 
 @pytest.fixture(scope="session")
