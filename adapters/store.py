@@ -12,15 +12,10 @@ from typing import Any
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
-from schemas.profile import Profile
+from schemas.errors import IdentityConflict
+from schemas.profile import Profile, profile_keys
 
 PROFILES = "profiles"
-
-
-def identity_keys(profile: Profile) -> list[str]:
-    """Every identifier that finds this profile, as ``kind:value`` strings (one multikey index)."""
-    keys = [f"{source}:{cid}" for source, ids in profile.identifiers.items() for cid in ids]
-    return sorted(keys)
 
 
 def _literal(value: Any) -> dict[str, Any]:
@@ -48,7 +43,8 @@ class ProfileStore:
         await self.client.close()
 
     async def ensure_indexes(self) -> None:
-        await self.profiles.create_index([("keys", ASCENDING)], name="identity_keys")
+        # Unique: one identifier belongs to one profile; a conflicting write fails instead of splitting a person.
+        await self.profiles.create_index([("keys", ASCENDING)], name="identity_keys", unique=True)
         await self.profiles.create_index(
             [("esp.mailchimp.pending", ASCENDING), ("esp.mailchimp.dirty_at", ASCENDING)], name="mailchimp_pending"
         )
@@ -57,9 +53,14 @@ class ProfileStore:
         doc = await self.profiles.find_one({"_id": profile_id})
         return self._split(doc)
 
-    async def find_by_key(self, key: str) -> tuple[Profile, dict[str, Any]] | None:
-        doc = await self.profiles.find_one({"keys": key})
-        return self._split(doc)
+    async def find_by_keys(self, keys: list[str]) -> tuple[Profile, dict[str, Any]] | None:
+        """The profile owning any of ``keys`` (the first key's owner when several do)."""
+        docs = [doc async for doc in self.profiles.find({"keys": {"$in": keys}}).limit(len(keys))]
+        for key in keys:
+            for doc in docs:
+                if key in doc["keys"]:
+                    return self._split(doc)
+        return None
 
     async def save(self, profile: Profile, version: int | None, esp: str, member: dict[str, Any], member_hash: str) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
@@ -69,13 +70,13 @@ class ProfileStore:
         """
         now = datetime.now(timezone.utc)
         body = profile.model_dump(mode="python", exclude={"id"})
-        body["keys"] = identity_keys(profile)
+        body["keys"] = profile_keys(profile)
         if version is None:
             doc = {
                 "_id": profile.id,
                 **body,
                 "version": 1,
-                "esp": {esp: {"member": member, "member_hash": member_hash, "pending": True, "dirty_at": now}},
+                "esp": {esp: {"member": member, "member_hash": member_hash, "pending": member is not None, "dirty_at": now}},
             }
             try:
                 await self.profiles.insert_one(doc)
@@ -97,7 +98,10 @@ class ProfileStore:
             },
             {"$set": {f"{prefix}.pending": {"$ne": [f"${prefix}.member_hash", f"${prefix}.sent_hash"]}}},
         ]
-        result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)
+        try:
+            result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)
+        except DuplicateKeyError:
+            raise IdentityConflict("an identifier of this profile already belongs to another profile") from None
         return result.matched_count == 1
 
     async def sync_state(self, profile_id: str, esp: str) -> dict[str, Any] | None:

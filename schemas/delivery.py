@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-DELIVERY_SCHEMA_VERSION = "1.0"
+DELIVERY_SCHEMA_VERSION = "1.1"
 
 
 class Delivery(BaseModel):
@@ -19,6 +19,7 @@ class Delivery(BaseModel):
     source: str
     topic: str
     delivery_id: str = Field(description="The sender's id for this delivery attempt.")
+    dedup_key: str | None = Field(None, description="Names the happening across retries and senders (since 1.1).")
     received_at: AwareDatetime
     triggered_at: AwareDatetime | None = None
     meta: dict[str, str] = Field(default_factory=dict, description="Non-secret sender headers worth keeping.")

@@ -61,10 +61,10 @@ class UnsupportedEvent(PermanentError):
     code = "unsupported_event"
 
 
-class IdentityUnresolved(RetryableError):
-    """No profile can be found for the event yet (its identifying event may still be on its way)."""
+class IdentityConflict(PermanentError):
+    """An event would give one profile an identifier another profile owns (two profiles are one person)."""
 
-    code = "identity_unresolved"
+    code = "identity_conflict"
 
 
 class EspRejected(PermanentError):

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-EVENT_SCHEMA_VERSION = "1.0"
+EVENT_SCHEMA_VERSION = "1.1"
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -33,6 +33,7 @@ class Identity(BaseModel):
 
     email: str | None = None
     customer_id: str | None = Field(None, description="The source's own customer id, as a string.")
+    anonymous_id: str | None = Field(None, description="A device or cookie id, before the person is known (since 1.1).")
 
     @field_validator("email")
     @classmethod
@@ -44,8 +45,8 @@ class Identity(BaseModel):
 
     @model_validator(mode="after")
     def _some_identifier(self) -> Identity:
-        if self.email is None and self.customer_id is None:
-            raise ValueError("an identity needs an email or a customer id")
+        if self.email is None and self.customer_id is None and self.anonymous_id is None:
+            raise ValueError("an identity needs an email, a customer id or an anonymous id")
         return self
 
 
@@ -121,8 +122,17 @@ class EmailOpened(_Event):
     campaign_id: str | None = None
 
 
+class EmailClicked(_Event):
+    """Since 1.1."""
+
+    type: Literal["email.clicked"] = "email.clicked"
+    esp: str
+    campaign_id: str | None = None
+    url: str | None = None
+
+
 Event = Annotated[
-    Union[CustomerUpdated, OrderCompleted, CheckoutChanged, ProductViewed, ConsentChanged, EmailOpened],
+    Union[CustomerUpdated, OrderCompleted, CheckoutChanged, ProductViewed, ConsentChanged, EmailOpened, EmailClicked],
     Field(discriminator="type"),
 ]
 EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
@@ -132,6 +142,7 @@ __all__ = [
     "CheckoutChanged",
     "ConsentChanged",
     "CustomerUpdated",
+    "EmailClicked",
     "EmailOpened",
     "Event",
     "EventAdapter",

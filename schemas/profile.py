@@ -15,7 +15,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerialize
 
 from schemas.events import Scalar
 
-PROFILE_SCHEMA_VERSION = "1.0"
+PROFILE_SCHEMA_VERSION = "1.1"
+
+ANONYMOUS = "anonymous"
 
 Money = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str)]
 
@@ -68,6 +70,8 @@ class Computed(BaseModel):
     last_order_date: AwareDatetime | None = None
     loyalty_tier: str | None = None
     categories_viewed: tuple[str, ...] = ()
+    last_email_open: AwareDatetime | None = None
+    preferred_send_hour: int | None = Field(None, ge=0, le=23, description="Local hour with most opens (since 1.1).")
 
 
 class Profile(BaseModel):
@@ -77,7 +81,7 @@ class Profile(BaseModel):
     id: str
     email: str | None = None
     identifiers: dict[str, tuple[str, ...]] = Field(
-        default_factory=dict, description="Customer ids per source, sorted."
+        default_factory=dict, description="Customer ids per source, and anonymous ids, sorted."
     )
     traits: dict[str, Trait] = Field(default_factory=dict)
     orders: dict[str, OrderFact] = Field(default_factory=dict)
@@ -85,12 +89,27 @@ class Profile(BaseModel):
     categories_viewed: tuple[str, ...] = ()
     consent: dict[str, Consent] = Field(default_factory=dict)
     last_email_open: Stamp | None = None
+    last_email_click: Stamp | None = None
+    email_opens: tuple[Stamp, ...] = Field(default=(), description="The latest opens, newest first (since 1.1).")
     first_seen: AwareDatetime | None = None
     last_seen: AwareDatetime | None = None
     computed: Computed = Field(default_factory=Computed)
 
 
-def profile_id_for_email(email: str) -> str:
-    """A stable id that names the person without spelling out their address."""
-    return "p_" + hashlib.sha256(email.encode()).hexdigest()[:32]
+def identity_key(kind: str, value: str) -> str:
+    """How an identifier is indexed: ``email:...``, ``<source>:<customer id>``, ``anonymous:...``."""
+    return f"{kind}:{value}"
+
+
+def profile_keys(profile: Profile) -> list[str]:
+    """Every identifier that finds this profile."""
+    keys = [identity_key(kind, value) for kind, values in profile.identifiers.items() for value in values]
+    if profile.email:
+        keys.append(identity_key("email", profile.email))
+    return sorted(keys)
+
+
+def profile_id_for_key(key: str) -> str:
+    """A stable id derived from the identifier a profile was created with, without spelling it out."""
+    return "p_" + hashlib.sha256(key.encode()).hexdigest()[:32]
 

@@ -17,9 +17,9 @@ from adapters.settings import get_settings
 from adapters.store import ProfileStore
 from broker import topology
 from broker.setup import create_broker
-from schemas.errors import EspRejected, IdentityUnresolved, MergetagError
+from schemas.errors import EspRejected, MergetagError
 from schemas.events import Event, Identity
-from workers.pipeline import by_identity, events_for, merge_all, new_profile, parse_delivery
+from workers.pipeline import by_identity, events_for, lookup_keys, merge_all, new_profile, parse_delivery
 from workers.runtime import close_runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,11 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
     Two round trips on the common path: a point read and a version-guarded write.
     """
     rt = await runtime()
+    keys = lookup_keys(identity, events[0].source)
     for _ in range(MAX_WRITE_ATTEMPTS):
-        if identity.email is not None:
-            found = await store.load(new_profile(identity).id)  # type: ignore[union-attr]
-        else:
-            found = await store.find_by_key(f"{events[0].source}:{identity.customer_id}")
+        found = await store.find_by_keys(keys)
         if found is None:
-            profile, meta = new_profile(identity), {"version": None, "esp": {}}
-            if profile is None:
-                raise IdentityUnresolved(f"no profile yet for a {events[0].source} customer id")
+            profile, meta = new_profile(keys), {"version": None, "esp": {}}
         else:
             profile, meta = found
         merged = merge_all(profile, events, rt.settings.loyalty_tiers)

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from schemas.profile import Computed, Profile
+
+
+def time_zone(name: object) -> ZoneInfo | None:
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def preferred_send_hour(opens: Iterable[datetime], tz: ZoneInfo | None) -> int | None:
+    """The local hour with the most opens; the earliest such hour on a tie. UTC without a time zone."""
+    hours = Counter((t.astimezone(tz) if tz else t).hour for t in opens)
+    if not hours:
+        return None
+    best = max(hours.values())
+    return min(h for h, n in hours.items() if n == best)
 
 
 def loyalty_tier(lifetime_value: Decimal, thresholds: dict[str, float]) -> str | None:
@@ -28,5 +50,14 @@ def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
         last_order_date=max((o.event_time for o in orders), default=None),
         loyalty_tier=loyalty_tier(ltv, tiers),
         categories_viewed=tuple(sorted(categories)),
+        last_email_open=profile.last_email_open.event_time if profile.last_email_open else None,
+        preferred_send_hour=preferred_send_hour(
+            (o.event_time for o in profile.email_opens), time_zone(_trait(profile, "timezone"))
+        ),
     )
     return profile.model_copy(update={"computed": computed})
+
+
+def _trait(profile: Profile, name: str) -> object:
+    trait = profile.traits.get(name)
+    return trait.value if trait else None

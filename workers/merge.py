@@ -19,12 +19,13 @@ from schemas.events import (
     CheckoutChanged,
     ConsentChanged,
     CustomerUpdated,
+    EmailClicked,
     EmailOpened,
     Event,
     OrderCompleted,
     ProductViewed,
 )
-from schemas.profile import CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
+from schemas.profile import ANONYMOUS, CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
 
 S = TypeVar("S", bound=Stamp)
 
@@ -36,6 +37,14 @@ def newer(current: S | None, candidate: S) -> S:
     if current is None or candidate.key > current.key:
         return candidate
     return current
+
+
+KEPT_OPENS = 50
+
+
+def latest(stamps: set[Stamp], keep: int) -> tuple[Stamp, ...]:
+    """The ``keep`` newest by key: a function of the set alone, so order-independent."""
+    return tuple(sorted(stamps, key=lambda s: s.key, reverse=True)[:keep])
 
 
 def _consent_key(consent: Consent) -> tuple[datetime, int, str, str]:
@@ -63,9 +72,11 @@ def apply_event(profile: Profile, event: Event) -> Profile:
     }
     if profile.email is None and event.identity.email is not None:
         changes["email"] = event.identity.email
-    if event.identity.customer_id is not None:
-        ids = set(profile.identifiers.get(event.source, ())) | {event.identity.customer_id}
-        changes["identifiers"] = {**profile.identifiers, event.source: tuple(sorted(ids))}
+    identifiers = dict(profile.identifiers)
+    for kind, value in ((event.source, event.identity.customer_id), (ANONYMOUS, event.identity.anonymous_id)):
+        if value is not None:
+            identifiers[kind] = tuple(sorted(set(identifiers.get(kind, ())) | {value}))
+    changes["identifiers"] = identifiers
 
     stamp = _stamp(event)
     match event:
@@ -101,5 +112,9 @@ def apply_event(profile: Profile, event: Event) -> Profile:
             if current is None or _consent_key(fact) > _consent_key(current):
                 changes["consent"] = {**profile.consent, event.channel: fact}
         case EmailOpened():
-            changes["last_email_open"] = newer(profile.last_email_open, Stamp(**stamp))
+            opened = Stamp(**stamp)
+            changes["last_email_open"] = newer(profile.last_email_open, opened)
+            changes["email_opens"] = latest({*profile.email_opens, opened}, KEPT_OPENS)
+        case EmailClicked():
+            changes["last_email_click"] = newer(profile.last_email_click, Stamp(**stamp))
     return profile.model_copy(update=changes)

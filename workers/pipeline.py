@@ -11,7 +11,7 @@ from adapters.sources import shopify
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid, UnsupportedEvent
 from schemas.events import Event, Identity
-from schemas.profile import Profile, profile_id_for_email
+from schemas.profile import ANONYMOUS, Profile, identity_key, profile_id_for_key
 from workers.enrich import enrich
 from workers.merge import apply_event
 
@@ -42,11 +42,21 @@ def by_identity(events: Iterable[Event]) -> dict[Identity, list[Event]]:
     return dict(groups)
 
 
-def new_profile(identity: Identity) -> Profile | None:
-    """A fresh profile for an identity that can name one (an email); None otherwise."""
-    if identity.email is None:
-        return None
-    return Profile(id=profile_id_for_email(identity.email))
+def lookup_keys(identity: Identity, source: str) -> list[str]:
+    """The identity's keys, strongest first: email, then the source's customer id, then anonymous id."""
+    keys = []
+    if identity.email is not None:
+        keys.append(identity_key("email", identity.email))
+    if identity.customer_id is not None:
+        keys.append(identity_key(source, identity.customer_id))
+    if identity.anonymous_id is not None:
+        keys.append(identity_key(ANONYMOUS, identity.anonymous_id))
+    return keys
+
+
+def new_profile(keys: list[str]) -> Profile:
+    """A fresh profile, its id derived from the strongest key so concurrent creators collide, not duplicate."""
+    return Profile(id=profile_id_for_key(keys[0]))
 
 
 def merge_all(profile: Profile, events: Iterable[Event], tiers: dict[str, float]) -> Profile:

@@ -7,6 +7,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from adapters.sentry import REDACTED, scrub
 from broker import topology
 from broker.publisher import encode_message
+from schemas.events import EVENT_SCHEMA_VERSION
 from schemas.export import DIRECTORY, render, schemas
 
 
@@ -18,12 +19,16 @@ def test_exported_json_schemas_match_the_models():
 
 
 def test_event_schema_lists_every_event_type():
-    document = json.loads((DIRECTORY / "event.v1.0.json").read_text())
+    document = json.loads((DIRECTORY / f"event.v{EVENT_SCHEMA_VERSION}.json").read_text())
     mapping = document["discriminator"]["mapping"]
     assert set(mapping) == {
         "customer.identified", "customer.updated", "order.completed", "checkout.started",
-        "checkout.updated", "product.viewed", "consent.changed", "email.opened",
+        "checkout.updated", "product.viewed", "consent.changed", "email.opened", "email.clicked",
     }
+
+
+def test_older_published_schema_versions_are_kept():
+    assert (DIRECTORY / "event.v1.0.json").exists() and (DIRECTORY / "profile.v1.0.json").exists()
 
 
 def test_receiver_declares_queues_exactly_as_dramatiq_does():
