@@ -47,7 +47,8 @@ def _serve(queues: list[str], sweep: bool) -> int:
     sweep_stop = asyncio.Event()
     if sweep:
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-        run = sweeper.run(store, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s), sweep_stop)
+        run = sweeper.run(store, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
+                          timedelta(seconds=settings.sync_lease_s), sweep_stop)
         threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
     stop.wait()
     if sweep:

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
 
     sync_sweep_interval_s: float = 2.0
     sync_grace_s: float = 10.0
+    sync_lease_s: float = 60.0
 
     sentry_dsn: str | None = Field(None, validation_alias=AliasChoices("MERGETAG_SENTRY_DSN", "SENTRY_DSN"))
     sentry_environment: str = "development"

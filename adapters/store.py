@@ -9,10 +9,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from schemas.errors import IdentityConflict
+from pydantic import ValidationError
+
+from schemas.errors import IdentityConflict, StoredProfileInvalid, SyncBusy
 from schemas.profile import Profile, profile_keys
 
 PROFILES = "profiles"
@@ -104,11 +106,31 @@ class ProfileStore:
             raise IdentityConflict("an identifier of this profile already belongs to another profile") from None
         return result.matched_count == 1
 
-    async def sync_state(self, profile_id: str, esp: str) -> dict[str, Any] | None:
-        doc = await self.profiles.find_one({"_id": profile_id}, {f"esp.{esp}": 1, "email": 1})
-        if doc is None:
+    async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> dict[str, Any] | None:
+        """Take the profile's send lease for ``esp`` and return its sync state.
+
+        One send per profile and ESP at a time, so an older member can never
+        overtake a newer one. Returns None when the profile does not exist;
+        raises SyncBusy while another send holds the lease.
+        """
+        now = datetime.now(timezone.utc)
+        field = f"esp.{esp}.sending_until"
+        doc = await self.profiles.find_one_and_update(
+            {"_id": profile_id, "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
+            {"$set": {field: now + lease}},
+            projection={f"esp.{esp}": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return doc.get("esp", {}).get(esp, {})
+        held = await self.profiles.find_one({"_id": profile_id}, {field: 1})
+        if held is None:
             return None
-        return {"email": doc.get("email"), **doc.get("esp", {}).get(esp, {})}
+        until = held["esp"][esp][field.rsplit(".", 1)[1]]
+        raise SyncBusy("another send of this profile is in flight", retry_after=max(0.5, (until - now).total_seconds()))
+
+    async def release_send(self, profile_id: str, esp: str) -> None:
+        await self.profiles.update_one({"_id": profile_id}, {"$set": {f"esp.{esp}.sending_until": None}})
 
     async def mark_sent(self, profile_id: str, esp: str, sent_hash: str) -> None:
         """Record what the ESP now holds; still pending if the profile moved on meanwhile."""
@@ -116,7 +138,8 @@ class ProfileStore:
         await self.profiles.update_one(
             {"_id": profile_id},
             [
-                {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc)}},
+                {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
+                          f"{prefix}.sending_until": None}},
                 {"$set": {f"{prefix}.pending": {"$ne": [f"${prefix}.member_hash", sent_hash]}}},
             ],
         )
@@ -124,21 +147,29 @@ class ProfileStore:
     async def mark_failed(self, profile_id: str, esp: str, failed_hash: str, code: str) -> None:
         """Remember a member the ESP refused, so the sweeper does not resend it until it changes."""
         await self.profiles.update_one(
-            {"_id": profile_id}, {"$set": {f"esp.{esp}.failed_hash": failed_hash, f"esp.{esp}.failed_code": code}}
+            {"_id": profile_id},
+            {"$set": {f"esp.{esp}.failed_hash": failed_hash, f"esp.{esp}.failed_code": code, f"esp.{esp}.sending_until": None}},
         )
 
-    async def pending(self, esp: str, older_than: timedelta, limit: int = 500) -> list[str]:
-        """Profiles still pending for ``esp`` whose change is older than ``older_than``."""
-        cutoff = datetime.now(timezone.utc) - older_than
-        cursor = self.profiles.find(
-            {
-                f"esp.{esp}.pending": True,
-                f"esp.{esp}.dirty_at": {"$lte": cutoff},
-                "$expr": {"$ne": [f"$esp.{esp}.member_hash", f"$esp.{esp}.failed_hash"]},
-            },
-            {"_id": 1},
-        ).limit(limit)
-        return [doc["_id"] async for doc in cursor]
+    async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500) -> list[str]:
+        """Pending profiles, oldest change first, not refused as they are and not swept within ``lease``.
+
+        Claiming stamps ``swept_at`` so a backlog or an ESP outage is not re-enqueued every sweep.
+        """
+        now = datetime.now(timezone.utc)
+        prefix = f"esp.{esp}"
+        unswept = {"$or": [{f"{prefix}.swept_at": {"$exists": False}}, {f"{prefix}.swept_at": {"$lte": now - lease}}]}
+        query = {
+            f"{prefix}.pending": True,
+            f"{prefix}.dirty_at": {"$lte": now - older_than},
+            "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]},
+            **unswept,
+        }
+        cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
+        ids = [doc["_id"] async for doc in cursor]
+        if ids:
+            await self.profiles.update_many({"_id": {"$in": ids}, **unswept}, {"$set": {f"{prefix}.swept_at": now}})
+        return ids
 
     @staticmethod
     def _split(doc: dict[str, Any] | None) -> tuple[Profile, dict[str, Any]] | None:
@@ -147,4 +178,8 @@ class ProfileStore:
         meta = {"version": doc.pop("version"), "esp": doc.pop("esp", {})}
         doc.pop("keys", None)
         doc["id"] = doc.pop("_id")
-        return Profile.model_validate(doc), meta
+        try:
+            return Profile.model_validate(doc), meta
+        except ValidationError as exc:
+            locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
+            raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None

@@ -23,6 +23,9 @@ from pika.adapters.blocking_connection import BlockingChannel
 from broker import topology
 
 
+_SPENT_OPTIONS = {"dead_letter", "retries", "traceback", "eta", "last_error", "requeue_timestamp"}
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     queue: str
@@ -120,9 +123,14 @@ class DeadLetters:
         """Send selected (default: all) dead letters back to their queue, with retries reset."""
 
         def resend(channel: BlockingChannel, letter: DeadLetter) -> None:
-            options = {k: v for k, v in letter.message.options.items() if k not in {"dead_letter", "retries", "traceback", "eta"}}
-            options["replayed"] = letter.message.options.get("replayed", 0) + 1
-            fresh = letter.message.copy(queue_name=letter.queue, options=options)
+            old = letter.message
+            options = {k: v for k, v in old.options.items() if k not in _SPENT_OPTIONS}
+            options["replayed"] = old.options.get("replayed", 0) + 1
+            # Built anew, not with Message.copy, which would merge the spent options back in.
+            fresh = dramatiq.Message(
+                queue_name=letter.queue, actor_name=old.actor_name, args=old.args, kwargs=old.kwargs,
+                options=options, message_id=old.message_id, message_timestamp=old.message_timestamp,
+            )
             channel.basic_publish(
                 exchange="",
                 routing_key=letter.queue,

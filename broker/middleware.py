@@ -118,7 +118,8 @@ class RetryOrDeadLetter(Middleware):
 class CloseOnShutdown(Middleware):
     """Runs an async cleanup on the worker's event loop before the AsyncIO middleware stops it.
 
-    Must come before ``AsyncIO`` in the middleware list: hooks run in list order.
+    Must come after ``AsyncIO`` in the middleware list: Dramatiq runs ``after_*`` hooks in
+    reverse list order, so this one then runs while the loop is still up.
 
     Parameters:
       cleanup: a coroutine function closing per-process connections.

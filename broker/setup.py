@@ -34,8 +34,8 @@ def create_broker(
             Callbacks(),
             Pipelines(),
             CurrentMessage(),
-            *([CloseOnShutdown(on_shutdown)] if on_shutdown else []),
             AsyncIO(),
+            *([CloseOnShutdown(on_shutdown)] if on_shutdown else []),
             RetryOrDeadLetter(
                 max_retries=settings.retry_max,
                 min_backoff=settings.retry_min_backoff_ms,

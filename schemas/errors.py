@@ -67,6 +67,12 @@ class IdentityConflict(PermanentError):
     code = "identity_conflict"
 
 
+class StoredProfileInvalid(PermanentError):
+    """A stored profile no longer validates against the model (needs a migration)."""
+
+    code = "stored_profile_invalid"
+
+
 class EspRejected(PermanentError):
     """The ESP refused the request with a 4xx other than 429."""
 
@@ -77,6 +83,12 @@ class EspUnavailable(RetryableError):
     """Network failure, timeout, 5xx or 429 from the ESP."""
 
     code = "esp_unavailable"
+
+
+class SyncBusy(RetryableError):
+    """Another send of the same profile is in flight; try again when its lease ends."""
+
+    code = "sync_in_progress"
 
 
 class BrokerUnavailable(RetryableError):

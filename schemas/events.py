@@ -85,11 +85,15 @@ class CustomerUpdated(_Event):
 
 
 class OrderCompleted(_Event):
+    """An order and its latest state; a cancelled or test order never counts (flags since 1.1)."""
+
     type: Literal["order.completed"] = "order.completed"
     order_id: str = Field(min_length=1)
     total: Decimal = Field(ge=0)
     currency: str | None = None
     items: tuple[LineItem, ...] = ()
+    cancelled: bool = False
+    test: bool = False
 
 
 class CheckoutChanged(_Event):

@@ -44,6 +44,7 @@ class OrderFact(Stamp):
     total: Money
     currency: str | None = None
     categories: tuple[str, ...] = ()
+    counts: bool = Field(True, description="False for cancelled and test orders (since 1.1).")
 
 
 class CheckoutFact(Stamp):

@@ -31,5 +31,6 @@ def order(email: str, *, order_gid: int = 820982911946154508, total: str = "388.
     body = sample("Order")
     body["customer"]["email"] = email
     body["customer"]["admin_graphql_api_id"] = f"gid://shopify/Customer/{customer_gid(email)}"
-    body.update(total_price=total, processed_at=processed_at, admin_graphql_api_id=f"gid://shopify/Order/{order_gid}")
+    body.update(total_price=total, processed_at=processed_at, updated_at=processed_at, cancelled_at=None, test=False,
+                financial_status="paid", admin_graphql_api_id=f"gid://shopify/Order/{order_gid}")
     return body

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -79,16 +80,23 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
 async def sync_profile(profile_id: str) -> None:
     """Idempotent: a profile whose member was already sent is skipped without a request."""
     rt = await runtime()
-    state = await rt.store.sync_state(profile_id, MAILCHIMP)
-    if not state or not state.get("member"):
+    lease = timedelta(seconds=2 * rt.settings.mailchimp_timeout_s + 5)
+    state = await rt.store.claim_send(profile_id, MAILCHIMP, lease)
+    if state is None:
         return
-    if state.get("sent_hash") == state["member_hash"]:
-        log.debug("profile %s unchanged since last sync", profile_id)
+    if not state.get("member") or state.get("sent_hash") == state["member_hash"]:
+        log.debug("profile %s has nothing new to send", profile_id)
+        await rt.store.release_send(profile_id, MAILCHIMP)
         return
     try:
         await rt.esp.upsert(state["member"])
     except EspRejected as exc:
         await rt.store.mark_failed(profile_id, MAILCHIMP, state["member_hash"], exc.code)
+        raise
+    except MergetagError as exc:
+        # A timed-out send may still land: keep the lease so no other send overtakes it.
+        if exc.code != "esp_timeout":
+            await rt.store.release_send(profile_id, MAILCHIMP)
         raise
     await rt.store.mark_sent(profile_id, MAILCHIMP, state["member_hash"])
     log.info("profile %s synced to %s", profile_id, MAILCHIMP)

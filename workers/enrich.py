@@ -41,12 +41,12 @@ def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
     Because the inputs are de-duplicated sets of facts (orders keyed by id), a
     re-delivered order can never be counted twice.
     """
-    orders = profile.orders.values()
+    orders = [o for o in profile.orders.values() if o.counts]
     ltv = sum((o.total for o in orders), Decimal("0"))
     categories = set(profile.categories_viewed)
     computed = Computed(
         lifetime_value=ltv,
-        order_count=len(profile.orders),
+        order_count=len(orders),
         last_order_date=max((o.event_time for o in orders), default=None),
         loyalty_tier=loyalty_tier(ltv, tiers),
         categories_viewed=tuple(sorted(categories)),

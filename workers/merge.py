@@ -33,8 +33,10 @@ _CONSENT_RANK = {"unsubscribed": 3, "not_subscribed": 2, "pending": 1, "subscrib
 
 
 def newer(current: S | None, candidate: S) -> S:
-    """Last writer wins by event time; source and event id break ties deterministically."""
+    """Last writer wins by event time; source, event id and finally content break ties deterministically."""
     if current is None or candidate.key > current.key:
+        return candidate
+    if candidate.key == current.key and candidate.model_dump_json() > current.model_dump_json():
         return candidate
     return current
 
@@ -90,6 +92,7 @@ def apply_event(profile: Profile, event: Event) -> Profile:
                 total=event.total,
                 currency=event.currency,
                 categories=tuple(sorted({i.category for i in event.items if i.category})),
+                counts=not (event.cancelled or event.test),
                 **stamp,
             )
             changes["orders"] = {**profile.orders, event.order_id: newer(profile.orders.get(event.order_id), fact)}

@@ -17,10 +17,10 @@ from adapters.store import ProfileStore
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(store: ProfileStore, grace: timedelta) -> int:
+async def sweep_once(store: ProfileStore, grace: timedelta, lease: timedelta) -> int:
     from workers.actors import sync_profile
 
-    pending = await store.pending(MAILCHIMP, grace)
+    pending = await store.claim_pending(MAILCHIMP, grace, lease)
     for profile_id in pending:
         await asyncio.to_thread(sync_profile.send, profile_id)
     if pending:
@@ -28,18 +28,23 @@ async def sweep_once(store: ProfileStore, grace: timedelta) -> int:
     return len(pending)
 
 
-async def run(store: ProfileStore, interval: float, grace: timedelta, stop: asyncio.Event) -> None:
-    """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages."""
+async def run(store: ProfileStore, interval: float, grace: timedelta, lease: timedelta, stop: asyncio.Event) -> None:
+    """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages.
+
+    Parameters:
+      grace: how long a change may wait for the merge's own enqueue before the sweeper steps in.
+      lease: how long before the same profile may be re-enqueued by a sweep.
+    """
     try:
-        await _loop(store, interval, grace, stop)
+        await _loop(store, interval, grace, lease, stop)
     finally:
         await store.close()
 
 
-async def _loop(store: ProfileStore, interval: float, grace: timedelta, stop: asyncio.Event) -> None:
+async def _loop(store: ProfileStore, interval: float, grace: timedelta, lease: timedelta, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await sweep_once(store, grace)
+            await sweep_once(store, grace, lease)
         except Exception:  # the loop must outlive any single failure; Sentry and the log see it
             log.exception("sweep failed; retrying in %.1fs", interval)
         try:

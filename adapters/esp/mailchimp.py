@@ -20,6 +20,7 @@ from schemas.events import Scalar
 from schemas.profile import Profile
 
 NAME = "mailchimp"
+ACCOUNT_ERRORS = {401, 403, 404}
 _STATUS_IF_NEW = {
     "subscribed": "subscribed",
     "unsubscribed": "unsubscribed",
@@ -112,7 +113,10 @@ class Mailchimp:
                 if response.status < 300:
                     return
                 problem = await _problem(response)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:
+            # The request may still be applied late: the caller must not let another send overtake it.
+            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
+        except aiohttp.ClientError as exc:
             raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
         status = response.status
         detail = f"mailchimp {status} {problem.get('title', '')}".strip()
@@ -122,6 +126,9 @@ class Mailchimp:
         if status == 429 or status >= 500:
             retry_after = response.headers.get("Retry-After")
             raise EspUnavailable(detail, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
+        if status in ACCOUNT_ERRORS:
+            # A wrong key or audience is not this member's fault: retry, and alarm, until it is fixed.
+            raise EspUnavailable(detail, code="esp_misconfigured")
         raise EspRejected(detail)
 
     async def close(self) -> None:

@@ -22,7 +22,7 @@ from schemas.events import Event
 NAME = "shopify"
 
 CUSTOMER_TOPICS = {"customers/create": "customer.identified", "customers/update": "customer.updated"}
-ORDER_TOPICS = {"orders/create", "orders/paid"}
+ORDER_TOPICS = {"orders/create", "orders/paid", "orders/updated", "orders/cancelled"}
 CHECKOUT_TOPICS = {"checkouts/create": "checkout.started", "checkouts/update": "checkout.updated"}
 CONSENT_TOPICS = {"customers/marketing_consent_update", "customers_email_marketing_consent/update"}
 TOPICS = frozenset({*CUSTOMER_TOPICS, *ORDER_TOPICS, *CHECKOUT_TOPICS, *CONSENT_TOPICS})
@@ -141,7 +141,7 @@ def _customer_events(delivery: Delivery, kind: str) -> list[dict[str, Any]]:
             traits[name] = address.get(key)
     events = [{**_base(delivery, f"shopify:customer:{cid}:{at}", at, identity), "type": kind, "traits": traits}]
     consent = p.get("email_marketing_consent")
-    if consent:
+    if consent and consent.get("state"):
         events.append(_consent(delivery, identity, "email", consent, cid, fallback_time=at))
     elif isinstance(p.get("accepts_marketing"), bool):
         legacy = {
@@ -162,7 +162,9 @@ def _consent(
 ) -> dict[str, Any]:
     at = consent.get("consent_updated_at") or fallback_time
     state = consent.get("state")
-    event_id = f"shopify:consent:{channel}:{cid}:{at or delivery.delivery_id}"
+    # Without a consent time, Shopify's event id (shared by every retry) names the happening.
+    stamp = at or delivery.meta.get("shopify_event_id") or delivery.delivery_id
+    event_id = f"shopify:consent:{channel}:{cid}:{stamp}"
     return {
         **_base(delivery, event_id, at, identity),
         "type": "consent.changed",
@@ -176,21 +178,25 @@ def _order_event(delivery: Delivery) -> dict[str, Any]:
     customer = p.get("customer") or {}
     identity = {"email": customer.get("email") or p.get("email") or p.get("contact_email"), "customer_id": _customer_id(customer)}
     order_id = _entity_id(p)
-    at = p.get("processed_at") or p.get("created_at")
+    # The order's own last change orders its states: paid after created, cancelled after paid.
+    at = p.get("updated_at") or p.get("processed_at") or p.get("created_at")
     return {
-        **_base(delivery, f"shopify:order:{order_id}", at, identity),
+        **_base(delivery, f"shopify:order:{order_id}:{at}", at, identity),
         "type": "order.completed",
         "order_id": order_id,
         "total": p.get("total_price"),
         "currency": p.get("currency"),
         "items": _items(p.get("line_items") or []),
+        "cancelled": p.get("cancelled_at") is not None,
+        "test": bool(p.get("test")),
     }
 
 
 def _checkout_event(delivery: Delivery, kind: str) -> dict[str, Any]:
     p = delivery.payload
     customer = p.get("customer") or {}
-    identity = {"email": p.get("email") or customer.get("email"), "customer_id": _customer_id(customer)}
+    # As for orders: the customer's own email goes with the customer's id, never another contact's.
+    identity = {"email": customer.get("email") or p.get("email"), "customer_id": _customer_id(customer)}
     checkout_id = str(p.get("token") or _entity_id(p))
     at = p.get("updated_at") or p.get("created_at")
     return {

@@ -129,3 +129,34 @@ async def test_purge_removes_only_what_was_selected(receiver, system, http):
     assert purged == {"purged": [ids[0]], "count": 1}
     remaining = {d["message_id"] for d in await dead_letters(system, "events")}
     assert ids[0] not in remaining and ids[1] in remaining
+
+
+def test_replay_resets_retries_and_reasons(rabbitmq):
+    import dramatiq
+    import pika
+
+    from broker import admin, topology
+    from broker.dead_letters import DeadLetters
+
+    prefix = "x" + uuid.uuid4().hex[:8]
+    queue = topology.events_queue(prefix)
+    tools = DeadLetters(rabbitmq, prefix)
+    spent = dramatiq.Message(queue_name=queue, actor_name="process_event", args=({"a": 1},), kwargs={},
+                             options={"retries": 8, "traceback": "x", "last_error": {"code": "esp_unavailable"},
+                                      "dead_letter": {"code": "esp_unavailable", "failed_at": 1}})
+    try:
+        admin.queue_depths(rabbitmq, prefix)
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq))
+        connection.channel().basic_publish("", topology.xq_name(queue), spent.encode())
+        connection.close()
+        assert [d.code for d in tools.list()] == ["esp_unavailable"]
+        assert [d.message_id for d in tools.replay(message_ids={spent.message_id})] == [spent.message_id]
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq))
+        _, _, body = connection.channel().basic_get(queue, auto_ack=True)
+        connection.close()
+        replayed = dramatiq.Message.decode(body)
+        assert replayed.options == {"replayed": 1}
+        assert replayed.args == spent.args or list(replayed.args) == list(spent.args)
+        assert tools.replay() == []
+    finally:
+        admin.drop_queues(rabbitmq, prefix)

@@ -82,6 +82,22 @@ def test_counters_never_double_count_redelivered_orders():
     assert profile.computed.loyalty_tier == "silver"
 
 
+def test_cancelled_and_test_orders_never_count():
+    cancelled = OrderCompleted(order_id="1", total=Decimal("100"), cancelled=True, **base("o1-cancel", 9))
+    test_order = OrderCompleted(order_id="3", total=Decimal("70"), test=True, **base("o3", 2))
+    events = [order("1", 2, "100.00"), cancelled, order("2", 4, "300.50"), test_order]
+    for stream in (events, events[::-1]):
+        profile = merge_all(fresh(), stream, TIERS)
+        assert profile.computed.order_count == 1
+        assert profile.computed.lifetime_value == Decimal("300.50")
+
+
+def test_equal_keys_with_different_content_resolve_the_same_way_in_any_order():
+    a = update("same", 1, first_name="A")
+    b = update("same", 1, first_name="B")
+    assert merge_all(fresh(), [a, b], TIERS) == merge_all(fresh(), [b, a], TIERS)
+
+
 def test_consent_is_last_writer_wins_and_restrictive_on_ties():
     assert merge_all(fresh(), EVENTS, TIERS).consent["email"].state == "unsubscribed"
     tie = [consent("z", 9, "subscribed"), consent("a", 9, "unsubscribed")]

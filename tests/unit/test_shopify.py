@@ -78,13 +78,29 @@ def test_order_maps_to_order_completed_with_customer_email_and_exact_total():
     assert event.total == Decimal("388.00")
     assert event.identity.email == "john@example.com"
     assert len(event.items) == 2
-    assert event.event_id == "shopify:order:820982911946154508"
+    assert event.event_id == "shopify:order:820982911946154508:2021-12-31T19:00:00-05:00"
+    # The published sample is a cancelled test order: it is kept, and flagged so it never counts.
+    assert event.cancelled and event.test
 
 
-def test_orders_paid_and_create_name_the_same_event():
+def test_orders_paid_and_create_name_the_same_event_when_nothing_changed():
     a = to_events(delivery("orders/create", sample("Order")))
     b = to_events(delivery("orders/paid", sample("Order")))
     assert a == b
+
+
+def test_customer_with_stateless_consent_keeps_its_traits():
+    payload = sample("CustomersCreate") | {"email_marketing_consent": {"state": None}, "accepts_marketing": None}
+    events = to_events(delivery("customers/update", payload))
+    assert [e.type for e in events] == ["customer.updated"]
+
+
+def test_consent_without_time_is_named_by_shopify_event_id_across_retries():
+    payload = {"customer_id": 5, "email_address": "a@example.com", "email_marketing_consent": {"state": "subscribed"}}
+    first = delivery("customers_email_marketing_consent/update", payload).model_copy(
+        update={"delivery_id": "attempt-1", "meta": {"shopify_event_id": "evt-9"}})
+    retry = first.model_copy(update={"delivery_id": "attempt-2"})
+    assert to_events(first)[0].event_id == to_events(retry)[0].event_id
 
 
 def test_checkout_maps_to_started_and_not_completed():
@@ -93,7 +109,9 @@ def test_checkout_maps_to_started_and_not_completed():
     assert event.checkout_id == "123123123"
     assert event.completed is False
     assert event.url.startswith("https://checkout.local/")
-    assert event.identity.email == "example@email.com"
+    # The customer's own email goes with the customer's id.
+    assert event.identity.email == "john@example.com"
+    assert event.identity.customer_id == "603851970716743426"
 
 
 def test_email_consent_sample_without_state_fails_validation_with_reason():

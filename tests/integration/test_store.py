@@ -1,0 +1,77 @@
+"""The MongoDB store on a real server (SecantusDB, or MONGODB_URI): races, leases, identity."""
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from adapters.store import ProfileStore
+from schemas.errors import IdentityConflict, SyncBusy
+from schemas.profile import Profile
+
+T = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+async def store(mongo_uri):
+    store = ProfileStore.connect(mongo_uri, "store" + uuid.uuid4().hex[:8])
+    await store.ensure_indexes()
+    yield store
+    await store.client.drop_database(store.profiles.database.name)
+    await store.close()
+
+
+def person(pid: str, email: str, **identifiers) -> Profile:
+    return Profile(id=pid, email=email, identifiers={k: (v,) for k, v in identifiers.items()})
+
+
+async def test_version_guard_rejects_a_lost_race(store):
+    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    assert not await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")  # already exists
+    profile, meta = await store.load("p1")
+    assert await store.save(profile, meta["version"], "mailchimp", {"m": 2}, "h2")
+    assert not await store.save(profile, meta["version"], "mailchimp", {"m": 3}, "h3")  # stale version
+    _, meta = await store.load("p1")
+    assert meta["version"] == 2 and meta["esp"]["mailchimp"]["member_hash"] == "h2"
+
+
+async def test_an_identifier_belongs_to_one_profile(store):
+    assert await store.save(person("p1", "a@example.com", shopify="1"), None, "mailchimp", None, None)
+    assert await store.save(person("p2", "b@example.com"), None, "mailchimp", None, None)
+    found, _ = await store.find_by_keys(["email:zzz@example.com", "shopify:1"])
+    assert found.id == "p1"
+    other, meta = await store.load("p2")
+    with pytest.raises(IdentityConflict):
+        await store.save(other.model_copy(update={"identifiers": {"shopify": ("1",)}}), meta["version"], "mailchimp", None, None)
+
+
+async def test_sweeper_claims_a_pending_profile_once_per_lease(store):
+    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    claim = lambda lease: store.claim_pending("mailchimp", timedelta(0), timedelta(seconds=lease))  # noqa: E731
+    assert await claim(60) == ["p1"]
+    assert await claim(60) == []  # within the lease: not again
+    assert await claim(0) == ["p1"]  # lease over: again, since it is still pending
+    await store.mark_sent("p1", "mailchimp", "h1")
+    assert await claim(0) == []
+    await store.mark_failed("p1", "mailchimp", "h1", "esp_rejected")
+
+
+async def test_refused_member_is_not_swept_until_it_changes(store):
+    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    await store.mark_failed("p1", "mailchimp", "h1", "esp_rejected")
+    assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
+    profile, meta = await store.load("p1")
+    assert await store.save(profile, meta["version"], "mailchimp", {"m": 2}, "h2")
+    assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == ["p1"]
+
+
+async def test_one_send_per_profile_at_a_time(store):
+    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    state = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    assert state["member_hash"] == "h1"
+    with pytest.raises(SyncBusy) as busy:
+        await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    assert 0 < busy.value.retry_after <= 30
+    await store.mark_sent("p1", "mailchimp", "h1")
+    assert (await store.claim_send("p1", "mailchimp", timedelta(seconds=30)))["sent_hash"] == "h1"
+    assert await store.claim_send("nobody", "mailchimp", timedelta(seconds=30)) is None
