@@ -1,77 +1,123 @@
-"""The webhook receiver: verify, then publish with a broker confirm, then answer.
+"""The receiver: verify, de-duplicate, publish with a broker confirm, then answer.
 
-``POST /webhooks/{source}`` answers 202 only after RabbitMQ confirmed the
-delivery into a durable queue, 503 with ``Retry-After`` when it cannot, and a
-JSON body with a machine-readable ``error`` code for every refusal.
+``POST /webhooks/{source}`` and the tracking API ``POST /v1/{call}`` answer 2xx
+only after RabbitMQ confirmed every new delivery of the request into a durable
+queue, 503 with ``Retry-After`` when it cannot, and a JSON body with a
+machine-readable ``error`` code for every refusal.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
 from aiohttp import web
 
-from adapters.sources.base import Rejected, Source
-from adapters.sources.shopify import ShopifySource
+from adapters.dedup import Dedup
+from adapters.metrics import DeliveryCounters
+from adapters.openapi import document
 from adapters.settings import Settings
+from adapters.sources.base import Inbound, Rejected, Source
+from adapters.sources.registry import build_sources
+from adapters.sources.tracking import NAME as TRACKING
 from broker import topology
 from broker.publisher import Publisher, encode_message
+from schemas.delivery import Delivery
 from schemas.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
 PUBLISHER = web.AppKey("publisher", Publisher)
+DEDUP = web.AppKey("dedup", Dedup)
+COUNTERS = web.AppKey("counters", DeliveryCounters)
 
 
 def error(status: int, code: str, detail: str = "", headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": code, **({"detail": detail} if detail else {})}
+    # ``code`` and ``message`` too: what Segment-compatible SDKs read from an error body.
+    body = {"error": code, "code": code, "message": detail or code, **({"detail": detail} if detail else {})}
     return web.json_response(body, status=status, headers=headers)
 
 
-def create_app(settings: Settings, sources: Mapping[str, Source] | None = None, publisher: Publisher | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    sources: Mapping[str, Source] | None = None,
+    publisher: Publisher | None = None,
+    dedup: Dedup | None = None,
+) -> web.Application:
     """Build the receiver.
 
     Parameters:
       sources: source name -> Source; defaults to the configured ones.
       publisher: defaults to one on ``settings.amqp_url``.
+      dedup: defaults to Redis at ``settings.redis_url``, namespaced by the queue prefix.
     """
-    sources = dict(sources) if sources is not None else {"shopify": ShopifySource(settings.shopify_secrets)}
+    sources = dict(sources) if sources is not None else build_sources(settings)
     publisher = publisher or Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
+    dedup = dedup or Dedup(settings.redis_url, settings.dedup_window_s, settings.queue_prefix)
     queue = topology.events_queue(settings.queue_prefix)
     retry_after = {"Retry-After": str(settings.retry_after_s)}
+    counters = DeliveryCounters()
 
-    async def webhook(request: web.Request) -> web.Response:
-        source = sources.get(request.match_info["source"])
+    async def receive(request: web.Request, name: str) -> web.Response:
+        source = sources.get(name)
         if source is None:
+            counters.add("unknown", "rejected", "unknown_source")
             return error(404, "unknown_source")
         if request.content_length is not None and request.content_length > settings.max_body_bytes:
-            return error(413, "payload_too_large", f"limit is {settings.max_body_bytes} bytes")
+            return reject(name, Rejected(413, "payload_too_large", f"limit is {settings.max_body_bytes} bytes"))
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return error(413, "payload_too_large", f"limit is {settings.max_body_bytes} bytes")
+            return reject(name, Rejected(413, "payload_too_large", f"limit is {settings.max_body_bytes} bytes"))
+        inbound = Inbound(method=request.method, url=str(request.url), path=request.path, headers=request.headers,
+                          body=body, received_at=datetime.now(timezone.utc), query=dict(request.query))
         try:
-            source.verify(request.headers, body)
-            try:
-                payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise Rejected(400, "malformed_json") from None
-            if not isinstance(payload, dict):
-                raise Rejected(400, "invalid_payload", "the body must be a JSON object")
-            delivery = source.delivery(request.headers, payload, datetime.now(timezone.utc))
+            deliveries = source.accept(inbound)
         except Rejected as exc:
-            log.info("rejected %s delivery: %s", source.name, exc.code)
-            return error(exc.status, exc.code, exc.detail)
+            return reject(name, exc)
+        keys = [d.dedup_key for d in deliveries if d.dedup_key]
+        seen = await request.app[DEDUP].seen(keys)
+        fresh = [d for d in deliveries if d.dedup_key not in seen]
+        results = await asyncio.gather(*(publish(request.app, d) for d in fresh), return_exceptions=True)
+        confirmed = [(d, r) for d, r in zip(fresh, results, strict=True) if isinstance(r, str)]
+        await request.app[DEDUP].remember([d.dedup_key for d, _ in confirmed if d.dedup_key])
+        if len(confirmed) < len(fresh):
+            failure = next(r for r in results if not isinstance(r, str))
+            if not isinstance(failure, BrokerUnavailable):
+                raise failure
+            counters.add(name, "rejected", failure.code, len(fresh) - len(confirmed))
+            log.warning("cannot accept %s deliveries: %s", name, failure.code)
+            return error(503, failure.code, headers=retry_after)
+        counters.add(name, "accepted", n=len(confirmed))
+        counters.add(name, "duplicate", n=len(deliveries) - len(fresh))
+        if not deliveries:
+            counters.add(name, "ignored")
+        status, reply = source.reply([message_id for _, message_id in confirmed], len(deliveries) - len(fresh))
+        return web.json_response(reply, status=status)
+
+    async def publish(app: web.Application, delivery: Delivery) -> str:
         message_id, encoded = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery.model_dump(mode="json"),))
-        try:
-            await request.app[PUBLISHER].publish(queue, encoded, message_id)
-        except BrokerUnavailable as exc:
-            log.warning("cannot accept %s delivery: %s", source.name, exc.code)
-            return error(503, exc.code, headers=retry_after)
-        return web.json_response({"status": "accepted", "delivery_id": delivery.delivery_id, "message_id": message_id}, status=202)
+        await app[PUBLISHER].publish(queue, encoded, message_id)
+        return message_id
+
+    def reject(name: str, exc: Rejected) -> web.Response:
+        counters.add(name, "rejected", exc.code)
+        log.info("rejected %s delivery: %s", name, exc.code)
+        return error(exc.status, exc.code, exc.detail)
+
+    async def webhook(request: web.Request) -> web.Response:
+        return await receive(request, request.match_info["source"])
+
+    async def tracking(request: web.Request) -> web.Response:
+        return await receive(request, TRACKING)
+
+    async def webhook_check(request: web.Request) -> web.Response:
+        """Senders (Mailchimp, Mandrill) probe the URL with GET or HEAD before they use it."""
+        if request.match_info["source"] not in sources:
+            return error(404, "unknown_source")
+        return web.json_response({"status": "ok"})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -85,6 +131,12 @@ def create_app(settings: Settings, sources: Mapping[str, Source] | None = None, 
                 return error(503, exc.code, headers=retry_after)
         return web.json_response({"status": "ready"})
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=counters.prometheus(), content_type="text/plain")
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document(sorted(sources)))
+
     async def lifecycle(app: web.Application):  # noqa: ANN202
         try:
             await app[PUBLISHER].connect()
@@ -92,19 +144,26 @@ def create_app(settings: Settings, sources: Mapping[str, Source] | None = None, 
             log.warning("RabbitMQ not reachable at start; will retry on demand")
         yield
         await app[PUBLISHER].close()
+        await app[DEDUP].close()
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_json_errors])
     app[PUBLISHER] = publisher
+    app[DEDUP] = dedup
+    app[COUNTERS] = counters
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/webhooks/{source}", webhook)
+    app.router.add_get("/webhooks/{source}", webhook_check)
+    app.router.add_post("/v1/{call}", tracking)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
 @web.middleware
 async def _json_errors(request: web.Request, handler):  # noqa: ANN001, ANN202
-    """aiohttp's own refusals (404, 405) become JSON with a code, like ours."""
+    """aiohttp's own refusals (404, 405, 413) become JSON with a code, like ours; so does a bug (500)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -112,3 +171,6 @@ async def _json_errors(request: web.Request, handler):  # noqa: ANN001, ANN202
             code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
             return error(exc.status, code, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
         raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error(500, "internal_error")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adapters.sources.configured import SourceConfig
 
 DEFAULT_MERGE_FIELDS = {
     "first_name": "FNAME",
@@ -38,6 +41,16 @@ class Settings(BaseSettings):
     publish_timeout_s: float = 2.0
     retry_after_s: int = 5
     shopify_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    shopify_secrets_file: str | None = None
+    tracking_write_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    sendgrid_webhook_public_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    mailchimp_webhook_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    mandrill_webhook_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    mandrill_webhook_url: str | None = None
+    signature_tolerance_s: float = 300.0
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    sources_file: str | None = None
+    dedup_window_s: int = 259_200
 
     retry_max: int = 8
     retry_min_backoff_ms: int = 1_000
@@ -58,7 +71,8 @@ class Settings(BaseSettings):
     sentry_dsn: str | None = Field(None, validation_alias=AliasChoices("MERGETAG_SENTRY_DSN", "SENTRY_DSN"))
     sentry_environment: str = "development"
 
-    @field_validator("shopify_secrets", mode="before")
+    @field_validator("shopify_secrets", "tracking_write_keys", "sendgrid_webhook_public_keys",
+                     "mailchimp_webhook_secrets", "mandrill_webhook_keys", mode="before")
     @classmethod
     def _split_secrets(cls, value: Any) -> Any:
         """Secrets come comma-separated, newest first, so a rotation is one edit."""
@@ -66,10 +80,22 @@ class Settings(BaseSettings):
             return [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("merge_fields", "loyalty_tiers", mode="before")
+    @field_validator("merge_fields", "loyalty_tiers", "sources", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
+
+    def all_shopify_secrets(self) -> list[str]:
+        extra = Path(self.shopify_secrets_file).read_text().split() if self.shopify_secrets_file else []
+        return [*self.shopify_secrets, *extra]
+
+    def configured_sources(self) -> dict[str, SourceConfig]:
+        """Sources from ``MERGETAG_SOURCES`` and, when set, the JSON file ``MERGETAG_SOURCES_FILE``."""
+        from_file = {}
+        if self.sources_file:
+            raw = json.loads(Path(self.sources_file).read_text())
+            from_file = {name: SourceConfig.model_validate(config) for name, config in raw.items()}
+        return {**from_file, **self.sources}
 
     @property
     def mailchimp_url(self) -> str:

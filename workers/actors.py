@@ -43,7 +43,7 @@ async def process_event(delivery: dict[str, Any]) -> None:
     rt = await runtime()
     parsed = parse_delivery(delivery)
     to_sync = []
-    for identity, events in by_identity(events_for(parsed)).items():
+    for identity, events in by_identity(events_for(parsed, rt.mappings)).items():
         profile_id = await merge_into_profile(rt.store, identity, events)
         if profile_id is not None:
             to_sync.append(profile_id)

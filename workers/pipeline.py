@@ -7,16 +7,13 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import ValidationError
 
-from adapters.sources import shopify
+from adapters.sources.registry import Mapping
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid, UnsupportedEvent
 from schemas.events import Event, Identity
 from schemas.profile import ANONYMOUS, Profile, identity_key, profile_id_for_key
 from workers.enrich import enrich
 from workers.merge import apply_event
-
-MAPPINGS = {shopify.NAME: shopify.to_events}
-
 
 def parse_delivery(data: Mapping[str, object]) -> Delivery:
     try:
@@ -26,9 +23,9 @@ def parse_delivery(data: Mapping[str, object]) -> Delivery:
         raise EventInvalid(f"delivery: {', '.join(locs)}") from None
 
 
-def events_for(delivery: Delivery) -> list[Event]:
+def events_for(delivery: Delivery, mappings: dict[str, Mapping]) -> list[Event]:
     """Validate and map one delivery. Raises EventInvalid or UnsupportedEvent (both permanent)."""
-    mapping = MAPPINGS.get(delivery.source)
+    mapping = mappings.get(delivery.source)
     if mapping is None:
         raise UnsupportedEvent(f"no mapping for source {delivery.source!r}")
     return mapping(delivery)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from adapters.esp.mailchimp import Mailchimp
 from adapters.settings import Settings, get_settings
+from adapters.sources.registry import Mapping, build_mappings
 from adapters.store import ProfileStore
 
 
@@ -14,6 +15,7 @@ class Runtime:
     settings: Settings
     store: ProfileStore
     esp: Mailchimp
+    mappings: dict[str, Mapping]
 
 
 _runtime: Runtime | None = None
@@ -27,7 +29,7 @@ async def runtime() -> Runtime:
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
         await store.ensure_indexes()
         esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key, settings.mailchimp_list_id, settings.mailchimp_timeout_s)
-        _runtime = Runtime(settings, store, esp)
+        _runtime = Runtime(settings, store, esp, build_mappings(settings))
     return _runtime
 
 

@@ -1,8 +1,11 @@
-"""What every event source provides: verification, delivery extraction and mapping."""
+"""What every event source provides. Adding a sender is one module implementing
+:class:`Source`, plus its tests; the receiver and the workers do not change."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -23,19 +26,64 @@ class Rejected(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """One HTTP request, reduced to what a source needs to verify and read it."""
+
+    method: str
+    url: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    received_at: datetime
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
 class Source(Protocol):
-    """A sender of events. Adding one is a module implementing this, plus its tests."""
+    name: str
+
+    def accept(self, inbound: Inbound) -> list[Delivery]:
+        """Verify and read a request into deliveries; raise :class:`Rejected` (4xx) otherwise. Pure."""
+
+    def to_events(self, delivery: Delivery) -> list[Event]:
+        """Map a delivery to canonical events. Raises EventInvalid or UnsupportedEvent. Pure."""
+
+    def reply(self, message_ids: list[str], duplicates: int) -> tuple[int, dict[str, Any]]:
+        """The success answer the sender expects; ``message_ids`` are the queued messages."""
+
+
+class WebhookSource:
+    """Defaults for JSON webhooks: a JSON object body, ``202`` with counts."""
 
     name: str
 
-    def verify(self, headers: Mapping[str, str], body: bytes) -> None:
-        """Raise :class:`Rejected` (401) unless ``body`` is signed by a current secret."""
+    status = 202
 
-    def delivery(self, headers: Mapping[str, str], payload: dict[str, Any], received_at: datetime) -> Delivery:
-        """Wrap a verified payload; raise :class:`Rejected` (4xx) when headers are unusable."""
+    def reply(self, message_ids: list[str], duplicates: int) -> tuple[int, dict[str, Any]]:
+        return self.status, {"status": "accepted", "message_ids": message_ids, "duplicates": duplicates}
 
-    def to_events(self, delivery: Delivery) -> list[Event]:
-        """Map to canonical events. Raises EventInvalid or UnsupportedEvent; pure."""
+
+def json_object(body: bytes) -> dict[str, Any]:
+    return _json(body, dict, "the body must be a JSON object")
+
+
+def json_value(body: bytes) -> Any:
+    return _json(body, object, "")
+
+
+def _json(body: bytes, kind: type, message: str) -> Any:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise Rejected(400, "malformed_json") from None
+    if not isinstance(value, kind):
+        raise Rejected(400, "invalid_payload", message)
+    return value
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    return value.strip() if value else None
 
 
 def validate_events(raw: list[dict[str, Any]]) -> list[Event]:
@@ -52,3 +100,18 @@ def validate_events(raw: list[dict[str, Any]]) -> list[Event]:
     if problems:
         raise EventInvalid("; ".join(problems))
     return events
+
+
+def path_get(document: Any, path: str) -> Any:
+    """``a.b.0.c`` into nested dicts and lists; None where the path does not exist."""
+    value = document
+    for part in path.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+        if value is None:
+            return None
+    return value

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from adapters.sources.base import Rejected, validate_events
+from adapters.sources.base import Inbound, Rejected, WebhookSource, json_object, validate_events
 from schemas.delivery import Delivery
 from schemas.errors import UnsupportedEvent
 from schemas.events import Event
@@ -43,7 +43,7 @@ def sign(body: bytes, secret: str) -> str:
     return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
 
 
-class ShopifySource:
+class ShopifySource(WebhookSource):
     """``POST /webhooks/shopify``. Accepts any of several secrets, for rotation."""
 
     name = NAME
@@ -51,6 +51,10 @@ class ShopifySource:
 
     def __init__(self, secrets: Sequence[str]) -> None:
         self._secrets = tuple(secrets)
+
+    def accept(self, inbound: Inbound) -> list[Delivery]:
+        self.verify(inbound.headers, inbound.body)
+        return [self.delivery(inbound.headers, json_object(inbound.body), inbound.received_at)]
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         given = headers.get("X-Shopify-Hmac-Sha256")
@@ -70,7 +74,8 @@ class ShopifySource:
             raise Rejected(400, "missing_topic")
         if topic not in TOPICS:
             raise Rejected(422, "unsupported_topic", f"topic {topic!r} has no mapping")
-        delivery_id = headers.get("X-Shopify-Webhook-Id") or headers.get("X-Shopify-Event-Id")
+        webhook_id, event_id = headers.get("X-Shopify-Webhook-Id"), headers.get("X-Shopify-Event-Id")
+        delivery_id = webhook_id or event_id
         if not delivery_id:
             raise Rejected(400, "missing_delivery_id")
         meta = {
@@ -87,6 +92,8 @@ class ShopifySource:
             source=NAME,
             topic=topic,
             delivery_id=delivery_id,
+            # Shopify's advice: the event id is shared by every retry of one merchant action.
+            dedup_key=f"shopify:{topic}:{event_id or webhook_id}",
             received_at=received_at,
             triggered_at=_parse_time(triggered) if triggered else None,
             meta=meta,

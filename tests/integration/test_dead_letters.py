@@ -76,7 +76,7 @@ async def test_invalid_event_is_kept_with_its_reason_and_alarms_sentry_without_p
     invalid = {"customer_id": 77, "email_address": email, "email_marketing_consent": {"state": None}}
     reply = await post_webhook(http, receiver, "customers_email_marketing_consent/update", invalid)
     assert reply.status == 202
-    message_id = reply.json()["message_id"]
+    message_id = reply.json()["message_ids"][0]
 
     async def kept():
         return [d for d in await dead_letters(system, "events") if d["message_id"] == message_id]
@@ -118,7 +118,7 @@ async def test_purge_removes_only_what_was_selected(receiver, system, http):
     for _ in range(2):
         invalid = {"customer_id": 78, "email_address": None, "email_marketing_consent": {"state": None}}
         reply = await post_webhook(http, receiver, "customers_email_marketing_consent/update", invalid)
-        ids.append(reply.json()["message_id"])
+        ids.append(reply.json()["message_ids"][0])
 
     async def both_kept():
         present = {d["message_id"] for d in await dead_letters(system, "events")}
