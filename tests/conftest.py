@@ -4,6 +4,7 @@ the Mailchimp sandbox process, a Sentry sink, and the mergetag worker processes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import os
@@ -23,6 +24,8 @@ import aiohttp
 import pika
 import pytest
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pymongo import AsyncMongoClient
 
 from adapters.dev import free_port, start_secantus, wait_for_port
@@ -39,6 +42,48 @@ ROOT = Path(__file__).resolve().parents[1]
 # CITY is mapped but not defined on the sandbox audience: a profile with a city is refused (until fixed).
 MERGE_FIELDS = {**DEFAULT_MERGE_FIELDS, "city": "CITY"}
 SANDBOX_FIELDS = "FNAME:text,LNAME:text,LTV:number,ORDERS:number,LASTORDER:date,TIER:text"
+
+WRITE_KEY = "test-write-key"
+MAILCHIMP_URL_SECRET = "mc-url-secret"
+MANDRILL_KEY = "mandrill-webhook-key"
+STANDARD_SECRET = "whsec_" + base64.b64encode(b"standard-webhooks-test-secret-32b").decode()
+STRIPE_SECRET = "whsec_stripe_test_secret"
+HMAC_SECRET = "legacy-crm-secret"
+SENDGRID_KEY = ec.generate_private_key(ec.SECP256R1())
+SENDGRID_PUBLIC = base64.b64encode(
+    SENDGRID_KEY.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+).decode()
+# Three senders configured, not coded: a CRM on Standard Webhooks, billing on Stripe signatures
+# (with the Stripe preset mapping), and a legacy CRM signing with its own HMAC header.
+SOURCES = {
+    "crm": {
+        "scheme": "standard-webhooks", "secrets_env": "TEST_CRM_SECRETS",
+        "mapping": {"contact.updated": {
+            "event": "customer.updated", "email": "data.email", "customer_id": "data.id",
+            "event_time": "data.updated_at", "event_id": "data.revision",
+            "traits": {"first_name": "data.first_name", "last_name": "data.last_name"}}},
+    },
+    "billing": {"scheme": "stripe", "secrets": [STRIPE_SECRET], "preset": "stripe"},
+    "legacy": {
+        "scheme": "hmac", "secrets": ["old-legacy-secret", HMAC_SECRET], "signature_header": "X-Legacy-Signature",
+        "algorithm": "sha256", "encoding": "base64", "prefix": "sha256=", "type_path": "kind", "id_path": "uid",
+        "mapping": {"purchase": {
+            "event": "order.completed", "email": "buyer.email", "event_time": "at",
+            "fields": {"order_id": "uid", "total": {"path": "amount_cents", "divide": 100}, "currency": {"const": "EUR"}}}},
+    },
+}
+
+
+def source_env() -> dict[str, str]:
+    """Everything the receiver and the workers need to know about the senders."""
+    return {
+        "MERGETAG_SOURCES": json.dumps(SOURCES),
+        "TEST_CRM_SECRETS": STANDARD_SECRET,
+        "MERGETAG_TRACKING_WRITE_KEYS": WRITE_KEY,
+        "MERGETAG_SENDGRID_WEBHOOK_PUBLIC_KEYS": SENDGRID_PUBLIC,
+        "MERGETAG_MAILCHIMP_WEBHOOK_SECRETS": MAILCHIMP_URL_SECRET,
+        "MERGETAG_MANDRILL_WEBHOOK_KEYS": MANDRILL_KEY,
+    }
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1) -> Any:
@@ -232,6 +277,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5",
         "MERGETAG_WORKER_THREADS": "4",
         "SENTRY_DSN": sentry_sink.dsn,
+        **source_env(),
     }
     env.pop("MONGODB_URI", None)
     logs = tmp_path_factory.mktemp("logs")
@@ -261,7 +307,9 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
 @pytest.fixture(scope="session")
 async def receiver(system: System) -> AsyncIterator[str]:
     """The real receiver app on a real port, publishing to the system's queues."""
-    server = TestServer(create_app(system.settings), host="127.0.0.1", port=free_port())
+    with mock.patch.dict(os.environ, system.env):
+        app = create_app(system.settings)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")
     await server.close()

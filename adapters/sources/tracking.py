@@ -69,7 +69,8 @@ class TrackingSource:
 
     def _decode(self, inbound: Inbound) -> dict[str, Any]:
         raw = inbound.body
-        if (header(inbound.headers, "Content-Encoding") or "").lower() == "gzip":
+        # aiohttp already inflates ``Content-Encoding: gzip``; inflate here only what is still gzip.
+        if raw[:2] == b"\x1f\x8b":
             try:
                 decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
                 raw = decompressor.decompress(raw, MAX_REQUEST + 1)

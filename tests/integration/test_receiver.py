@@ -153,3 +153,29 @@ async def test_broker_that_stops_confirming_gets_503_not_202(rabbitmq, http):
         await server.close()
         await proxy.close()
         delete_queues(prefix)
+
+
+async def test_redis_down_falls_back_to_the_merge_idempotency(rabbitmq, http):
+    prefix = "d" + uuid.uuid4().hex[:10]
+    server = await serve(settings_for(prefix, MERGETAG_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
+    url = str(server.make_url("")).rstrip("/")
+    try:
+        payload = customer("dup@example.com")
+        first = await post_webhook(http, url, "customers/update", payload, webhook_id="same")
+        second = await post_webhook(http, url, "customers/update", payload, webhook_id="same")
+        assert (first.status, second.status) == (202, 202)
+        # Not recognised without Redis: both queued, and the merge makes the second a no-op.
+        assert queue_counts(prefix)[topology.events_queue(prefix)] == 2
+    finally:
+        await server.close()
+        delete_queues(prefix)
+
+
+async def test_duplicate_is_answered_2xx_and_not_queued_again(idle, http):
+    prefix, url = idle
+    payload = customer("twice@example.com")
+    first = await post_webhook(http, url, "customers/update", payload, webhook_id="w-1")
+    second = await post_webhook(http, url, "customers/update", payload, webhook_id="w-1")
+    assert (first.status, second.status) == (202, 202)
+    assert second.json()["duplicates"] == 1
+    assert queue_counts(prefix)[topology.events_queue(prefix)] == 1
