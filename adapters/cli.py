@@ -74,8 +74,56 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from adapters.esp import mailchimp_sandbox
+    from adapters.sources import shopify_sandbox
 
-    mailchimp_sandbox.main(args.rest)
+    {"mailchimp": mailchimp_sandbox.main, "shopify": shopify_sandbox.main}[args.esp](args.rest)
+    return 0
+
+
+async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
+    """Pull now (``every`` None) or on a schedule, publishing through the receiver's confirm path."""
+    from adapters.sources.shopify_pull import ShopifyPuller
+    from adapters.store import Checkpoints, ProfileStore
+    from broker import topology
+    from broker.publisher import Publisher, publish_delivery
+
+    settings = get_settings()
+    if not settings.shopify_admin_url or settings.shopify_admin_token is None:
+        raise SystemExit("set MERGETAG_SHOPIFY_ADMIN_URL and MERGETAG_SHOPIFY_ADMIN_TOKEN")
+    queue = topology.events_queue(settings.queue_prefix)
+    publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    puller = ShopifyPuller(settings.shopify_admin_url, settings.shopify_admin_token.get_secret_value(),
+                           lambda d: publish_delivery(publisher, queue, d),
+                           Checkpoints(store.client, settings.mongodb_database), settings.shopify_pull_page_size)
+    try:
+        while True:
+            for resource in resources:
+                try:
+                    result = await puller.pull(resource, since)
+                    print(json.dumps({"resource": result.resource, "pages": result.pages, "records": result.records,
+                                      "checkpoint": result.since}), flush=True)
+                except Exception:  # a scheduled poller outlives one failed pull; the next run resumes from the checkpoint
+                    if every is None:
+                        raise
+                    logging.getLogger("mergetag").exception("pull of %s failed", resource)
+            if every is None:
+                return
+            since = None
+            await asyncio.sleep(every)
+    finally:
+        await publisher.close()
+        await store.close()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    resources = ["customers", "orders"] if args.resource == "all" else [args.resource]
+    asyncio.run(_pull(resources, args.since, None))
+    return 0
+
+
+def cmd_poller(args: argparse.Namespace) -> int:
+    asyncio.run(_pull(["customers", "orders"], None, get_settings().shopify_pull_interval_s))
     return 0
 
 
@@ -134,10 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="run the background ESP sync (sync workers and the pending sweeper)")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("sandbox", help="run the Mailchimp sandbox (arguments pass through)")
-    p.add_argument("esp", choices=["mailchimp"])
+    p = sub.add_parser("sandbox", help="run the Mailchimp or Shopify Admin sandbox (arguments pass through)")
+    p.add_argument("esp", choices=["mailchimp", "shopify"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("pull", help="pull changed records from a REST source now")
+    p.add_argument("source", choices=["shopify"])
+    p.add_argument("--since", help="ISO time; default: the stored checkpoint")
+    p.add_argument("--resource", choices=["customers", "orders", "all"], default="all")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("poller", help="pull REST sources on a schedule (MERGETAG_SHOPIFY_PULL_INTERVAL_S)")
+    p.set_defaults(func=cmd_poller)
 
     p = sub.add_parser("dev", help="run the whole system locally, without Docker")
     p.add_argument("--port", type=int, default=8080)

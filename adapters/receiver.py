@@ -23,8 +23,7 @@ from adapters.sources.base import Inbound, Rejected, Source
 from adapters.sources.registry import build_sources
 from adapters.sources.tracking import NAME as TRACKING
 from broker import topology
-from broker.publisher import Publisher, encode_message
-from schemas.delivery import Delivery
+from broker.publisher import Publisher, publish_delivery
 from schemas.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,8 @@ def create_app(
         keys = [d.dedup_key for d in deliveries if d.dedup_key]
         seen = await request.app[DEDUP].seen(keys)
         fresh = [d for d in deliveries if d.dedup_key not in seen]
-        results = await asyncio.gather(*(publish(request.app, d) for d in fresh), return_exceptions=True)
+        pub = request.app[PUBLISHER]
+        results = await asyncio.gather(*(publish_delivery(pub, queue, d) for d in fresh), return_exceptions=True)
         confirmed = [(d, r) for d, r in zip(fresh, results, strict=True) if isinstance(r, str)]
         await request.app[DEDUP].remember([d.dedup_key for d, _ in confirmed if d.dedup_key])
         if len(confirmed) < len(fresh):
@@ -96,11 +96,6 @@ def create_app(
             counters.add(name, "ignored")
         status, reply = source.reply([message_id for _, message_id in confirmed], len(deliveries) - len(fresh))
         return web.json_response(reply, status=status)
-
-    async def publish(app: web.Application, delivery: Delivery) -> str:
-        message_id, encoded = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery.model_dump(mode="json"),))
-        await app[PUBLISHER].publish(queue, encoded, message_id)
-        return message_id
 
     def reject(name: str, exc: Rejected) -> web.Response:
         counters.add(name, "rejected", exc.code)

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.sources.configured import SourceConfig
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     sources_file: str | None = None
     dedup_window_s: int = 259_200
+    shopify_admin_url: str | None = None
+    shopify_admin_token: SecretStr | None = None
+    shopify_pull_interval_s: float = 300.0
+    shopify_pull_page_size: int = 250
 
     retry_max: int = 8
     retry_min_backoff_ms: int = 1_000

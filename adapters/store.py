@@ -183,3 +183,17 @@ class ProfileStore:
         except ValidationError as exc:
             locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
             raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
+
+
+class Checkpoints:
+    """Progress markers of pollers, one document per key."""
+
+    def __init__(self, client: AsyncMongoClient, database: str) -> None:
+        self.collection = client[database]["checkpoints"]
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        doc = await self.collection.find_one({"_id": key})
+        return None if doc is None else {k: v for k, v in doc.items() if k not in {"_id", "updated"}}
+
+    async def put(self, key: str, state: dict[str, Any]) -> None:
+        await self.collection.replace_one({"_id": key}, {**state, "updated": datetime.now(timezone.utc)}, upsert=True)

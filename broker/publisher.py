@@ -17,6 +17,7 @@ import dramatiq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from broker import topology
+from schemas.delivery import Delivery
 from schemas.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -108,3 +109,10 @@ class Publisher:
                 await asyncio.wait_for(connection.close(), timeout=1.0)
             except Exception:  # closing a broken connection may fail in many ways; it is gone either way
                 log.debug("error while closing a broken AMQP connection", exc_info=True)
+
+
+async def publish_delivery(publisher: Publisher, queue: str, delivery: Delivery) -> str:
+    """Queue one delivery for ``process_event``; returns the message id once confirmed."""
+    message_id, encoded = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery.model_dump(mode="json"),))
+    await publisher.publish(queue, encoded, message_id)
+    return message_id

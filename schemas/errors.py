@@ -91,6 +91,12 @@ class SyncBusy(RetryableError):
     code = "sync_in_progress"
 
 
+class SourceUnavailable(RetryableError):
+    """A polled source refused or did not answer."""
+
+    code = "source_unavailable"
+
+
 class BrokerUnavailable(RetryableError):
     """RabbitMQ is unreachable or did not confirm a publish in time."""
 
