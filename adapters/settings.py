@@ -40,12 +40,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_048_576
     publish_timeout_s: float = 2.0
     retry_after_s: int = 5
-    shopify_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    shopify_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     shopify_secrets_file: str | None = None
-    tracking_write_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    tracking_write_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     sendgrid_webhook_public_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    mailchimp_webhook_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    mandrill_webhook_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    mailchimp_webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    mandrill_webhook_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     mandrill_webhook_url: str | None = None
     signature_tolerance_s: float = 300.0
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     retry_max_backoff_ms: int = 300_000
     worker_threads: int = 8
 
-    mailchimp_api_key: str = "sandbox0000000000000000000000000-us1"
+    mailchimp_api_key: SecretStr = SecretStr("sandbox0000000000000000000000000-us1")
     mailchimp_base_url: str | None = None
     mailchimp_list_id: str = "sandbox"
     mailchimp_timeout_s: float = 10.0
@@ -91,7 +91,7 @@ class Settings(BaseSettings):
 
     def all_shopify_secrets(self) -> list[str]:
         extra = Path(self.shopify_secrets_file).read_text().split() if self.shopify_secrets_file else []
-        return [*self.shopify_secrets, *extra]
+        return [*reveal(self.shopify_secrets), *extra]
 
     def configured_sources(self) -> dict[str, SourceConfig]:
         """Sources from ``MERGETAG_SOURCES`` and, when set, the JSON file ``MERGETAG_SOURCES_FILE``."""
@@ -106,8 +106,13 @@ class Settings(BaseSettings):
         """The API root: explicit (sandbox) or the data centre named by the key's suffix."""
         if self.mailchimp_base_url:
             return self.mailchimp_base_url.rstrip("/")
-        dc = self.mailchimp_api_key.rsplit("-", 1)[-1]
+        dc = self.mailchimp_api_key.get_secret_value().rsplit("-", 1)[-1]
         return f"https://{dc}.api.mailchimp.com/3.0"
+
+
+def reveal(secrets: list[SecretStr]) -> list[str]:
+    """Secrets are SecretStr everywhere (never printed by a repr or a log); unwrap only where used."""
+    return [s.get_secret_value() for s in secrets]
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ async def runtime() -> Runtime:
         settings = get_settings()
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
         await store.ensure_indexes()
-        esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key, settings.mailchimp_list_id, settings.mailchimp_timeout_s)
+        esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id, settings.mailchimp_timeout_s)
         _runtime = Runtime(settings, store, esp, build_mappings(settings))
     return _runtime
 

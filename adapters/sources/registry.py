@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from adapters.settings import Settings
+from adapters.settings import Settings, reveal
 from adapters.sources import mailchimp, sendgrid, shopify, tracking
 from adapters.sources.base import Source
 from adapters.sources.configured import ConfiguredSource, configured_mapping
@@ -24,12 +24,12 @@ def build_sources(settings: Settings) -> dict[str, Source]:
     """Every source the receiver accepts; a built-in one only when its credentials are configured."""
     sources: dict[str, Source] = {shopify.NAME: shopify.ShopifySource(settings.all_shopify_secrets())}
     if settings.tracking_write_keys:
-        sources[tracking.NAME] = tracking.TrackingSource(settings.tracking_write_keys)
+        sources[tracking.NAME] = tracking.TrackingSource(reveal(settings.tracking_write_keys))
     if settings.sendgrid_webhook_public_keys:
         sources[sendgrid.NAME] = sendgrid.SendGridSource(settings.sendgrid_webhook_public_keys, settings.signature_tolerance_s)
     if settings.mailchimp_webhook_secrets or settings.mandrill_webhook_keys:
         sources[mailchimp.NAME] = mailchimp.MailchimpSource(
-            settings.mailchimp_webhook_secrets, settings.mandrill_webhook_keys, settings.mandrill_webhook_url
+            reveal(settings.mailchimp_webhook_secrets), reveal(settings.mandrill_webhook_keys), settings.mandrill_webhook_url
         )
     for name, config in settings.configured_sources().items():
         _check_name(name)

@@ -55,3 +55,16 @@ def test_scrub_removes_emails_anywhere_and_pii_keys():
     assert "no-at-sign" not in cleaned
     assert '"count": 3' in cleaned
     assert cleaned.count(REDACTED) == 4
+
+
+def test_secrets_never_appear_in_the_settings_repr(monkeypatch):
+    from adapters.settings import Settings
+
+    monkeypatch.setenv("MERGETAG_SHOPIFY_SECRETS", "shh-one,shh-two")
+    monkeypatch.setenv("MERGETAG_TRACKING_WRITE_KEYS", "wk-secret")
+    monkeypatch.setenv("MERGETAG_SOURCES", json.dumps({"crm": {"scheme": "stripe", "secrets": ["whsec_hidden"], "preset": "stripe"}}))
+    settings = Settings()
+    text = repr(settings) + str(settings.model_dump())
+    for secret in ("shh-one", "shh-two", "wk-secret", "whsec_hidden"):
+        assert secret not in text
+    assert settings.all_shopify_secrets() == ["shh-one", "shh-two"]
