@@ -160,6 +160,55 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 2
 
 
+async def _quarantine(args: argparse.Namespace) -> int:
+    from adapters.store import ProfileStore, Quarantine
+    from broker import topology
+    from broker.publisher import Publisher, encode_message
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    quarantine = Quarantine(store.client, settings.mongodb_database)
+    try:
+        if args.action == "list":
+            rows = [{"id": d["_id"], "source": d["delivery"].get("source"), "topic": d["delivery"].get("topic"),
+                     "reasons": d["reasons"], "attempts": d["attempts"], "schema_version": d["schema_version"],
+                     "last_failed_at": d["last_failed_at"].isoformat()} for d in await quarantine.list(reason=args.reason)]
+            print(json.dumps({"quarantined": rows, "counts": await quarantine.counts()}, indent=None if args.json else 2))
+            return 0
+        if args.action == "show":
+            doc = await quarantine.get(args.id)
+            if doc is None:
+                print(json.dumps({"error": "not_found", "id": args.id}))
+                return 1
+            print(json.dumps(doc, indent=2, default=str))
+            return 0
+        if not args.ids and not args.all:
+            print(json.dumps({"error": "selection_required", "detail": "name ids or pass --all"}))
+            return 2
+        docs = await quarantine.list() if args.all else [d for d in [await quarantine.get(i) for i in args.ids] if d]
+        queue = topology.events_queue(settings.queue_prefix)
+        publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
+        redriven = []
+        try:
+            for doc in docs:
+                if doc["status"] != "quarantined":
+                    continue
+                message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (doc["delivery"],))
+                await publisher.publish(queue, body, message_id)
+                await quarantine.mark(doc["_id"], "redriven")
+                redriven.append(doc["_id"])
+        finally:
+            await publisher.close()
+        print(json.dumps({"redriven": redriven, "count": len(redriven)}))
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    return asyncio.run(_quarantine(args))
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from adapters.dev import run_local
 
@@ -213,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--queue")
     for p in dlq.choices.values():
         p.set_defaults(func=cmd_dlq)
+
+    quarantine = sub.add_parser("quarantine", help="deliveries that failed validation").add_subparsers(dest="action", required=True)
+    p = quarantine.add_parser("list", help="quarantined deliveries and counts per reason")
+    p.add_argument("--reason")
+    p.add_argument("--json", action="store_true")
+    p = quarantine.add_parser("show", help="one quarantined delivery with every error")
+    p.add_argument("id")
+    p = quarantine.add_parser("redrive", help="send quarantined deliveries through the pipeline again (after a fix)")
+    p.add_argument("ids", nargs="*")
+    p.add_argument("--all", action="store_true")
+    for p in quarantine.choices.values():
+        p.set_defaults(func=cmd_quarantine)
     return parser
 
 

@@ -197,3 +197,51 @@ class Checkpoints:
 
     async def put(self, key: str, state: dict[str, Any]) -> None:
         await self.collection.replace_one({"_id": key}, {**state, "updated": datetime.now(timezone.utc)}, upsert=True)
+
+
+class Quarantine:
+    """Deliveries that failed validation, kept whole with every error until re-driven.
+
+    One document per delivery (``source:delivery_id``), so quarantining the same
+    delivery again updates it instead of adding a copy.
+    """
+
+    def __init__(self, client: AsyncMongoClient, database: str) -> None:
+        self.collection = client[database]["quarantine"]
+
+    @staticmethod
+    def key(delivery: dict[str, Any]) -> str:
+        return f"{delivery.get('source')}:{delivery.get('delivery_id')}"
+
+    async def put(self, delivery: dict[str, Any], errors: list[dict[str, str]], schema_version: str) -> str:
+        now = datetime.now(timezone.utc)
+        key = self.key(delivery)
+        reasons = sorted({f"{e['event']}:{e['loc']}:{e['type']}" for e in errors})
+        await self.collection.update_one(
+            {"_id": key},
+            {"$set": {"delivery": delivery, "errors": errors, "reasons": reasons, "schema_version": schema_version,
+                      "status": "quarantined", "last_failed_at": now},
+             "$setOnInsert": {"first_failed_at": now}, "$inc": {"attempts": 1}},
+            upsert=True,
+        )
+        return key
+
+    async def list(self, status: str | None = "quarantined", reason: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {}
+        if status:
+            query["status"] = status
+        if reason:
+            query["reasons"] = reason
+        cursor = self.collection.find(query).sort("last_failed_at", ASCENDING).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        return await self.collection.find_one({"_id": key})
+
+    async def mark(self, key: str, status: str) -> None:
+        await self.collection.update_one({"_id": key}, {"$set": {"status": status, f"{status}_at": datetime.now(timezone.utc)}})
+
+    async def counts(self) -> dict[str, int]:
+        """Quarantined deliveries per reason."""
+        pipeline = [{"$match": {"status": "quarantined"}}, {"$unwind": "$reasons"}, {"$group": {"_id": "$reasons", "n": {"$sum": 1}}}]
+        return {doc["_id"]: doc["n"] async for doc in await self.collection.aggregate(pipeline)}

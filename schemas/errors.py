@@ -50,9 +50,17 @@ class RetryableError(MergetagError):
 
 
 class EventInvalid(PermanentError):
-    """An event that does not satisfy the canonical schema."""
+    """An event that does not satisfy the canonical schema.
+
+    Parameters:
+      errors: every problem as ``{"event", "loc", "type", "msg"}`` (never the offending value).
+    """
 
     code = "validation_failed"
+
+    def __init__(self, detail: str = "", *, code: str | None = None, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.errors = errors or []
 
 
 class UnsupportedEvent(PermanentError):

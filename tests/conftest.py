@@ -243,6 +243,22 @@ def sentry_sink() -> Iterator[SentrySink]:
     server.shutdown()
 
 
+def spawn(env: dict[str, str], log: Path, *command: str) -> subprocess.Popen:
+    """A mergetag process (``mergetag <command>``), as deployed."""
+    return subprocess.Popen([sys.executable, "-m", "adapters.cli", *command], cwd=ROOT, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 @dataclass
 class System:
     settings: Settings
@@ -281,11 +297,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
     }
     env.pop("MONGODB_URI", None)
     logs = tmp_path_factory.mktemp("logs")
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "adapters.cli", *command], cwd=ROOT, env=env,
-                         stdout=open(logs / f"{command[0]}.log", "w"), stderr=subprocess.STDOUT)
-        for command in (["worker"], ["sync"])
-    ]
+    processes = [spawn(env, logs / f"{command[0]}.log", *command) for command in (["worker"], ["sync"])]
     with mock.patch.dict(os.environ, env, clear=True):
         settings = Settings()
     client = AsyncMongoClient(mongo_uri, tz_aware=True)
@@ -293,13 +305,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         await eventually(lambda: asyncio.to_thread(_consumers, prefix), timeout=30)
         yield System(settings, env, logs, client[prefix])
     finally:
-        for p in processes:
-            p.terminate()
-        for p in processes:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(processes)
         await client.close()
         delete_queues(prefix)
 

@@ -18,7 +18,7 @@ from adapters.settings import get_settings
 from adapters.store import ProfileStore
 from broker import topology
 from broker.setup import create_broker
-from schemas.errors import EspRejected, MergetagError
+from schemas.errors import EspRejected, EventInvalid, MergetagError
 from schemas.events import Event, Identity
 from workers.pipeline import by_identity, events_for, lookup_keys, merge_all, new_profile, parse_delivery
 from workers.runtime import close_runtime, runtime
@@ -39,11 +39,18 @@ class LostRace(MergetagError):
 
 @dramatiq.actor(actor_name=topology.PROCESS_EVENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
 async def process_event(delivery: dict[str, Any]) -> None:
-    """Raises EventInvalid/UnsupportedEvent (dead-lettered at once) or retryable errors."""
+    """Invalid input goes to quarantine (kept, not retried); UnsupportedEvent is dead-lettered;
+    anything transient raises and is retried."""
     rt = await runtime()
-    parsed = parse_delivery(delivery)
+    try:
+        parsed = parse_delivery(delivery)
+        events = events_for(parsed, rt.mappings)
+    except EventInvalid as exc:
+        key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")))
+        log.warning("delivery %s quarantined: %s", key, exc.detail)
+        return
     to_sync = []
-    for identity, events in by_identity(events_for(parsed, rt.mappings)).items():
+    for identity, events in by_identity(events).items():
         profile_id = await merge_into_profile(rt.store, identity, events)
         if profile_id is not None:
             to_sync.append(profile_id)

@@ -19,8 +19,9 @@ def parse_delivery(data: Mapping[str, object]) -> Delivery:
     try:
         return Delivery.model_validate(data)
     except ValidationError as exc:
-        locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
-        raise EventInvalid(f"delivery: {', '.join(locs)}") from None
+        errors = [{"event": "delivery", "loc": ".".join(map(str, e["loc"])), "type": e["type"], "msg": e["msg"]}
+                  for e in exc.errors(include_input=False, include_url=False, include_context=False)]
+        raise EventInvalid(f"delivery: {', '.join(sorted({e['loc'] for e in errors}))}", errors=errors) from None
 
 
 def events_for(delivery: Delivery, mappings: dict[str, Mapping]) -> list[Event]:

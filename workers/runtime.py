@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from adapters.esp.mailchimp import Mailchimp
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import Mapping, build_mappings
-from adapters.store import ProfileStore
+from adapters.store import ProfileStore, Quarantine
 
 
 @dataclass
@@ -16,6 +16,7 @@ class Runtime:
     store: ProfileStore
     esp: Mailchimp
     mappings: dict[str, Mapping]
+    quarantine: Quarantine
 
 
 _runtime: Runtime | None = None
@@ -29,7 +30,8 @@ async def runtime() -> Runtime:
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
         await store.ensure_indexes()
         esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id, settings.mailchimp_timeout_s)
-        _runtime = Runtime(settings, store, esp, build_mappings(settings))
+        quarantine = Quarantine(store.client, settings.mongodb_database)
+        _runtime = Runtime(settings, store, esp, build_mappings(settings), quarantine)
     return _runtime
 
 

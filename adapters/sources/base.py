@@ -89,16 +89,16 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
 def validate_events(raw: list[dict[str, Any]]) -> list[Event]:
     """Validate mapped events, turning pydantic errors into a PII-free EventInvalid."""
     events: list[Event] = []
-    problems: list[str] = []
+    problems: list[dict[str, str]] = []
     for item in raw:
         try:
             events.append(EventAdapter.validate_python(item))
         except ValidationError as exc:
             for err in exc.errors(include_input=False, include_url=False, include_context=False):
-                loc = ".".join(str(part) for part in err["loc"])
-                problems.append(f"{item.get('type', '?')}: {loc}: {err['type']}")
+                problems.append({"event": str(item.get("type", "?")), "loc": ".".join(str(part) for part in err["loc"]),
+                                 "type": err["type"], "msg": err["msg"]})
     if problems:
-        raise EventInvalid("; ".join(problems))
+        raise EventInvalid("; ".join(f"{p['event']}: {p['loc']}: {p['type']}" for p in problems), errors=problems)
     return events
 
 

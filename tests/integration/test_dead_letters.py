@@ -71,33 +71,40 @@ async def test_esp_rejection_dead_letters_then_replays_once_after_the_fix(receiv
     assert (await sandbox.member(http, email))["update_count"] == member["update_count"]
 
 
-async def test_invalid_event_is_kept_with_its_reason_and_alarms_sentry_without_pii(receiver, system, sentry_sink, http):
+async def test_actor_failure_alarms_sentry_without_personal_data(system, sentry_sink):
+    """A delivery no mapping knows (a permanent failure) dead-letters, and Sentry hears of it, scrubbed."""
+    from datetime import datetime, timezone
+
+    from broker import topology
+    from broker.publisher import Publisher, publish_delivery
+    from schemas.delivery import Delivery
+
     email = f"leak-{uuid.uuid4().hex[:10]}@example.com"
-    invalid = {"customer_id": 77, "email_address": email, "email_marketing_consent": {"state": None}}
-    reply = await post_webhook(http, receiver, "customers_email_marketing_consent/update", invalid)
-    assert reply.status == 202
-    message_id = reply.json()["message_ids"][0]
+    queue = topology.events_queue(system.settings.queue_prefix)
+    publisher = Publisher(system.settings.amqp_url, [queue], 5)
+    ghost = Delivery(source="ghost", topic="x", delivery_id=uuid.uuid4().hex, received_at=datetime.now(timezone.utc),
+                     payload={"email": email, "first_name": "Leaky", "note": f"write to {email}"})
+    message_id = await publish_delivery(publisher, queue, ghost)
+    await publisher.close()
 
     async def kept():
         return [d for d in await dead_letters(system, "events") if d["message_id"] == message_id]
 
     (letter,) = await eventually(kept)
-    assert letter["error"] == "validation_failed"
-    assert letter["actor"] == "process_event"
-    assert "state" in letter["detail"]
+    assert letter["error"] == "unsupported_event"
     assert letter["retries"] == 0
 
     shown = await asyncio.to_thread(mergetag, system, "dlq", "show", message_id)
-    assert shown["options"]["dead_letter"]["code"] == "validation_failed"
+    assert shown["options"]["dead_letter"]["code"] == "unsupported_event"
 
     async def alarmed():
-        return [e for e in sentry_sink.events() if "EventInvalid" in json.dumps(e.get("exception", {}))]
+        return [e for e in sentry_sink.events() if "UnsupportedEvent" in json.dumps(e.get("exception", {}))]
 
-    events = await eventually(alarmed)
-    assert events
+    assert await eventually(alarmed)
     raw = b"".join(sentry_sink.envelopes)
     assert email.encode() not in raw
     assert b"@example.com" not in raw
+    assert b"Leaky" not in raw
 
     log = (system.logs / "worker.log").read_text()
     assert email not in log
@@ -113,12 +120,19 @@ async def test_transient_esp_failures_retry_until_they_pass(receiver, sandbox, s
     assert not [d for d in await dead_letters(system, "sync") if d["detail"].startswith("mailchimp 503")]
 
 
-async def test_purge_removes_only_what_was_selected(receiver, system, http):
-    ids = []
-    for _ in range(2):
-        invalid = {"customer_id": 78, "email_address": None, "email_marketing_consent": {"state": None}}
-        reply = await post_webhook(http, receiver, "customers_email_marketing_consent/update", invalid)
-        ids.append(reply.json()["message_ids"][0])
+async def test_purge_removes_only_what_was_selected(system):
+    from datetime import datetime, timezone
+
+    from broker import topology
+    from broker.publisher import Publisher, publish_delivery
+    from schemas.delivery import Delivery
+
+    queue = topology.events_queue(system.settings.queue_prefix)
+    publisher = Publisher(system.settings.amqp_url, [queue], 5)
+    ids = [await publish_delivery(publisher, queue, Delivery(source="ghost", topic="x", delivery_id=uuid.uuid4().hex,
+                                                              received_at=datetime.now(timezone.utc), payload={}))
+           for _ in range(2)]
+    await publisher.close()
 
     async def both_kept():
         present = {d["message_id"] for d in await dead_letters(system, "events")}

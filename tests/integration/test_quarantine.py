@@ -1,0 +1,98 @@
+"""Invalid events are kept in quarantine with every error, counted per reason, and re-driven after a fix."""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import uuid
+from unittest import mock
+
+from aiohttp.test_utils import TestServer
+from pymongo import AsyncMongoClient
+
+from adapters.dev import free_port
+from adapters.receiver import create_app
+from adapters.settings import Settings
+from broker import admin
+from tests.conftest import AMQP_URL, ROOT, SOURCES, eventually, source_env, spawn, stop
+
+
+def cli(env, *args):
+    out = subprocess.run([sys.executable, "-m", "adapters.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def with_time_path(path: str) -> dict:
+    sources = json.loads(json.dumps(SOURCES))
+    sources["legacy"]["mapping"]["purchase"]["event_time"] = path
+    return sources
+
+
+async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri, tmp_path, http):
+    prefix = "q" + uuid.uuid4().hex[:10]
+    env = {**os.environ, **source_env(), "MERGETAG_AMQP_URL": AMQP_URL, "MERGETAG_QUEUE_PREFIX": prefix,
+           "MERGETAG_MONGODB_URI": mongo_uri, "MERGETAG_MONGODB_DATABASE": prefix, "MERGETAG_MAILCHIMP_BASE_URL": "http://127.0.0.1:1/3.0",
+           # The legacy CRM's mapping points at the wrong field for the time: every purchase fails validation.
+           "MERGETAG_SOURCES": json.dumps(with_time_path("when"))}
+    env.pop("MONGODB_URI", None)
+    with mock.patch.dict(os.environ, env, clear=True):
+        app = create_app(Settings())
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    worker = spawn(env, tmp_path / "worker-1.log", "worker")
+    client = AsyncMongoClient(mongo_uri, tz_aware=True)
+    db = client[prefix]
+    try:
+        await eventually(consumers_ready_events(prefix), timeout=30)
+        email = f"q-{uuid.uuid4().hex[:8]}@example.com"
+        body = json.dumps({"kind": "purchase", "uid": "P-1", "at": "2025-04-01T09:30:00Z", "when": "yesterday",
+                           "amount_cents": 1000, "buyer": {"email": email}}).encode()
+        signature = "sha256=" + base64.b64encode(hmac.new(b"legacy-crm-secret", body, hashlib.sha256).digest()).decode()
+        async with http.post(f"{str(server.make_url('')).rstrip('/')}/webhooks/legacy", data=body,
+                             headers={"X-Legacy-Signature": signature}) as r:
+            assert r.status == 202
+
+        async def quarantined():
+            return await db.quarantine.find_one({"_id": "legacy:P-1"})
+
+        doc = await eventually(quarantined)
+        assert doc["status"] == "quarantined" and doc["schema_version"] == "1.1"
+        assert doc["delivery"]["payload"]["uid"] == "P-1"  # the source payload, kept whole
+        assert [e["loc"] for e in doc["errors"]] == ["order.completed.event_time"]
+        assert email not in json.dumps(doc["errors"])
+        listed = await asyncio.to_thread(cli, env, "quarantine", "list", "--json")
+        assert listed["counts"] == {"order.completed:order.completed.event_time:datetime_from_date_parsing": 1}
+        assert await db.profiles.find_one({"email": email}) is None
+
+        # The fix: the mapping reads the right field. Workers restart with it; the operator re-drives.
+        stop([worker])
+        env["MERGETAG_SOURCES"] = json.dumps(with_time_path("at"))
+        worker = spawn(env, tmp_path / "worker-2.log", "worker")
+        await eventually(consumers_ready_events(prefix), timeout=30)
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1")) == {"redriven": ["legacy:P-1"], "count": 1}
+
+        async def merged():
+            return await db.profiles.find_one({"email": email})
+
+        profile = await eventually(merged)
+        assert profile["computed"]["order_count"] == 1
+        assert (await db.quarantine.find_one({"_id": "legacy:P-1"}))["status"] == "redriven"
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "--all")) == {"redriven": [], "count": 0}
+    finally:
+        stop([worker])
+        await server.close()
+        await client.drop_database(prefix)
+        await client.close()
+        admin.drop_queues(AMQP_URL, prefix)
+
+
+def consumers_ready_events(prefix):
+    async def check():
+        return (await asyncio.to_thread(admin.consumer_counts, AMQP_URL, prefix))[f"{prefix}.events"]
+
+    return check
