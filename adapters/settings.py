@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     mailchimp_timeout_s: float = 10.0
     merge_fields: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MERGE_FIELDS))
     loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
+    trait_priority: dict[str, list[str]] = Field(default_factory=dict)
+    geoip_database: str | None = None
 
     sync_sweep_interval_s: float = 2.0
     sync_grace_s: float = 10.0
@@ -84,7 +86,7 @@ class Settings(BaseSettings):
             return [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("merge_fields", "loyalty_tiers", "sources", mode="before")
+    @field_validator("merge_fields", "loyalty_tiers", "sources", "trait_priority", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value

@@ -50,6 +50,15 @@ class Identity(BaseModel):
         return self
 
 
+class EventContext(BaseModel):
+    """Where the event came from; used for enrichment, then dropped (since 1.1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ip: str | None = None
+    user_agent: str | None = None
+
+
 class LineItem(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,6 +78,7 @@ class _Event(BaseModel):
     event_time: AwareDatetime
     received_at: AwareDatetime
     identity: Identity
+    context: EventContext | None = None
 
     @field_validator("event_time", "received_at")
     @classmethod
@@ -147,6 +157,7 @@ __all__ = [
     "ConsentChanged",
     "CustomerUpdated",
     "EmailClicked",
+    "EventContext",
     "EmailOpened",
     "Event",
     "EventAdapter",

@@ -71,6 +71,8 @@ class Computed(BaseModel):
     last_order_date: AwareDatetime | None = None
     loyalty_tier: str | None = None
     categories_viewed: tuple[str, ...] = ()
+    average_order_value: Money = Decimal("0")
+    top_categories: tuple[str, ...] = Field(default=(), description="Most ordered, then most viewed (since 1.1).")
     last_email_open: AwareDatetime | None = None
     preferred_send_hour: int | None = Field(None, ge=0, le=23, description="Local hour with most opens (since 1.1).")
 

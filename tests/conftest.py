@@ -30,6 +30,7 @@ from pymongo import AsyncMongoClient
 
 from adapters.dev import free_port, start_secantus, wait_for_port
 from adapters.esp.mailchimp import subscriber_hash
+from adapters.geoip import build_test_database
 from adapters.receiver import create_app
 from adapters.settings import DEFAULT_MERGE_FIELDS, Settings
 from adapters.sources.shopify import sign
@@ -297,6 +298,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
     }
     env.pop("MONGODB_URI", None)
     logs = tmp_path_factory.mktemp("logs")
+    env["MERGETAG_GEOIP_DATABASE"] = str(build_test_database(logs / "test-city.mmdb"))
     processes = [spawn(env, logs / f"{command[0]}.log", *command) for command in (["worker"], ["sync"])]
     with mock.patch.dict(os.environ, env, clear=True):
         settings = Settings()

@@ -21,6 +21,7 @@ from broker.setup import create_broker
 from schemas.errors import EspRejected, EventInvalid, MergetagError
 from schemas.events import Event, Identity
 from workers.pipeline import by_identity, events_for, lookup_keys, merge_all, new_profile, parse_delivery
+from workers.derive import with_context
 from workers.runtime import close_runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ async def process_event(delivery: dict[str, Any]) -> None:
     rt = await runtime()
     try:
         parsed = parse_delivery(delivery)
-        events = events_for(parsed, rt.mappings)
+        events = [derived for event in events_for(parsed, rt.mappings) for derived in with_context(event, rt.geo)]
     except EventInvalid as exc:
         key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")))
         log.warning("delivery %s quarantined: %s", key, exc.detail)
@@ -72,7 +73,7 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             profile, meta = new_profile(keys), {"version": None, "esp": {}}
         else:
             profile, meta = found
-        merged = merge_all(profile, events, rt.settings.loyalty_tiers)
+        merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
         sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
         if merged == profile and meta["version"] is not None:
             return None

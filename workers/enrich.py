@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from schemas.profile import Computed, Profile
+from schemas.profile import Computed, OrderFact, Profile
 
 
 def time_zone(name: object) -> ZoneInfo | None:
@@ -35,6 +35,17 @@ def loyalty_tier(lifetime_value: Decimal, thresholds: dict[str, float]) -> str |
     return max(reached)[1] if reached else None
 
 
+def top_categories(orders: Iterable[OrderFact], viewed: Iterable[str], keep: int = 3) -> tuple[str, ...]:
+    """Categories ordered most often, then viewed; ties by name. Deterministic."""
+    score: Counter[str] = Counter()
+    for order in orders:
+        for category in order.categories:
+            score[category] += 10
+    for category in viewed:
+        score[category] += 1
+    return tuple(name for name, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:keep])
+
+
 def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
     """Recompute the derived traits from the profile's own facts.
 
@@ -50,9 +61,12 @@ def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
         last_order_date=max((o.event_time for o in orders), default=None),
         loyalty_tier=loyalty_tier(ltv, tiers),
         categories_viewed=tuple(sorted(categories)),
+        average_order_value=(ltv / len(orders)).quantize(Decimal("0.01")) if orders else Decimal("0"),
+        top_categories=top_categories(orders, profile.categories_viewed),
         last_email_open=profile.last_email_open.event_time if profile.last_email_open else None,
         preferred_send_hour=preferred_send_hour(
-            (o.event_time for o in profile.email_opens), time_zone(_trait(profile, "timezone"))
+            (o.event_time for o in profile.email_opens),
+            time_zone(_trait(profile, "timezone")) or time_zone(_trait(profile, "geo_timezone")),
         ),
     )
     return profile.model_copy(update={"computed": computed})

@@ -12,6 +12,8 @@ any number of times, yields the same profile:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
@@ -32,11 +34,35 @@ S = TypeVar("S", bound=Stamp)
 _CONSENT_RANK = {"unsubscribed": 3, "not_subscribed": 2, "pending": 1, "subscribed": 0}
 
 
-def newer(current: S | None, candidate: S) -> S:
-    """Last writer wins by event time; source, event id and finally content break ties deterministically."""
-    if current is None or candidate.key > current.key:
+@dataclass(frozen=True)
+class MergeRules:
+    """Configurable merge policy.
+
+    Parameters:
+      trait_priority: trait -> sources, most trusted first. For these traits a
+        listed source beats any unlisted one, and a higher-listed source beats a
+        lower one, whatever the event times; recency decides among equals.
+    """
+
+    trait_priority: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def rank(self, trait: str, source: str) -> int:
+        order = self.trait_priority.get(trait, ())
+        return len(order) - order.index(source) if source in order else 0
+
+
+DEFAULT_RULES = MergeRules()
+
+
+def newer(current: S | None, candidate: S, rank: Callable[[Stamp], int] = lambda s: 0) -> S:
+    """Last writer wins by (priority, event time); source, event id and finally content break ties.
+
+    A total order on facts, so the winner never depends on arrival order.
+    """
+    if current is None:
         return candidate
-    if candidate.key == current.key and candidate.model_dump_json() > current.model_dump_json():
+    a, b = (rank(candidate), candidate.key), (rank(current), current.key)
+    if a > b or (a == b and candidate.model_dump_json() > current.model_dump_json()):
         return candidate
     return current
 
@@ -66,7 +92,7 @@ def _max(a: datetime | None, b: datetime) -> datetime:
     return b if a is None or b > a else a
 
 
-def apply_event(profile: Profile, event: Event) -> Profile:
+def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULES) -> Profile:
     """Return ``profile`` with ``event`` merged in. Pure; never mutates its inputs."""
     changes: dict[str, object] = {
         "first_seen": _min(profile.first_seen, event.event_time),
@@ -85,7 +111,7 @@ def apply_event(profile: Profile, event: Event) -> Profile:
         case CustomerUpdated():
             traits = dict(profile.traits)
             for name, value in event.traits.items():
-                traits[name] = newer(traits.get(name), Trait(value=value, **stamp))
+                traits[name] = newer(traits.get(name), Trait(value=value, **stamp), lambda t, n=name: rules.rank(n, t.source))
             changes["traits"] = traits
         case OrderCompleted():
             fact = OrderFact(

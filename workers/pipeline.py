@@ -13,7 +13,7 @@ from schemas.errors import EventInvalid, UnsupportedEvent
 from schemas.events import Event, Identity
 from schemas.profile import ANONYMOUS, Profile, identity_key, profile_id_for_key
 from workers.enrich import enrich
-from workers.merge import apply_event
+from workers.merge import DEFAULT_RULES, MergeRules, apply_event
 
 def parse_delivery(data: Mapping[str, object]) -> Delivery:
     try:
@@ -57,7 +57,7 @@ def new_profile(keys: list[str]) -> Profile:
     return Profile(id=profile_id_for_key(keys[0]))
 
 
-def merge_all(profile: Profile, events: Iterable[Event], tiers: dict[str, float]) -> Profile:
+def merge_all(profile: Profile, events: Iterable[Event], tiers: dict[str, float], rules: MergeRules = DEFAULT_RULES) -> Profile:
     for event in events:
-        profile = apply_event(profile, event)
+        profile = apply_event(profile, event, rules)
     return enrich(profile, tiers)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from adapters.esp.mailchimp import Mailchimp
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import Mapping, build_mappings
+from adapters.geoip import GeoReader, open_reader
 from adapters.store import ProfileStore, Quarantine
+from workers.merge import MergeRules
 
 
 @dataclass
@@ -17,6 +19,8 @@ class Runtime:
     esp: Mailchimp
     mappings: dict[str, Mapping]
     quarantine: Quarantine
+    rules: MergeRules
+    geo: GeoReader | None
 
 
 _runtime: Runtime | None = None
@@ -31,7 +35,9 @@ async def runtime() -> Runtime:
         await store.ensure_indexes()
         esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id, settings.mailchimp_timeout_s)
         quarantine = Quarantine(store.client, settings.mongodb_database)
-        _runtime = Runtime(settings, store, esp, build_mappings(settings), quarantine)
+        rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
+        geo = open_reader(settings.geoip_database)
+        _runtime = Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo)
     return _runtime
 
 

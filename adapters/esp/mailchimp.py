@@ -43,6 +43,10 @@ def profile_values(profile: Profile) -> dict[str, Scalar]:
         last_order_date=c.last_order_date.date().isoformat() if c.last_order_date else None,
         loyalty_tier=c.loyalty_tier,
         categories_viewed=", ".join(c.categories_viewed) or None,
+        average_order_value=float(c.average_order_value),
+        top_categories=", ".join(c.top_categories) or None,
+        preferred_send_hour=c.preferred_send_hour,
+        last_email_open=c.last_email_open.date().isoformat() if c.last_email_open else None,
     )
     return values
 

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from adapters.sources.base import Inbound, Rejected, WebhookSource, header, validate_events
-from adapters.sources.mapped import as_time
+from adapters.sources.mapped import as_time, context
 from schemas.delivery import Delivery
 from schemas.events import Event
 
@@ -116,7 +116,8 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
         return [{**base, "event_time": fired or delivery.received_at, "identity": {"email": p.get("data[email]")},
                  "type": "consent.changed", "channel": "email", "state": MARKETING_CONSENT[topic.split(".", 1)[1]]}]
     msg = p.get("msg") if isinstance(p.get("msg"), dict) else {}
-    base |= {"event_time": as_time(p.get("ts")) or delivery.received_at, "identity": {"email": msg.get("email")}}
+    base |= {"event_time": as_time(p.get("ts")) or delivery.received_at, "identity": {"email": msg.get("email")},
+             "context": context(p.get("ip"), p.get("user_agent"))}
     campaign = (msg.get("metadata") or {}).get("campaign_id") if isinstance(msg.get("metadata"), dict) else None
     kind = topic.split(".", 1)[1]
     if kind == "open":

@@ -67,6 +67,12 @@ def as_time(value: Any) -> Any:
     return value
 
 
+def context(ip: Any, user_agent: Any) -> dict[str, str] | None:
+    """An event context from whatever the sender provides; None when it gives neither."""
+    found = {k: v for k, v in (("ip", ip), ("user_agent", user_agent)) if isinstance(v, str) and v}
+    return found or None
+
+
 def _id(value: Any) -> str | None:
     return None if value is None or isinstance(value, bool) else str(value)
 

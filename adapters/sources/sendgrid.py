@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from adapters.sources.base import Inbound, Rejected, WebhookSource, header, json_value, validate_events
-from adapters.sources.mapped import as_time
+from adapters.sources.mapped import as_time, context
 from adapters.sources.signatures import check_timestamp
 from schemas.delivery import Delivery
 from schemas.events import Event
@@ -99,6 +99,7 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
         "event_time": as_time(e.get("timestamp")) or delivery.received_at,
         "received_at": delivery.received_at,
         "identity": {"email": e.get("email")},
+        "context": context(e.get("ip"), e.get("useragent")),
     }
     campaign = e.get("singlesend_id") or e.get("marketing_campaign_id")
     kind = delivery.topic

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from adapters.sources.base import Inbound, Rejected, WebhookSource, json_object, validate_events
+from adapters.sources.mapped import context
 from schemas.delivery import Delivery
 from schemas.errors import UnsupportedEvent
 from schemas.events import Event
@@ -185,6 +186,7 @@ def _order_event(delivery: Delivery) -> dict[str, Any]:
     customer = p.get("customer") or {}
     identity = {"email": customer.get("email") or p.get("email") or p.get("contact_email"), "customer_id": _customer_id(customer)}
     order_id = _entity_id(p)
+    client = p.get("client_details") or {}
     # The order's own last change orders its states: paid after created, cancelled after paid.
     at = p.get("updated_at") or p.get("processed_at") or p.get("created_at")
     return {
@@ -196,6 +198,7 @@ def _order_event(delivery: Delivery) -> dict[str, Any]:
         "items": _items(p.get("line_items") or []),
         "cancelled": p.get("cancelled_at") is not None,
         "test": bool(p.get("test")),
+        "context": context(p.get("browser_ip") or client.get("browser_ip"), client.get("user_agent")),
     }
 
 

@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from adapters.sources.base import Inbound, Rejected, header, validate_events
+from adapters.sources.mapped import context as event_context
 from schemas.delivery import Delivery
 from schemas.events import Event
 
@@ -140,6 +141,7 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
         "received_at": delivery.received_at,
         "identity": {"email": traits.get("email") or properties.get("email"), "customer_id": _str(m.get("userId")),
                      "anonymous_id": _str(m.get("anonymousId"))},
+        "context": event_context(context.get("ip"), context.get("userAgent")),
     }
     kind, event = m["type"], m.get("event")
     if kind == "identify":

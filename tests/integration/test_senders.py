@@ -105,7 +105,8 @@ async def test_official_segment_sdk_unchanged(receiver, system, sandbox, http):
 
     def send():
         client.identify("user-seg-1" + email, {"email": email, "firstName": "Ina", "first_name": "Ina"},
-                        context={"timezone": "Europe/Oslo"})
+                        context={"timezone": "Europe/Oslo", "ip": "81.2.69.160",
+                                 "userAgent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"})
         client.track("user-seg-1" + email, "Product Viewed", {"product_id": "p1", "category": "Shoes"})
         client.track("user-seg-1" + email, "Order Completed",
                      {"order_id": f"o-{uuid.uuid4().hex[:6]}", "total": 300, "currency": "NOK", "products": [{"product_id": "p1", "price": 300, "category": "Shoes"}]})
@@ -117,6 +118,10 @@ async def test_official_segment_sdk_unchanged(receiver, system, sandbox, http):
     doc = await profile_where(system, email, lambda d: d["computed"]["order_count"] == 1 and d["categories_viewed"])
     assert doc["traits"]["first_name"]["value"] == "Ina"
     assert doc["traits"]["timezone"]["value"] == "Europe/Oslo"
+    # Enriched from the context: location from the IP (test GeoIP database), client from the user agent.
+    assert doc["traits"]["geo_city"]["value"] == "London"
+    assert doc["traits"]["client"]["value"] == "Chrome 126"
+    assert "81.2.69.160" not in str(doc)
     assert doc["categories_viewed"] == ["Shoes"]
     assert doc["identifiers"]["tracking"] == ["user-seg-1" + email]
     member = await eventually(lambda: sandbox.member(http, email))

@@ -1,0 +1,68 @@
+"""Each enrichment rule on its own: device, location, commerce, engagement."""
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from adapters.geoip import build_test_database, geo_traits, open_reader
+from schemas.events import CustomerUpdated, OrderCompleted
+from schemas.profile import OrderFact
+from workers.derive import device_traits, with_context
+from workers.enrich import preferred_send_hour, top_categories
+
+T = datetime(2024, 1, 1, tzinfo=timezone.utc)
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+
+
+@pytest.fixture(scope="module")
+def geo(tmp_path_factory):
+    return open_reader(str(build_test_database(tmp_path_factory.mktemp("geo") / "test-city.mmdb")))
+
+
+def test_device_os_and_client_from_the_user_agent():
+    assert dict(device_traits(IPHONE)) == {"device": "iPhone", "os": "iOS 17", "client": "Mobile Safari 17"}
+    assert dict(device_traits(WINDOWS)) == {"os": "Windows 10", "client": "Chrome 126"}
+    assert device_traits(None) == () and device_traits("curl/8") == (("client", "curl 8"),)
+
+
+def test_location_and_time_zone_from_ip(geo):
+    assert geo_traits("81.2.69.160", geo) == {"geo_country": "GB", "geo_city": "London", "geo_timezone": "Europe/London"}
+    assert geo_traits("2001:db8::1", geo)["geo_timezone"] == "Asia/Tokyo"
+    assert geo_traits("8.8.8.8", geo) == {}
+    assert geo_traits("not-an-ip", geo) == {}
+    assert geo_traits("81.2.69.160", None) == {}
+
+
+def test_running_without_a_database_says_so(caplog):
+    with caplog.at_level("INFO"):
+        assert open_reader(None) is None
+    assert "location enrichment is off" in caplog.text
+
+
+def test_context_becomes_derived_traits_and_the_ip_is_not_kept(geo):
+    order = OrderCompleted(order_id="1", total=Decimal("5"), event_id="e1", source="tracking", event_time=T, received_at=T,
+                           identity={"email": "a@example.com"}, context={"ip": "192.0.2.7", "user_agent": IPHONE})
+    original, derived = with_context(order, geo)
+    assert original == order
+    assert isinstance(derived, CustomerUpdated) and derived.event_id == "e1#context"
+    assert derived.traits == {"device": "iPhone", "os": "iOS 17", "client": "Mobile Safari 17",
+                              "geo_country": "NO", "geo_city": "Oslo", "geo_timezone": "Europe/Oslo"}
+    assert "192.0.2.7" not in derived.model_dump_json()
+    assert with_context(order.model_copy(update={"context": None}), geo) == [order.model_copy(update={"context": None})]
+
+
+def test_preferred_send_hour_is_local_and_ties_take_the_earliest():
+    opens = [T + timedelta(days=d, hours=h) for d, h in ((0, 17), (1, 17), (2, 8), (3, 8), (4, 20))]
+    assert preferred_send_hour(opens, None) == 8
+    assert preferred_send_hour(opens, ZoneInfo("Asia/Tokyo")) == 2  # 17:00 UTC is 02:00 in Tokyo; ties -> earliest
+    assert preferred_send_hour([], None) is None
+
+
+def test_top_categories_weigh_orders_over_views():
+    stamp = {"event_time": T, "source": "s", "event_id": "e"}
+    orders = [OrderFact(total=Decimal("1"), categories=("hats",), **stamp), OrderFact(total=Decimal("1"), categories=("hats", "socks"), **stamp)]
+    assert top_categories(orders, ["shoes", "socks"]) == ("hats", "socks", "shoes")
+    assert top_categories([], ["b", "a"]) == ("a", "b")
