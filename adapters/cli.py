@@ -205,6 +205,36 @@ async def _quarantine(args: argparse.Namespace) -> int:
         await store.close()
 
 
+async def _profile(args: argparse.Namespace) -> int:
+    from adapters.store import ProfileStore
+    from schemas.events import normalize_email
+    from schemas.profile import identity_key
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    try:
+        if args.action == "quality":
+            print(json.dumps(await store.flag_counts(), indent=2))
+            return 0
+        ref = args.ref
+        found = await store.load(ref) if ref.startswith("p_") else await store.find_by_keys([identity_key("email", normalize_email(ref) or "")])
+        if found is None:
+            print(json.dumps({"error": "not_found"}))
+            return 1
+        profile, meta = found
+        doc = profile.model_dump(mode="json")
+        # Lineage first: every trait with the source, event and time it came from.
+        print(json.dumps({"id": doc.pop("id"), "email": doc.pop("email"), "version": meta["version"],
+                          "traits": doc.pop("traits"), **doc, "esp": meta["esp"]}, indent=2, default=str))
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    return asyncio.run(_profile(args))
+
+
 def cmd_quarantine(args: argparse.Namespace) -> int:
     return asyncio.run(_quarantine(args))
 
@@ -262,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--queue")
     for p in dlq.choices.values():
         p.set_defaults(func=cmd_dlq)
+
+    profile = sub.add_parser("profile", help="inspect profiles").add_subparsers(dest="action", required=True)
+    p = profile.add_parser("show", help="a profile with the lineage of every trait (by id or email)")
+    p.add_argument("ref")
+    p = profile.add_parser("quality", help="profiles and events per data-quality flag")
+    for p in profile.choices.values():
+        p.set_defaults(func=cmd_profile)
 
     quarantine = sub.add_parser("quarantine", help="deliveries that failed validation").add_subparsers(dest="action", required=True)
     p = quarantine.add_parser("list", help="quarantined deliveries and counts per reason")

@@ -44,6 +44,15 @@ class ProfileStore:
     async def close(self) -> None:
         await self.client.close()
 
+    async def flag_counts(self) -> dict[str, dict[str, int]]:
+        """Per data-quality flag: how many profiles carry it, and how many (kept) events raised it."""
+        pipeline = [
+            {"$project": {"flags": {"$objectToArray": {"$ifNull": ["$flags", {}]}}}},
+            {"$unwind": "$flags"},
+            {"$group": {"_id": "$flags.k", "profiles": {"$sum": 1}, "events": {"$sum": {"$size": "$flags.v"}}}},
+        ]
+        return {d["_id"]: {"profiles": d["profiles"], "events": d["events"]} async for d in await self.profiles.aggregate(pipeline)}
+
     async def ensure_indexes(self) -> None:
         # Unique: one identifier belongs to one profile; a conflicting write fails instead of splitting a person.
         await self.profiles.create_index([("keys", ASCENDING)], name="identity_keys", unique=True)

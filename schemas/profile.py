@@ -94,6 +94,9 @@ class Profile(BaseModel):
     last_email_open: Stamp | None = None
     last_email_click: Stamp | None = None
     email_opens: tuple[Stamp, ...] = Field(default=(), description="The latest opens, newest first (since 1.1).")
+    flags: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="Data-quality flag -> the (latest 20) event ids that raised it (since 1.1)."
+    )
     first_seen: AwareDatetime | None = None
     last_seen: AwareDatetime | None = None
     computed: Computed = Field(default_factory=Computed)

@@ -27,6 +27,7 @@ from schemas.events import (
     OrderCompleted,
     ProductViewed,
 )
+from workers.quality import quality_flags
 from schemas.profile import ANONYMOUS, CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
 
 S = TypeVar("S", bound=Stamp)
@@ -68,6 +69,7 @@ def newer(current: S | None, candidate: S, rank: Callable[[Stamp], int] = lambda
 
 
 KEPT_OPENS = 50
+KEPT_FLAG_EVENTS = 20
 
 
 def latest(stamps: set[Stamp], keep: int) -> tuple[Stamp, ...]:
@@ -105,6 +107,13 @@ def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULE
         if value is not None:
             identifiers[kind] = tuple(sorted(set(identifiers.get(kind, ())) | {value}))
     changes["identifiers"] = identifiers
+
+    raised = quality_flags(event)
+    if raised:
+        flags = dict(profile.flags)
+        for flag in raised:
+            flags[flag] = tuple(sorted(set(flags.get(flag, ())) | {event.event_id})[-KEPT_FLAG_EVENTS:])
+        changes["flags"] = flags
 
     stamp = _stamp(event)
     match event:

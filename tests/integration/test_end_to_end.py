@@ -133,3 +133,35 @@ async def test_unsubscribed_member_is_never_resubscribed(receiver, sandbox, syst
 
     member = await eventually(renamed)
     assert member["status"] == "unsubscribed"
+
+
+async def test_profile_show_prints_lineage_and_quality_counts(receiver, system, http):
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    email = unique_email()
+    future = customer(email, first_name="Lin", updated_at="2099-01-01T00:00:00Z")
+    assert (await post_webhook(http, receiver, "customers/update", future)).status == 202
+
+    async def merged():
+        return await system.db.profiles.find_one({"email": email})
+
+    await eventually(merged)
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "adapters.cli", *args], cwd=ROOT, env=system.env,
+                             capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(out.stdout)
+
+    shown = await asyncio.to_thread(cli, "profile", "show", email.upper())
+    assert shown["email"] == email
+    assert shown["traits"]["first_name"]["value"] == "Lin"
+    assert shown["traits"]["first_name"]["source"] == "shopify"
+    assert shown["traits"]["first_name"]["event_id"].startswith("shopify:customer:")
+    assert shown["flags"]["event_time_in_future"]
+    quality = await asyncio.to_thread(cli, "profile", "quality")
+    assert quality["event_time_in_future"]["profiles"] >= 1

@@ -66,3 +66,24 @@ def test_top_categories_weigh_orders_over_views():
     orders = [OrderFact(total=Decimal("1"), categories=("hats",), **stamp), OrderFact(total=Decimal("1"), categories=("hats", "socks"), **stamp)]
     assert top_categories(orders, ["shoes", "socks"]) == ("hats", "socks", "shoes")
     assert top_categories([], ["b", "a"]) == ("a", "b")
+
+
+def test_quality_flags_mark_without_rejecting():
+    from schemas.profile import Profile
+    from workers.pipeline import merge_all
+    from workers.quality import quality_flags
+
+    base = {"source": "s", "received_at": T, "identity": {"email": "a@example.com"}}
+    future = CustomerUpdated(type="customer.updated", event_id="f", event_time=T + timedelta(hours=2), **base)
+    ancient = CustomerUpdated(type="customer.updated", event_id="o", event_time=T - timedelta(days=365 * 30), **base)
+    odd = CustomerUpdated(type="customer.updated", event_id="m", event_time=T, **{**base, "identity": {"email": "a..b@localhost"}})
+    huge = OrderCompleted(order_id="1", total=Decimal("250000"), event_id="h", event_time=T, **base)
+    fine = OrderCompleted(order_id="2", total=Decimal("25"), event_id="ok", event_time=T, **base)
+    assert quality_flags(future) == ("event_time_in_future",)
+    assert quality_flags(ancient) == ("event_time_too_old",)
+    assert quality_flags(odd) == ("email_malformed",)
+    assert quality_flags(huge) == ("amount_implausible",)
+    assert quality_flags(fine) == ()
+    profile = merge_all(Profile(id="p"), [future, huge, fine, huge], {})
+    assert profile.flags == {"amount_implausible": ("h",), "event_time_in_future": ("f",)}
+    assert profile.computed.order_count == 2  # flagged, still counted: flags never reject
