@@ -11,6 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.sources.configured import SourceConfig
+from schemas.profile import DEFAULT_BLOCKED
 
 DEFAULT_MERGE_FIELDS = {
     "first_name": "FNAME",
@@ -69,6 +70,9 @@ class Settings(BaseSettings):
     loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
     trait_priority: dict[str, list[str]] = Field(default_factory=dict)
     geoip_database: str | None = None
+    blocked_identifiers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: sorted(DEFAULT_BLOCKED))
+    identifier_limits: dict[str, int] = Field(default_factory=lambda: {"email": 5, "phone": 5, "anonymous": 100})
+    identifier_limit_default: int = 10
 
     sync_sweep_interval_s: float = 2.0
     sync_grace_s: float = 10.0
@@ -86,7 +90,12 @@ class Settings(BaseSettings):
             return [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("merge_fields", "loyalty_tiers", "sources", "trait_priority", mode="before")
+    @field_validator("blocked_identifiers", mode="before")
+    @classmethod
+    def _split_plain(cls, value: Any) -> Any:
+        return [s.strip().lower() for s in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("merge_fields", "loyalty_tiers", "sources", "trait_priority", "identifier_limits", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value

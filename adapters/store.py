@@ -61,17 +61,69 @@ class ProfileStore:
         )
 
     async def load(self, profile_id: str) -> tuple[Profile, dict[str, Any]] | None:
-        doc = await self.profiles.find_one({"_id": profile_id})
-        return self._split(doc)
+        """Load a profile, following the pointer an absorbed profile leaves behind."""
+        for _ in range(10):
+            doc = await self.profiles.find_one({"_id": profile_id})
+            if doc is None or "merged_into" not in doc:
+                return self._split(doc)
+            profile_id = doc["merged_into"]
+        return None
 
     async def find_by_keys(self, keys: list[str]) -> tuple[Profile, dict[str, Any]] | None:
         """The profile owning any of ``keys`` (the first key's owner when several do)."""
+        owners = await self.find_owners(keys)
+        return owners[0] if owners else None
+
+    async def find_owners(self, keys: list[str]) -> list[tuple[Profile, dict[str, Any]]]:
+        """Every profile owning one of ``keys``, ordered by the strongest key each owns. One round trip."""
         docs = [doc async for doc in self.profiles.find({"keys": {"$in": keys}}).limit(len(keys))]
-        for key in keys:
-            for doc in docs:
-                if key in doc["keys"]:
-                    return self._split(doc)
-        return None
+        rank = {key: i for i, key in enumerate(keys)}
+        docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
+        return [split for doc in docs if (split := self._split(doc)) is not None]
+
+    async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], esp: str,
+                     member: dict[str, Any] | None, member_hash: str | None, retire: list[str]) -> bool:
+        """Merge profiles in one transaction: the absorbed become pointers to ``survivor``.
+
+        Every write is version-guarded; any lost race aborts the whole merge (returns False).
+        ``retire``: ESP contacts of absorbed profiles to archive, so none is left orphaned.
+        """
+        body = survivor.model_dump(mode="python", exclude={"id"})
+        body["keys"] = profile_keys(survivor)
+        now = datetime.now(timezone.utc)
+        prefix = f"esp.{esp}"
+        async with self.client.start_session() as session:
+            try:
+                async with await session.start_transaction():
+                    for absorbed_id, absorbed_version in absorbed:
+                        done = await self.profiles.update_one(
+                            {"_id": absorbed_id, "version": absorbed_version},
+                            # Not []: a unique multikey index counts every empty array as the same key.
+                            {"$set": {"merged_into": survivor.id, "keys": [f"merged:{absorbed_id}"], "merged_at": now,
+                                      f"{prefix}.pending": False},
+                             "$inc": {"version": 1}},
+                            session=session,
+                        )
+                        if done.matched_count != 1:
+                            raise _Abort
+                    update: dict[str, Any] = {
+                        "$set": {**body, f"{prefix}.member": member, f"{prefix}.member_hash": member_hash,
+                                 f"{prefix}.dirty_at": now, f"{prefix}.pending": member is not None or bool(retire)},
+                        "$inc": {"version": 1},
+                    }
+                    if retire:
+                        update["$addToSet"] = {f"{prefix}.retire": {"$each": retire}}
+                    done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
+                    if done.matched_count != 1:
+                        raise _Abort
+            except _Abort:
+                return False
+            except DuplicateKeyError:
+                raise IdentityConflict("a merged identifier belongs to a third profile") from None
+        return True
+
+    async def retired(self, profile_id: str, esp: str, emails: list[str]) -> None:
+        await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.retire": emails}})
 
     async def save(self, profile: Profile, version: int | None, esp: str, member: dict[str, Any], member_hash: str) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
@@ -125,14 +177,15 @@ class ProfileStore:
         now = datetime.now(timezone.utc)
         field = f"esp.{esp}.sending_until"
         doc = await self.profiles.find_one_and_update(
-            {"_id": profile_id, "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
+            {"_id": profile_id, "merged_into": {"$exists": False},
+             "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
             {"$set": {field: now + lease}},
             projection={f"esp.{esp}": 1},
             return_document=ReturnDocument.AFTER,
         )
         if doc is not None:
             return doc.get("esp", {}).get(esp, {})
-        held = await self.profiles.find_one({"_id": profile_id}, {field: 1})
+        held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
         if held is None:
             return None
         until = held["esp"][esp][field.rsplit(".", 1)[1]]
@@ -171,6 +224,7 @@ class ProfileStore:
         query = {
             f"{prefix}.pending": True,
             f"{prefix}.dirty_at": {"$lte": now - older_than},
+            "merged_into": {"$exists": False},
             "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]},
             **unswept,
         }
@@ -182,7 +236,7 @@ class ProfileStore:
 
     @staticmethod
     def _split(doc: dict[str, Any] | None) -> tuple[Profile, dict[str, Any]] | None:
-        if doc is None:
+        if doc is None or "merged_into" in doc:
             return None
         meta = {"version": doc.pop("version"), "esp": doc.pop("esp", {})}
         doc.pop("keys", None)
@@ -192,6 +246,10 @@ class ProfileStore:
         except ValidationError as exc:
             locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
             raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
+
+
+class _Abort(Exception):
+    """A lost race inside a transaction: abort it and let the caller retry."""
 
 
 class Checkpoints:

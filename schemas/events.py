@@ -26,6 +26,16 @@ def normalize_email(value: str | None) -> str | None:
     return value or None
 
 
+def normalize_phone(value: str | None) -> str | None:
+    """Keep a leading ``+`` and the digits; separators and spaces go."""
+    if value is None:
+        return None
+    digits = "".join(ch for ch in value if ch.isdigit())
+    if len(digits) < 5:
+        return None
+    return ("+" if value.strip().startswith("+") else "") + digits
+
+
 class Identity(BaseModel):
     """Who the event is about. At least one identifier is required."""
 
@@ -34,6 +44,12 @@ class Identity(BaseModel):
     email: str | None = None
     customer_id: str | None = Field(None, description="The source's own customer id, as a string.")
     anonymous_id: str | None = Field(None, description="A device or cookie id, before the person is known (since 1.1).")
+    phone: str | None = Field(None, description="E.164-like: '+' and digits only (since 1.1).")
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        return normalize_phone(value)
 
     @field_validator("email")
     @classmethod
@@ -45,8 +61,8 @@ class Identity(BaseModel):
 
     @model_validator(mode="after")
     def _some_identifier(self) -> Identity:
-        if self.email is None and self.customer_id is None and self.anonymous_id is None:
-            raise ValueError("an identity needs an email, a customer id or an anonymous id")
+        if self.email is None and self.customer_id is None and self.anonymous_id is None and self.phone is None:
+            raise ValueError("an identity needs an email, a phone, a customer id or an anonymous id")
         return self
 
 

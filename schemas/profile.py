@@ -18,6 +18,15 @@ from schemas.events import Scalar
 PROFILE_SCHEMA_VERSION = "1.1"
 
 ANONYMOUS = "anonymous"
+EMAIL = "email"
+PHONE = "phone"
+
+# Placeholder values senders put where an identifier should be: never used to find or join profiles.
+DEFAULT_BLOCKED = frozenset({
+    "", "null", "none", "nil", "undefined", "anonymous", "unknown", "n/a", "na", "0", "-1", "test", "guest",
+    "test@test.com", "test@example.com", "email@example.com", "noreply@example.com", "no-reply@example.com",
+})
+
 
 Money = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str)]
 
@@ -83,9 +92,11 @@ class Profile(BaseModel):
     schema_version: str = PROFILE_SCHEMA_VERSION
     id: str
     email: str | None = None
+    email_stamp: Stamp | None = Field(None, description="Which event set the primary email: the latest one wins (since 1.1).")
     identifiers: dict[str, tuple[str, ...]] = Field(
-        default_factory=dict, description="Customer ids per source, and anonymous ids, sorted."
+        default_factory=dict, description="Every identifier by kind: email, phone, anonymous, and customer ids per source; sorted."
     )
+    merged_from: tuple[str, ...] = Field(default=(), description="Ids of profiles absorbed into this one (since 1.1).")
     traits: dict[str, Trait] = Field(default_factory=dict)
     orders: dict[str, OrderFact] = Field(default_factory=dict)
     checkouts: dict[str, CheckoutFact] = Field(default_factory=dict)
@@ -109,9 +120,9 @@ def identity_key(kind: str, value: str) -> str:
 
 def profile_keys(profile: Profile) -> list[str]:
     """Every identifier that finds this profile."""
-    keys = [identity_key(kind, value) for kind, values in profile.identifiers.items() for value in values]
+    keys = {identity_key(kind, value) for kind, values in profile.identifiers.items() for value in values}
     if profile.email:
-        keys.append(identity_key("email", profile.email))
+        keys.add(identity_key(EMAIL, profile.email))
     return sorted(keys)
 
 

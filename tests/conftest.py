@@ -294,6 +294,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5",
         "MERGETAG_WORKER_THREADS": "4",
         "SENTRY_DSN": sentry_sink.dsn,
+        "MERGETAG_IDENTIFIER_LIMITS": json.dumps({"email": 2, "phone": 2, "anonymous": 20}),
         **source_env(),
     }
     env.pop("MONGODB_URI", None)

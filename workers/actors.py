@@ -20,7 +20,9 @@ from broker import topology
 from broker.setup import create_broker
 from schemas.errors import EspRejected, EventInvalid, MergetagError
 from schemas.events import Event, Identity
-from workers.pipeline import by_identity, events_for, lookup_keys, merge_all, new_profile, parse_delivery
+from schemas.profile import ANONYMOUS, Profile, identity_key, profile_keys
+from workers.merge import merge_profiles
+from workers.pipeline import attributable, by_identity, events_for, lookup_keys, merge_all, new_profile, over_limits, parse_delivery, usable_identity
 from workers.derive import with_context
 from workers.runtime import close_runtime, runtime
 
@@ -46,6 +48,7 @@ async def process_event(delivery: dict[str, Any]) -> None:
     try:
         parsed = parse_delivery(delivery)
         events = [derived for event in events_for(parsed, rt.mappings) for derived in with_context(event, rt.geo)]
+        events = attributable(events, rt.blocked)
     except EventInvalid as exc:
         key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")))
         log.warning("delivery %s quarantined: %s", key, exc.detail)
@@ -63,16 +66,25 @@ async def process_event(delivery: dict[str, Any]) -> None:
 async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> str | None:
     """Merge ``events`` into the identity's profile; returns its id when the ESP needs an update.
 
-    Two round trips on the common path: a point read and a version-guarded write.
+    Two round trips on the common path: a point read of every profile owning one
+    of the identity's keys, and a version-guarded write. When the keys belong to
+    several profiles, the event proves they are one person: they are merged in a
+    transaction, unless the result would break the identifier limits.
     """
     rt = await runtime()
-    keys = lookup_keys(identity, events[0].source)
+    source = events[0].source
     for _ in range(MAX_WRITE_ATTEMPTS):
-        found = await store.find_by_keys(keys)
-        if found is None:
-            profile, meta = new_profile(keys), {"version": None, "esp": {}}
-        else:
-            profile, meta = found
+        owners = await store.find_owners(lookup_keys(identity, source))
+        if len(owners) > 1:
+            result = await _merge_owners(store, owners, events)
+            if result is _LOST:
+                continue
+            if result is not _REFUSED:
+                return result
+            foreign = {key for profile, _ in owners[1:] for key in profile_keys(profile)}
+            events = [e.model_copy(update={"identity": _without(e.identity, source, foreign)}) for e in events]
+            owners = owners[:1]
+        profile, meta = owners[0] if owners else (new_profile(lookup_keys(identity, source)), {"version": None, "esp": {}})
         merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
         sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
         if merged == profile and meta["version"] is not None:
@@ -84,6 +96,41 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
+_LOST, _REFUSED = object(), object()
+
+
+async def _merge_owners(store: ProfileStore, owners: list[tuple[Profile, dict[str, Any]]], events: list[Event]) -> Any:
+    """Absorb every owner into the first (the one owning the strongest key)."""
+    rt = await runtime()
+    (survivor, survivor_meta), others = owners[0], owners[1:]
+    combined = survivor
+    for profile, _ in others:
+        combined = merge_profiles(combined, profile, rt.rules)
+    combined = merge_all(combined, events, rt.settings.loyalty_tiers, rt.rules)
+    broken = over_limits(combined, rt.settings.identifier_limits, rt.settings.identifier_limit_default)
+    if broken:
+        log.warning("merge of %s into %s refused: too many %s identifiers", [p.id for p, _ in others], survivor.id, ", ".join(broken))
+        return _REFUSED
+    retire = sorted({
+        p.email for p, meta in others
+        if p.email and p.email != combined.email and meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
+    })
+    member = rt.esp.member(combined, rt.settings.merge_fields)
+    digest = member_hash(member) if member is not None else None
+    absorbed = [(p.id, meta["version"]) for p, meta in others]
+    if not await store.absorb(combined, survivor_meta["version"], absorbed, MAILCHIMP, member, digest, retire):
+        return _LOST
+    log.info("merged %s into %s", [p.id for p, _ in others], survivor.id)
+    return combined.id
+
+
+def _without(identity: Identity, source: str, foreign: set[str]) -> Identity:
+    """``identity`` minus the identifiers another profile owns (used when a merge is refused)."""
+    kinds = {"email": "email", "phone": "phone", "customer_id": source, "anonymous_id": ANONYMOUS}
+    kept = {f: v for f, k in kinds.items() if (v := getattr(identity, f)) is not None and identity_key(k, v) not in foreign}
+    return Identity(**kept)
+
+
 @dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix))
 async def sync_profile(profile_id: str) -> None:
     """Idempotent: a profile whose member was already sent is skipped without a request."""
@@ -92,6 +139,15 @@ async def sync_profile(profile_id: str) -> None:
     state = await rt.store.claim_send(profile_id, MAILCHIMP, lease)
     if state is None:
         return
+    if state.get("retire"):
+        try:
+            for email in state["retire"]:
+                await rt.esp.archive(email)
+        except MergetagError as exc:
+            if exc.code != "esp_timeout":
+                await rt.store.release_send(profile_id, MAILCHIMP)
+            raise
+        await rt.store.retired(profile_id, MAILCHIMP, state["retire"])
     if not state.get("member") or state.get("sent_hash") == state["member_hash"]:
         log.debug("profile %s has nothing new to send", profile_id)
         await rt.store.release_send(profile_id, MAILCHIMP)

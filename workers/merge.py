@@ -28,7 +28,7 @@ from schemas.events import (
     ProductViewed,
 )
 from workers.quality import quality_flags
-from schemas.profile import ANONYMOUS, CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
+from schemas.profile import ANONYMOUS, EMAIL, PHONE, CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
 
 S = TypeVar("S", bound=Stamp)
 
@@ -100,10 +100,14 @@ def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULE
         "first_seen": _min(profile.first_seen, event.event_time),
         "last_seen": _max(profile.last_seen, event.event_time),
     }
-    if profile.email is None and event.identity.email is not None:
-        changes["email"] = event.identity.email
+    identity = event.identity
+    if identity.email is not None:
+        winner = newer(profile.email_stamp, Stamp(**_stamp(event)))
+        if winner is not profile.email_stamp:
+            changes.update(email=identity.email, email_stamp=winner)
     identifiers = dict(profile.identifiers)
-    for kind, value in ((event.source, event.identity.customer_id), (ANONYMOUS, event.identity.anonymous_id)):
+    for kind, value in ((event.source, identity.customer_id), (ANONYMOUS, identity.anonymous_id),
+                        (EMAIL, identity.email), (PHONE, identity.phone)):
         if value is not None:
             identifiers[kind] = tuple(sorted(set(identifiers.get(kind, ())) | {value}))
     changes["identifiers"] = identifiers
@@ -156,3 +160,49 @@ def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULE
         case EmailClicked():
             changes["last_email_click"] = newer(profile.last_email_click, Stamp(**stamp))
     return profile.model_copy(update=changes)
+
+
+def _union_latest(a: Mapping[str, S], b: Mapping[str, S], rank: Callable[[str], Callable[[Stamp], int]] | None = None) -> dict[str, S]:
+    merged = dict(a)
+    for key, fact in b.items():
+        merged[key] = newer(merged.get(key), fact, rank(key) if rank else (lambda s: 0))
+    return merged
+
+
+def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEFAULT_RULES) -> Profile:
+    """One person's two profiles as one, keeping ``survivor``'s id.
+
+    The join of the two: every register takes the newer fact, sets union, min and
+    max for first and last seen. So merging the profiles of two halves of a
+    history gives the profile of the whole history (enrich afterwards).
+    """
+    email_stamp = newer(survivor.email_stamp, absorbed.email_stamp) if absorbed.email_stamp else survivor.email_stamp
+    email = survivor.email if email_stamp is survivor.email_stamp else absorbed.email
+    kinds = set(survivor.identifiers) | set(absorbed.identifiers)
+    consent = dict(survivor.consent)
+    for channel, fact in absorbed.consent.items():
+        if channel not in consent or _consent_key(fact) > _consent_key(consent[channel]):
+            consent[channel] = fact
+    flags = {
+        flag: tuple(sorted(set(survivor.flags.get(flag, ())) | set(absorbed.flags.get(flag, ())))[-KEPT_FLAG_EVENTS:])
+        for flag in set(survivor.flags) | set(absorbed.flags)
+    }
+    seen = [t for t in (survivor.first_seen, absorbed.first_seen) if t]
+    last = [t for t in (survivor.last_seen, absorbed.last_seen) if t]
+    return survivor.model_copy(update={
+        "email": email,
+        "email_stamp": email_stamp,
+        "identifiers": {k: tuple(sorted(set(survivor.identifiers.get(k, ())) | set(absorbed.identifiers.get(k, ())))) for k in kinds},
+        "merged_from": tuple(sorted({*survivor.merged_from, absorbed.id, *absorbed.merged_from})),
+        "traits": _union_latest(survivor.traits, absorbed.traits, lambda name: lambda t: rules.rank(name, t.source)),
+        "orders": _union_latest(survivor.orders, absorbed.orders),
+        "checkouts": _union_latest(survivor.checkouts, absorbed.checkouts),
+        "categories_viewed": tuple(sorted(set(survivor.categories_viewed) | set(absorbed.categories_viewed))),
+        "consent": consent,
+        "last_email_open": newer(survivor.last_email_open, absorbed.last_email_open) if absorbed.last_email_open else survivor.last_email_open,
+        "last_email_click": newer(survivor.last_email_click, absorbed.last_email_click) if absorbed.last_email_click else survivor.last_email_click,
+        "email_opens": latest({*survivor.email_opens, *absorbed.email_opens}, KEPT_OPENS),
+        "flags": flags,
+        "first_seen": min(seen) if seen else None,
+        "last_seen": max(last) if last else None,
+    })

@@ -11,7 +11,7 @@ from adapters.sources.registry import Mapping
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid, UnsupportedEvent
 from schemas.events import Event, Identity
-from schemas.profile import ANONYMOUS, Profile, identity_key, profile_id_for_key
+from schemas.profile import ANONYMOUS, DEFAULT_BLOCKED, EMAIL, PHONE, Profile, identity_key, profile_id_for_key
 from workers.enrich import enrich
 from workers.merge import DEFAULT_RULES, MergeRules, apply_event
 
@@ -40,16 +40,40 @@ def by_identity(events: Iterable[Event]) -> dict[Identity, list[Event]]:
     return dict(groups)
 
 
+def usable_identity(identity: Identity, blocked: frozenset[str] = DEFAULT_BLOCKED) -> Identity | None:
+    """The identity without placeholder values that would tie strangers together; None if nothing is left."""
+    fields = {
+        name: value
+        for name in ("email", "customer_id", "anonymous_id", "phone")
+        if (value := getattr(identity, name)) is not None and value.strip().lower() not in blocked
+    }
+    return Identity(**fields) if fields else None
+
+
+def attributable(events: list[Event], blocked: frozenset[str]) -> list[Event]:
+    """Events with placeholder identifiers removed; EventInvalid when one has no real identifier left."""
+    kept, problems = [], []
+    for event in events:
+        identity = usable_identity(event.identity, blocked)
+        if identity is None:
+            problems.append({"event": event.type, "loc": "identity", "type": "blocked_identifier",
+                             "msg": "every identifier is a blocked placeholder value"})
+        else:
+            kept.append(event if identity == event.identity else event.model_copy(update={"identity": identity}))
+    if problems:
+        raise EventInvalid("identity: only blocked identifiers", errors=problems)
+    return kept
+
+
 def lookup_keys(identity: Identity, source: str) -> list[str]:
-    """The identity's keys, strongest first: email, then the source's customer id, then anonymous id."""
-    keys = []
-    if identity.email is not None:
-        keys.append(identity_key("email", identity.email))
-    if identity.customer_id is not None:
-        keys.append(identity_key(source, identity.customer_id))
-    if identity.anonymous_id is not None:
-        keys.append(identity_key(ANONYMOUS, identity.anonymous_id))
-    return keys
+    """The identity's keys, strongest first: email, phone, the source's customer id, anonymous id."""
+    pairs = ((EMAIL, identity.email), (PHONE, identity.phone), (source, identity.customer_id), (ANONYMOUS, identity.anonymous_id))
+    return [identity_key(kind, value) for kind, value in pairs if value is not None]
+
+
+def over_limits(profile: Profile, limits: dict[str, int], default: int) -> list[str]:
+    """Identifier kinds holding more values than allowed: a merge that produces these is refused."""
+    return sorted(kind for kind, values in profile.identifiers.items() if len(values) > limits.get(kind, default))
 
 
 def new_profile(keys: list[str]) -> Profile:

@@ -21,6 +21,7 @@ class Runtime:
     quarantine: Quarantine
     rules: MergeRules
     geo: GeoReader | None
+    blocked: frozenset[str]
 
 
 _runtime: Runtime | None = None
@@ -37,7 +38,8 @@ async def runtime() -> Runtime:
         quarantine = Quarantine(store.client, settings.mongodb_database)
         rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
         geo = open_reader(settings.geoip_database)
-        _runtime = Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo)
+        _runtime = Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
+                           frozenset(settings.blocked_identifiers))
     return _runtime
 
 

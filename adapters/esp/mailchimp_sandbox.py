@@ -74,6 +74,7 @@ class Sandbox:
         app.router.add_get("/3.0/lists/{list_id}/members", self.list_members)
         app.router.add_get("/3.0/lists/{list_id}/members/{hash}", self.get_member)
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
+        app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
         app.router.add_post("/_sandbox/faults", self.add_faults)
         app.router.add_post("/_sandbox/latency", self.set_latency)
         app.router.add_get("/_sandbox/stats", self.stats)
@@ -208,6 +209,14 @@ class Sandbox:
             elif not _valid_value(kind, value):
                 errors.append({"field": f"merge_fields.{tag}", "message": f"Invalid value for a {kind} field."})
         return errors
+
+    async def archive_member(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        member = self.members[list_id].get(request.match_info["hash"].lower())
+        if member is None:
+            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+        member["status"] = "archived"
+        return web.Response(status=204)
 
     async def add_faults(self, request: web.Request) -> web.Response:
         body = await _json(request)

@@ -108,7 +108,7 @@ def test_consent_is_last_writer_wins_and_restrictive_on_ties():
 def test_first_and_last_seen_and_identifiers():
     profile = merge_all(fresh(), EVENTS, TIERS)
     assert (profile.first_seen, profile.last_seen) == (at(1), at(6))
-    assert profile.identifiers == {"shopify": ("1",)}
+    assert profile.identifiers == {"shopify": ("1",), "email": ("a@example.com",)}
     assert profile.email == "a@example.com"
     assert profile.computed.categories_viewed == ("shoes",)
 

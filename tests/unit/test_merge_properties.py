@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from schemas.events import CheckoutChanged, ConsentChanged, CustomerUpdated, EmailOpened, OrderCompleted, ProductViewed
 from workers.merge import MergeRules
 from schemas.profile import Profile
+from workers.enrich import enrich
+from workers.merge import merge_profiles
 from workers.pipeline import merge_all
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -82,3 +84,16 @@ def test_source_priority_beats_recency_for_chosen_traits_only():
         profile = merge_all(Profile(id="p"), order, TIERS, RULES)
         assert profile.traits["first_name"].value == "Ann"  # the CRM owns first_name
         assert profile.traits["city"].value == "Bergen"  # recency elsewhere
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.data())
+def test_merging_the_profiles_of_two_halves_gives_the_profile_of_the_whole(history, data):
+    events, _ = history
+    cut = data.draw(st.integers(0, len(events)))
+    left = merge_all(Profile(id="p_left"), events[:cut], TIERS, RULES)
+    right = merge_all(Profile(id="p_right"), events[cut:], TIERS, RULES)
+    whole = merge_all(Profile(id="p_left"), events, TIERS, RULES)
+    for survivor, absorbed in ((left, right), (right, left)):
+        merged = enrich(merge_profiles(survivor, absorbed, RULES), TIERS)
+        assert merged.model_copy(update={"id": "p_left", "merged_from": ()}) == whole
