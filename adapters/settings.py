@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
     trait_priority: dict[str, list[str]] = Field(default_factory=dict)
     geoip_database: str | None = None
+    cart_abandon_delay_s: float = 3600.0
     blocked_identifiers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: sorted(DEFAULT_BLOCKED))
     identifier_limits: dict[str, int] = Field(default_factory=lambda: {"email": 5, "phone": 5, "anonymous": 100})
     identifier_limit_default: int = 10

@@ -13,6 +13,7 @@ from dramatiq.common import dq_name, q_name, xq_name
 
 PROCESS_EVENT_ACTOR = "process_event"
 SYNC_PROFILE_ACTOR = "sync_profile"
+CHECK_ABANDONMENT_ACTOR = "check_abandonment"
 
 
 def events_queue(prefix: str) -> str:
@@ -44,6 +45,7 @@ def declarations(queue: str) -> list[tuple[str, dict[str, object]]]:
 __all__ = [
     "PROCESS_EVENT_ACTOR",
     "SYNC_PROFILE_ACTOR",
+    "CHECK_ABANDONMENT_ACTOR",
     "all_queues",
     "declarations",
     "dq_name",

@@ -70,6 +70,16 @@ class Consent(Stamp):
     state: ConsentState
 
 
+class AbandonedCart(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkout_id: str
+    url: str | None = None
+    value: Money
+    item_count: int = 0
+    at: AwareDatetime
+
+
 class Computed(BaseModel):
     """Derived by enrichment from the facts above; never merged, always recomputed."""
 
@@ -84,6 +94,7 @@ class Computed(BaseModel):
     top_categories: tuple[str, ...] = Field(default=(), description="Most ordered, then most viewed (since 1.1).")
     last_email_open: AwareDatetime | None = None
     preferred_send_hour: int | None = Field(None, ge=0, le=23, description="Local hour with most opens (since 1.1).")
+    abandoned_cart: AbandonedCart | None = Field(None, description="The latest checkout left open past the delay, with no order after it (since 1.1).")
 
 
 class Profile(BaseModel):
@@ -101,6 +112,7 @@ class Profile(BaseModel):
     orders: dict[str, OrderFact] = Field(default_factory=dict)
     checkouts: dict[str, CheckoutFact] = Field(default_factory=dict)
     categories_viewed: tuple[str, ...] = ()
+    expired_checkouts: tuple[str, ...] = Field(default=(), description="Checkouts still open when their abandonment delay ran out (since 1.1).")
     consent: dict[str, Consent] = Field(default_factory=dict)
     last_email_open: Stamp | None = None
     last_email_click: Stamp | None = None

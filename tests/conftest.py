@@ -41,8 +41,8 @@ API_KEY = "testkey00000000000000000000000000-us1"
 SHOPIFY_SECRET = "test-shopify-secret"
 ROOT = Path(__file__).resolve().parents[1]
 # CITY is mapped but not defined on the sandbox audience: a profile with a city is refused (until fixed).
-MERGE_FIELDS = {**DEFAULT_MERGE_FIELDS, "city": "CITY"}
-SANDBOX_FIELDS = "FNAME:text,LNAME:text,LTV:number,ORDERS:number,LASTORDER:date,TIER:text"
+MERGE_FIELDS = {**DEFAULT_MERGE_FIELDS, "city": "CITY", "abandoned_cart_url": "CARTURL", "abandoned_cart_value": "CARTVAL"}
+SANDBOX_FIELDS = "FNAME:text,LNAME:text,LTV:number,ORDERS:number,LASTORDER:date,TIER:text,CARTURL:text,CARTVAL:number"
 
 WRITE_KEY = "test-write-key"
 MAILCHIMP_URL_SECRET = "mc-url-secret"
@@ -294,6 +294,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5",
         "MERGETAG_WORKER_THREADS": "4",
         "SENTRY_DSN": sentry_sink.dsn,
+        "MERGETAG_CART_ABANDON_DELAY_S": "2",
         "MERGETAG_IDENTIFIER_LIMITS": json.dumps({"email": 2, "phone": 2, "anonymous": 20}),
         **source_env(),
     }

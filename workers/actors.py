@@ -19,8 +19,9 @@ from adapters.store import ProfileStore
 from broker import topology
 from broker.setup import create_broker
 from schemas.errors import EspRejected, EventInvalid, MergetagError
-from schemas.events import Event, Identity
+from schemas.events import CheckoutChanged, Event, Identity
 from schemas.profile import ANONYMOUS, Profile, identity_key, profile_keys
+from workers.enrich import enrich, expire_checkout
 from workers.merge import merge_profiles
 from workers.pipeline import attributable, by_identity, events_for, lookup_keys, merge_all, new_profile, over_limits, parse_delivery, usable_identity
 from workers.derive import with_context
@@ -53,18 +54,23 @@ async def process_event(delivery: dict[str, Any]) -> None:
         key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")))
         log.warning("delivery %s quarantined: %s", key, exc.detail)
         return
-    to_sync = []
-    for identity, events in by_identity(events).items():
-        profile_id = await merge_into_profile(rt.store, identity, events)
-        if profile_id is not None:
+    to_sync, to_check = [], []
+    for identity, group in by_identity(events).items():
+        profile_id, needs_sync = await merge_into_profile(rt.store, identity, group)
+        if needs_sync:
             to_sync.append(profile_id)
+        to_check += [(profile_id, e.checkout_id) for e in group if isinstance(e, CheckoutChanged) and not e.completed]
     for profile_id in to_sync:
         await asyncio.to_thread(sync_profile.send, profile_id)
+    delay_ms = int(rt.settings.cart_abandon_delay_s * 1000)
+    for profile_id, checkout_id in to_check:
+        # A delayed message: if no order has closed the checkout by then, the cart counts as abandoned.
+        await asyncio.to_thread(check_abandonment.send_with_options, args=(profile_id, checkout_id), delay=delay_ms)
     log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(to_sync))
 
 
-async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> str | None:
-    """Merge ``events`` into the identity's profile; returns its id when the ESP needs an update.
+async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, bool]:
+    """Merge ``events`` into the identity's profile; returns its id and whether the ESP needs an update.
 
     Two round trips on the common path: a point read of every profile owning one
     of the identity's keys, and a version-guarded write. When the keys belong to
@@ -80,7 +86,7 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             if result is _LOST:
                 continue
             if result is not _REFUSED:
-                return result
+                return result, True
             foreign = {key for profile, _ in owners[1:] for key in profile_keys(profile)}
             events = [e.model_copy(update={"identity": _without(e.identity, source, foreign)}) for e in events]
             owners = owners[:1]
@@ -88,11 +94,36 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
         merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
         sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
         if merged == profile and meta["version"] is not None:
-            return None
+            return merged.id, False
         member = rt.esp.member(merged, rt.settings.merge_fields)
         digest = member_hash(member) if member is not None else None
         if await store.save(merged, meta["version"], MAILCHIMP, member, digest):
-            return merged.id if member is not None and digest != sent_hash else None
+            return merged.id, member is not None and digest != sent_hash
+    raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
+
+
+@dramatiq.actor(actor_name=topology.CHECK_ABANDONMENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
+async def check_abandonment(profile_id: str, checkout_id: str) -> None:
+    """Runs once the abandonment delay has passed: records the checkout as expired if still open.
+
+    Idempotent (a set of expired checkouts); an order that arrived meanwhile, or
+    later, clears the abandoned cart by itself, since the cart is derived.
+    """
+    rt = await runtime()
+    for _ in range(MAX_WRITE_ATTEMPTS):
+        found = await rt.store.load(profile_id)
+        if found is None:
+            return
+        profile, meta = found
+        expired = enrich(expire_checkout(profile, checkout_id), rt.settings.loyalty_tiers)
+        if expired == profile:
+            return
+        member = rt.esp.member(expired, rt.settings.merge_fields)
+        digest = member_hash(member) if member is not None else None
+        if await rt.store.save(expired, meta["version"], MAILCHIMP, member, digest):
+            if member is not None and digest != meta["esp"].get(MAILCHIMP, {}).get("sent_hash"):
+                await asyncio.to_thread(sync_profile.send, expired.id)
+            return
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 

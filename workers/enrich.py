@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from schemas.profile import Computed, OrderFact, Profile
+from schemas.profile import AbandonedCart, Computed, OrderFact, Profile
 
 
 def time_zone(name: object) -> ZoneInfo | None:
@@ -46,6 +46,28 @@ def top_categories(orders: Iterable[OrderFact], viewed: Iterable[str], keep: int
     return tuple(name for name, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:keep])
 
 
+def abandoned_cart(profile: Profile, orders: Iterable[OrderFact]) -> AbandonedCart | None:
+    """The latest checkout that expired open and was not followed by an order: cleared by the order itself."""
+    last_order = max((o.event_time for o in orders), default=None)
+    open_carts = [
+        (checkout_id, fact) for checkout_id, fact in profile.checkouts.items()
+        if checkout_id in profile.expired_checkouts and not fact.completed
+        and (last_order is None or last_order < fact.event_time)
+    ]
+    if not open_carts:
+        return None
+    checkout_id, fact = max(open_carts, key=lambda pair: (pair[1].key, pair[0]))
+    return AbandonedCart(checkout_id=checkout_id, url=fact.url, value=fact.total, item_count=fact.item_count, at=fact.event_time)
+
+
+def expire_checkout(profile: Profile, checkout_id: str) -> Profile:
+    """Record that ``checkout_id`` was still open when its delay ran out (idempotent)."""
+    fact = profile.checkouts.get(checkout_id)
+    if fact is None or fact.completed or checkout_id in profile.expired_checkouts:
+        return profile
+    return profile.model_copy(update={"expired_checkouts": tuple(sorted({*profile.expired_checkouts, checkout_id}))})
+
+
 def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
     """Recompute the derived traits from the profile's own facts.
 
@@ -63,6 +85,7 @@ def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
         categories_viewed=tuple(sorted(categories)),
         average_order_value=(ltv / len(orders)).quantize(Decimal("0.01")) if orders else Decimal("0"),
         top_categories=top_categories(orders, profile.categories_viewed),
+        abandoned_cart=abandoned_cart(profile, orders),
         last_email_open=profile.last_email_open.event_time if profile.last_email_open else None,
         preferred_send_hour=preferred_send_hour(
             (o.event_time for o in profile.email_opens),

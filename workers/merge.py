@@ -198,6 +198,7 @@ def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEF
         "orders": _union_latest(survivor.orders, absorbed.orders),
         "checkouts": _union_latest(survivor.checkouts, absorbed.checkouts),
         "categories_viewed": tuple(sorted(set(survivor.categories_viewed) | set(absorbed.categories_viewed))),
+        "expired_checkouts": tuple(sorted(set(survivor.expired_checkouts) | set(absorbed.expired_checkouts))),
         "consent": consent,
         "last_email_open": newer(survivor.last_email_open, absorbed.last_email_open) if absorbed.last_email_open else survivor.last_email_open,
         "last_email_click": newer(survivor.last_email_click, absorbed.last_email_click) if absorbed.last_email_click else survivor.last_email_click,

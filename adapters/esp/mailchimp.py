@@ -47,8 +47,18 @@ def profile_values(profile: Profile) -> dict[str, Scalar]:
         top_categories=", ".join(c.top_categories) or None,
         preferred_send_hour=c.preferred_send_hour,
         last_email_open=c.last_email_open.date().isoformat() if c.last_email_open else None,
+        abandoned_cart_url=c.abandoned_cart.url if c.abandoned_cart else None,
+        abandoned_cart_value=float(c.abandoned_cart.value) if c.abandoned_cart else None,
     )
     return values
+
+
+# Derived by mergetag alone: when one has no value, the ESP's copy is blanked rather than left stale
+# (an abandoned cart must disappear from the next email once the order arrives).
+COMPUTED = frozenset({
+    "lifetime_value", "order_count", "last_order_date", "loyalty_tier", "categories_viewed", "average_order_value",
+    "top_categories", "preferred_send_hour", "last_email_open", "abandoned_cart_url", "abandoned_cart_value",
+})
 
 
 def _merge_value(value: Scalar) -> Scalar:
@@ -69,7 +79,11 @@ def member_body(profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any
     if profile.email is None:
         return None
     values = profile_values(profile)
-    fields = {tag: _merge_value(values[trait]) for trait, tag in sorted(merge_fields.items()) if values.get(trait) is not None}
+    fields = {
+        tag: "" if values.get(trait) is None else _merge_value(values[trait])
+        for trait, tag in sorted(merge_fields.items())
+        if values.get(trait) is not None or trait in COMPUTED
+    }
     consent = profile.consent.get("email")
     state = consent.state if consent else "not_subscribed"
     body: dict[str, Any] = {

@@ -165,3 +165,34 @@ async def test_profile_show_prints_lineage_and_quality_counts(receiver, system, 
     assert shown["flags"]["event_time_in_future"]
     quality = await asyncio.to_thread(cli, "profile", "quality")
     assert quality["event_time_in_future"]["profiles"] >= 1
+
+
+async def test_abandoned_cart_is_marked_after_the_delay_and_cleared_by_the_order(receiver, sandbox, system, http):
+    from tests.samples import sample
+
+    email = unique_email()
+    checkout = sample("CheckoutsCreate")
+    checkout.update(email=email, token=uuid.uuid4().hex, updated_at="2025-03-01T10:00:00Z", total_price="120.50")
+    checkout["customer"].update(email=email, admin_graphql_api_id=f"gid://shopify/Customer/{uuid.uuid4().int % 10**15}")
+    assert (await post_webhook(http, receiver, "checkouts/create", checkout)).status == 202
+
+    async def abandoned():
+        m = await sandbox.member(http, email)
+        return m if m and m["merge_fields"].get("CARTURL") else None
+
+    member = await eventually(abandoned)  # the delayed check ran (2 s in these tests)
+    assert member["merge_fields"]["CARTURL"] == checkout["abandoned_checkout_url"]
+    assert member["merge_fields"]["CARTVAL"] == 120.5
+
+    bought = order(email, total="120.50", processed_at="2025-03-01T10:30:00Z")
+    bought["customer"] = checkout["customer"]
+    assert (await post_webhook(http, receiver, "orders/create", bought)).status == 202
+
+    async def cleared():
+        m = await sandbox.member(http, email)
+        return m if m["merge_fields"].get("CARTURL") == "" else None
+
+    member = await eventually(cleared)
+    assert member["merge_fields"]["ORDERS"] == 1
+    doc = await system.db.profiles.find_one({"email": email})
+    assert doc["computed"]["abandoned_cart"] is None and doc["expired_checkouts"] == [checkout["token"]]
