@@ -21,6 +21,7 @@ run-local: install
 
 bench: install
 	$(BIN)/python bench/receiver_throughput.py
+	$(BIN)/python bench/merge_throughput.py
 
 schemas: install
 	$(BIN)/python -m schemas.export

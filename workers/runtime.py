@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from adapters.esp.mailchimp import Mailchimp
@@ -25,22 +26,31 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+_lock: asyncio.Lock | None = None
 
 
 async def runtime() -> Runtime:
-    """The process's store and ESP client; indexes are ensured once, on first use."""
-    global _runtime
-    if _runtime is None:
-        settings = get_settings()
-        store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-        await store.ensure_indexes()
-        esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id, settings.mailchimp_timeout_s)
-        quarantine = Quarantine(store.client, settings.mongodb_database)
-        rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
-        geo = open_reader(settings.geoip_database)
-        _runtime = Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
-                           frozenset(settings.blocked_identifiers))
+    """The process's store and ESP client; created once (under a lock), indexes ensured on first use."""
+    global _runtime, _lock
+    if _runtime is not None:
+        return _runtime
+    _lock = _lock or asyncio.Lock()
+    async with _lock:
+        if _runtime is None:
+            _runtime = await _create()
     return _runtime
+
+
+async def _create() -> Runtime:
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    await store.ensure_indexes()
+    esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id, settings.mailchimp_timeout_s)
+    quarantine = Quarantine(store.client, settings.mongodb_database)
+    rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
+    geo = open_reader(settings.geoip_database)
+    return Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
+                   frozenset(settings.blocked_identifiers))
 
 
 async def close_runtime() -> None:

@@ -68,3 +68,20 @@ def test_secrets_never_appear_in_the_settings_repr(monkeypatch):
     for secret in ("shh-one", "shh-two", "wk-secret", "whsec_hidden"):
         assert secret not in text
     assert settings.all_shopify_secrets() == ["shh-one", "shh-two"]
+
+
+def test_events_of_an_older_minor_version_still_validate():
+    """Schema evolution: a 1.0 event (no 1.1 fields) is still a valid event."""
+    from schemas.events import EventAdapter
+
+    v10 = {"schema_version": "1.0", "type": "order.completed", "event_id": "e", "source": "shopify",
+           "event_time": "2024-01-01T00:00:00Z", "received_at": "2024-01-01T00:00:00Z",
+           "identity": {"email": "a@example.com"}, "order_id": "1", "total": "5.00"}
+    event = EventAdapter.validate_python(v10)
+    assert event.schema_version == "1.0" and event.cancelled is False and event.context is None
+    old = json.loads((DIRECTORY / "event.v1.0.json").read_text())
+    new = json.loads((DIRECTORY / f"event.v{EVENT_SCHEMA_VERSION}.json").read_text())
+    # Minor versions only add optional fields: every required field of 1.0 is still required, nothing more.
+    for name, definition in old["$defs"].items():
+        if "required" in definition and name in new["$defs"]:
+            assert set(new["$defs"][name].get("required", [])) == set(definition["required"]), name

@@ -1,0 +1,131 @@
+"""Events per second through the merge (lookup, pure merge + enrich, guarded write) and MongoDB
+round trips per event, next to the pure merge alone measured in the same run. Prints one JSON object.
+
+Uses ``MONGODB_URI`` when set, else a SecantusDB process of its own (a functional stand-in: its
+absolute speed says nothing about MongoDB's; the round-trip count is what carries over).
+
+    python bench/merge_throughput.py [--events 2000] [--profiles 200] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pymongo import monitoring  # noqa: E402
+
+
+class RoundTrips(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.counts[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def workload(n_events: int, n_profiles: int) -> list:
+    from schemas.events import CustomerUpdated, OrderCompleted
+
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    events = []
+    for i in range(n_events):
+        p = i % n_profiles
+        base = {"source": "shopify", "event_time": t0 + timedelta(seconds=i), "received_at": t0,
+                "identity": {"email": f"bench-{p}@example.com", "customer_id": str(10_000 + p)}}
+        if i % 3 == 0:
+            events.append(OrderCompleted(order_id=f"o{i}", total=Decimal("19.90"), event_id=f"o{i}", **base))
+        else:
+            events.append(CustomerUpdated(type="customer.updated", traits={"first_name": f"N{i}", "city": "Oslo"},
+                                          event_id=f"u{i}", **base))
+    return events
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--profiles", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    from adapters.dev import start_secantus
+
+    process = None
+    uri = os.environ.get("MONGODB_URI")
+    if not uri:
+        process, uri = start_secantus()
+    database = "bench" + uuid.uuid4().hex[:8]
+    os.environ.update(MERGETAG_MONGODB_URI=uri, MERGETAG_MONGODB_DATABASE=database, MERGETAG_QUEUE_PREFIX=database)
+
+    from pymongo import AsyncMongoClient
+
+    from adapters.store import ProfileStore
+    from schemas.profile import Profile
+    from workers.actors import merge_into_profile
+    from workers.pipeline import merge_all
+
+    events = workload(args.events, args.profiles)
+
+    start = time.perf_counter()
+    by_profile: dict[str, Profile] = {}
+    for event in events:
+        key = event.identity.email
+        by_profile[key] = merge_all(by_profile.get(key, Profile(id=key)), [event], {"bronze": 0})
+    pure_eps = len(events) / (time.perf_counter() - start)
+
+    trips = RoundTrips()
+    store = ProfileStore(AsyncMongoClient(uri, tz_aware=True, event_listeners=[trips]), database)
+    await store.ensure_indexes()
+    trips.counts.clear()
+    queue: asyncio.Queue = asyncio.Queue()
+    for event in events:
+        queue.put_nowait(event)
+
+    async def worker() -> None:
+        while not queue.empty():
+            event = queue.get_nowait()
+            await merge_into_profile(store, event.identity, [event])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - start
+    stored_eps = len(events) / elapsed
+    total = sum(trips.counts.values())
+    sample = await store.load((await store.find_by_keys(["email:bench-0@example.com"]))[0].id)
+    await store.client.drop_database(database)
+    await store.close()
+    if process:
+        process.terminate()
+    print(json.dumps({
+        "events": len(events),
+        "profiles": args.profiles,
+        "concurrency": args.concurrency,
+        "store": "SecantusDB" if process else "MONGODB_URI",
+        "events_per_s": round(stored_eps, 1),
+        "pure_merge_events_per_s": round(pure_eps, 1),
+        "ratio": round(stored_eps / pure_eps, 4),
+        "round_trips_per_event": round(total / len(events), 3),
+        "round_trips_by_command": dict(trips.counts),
+        "orders_of_profile_0": sample[0].computed.order_count,
+    }))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
