@@ -239,6 +239,39 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return asyncio.run(_quarantine(args))
 
 
+async def _preview(args: argparse.Namespace) -> int:
+    from adapters.admin import find, preview
+    from adapters.store import ProfileStore
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    try:
+        found = await find(store, args.ref)
+        if found is None:
+            print(json.dumps({"error": "not_found"}))
+            return 1
+        template = open(args.template).read() if args.template else None
+        print(json.dumps(preview(*found, settings, args.esp, template), indent=2, default=str))
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    return asyncio.run(_preview(args))
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from adapters.admin import create_admin_app
+
+    settings = get_settings()
+    web.run_app(create_admin_app(settings), host=settings.admin_host, port=args.port or settings.admin_port,
+                access_log=None, print=lambda *_: None)
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from adapters.dev import run_local
 
@@ -274,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("poller", help="pull REST sources on a schedule (MERGETAG_SHOPIFY_PULL_INTERVAL_S)")
     p.set_defaults(func=cmd_poller)
+
+    p = sub.add_parser("preview", help="exactly what would be sent to the ESP for a profile, and a template rendered with it")
+    p.add_argument("ref", help="profile id or email")
+    p.add_argument("--esp", default="mailchimp", choices=["mailchimp"])
+    p.add_argument("--template", help="a file with Mailchimp merge tags (*|FNAME|*, *|IF:TAG|*…*|END:IF|*)")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("admin", help="run the admin API (MERGETAG_ADMIN_TOKEN)")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_admin)
 
     p = sub.add_parser("dev", help="run the whole system locally, without Docker")
     p.add_argument("--port", type=int, default=8080)

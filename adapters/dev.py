@@ -66,6 +66,11 @@ def run_local(receiver_port: int) -> int:
         env["MERGETAG_MONGODB_URI"] = uri
     sandbox_port = int(env.get("MERGETAG_SANDBOX_PORT", "8081"))
     env.setdefault("MERGETAG_SHOPIFY_SECRETS", DEV_SECRET)
+    env.setdefault("MERGETAG_TRACKING_WRITE_KEYS", "dev-write-key")
+    if "MERGETAG_GEOIP_DATABASE" not in env:
+        from adapters.geoip import build_test_database
+
+        env["MERGETAG_GEOIP_DATABASE"] = str(build_test_database(Path(tempfile.mkdtemp(prefix="mergetag-geo-")) / "test-city.mmdb"))
     env.setdefault("MERGETAG_MAILCHIMP_BASE_URL", f"http://127.0.0.1:{sandbox_port}/3.0")
     env.setdefault("MERGETAG_SYNC_GRACE_S", "5")
     mergetag = [sys.executable, "-m", "adapters.cli"]

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     sync_grace_s: float = 10.0
     sync_lease_s: float = 60.0
 
+    admin_host: str = "0.0.0.0"
+    admin_port: int = 8083
+    admin_token: SecretStr | None = None
+
     sentry_dsn: str | None = Field(None, validation_alias=AliasChoices("MERGETAG_SENTRY_DSN", "SENTRY_DSN"))
     sentry_environment: str = "development"
 

@@ -27,4 +27,4 @@ def test_compose_file_validates(compose):
 def test_compose_runs_every_service(compose):
     result = subprocess.run([compose, "-f", "docker-compose.yml", "config", "--services"], cwd=ROOT, capture_output=True, text=True, check=True)
     services = set(result.stdout.split())
-    assert services == {"rabbitmq", "mongodb", "redis", "mailchimp-sandbox", "shopify-sandbox", "receiver", "worker", "sync", "poller"}
+    assert services == {"rabbitmq", "mongodb", "redis", "mailchimp-sandbox", "shopify-sandbox", "receiver", "worker", "sync", "poller", "admin"}

@@ -1,0 +1,61 @@
+"""Preview: exactly what the sync would send, and a template rendered with it (CLI and admin API)."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from unittest import mock
+
+from aiohttp.test_utils import TestServer
+
+from adapters.admin import create_admin_app
+from adapters.dev import free_port
+from adapters.settings import Settings
+from tests.conftest import ROOT, eventually, post_webhook
+from tests.samples import customer
+
+TEMPLATE = "*|IF:FNAME|*Hi *|FNAME|**|ELSE:|*Hi there*|END:IF|*, you are *|TIER|*."
+
+
+async def test_preview_cli_and_admin_api(receiver, system, sandbox, http, tmp_path):
+    email = f"preview-{uuid.uuid4().hex[:8]}@example.com"
+    assert (await post_webhook(http, receiver, "customers/create", customer(email, first_name="Pia"))).status == 202
+    await eventually(lambda: sandbox.member(http, email))
+
+    async def synced():
+        doc = await system.db.profiles.find_one({"email": email})
+        return doc if doc and not doc["esp"]["mailchimp"]["pending"] else None
+
+    await eventually(synced)
+    template = tmp_path / "welcome.txt"
+    template.write_text(TEMPLATE)
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "adapters.cli", "preview", email, "--template", str(template)],
+                                  cwd=ROOT, env=system.env, capture_output=True, text=True, timeout=60, check=True)
+    shown = json.loads(out.stdout)
+    assert shown["member"]["merge_fields"]["FNAME"] == "Pia"
+    assert shown["rendered"] == "Hi Pia, you are bronze."
+    assert shown["would_send"] is False  # the ESP already holds exactly this
+
+    env = {**system.env, "MERGETAG_ADMIN_TOKEN": "admin-secret"}
+    with mock.patch.dict(os.environ, env, clear=True):
+        app = create_admin_app(Settings())
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        async with http.get(f"{base}/admin/preview/{email}") as r:
+            assert r.status == 401
+        headers = {"Authorization": "Bearer admin-secret"}
+        async with http.post(f"{base}/admin/preview/{email}", data="*|FNAME|* *|IFNOT:LNAME|*?*|END:IF|*", headers=headers) as r:
+            body = await r.json()
+        assert r.status == 200 and body["rendered"] == "Pia " and body["member"]["email_address"] == email
+        async with http.post(f"{base}/admin/preview/{email}", data="*|IF:FNAME|*", headers=headers) as r:
+            assert (r.status, (await r.json())["error"]) == (400, "invalid_template")
+        async with http.get(f"{base}/admin/profiles/{email.upper()}", headers=headers) as r:
+            assert (await r.json())["traits"]["first_name"]["source"] == "shopify"
+        async with http.get(f"{base}/admin/preview/nobody@example.com", headers=headers) as r:
+            assert r.status == 404
+    finally:
+        await server.close()
