@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     sync_sweep_interval_s: float = 2.0
     sync_grace_s: float = 10.0
     sync_lease_s: float = 60.0
+    sync_coalesce_ms: int = 250
 
     admin_host: str = "0.0.0.0"
     admin_port: int = 8083

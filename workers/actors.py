@@ -61,12 +61,19 @@ async def process_event(delivery: dict[str, Any]) -> None:
             to_sync.append(profile_id)
         to_check += [(profile_id, e.checkout_id) for e in group if isinstance(e, CheckoutChanged) and not e.completed]
     for profile_id in to_sync:
-        await asyncio.to_thread(sync_profile.send, profile_id)
+        await schedule_sync(profile_id)
     delay_ms = int(rt.settings.cart_abandon_delay_s * 1000)
     for profile_id, checkout_id in to_check:
         # A delayed message: if no order has closed the checkout by then, the cart counts as abandoned.
         await asyncio.to_thread(check_abandonment.send_with_options, args=(profile_id, checkout_id), delay=delay_ms)
     log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(to_sync))
+
+
+async def schedule_sync(profile_id: str) -> None:
+    """One delayed sync per profile per coalescing window; it sends whatever the profile is by then."""
+    rt = await runtime()
+    if await rt.coalescer.first_in_window(MAILCHIMP, profile_id):
+        await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id,), delay=rt.coalescer.window_ms or None)
 
 
 async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, bool]:
@@ -122,7 +129,7 @@ async def check_abandonment(profile_id: str, checkout_id: str) -> None:
         digest = member_hash(member) if member is not None else None
         if await rt.store.save(expired, meta["version"], MAILCHIMP, member, digest):
             if member is not None and digest != meta["esp"].get(MAILCHIMP, {}).get("sent_hash"):
-                await asyncio.to_thread(sync_profile.send, expired.id)
+                await schedule_sync(expired.id)
             return
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from adapters.esp.mailchimp import Mailchimp
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import Mapping, build_mappings
+from adapters.coalesce import Coalescer
 from adapters.geoip import GeoReader, open_reader
 from adapters.store import ProfileStore, Quarantine
 from workers.merge import MergeRules
@@ -23,6 +24,7 @@ class Runtime:
     rules: MergeRules
     geo: GeoReader | None
     blocked: frozenset[str]
+    coalescer: Coalescer
 
 
 _runtime: Runtime | None = None
@@ -50,7 +52,7 @@ async def _create() -> Runtime:
     rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
     geo = open_reader(settings.geoip_database)
     return Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
-                   frozenset(settings.blocked_identifiers))
+                   frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix))
 
 
 async def close_runtime() -> None:
@@ -60,3 +62,4 @@ async def close_runtime() -> None:
         rt, _runtime = _runtime, None
         await rt.esp.close()
         await rt.store.close()
+        await rt.coalescer.close()

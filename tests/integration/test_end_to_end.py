@@ -196,3 +196,23 @@ async def test_abandoned_cart_is_marked_after_the_delay_and_cleared_by_the_order
     assert member["merge_fields"]["ORDERS"] == 1
     doc = await system.db.profiles.find_one({"email": email})
     assert doc["computed"]["abandoned_cart"] is None and doc["expired_checkouts"] == [checkout["token"]]
+
+
+async def test_a_burst_of_changes_is_coalesced_into_few_esp_updates(receiver, sandbox, system, http):
+    import asyncio
+
+    email = unique_email()
+    burst = [customer(email, first_name=f"V{n:02d}", updated_at=f"2025-06-01T10:00:{n:02d}Z") for n in range(30)]
+    replies = await asyncio.gather(*(post_webhook(http, receiver, "customers/update", body) for body in burst))
+    assert {r.status for r in replies} == {202}
+
+    async def final():
+        m = await sandbox.member(http, email)
+        return m if m and m["merge_fields"]["FNAME"] == "V29" else None
+
+    member = await eventually(final)
+    await asyncio.sleep(1.0)
+    member = await sandbox.member(http, email)
+    assert member["merge_fields"]["FNAME"] == "V29"
+    # 30 changes, one coalescing window (250 ms) after another: a handful of PUTs, not 30.
+    assert member["update_count"] <= 6, member["update_count"]

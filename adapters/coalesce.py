@@ -1,0 +1,42 @@
+"""Coalescing of ESP syncs: many changes to one profile within a window become one update.
+
+The first change in a window schedules one delayed sync; later changes in the
+same window find the marker and rely on it, since the sync reads the profile's
+latest state when it runs. The freshness bound is the window. Without Redis every
+change schedules its own sync (correct, just not coalesced).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+
+class Coalescer:
+    """Parameters:
+      url: Redis URL.
+      window_ms: how long changes are gathered before the sync runs (the freshness bound).
+      prefix: key namespace.
+    """
+
+    def __init__(self, url: str, window_ms: int, prefix: str = "mergetag") -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.window_ms = window_ms
+        self._prefix = f"{prefix}:sync-scheduled:"
+
+    async def first_in_window(self, esp: str, profile_id: str) -> bool:
+        """True when no sync of this profile is scheduled yet: the caller schedules one."""
+        if self.window_ms <= 0:
+            return True
+        try:
+            return bool(await self._redis.set(f"{self._prefix}{esp}:{profile_id}", b"1", nx=True, px=self.window_ms))
+        except (RedisError, OSError) as exc:
+            log.warning("coalescing skipped, Redis unavailable: %s", type(exc).__name__)
+            return True
+
+    async def close(self) -> None:
+        await self._redis.aclose()
