@@ -76,6 +76,9 @@ def create_app(
             deliveries = source.accept(inbound)
         except Rejected as exc:
             return reject(name, exc)
+        except (ValueError, UnicodeError, RecursionError, TypeError):
+            # Undecodable headers, absurdly nested JSON...: the request is malformed, whoever sent it.
+            return reject(name, Rejected(400, "malformed_request"))
         keys = [d.dedup_key for d in deliveries if d.dedup_key]
         seen = await request.app[DEDUP].seen(keys)
         fresh = [d for d in deliveries if d.dedup_key not in seen]

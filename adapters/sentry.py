@@ -21,7 +21,7 @@ EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 PII_KEYS = {
     "email", "email_address", "contact_email", "phone", "first_name", "last_name", "name",
     "address1", "address2", "zip", "browser_ip", "ip", "abandoned_checkout_url", "url",
-    "payload", "traits", "merge_fields", "authorization", "x-shopify-hmac-sha256",
+    "payload", "traits", "merge_fields", "authorization", "x-shopify-hmac-sha256", "query_string", "cookies",
 }
 REDACTED = "[Filtered]"
 

@@ -14,10 +14,17 @@ from pymongo.errors import DuplicateKeyError
 
 from pydantic import ValidationError
 
-from schemas.errors import IdentityConflict, StoredProfileInvalid, SyncBusy
+from schemas.errors import StoredProfileInvalid, SyncBusy
 from schemas.profile import Profile, profile_keys
 
 PROFILES = "profiles"
+
+
+def _pending(prefix: str) -> dict[str, Any]:
+    """A profile is pending when it has a member and the ESP does not hold exactly that member yet."""
+    member_hash = f"${prefix}.member_hash"
+    return {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
+                     {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
 
 
 def _literal(value: Any) -> dict[str, Any]:
@@ -82,7 +89,7 @@ class ProfileStore:
         return [split for doc in docs if (split := self._split(doc)) is not None]
 
     async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], esp: str,
-                     member: dict[str, Any] | None, member_hash: str | None, retire: list[str]) -> bool:
+                     member: dict[str, Any] | None, member_hash: str | None, retire: list[str], sent_hash: str | None) -> bool:
         """Merge profiles in one transaction: the absorbed become pointers to ``survivor``.
 
         Every write is version-guarded; any lost race aborts the whole merge (returns False).
@@ -108,7 +115,8 @@ class ProfileStore:
                             raise _Abort
                     update: dict[str, Any] = {
                         "$set": {**body, f"{prefix}.member": member, f"{prefix}.member_hash": member_hash,
-                                 f"{prefix}.dirty_at": now, f"{prefix}.pending": member is not None or bool(retire)},
+                                 f"{prefix}.dirty_at": now,
+                                 f"{prefix}.pending": (member is not None and member_hash != sent_hash) or bool(retire)},
                         "$inc": {"version": 1},
                     }
                     if retire:
@@ -116,10 +124,9 @@ class ProfileStore:
                     done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
                     if done.matched_count != 1:
                         raise _Abort
-            except _Abort:
+            except (_Abort, DuplicateKeyError):
+                # A lost race, or a third profile took one of the identifiers meanwhile: re-read and retry.
                 return False
-            except DuplicateKeyError:
-                raise IdentityConflict("a merged identifier belongs to a third profile") from None
         return True
 
     async def retired(self, profile_id: str, esp: str, emails: list[str]) -> None:
@@ -159,12 +166,13 @@ class ProfileStore:
                     },
                 }
             },
-            {"$set": {f"{prefix}.pending": {"$ne": [f"${prefix}.member_hash", f"${prefix}.sent_hash"]}}},
+            {"$set": {f"{prefix}.pending": _pending(prefix)}},
         ]
         try:
             result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)
         except DuplicateKeyError:
-            raise IdentityConflict("an identifier of this profile already belongs to another profile") from None
+            # Another worker just gave one of these identifiers to another profile: re-read and merge.
+            return False
         return result.matched_count == 1
 
     async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> dict[str, Any] | None:
@@ -192,7 +200,12 @@ class ProfileStore:
         raise SyncBusy("another send of this profile is in flight", retry_after=max(0.5, (until - now).total_seconds()))
 
     async def release_send(self, profile_id: str, esp: str) -> None:
-        await self.profiles.update_one({"_id": profile_id}, {"$set": {f"esp.{esp}.sending_until": None}})
+        """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_one(
+            {"_id": profile_id},
+            [{"$set": {f"{prefix}.sending_until": None, f"{prefix}.pending": {"$or": [_pending(prefix), {"$gt": [{"$size": {"$ifNull": [f"${prefix}.retire", []]}}, 0]}]}}}],
+        )
 
     async def mark_sent(self, profile_id: str, esp: str, sent_hash: str) -> None:
         """Record what the ESP now holds; still pending if the profile moved on meanwhile."""
@@ -202,7 +215,7 @@ class ProfileStore:
             [
                 {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
                           f"{prefix}.sending_until": None}},
-                {"$set": {f"{prefix}.pending": {"$ne": [f"${prefix}.member_hash", sent_hash]}}},
+                {"$set": {f"{prefix}.pending": _pending(prefix)}},
             ],
         )
 

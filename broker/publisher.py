@@ -93,6 +93,12 @@ class Publisher:
                 )
         except BrokerUnavailable:
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            # Another publish reset the shared connection under this one: no confirm, so no 2xx.
+            raise BrokerUnavailable("RabbitMQ connection reset before the confirm") from None
         except (OSError, TimeoutError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
             log.warning("publish to %s failed: %s", queue, type(exc).__name__)
             await self._reset()

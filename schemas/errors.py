@@ -69,12 +69,6 @@ class UnsupportedEvent(PermanentError):
     code = "unsupported_event"
 
 
-class IdentityConflict(PermanentError):
-    """An event would give one profile an identifier another profile owns (two profiles are one person)."""
-
-    code = "identity_conflict"
-
-
 class StoredProfileInvalid(PermanentError):
     """A stored profile no longer validates against the model (needs a migration)."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -59,13 +59,14 @@ async def process_event(delivery: dict[str, Any]) -> None:
         profile_id, needs_sync = await merge_into_profile(rt.store, identity, group)
         if needs_sync:
             to_sync.append(profile_id)
-        to_check += [(profile_id, e.checkout_id) for e in group if isinstance(e, CheckoutChanged) and not e.completed]
+        to_check += [(profile_id, e.checkout_id, e.event_time.isoformat())
+                     for e in group if isinstance(e, CheckoutChanged) and not e.completed]
     for profile_id in to_sync:
         await schedule_sync(profile_id)
     delay_ms = int(rt.settings.cart_abandon_delay_s * 1000)
-    for profile_id, checkout_id in to_check:
-        # A delayed message: if no order has closed the checkout by then, the cart counts as abandoned.
-        await asyncio.to_thread(check_abandonment.send_with_options, args=(profile_id, checkout_id), delay=delay_ms)
+    for profile_id, checkout_id, at in to_check:
+        # A delayed message: if nothing has touched the checkout by then, the cart counts as abandoned.
+        await asyncio.to_thread(check_abandonment.send_with_options, args=(profile_id, checkout_id, at), delay=delay_ms)
     log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(to_sync))
 
 
@@ -99,6 +100,14 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             owners = owners[:1]
         profile, meta = owners[0] if owners else (new_profile(lookup_keys(identity, source)), {"version": None, "esp": {}})
         merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
+        limits = (rt.settings.identifier_limits, rt.settings.identifier_limit_default)
+        grown = set(over_limits(merged, *limits)) - set(over_limits(profile, *limits))
+        if grown:
+            # The same guard rail as for merges: a profile does not collect identifiers without bound.
+            log.warning("identifiers refused for %s: too many %s", profile.id, ", ".join(sorted(grown)))
+            new = {identity_key(kind, v) for kind in grown for v in merged.identifiers[kind] if v not in profile.identifiers.get(kind, ())}
+            events = [e.model_copy(update={"identity": _without(e.identity, source, new)}) for e in events]
+            merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
         sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
         if merged == profile and meta["version"] is not None:
             return merged.id, False
@@ -110,7 +119,7 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
 
 
 @dramatiq.actor(actor_name=topology.CHECK_ABANDONMENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
-async def check_abandonment(profile_id: str, checkout_id: str) -> None:
+async def check_abandonment(profile_id: str, checkout_id: str, at: str) -> None:
     """Runs once the abandonment delay has passed: records the checkout as expired if still open.
 
     Idempotent (a set of expired checkouts); an order that arrived meanwhile, or
@@ -122,7 +131,7 @@ async def check_abandonment(profile_id: str, checkout_id: str) -> None:
         if found is None:
             return
         profile, meta = found
-        expired = enrich(expire_checkout(profile, checkout_id), rt.settings.loyalty_tiers)
+        expired = enrich(expire_checkout(profile, checkout_id, datetime.fromisoformat(at)), rt.settings.loyalty_tiers)
         if expired == profile:
             return
         member = rt.esp.member(expired, rt.settings.merge_fields)
@@ -156,7 +165,8 @@ async def _merge_owners(store: ProfileStore, owners: list[tuple[Profile, dict[st
     member = rt.esp.member(combined, rt.settings.merge_fields)
     digest = member_hash(member) if member is not None else None
     absorbed = [(p.id, meta["version"]) for p, meta in others]
-    if not await store.absorb(combined, survivor_meta["version"], absorbed, MAILCHIMP, member, digest, retire):
+    sent_hash = survivor_meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
+    if not await store.absorb(combined, survivor_meta["version"], absorbed, MAILCHIMP, member, digest, retire, sent_hash):
         return _LOST
     log.info("merged %s into %s", [p.id for p, _ in others], survivor.id)
     return combined.id
@@ -166,7 +176,7 @@ def _without(identity: Identity, source: str, foreign: set[str]) -> Identity:
     """``identity`` minus the identifiers another profile owns (used when a merge is refused)."""
     kinds = {"email": "email", "phone": "phone", "customer_id": source, "anonymous_id": ANONYMOUS}
     kept = {f: v for f, k in kinds.items() if (v := getattr(identity, f)) is not None and identity_key(k, v) not in foreign}
-    return Identity(**kept)
+    return Identity(**kept) if kept else identity
 
 
 @dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix))

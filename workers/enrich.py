@@ -60,10 +60,13 @@ def abandoned_cart(profile: Profile, orders: Iterable[OrderFact]) -> AbandonedCa
     return AbandonedCart(checkout_id=checkout_id, url=fact.url, value=fact.total, item_count=fact.item_count, at=fact.event_time)
 
 
-def expire_checkout(profile: Profile, checkout_id: str) -> Profile:
-    """Record that ``checkout_id`` was still open when its delay ran out (idempotent)."""
+def expire_checkout(profile: Profile, checkout_id: str, at: datetime) -> Profile:
+    """Record that ``checkout_id`` was still open, unchanged since ``at``, when its delay ran out (idempotent).
+
+    A checkout updated after ``at`` has a newer check of its own scheduled: this one does nothing.
+    """
     fact = profile.checkouts.get(checkout_id)
-    if fact is None or fact.completed or checkout_id in profile.expired_checkouts:
+    if fact is None or fact.completed or fact.event_time != at or checkout_id in profile.expired_checkouts:
         return profile
     return profile.model_copy(update={"expired_checkouts": tuple(sorted({*profile.expired_checkouts, checkout_id}))})
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from adapters.sources.registry import Mapping
 from schemas.delivery import Delivery
-from schemas.errors import EventInvalid, UnsupportedEvent
+from schemas.errors import EventInvalid, MergetagError, UnsupportedEvent
 from schemas.events import Event, Identity
 from schemas.profile import ANONYMOUS, DEFAULT_BLOCKED, EMAIL, PHONE, Profile, identity_key, profile_id_for_key
 from workers.enrich import enrich
@@ -29,7 +29,14 @@ def events_for(delivery: Delivery, mappings: dict[str, Mapping]) -> list[Event]:
     mapping = mappings.get(delivery.source)
     if mapping is None:
         raise UnsupportedEvent(f"no mapping for source {delivery.source!r}")
-    return mapping(delivery)
+    try:
+        return mapping(delivery)
+    except MergetagError:
+        raise
+    except (ArithmeticError, AttributeError, KeyError, LookupError, OSError, OverflowError, TypeError, ValueError) as exc:
+        # The payload is not shaped as the mapping expects: bad input, kept in quarantine, never retried.
+        error = {"event": delivery.topic, "loc": "payload", "type": "mapping_failed", "msg": type(exc).__name__}
+        raise EventInvalid(f"{delivery.source} {delivery.topic}: mapping failed ({type(exc).__name__})", errors=[error]) from None
 
 
 def by_identity(events: Iterable[Event]) -> dict[Identity, list[Event]]:

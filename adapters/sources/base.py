@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,6 +101,11 @@ def validate_events(raw: list[dict[str, Any]]) -> list[Event]:
     if problems:
         raise EventInvalid("; ".join(f"{p['event']}: {p['loc']}: {p['type']}" for p in problems), errors=problems)
     return events
+
+
+def content_id(payload: Any) -> str:
+    """A stable id for an item that came without one."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def path_get(document: Any, path: str) -> Any:

@@ -21,9 +21,10 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl
 
-from adapters.sources.base import Inbound, Rejected, WebhookSource, header, validate_events
+from adapters.sources.base import Inbound, Rejected, WebhookSource, content_id, header, validate_events
 from adapters.sources.mapped import as_time, context
 from schemas.delivery import Delivery
+from schemas.errors import EventInvalid
 from schemas.events import Event
 
 NAME = "mailchimp"
@@ -73,13 +74,13 @@ class MailchimpSource(WebhookSource):
             raise Rejected(400, "malformed_json") from None
         if not isinstance(events, list):
             raise Rejected(400, "invalid_payload", "mandrill_events must be a JSON array")
+        # One bad item never costs the batch its good ones: it travels on and is quarantined with its reason.
         deliveries = []
-        for index, event in enumerate(events):
-            if not isinstance(event, dict) or not event.get("event") or not event.get("_id"):
-                raise Rejected(400, "invalid_event", f"event {index} needs event and _id")
-            key = f"{event['_id']}:{event['event']}:{event.get('ts')}"
-            deliveries.append(Delivery(source=NAME, topic=f"mandrill.{event['event']}", delivery_id=key,
-                                       dedup_key=f"{NAME}:{key}", received_at=inbound.received_at, payload=event))
+        for event in events:
+            payload = event if isinstance(event, dict) else {"item": event}
+            key = f"{payload.get('_id') or content_id(payload)}:{payload.get('event')}:{payload.get('ts')}"
+            deliveries.append(Delivery(source=NAME, topic=f"mandrill.{payload.get('event') or 'unknown'}", delivery_id=key,
+                                       dedup_key=f"{NAME}:{key}", received_at=inbound.received_at, payload=payload))
         return deliveries
 
     def _marketing(self, inbound: Inbound, form: dict[str, str]) -> list[Delivery]:
@@ -120,6 +121,9 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
              "context": context(p.get("ip"), p.get("user_agent"))}
     campaign = (msg.get("metadata") or {}).get("campaign_id") if isinstance(msg.get("metadata"), dict) else None
     kind = topic.split(".", 1)[1]
+    if kind in ("open", "click", "unsub", "spam") and not p.get("_id"):
+        raise EventInvalid(f"mandrill {kind}: no _id", errors=[
+            {"event": kind, "loc": "_id", "type": "missing", "msg": "Mandrill events carry _id"}])
     if kind == "open":
         return [{**base, "type": "email.opened", "esp": NAME, "campaign_id": campaign}]
     if kind == "click":

@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from adapters.sources.base import Inbound, Rejected, WebhookSource, header, json_value, validate_events
+from adapters.sources.base import Inbound, Rejected, WebhookSource, content_id, header, json_value, validate_events
 from adapters.sources.mapped import as_time, context
 from adapters.sources.signatures import check_timestamp
 from schemas.delivery import Delivery
+from schemas.errors import EventInvalid
 from schemas.events import Event
 
 NAME = "sendgrid"
@@ -63,12 +64,13 @@ class SendGridSource(WebhookSource):
         events = json_value(inbound.body)
         if not isinstance(events, list):
             raise Rejected(400, "invalid_payload", "the body must be a JSON array of events")
+        # One bad item never costs the batch its good ones: it travels on and is quarantined with its reason.
         deliveries = []
-        for index, event in enumerate(events):
-            if not isinstance(event, dict) or not event.get("event") or not event.get("sg_event_id"):
-                raise Rejected(400, "invalid_event", f"event {index} needs event and sg_event_id")
-            deliveries.append(Delivery(source=NAME, topic=str(event["event"]), delivery_id=str(event["sg_event_id"]),
-                                       dedup_key=f"{NAME}:{event['sg_event_id']}", received_at=inbound.received_at, payload=event))
+        for event in events:
+            payload = event if isinstance(event, dict) else {"item": event}
+            event_id = str(payload.get("sg_event_id") or content_id(payload))
+            deliveries.append(Delivery(source=NAME, topic=str(payload.get("event") or "unknown"), delivery_id=event_id,
+                                       dedup_key=f"{NAME}:{event_id}", received_at=inbound.received_at, payload=payload))
         return deliveries
 
     status = 200
@@ -103,6 +105,9 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
     }
     campaign = e.get("singlesend_id") or e.get("marketing_campaign_id")
     kind = delivery.topic
+    if kind in ("open", "click", *UNSUBSCRIBES) and not e.get("sg_event_id"):
+        raise EventInvalid(f"sendgrid {kind}: no sg_event_id", errors=[
+            {"event": kind, "loc": "sg_event_id", "type": "missing", "msg": "SendGrid events carry sg_event_id"}])
     if kind == "open":
         return [{**base, "type": "email.opened", "esp": NAME, "campaign_id": _str(campaign)}]
     if kind == "click":

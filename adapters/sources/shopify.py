@@ -55,6 +55,10 @@ class ShopifySource(WebhookSource):
 
     def accept(self, inbound: Inbound) -> list[Delivery]:
         self.verify(inbound.headers, inbound.body)
+        topic = inbound.headers.get("X-Shopify-Topic")
+        if topic and topic not in TOPICS:
+            # Answered 2xx and counted as ignored: a refusal would make Shopify retry, then drop the subscription.
+            return []
         return [self.delivery(inbound.headers, json_object(inbound.body), inbound.received_at)]
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
@@ -148,15 +152,17 @@ def _customer_events(delivery: Delivery, kind: str) -> list[dict[str, Any]]:
         if key in address:
             traits[name] = address.get(key)
     events = [{**_base(delivery, f"shopify:customer:{cid}:{at}", at, identity), "type": kind, "traits": traits}]
+    # Consent embedded in a customer payload counts only with its own time: stamped with the customer's
+    # updated_at, any unrelated edit would re-assert a stale "subscribed" over a newer unsubscribe.
     consent = p.get("email_marketing_consent")
-    if consent and consent.get("state"):
-        events.append(_consent(delivery, identity, "email", consent, cid, fallback_time=at))
-    elif isinstance(p.get("accepts_marketing"), bool):
+    if consent and consent.get("state") and consent.get("consent_updated_at"):
+        events.append(_consent(delivery, identity, "email", consent, cid))
+    elif isinstance(p.get("accepts_marketing"), bool) and p.get("accepts_marketing_updated_at"):
         legacy = {
             "state": "subscribed" if p["accepts_marketing"] else "not_subscribed",
-            "consent_updated_at": p.get("accepts_marketing_updated_at"),
+            "consent_updated_at": p["accepts_marketing_updated_at"],
         }
-        events.append(_consent(delivery, identity, "email", legacy, cid, fallback_time=at))
+        events.append(_consent(delivery, identity, "email", legacy, cid))
     return events
 
 

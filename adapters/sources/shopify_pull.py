@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TOPICS = {"customers": "customers/update", "orders": "orders/updated"}
 LINK = re.compile(r'<([^>]+)>;\s*rel="?([a-z]+)"?')
 EPOCH = "1970-01-01T00:00:00+00:00"
+SKEW = timedelta(minutes=5)
 
 
 def next_link(header: str | None) -> str | None:
@@ -76,27 +77,39 @@ class ShopifyPuller:
         self._sleep = sleep
 
     async def pull(self, resource: str, since: str | None = None, max_pages: int | None = None) -> PullResult:
-        """Pull ``resource`` changed since ``since`` (default: the checkpoint), page by page."""
+        """Pull ``resource`` changed since ``since`` (default: the checkpoint), page by page.
+
+        The next pull starts where this one started (less a clock-skew margin): a record changed
+        while this pull paged past it is fetched again next time, never skipped. Re-fetching is
+        harmless: pulled records name the same events as before.
+        """
         key = f"shopify:{resource}"
         state = await self._checkpoints.get(key) or {}
         if since is not None:
             state = {"since": since}
         start = state.get("since") or EPOCH
-        url = state.get("cursor") or f"{self._base}/{resource}.json?" + urlencode({"limit": self._page_size, "updated_at_min": start})
-        high = state.get("high") or start
+        began = state.get("began") or (datetime.now(timezone.utc) - SKEW).isoformat()
+        first = f"{self._base}/{resource}.json?" + urlencode({"limit": self._page_size, "updated_at_min": start})
+        url = state.get("cursor") or first
         pages = records = 0
         async with aiohttp.ClientSession(headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)) as session:
             while url and (max_pages is None or pages < max_pages):
-                body, link = await self._get(session, url)
+                try:
+                    body, link = await self._get(session, url)
+                except SourceUnavailable as exc:
+                    if url == first or exc.code != "source_refused":
+                        raise
+                    log.warning("stored cursor refused; restarting the pull from %s", start)
+                    url = first
+                    continue
                 rows = body.get(resource, [])
                 received = datetime.now(timezone.utc)
                 await asyncio.gather(*(self._publish(self._delivery(resource, row, received)) for row in rows))
-                high = max([high, *(row.get("updated_at") or start for row in rows)], key=_instant)
                 url = next_link(link)
                 pages, records = pages + 1, records + len(rows)
-                await self._checkpoints.put(key, {"since": start, "cursor": url, "high": high} if url else {"since": high})
+                await self._checkpoints.put(key, {"since": start, "cursor": url, "began": began} if url else {"since": began})
         log.info("pulled %d %s in %d page(s)", records, resource, pages)
-        return PullResult(resource, pages, records, high)
+        return PullResult(resource, pages, records, began if not url else start)
 
     async def _get(self, session: aiohttp.ClientSession, url: str) -> tuple[dict[str, Any], str | None]:
         for attempt in range(8):
@@ -132,7 +145,3 @@ class ShopifyPuller:
         key = f"pull:{resource}:{row.get('id')}:{row.get('updated_at')}"
         return Delivery(source="shopify", topic=TOPICS[resource], delivery_id=key, dedup_key=f"shopify:{key}",
                         received_at=received, meta={"pulled": "true"}, payload=row)
-
-
-def _instant(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -132,6 +132,22 @@ async def test_a_merge_that_would_break_identifier_limits_is_refused(receiver, s
     assert "refused" in (system.logs / "worker.log").read_text()
 
 
+async def test_one_profile_does_not_collect_identifiers_without_bound(receiver, system, http):
+    tag = uuid.uuid4().hex[:8]
+    body = customer(f"x1-{tag}@example.com", updated_at="2025-01-01T00:00:00Z")
+    for n in range(1, 4):  # the same Shopify customer under three addresses, one after the other; the limit here is two
+        changed = dict(body, email=f"x{n}-{tag}@example.com", updated_at=f"2025-01-0{n}T00:00:00Z", first_name=f"F{n}")
+        assert (await post_webhook(http, receiver, "customers/update", changed)).status == 202
+
+        async def applied(n=n):
+            doc = await owner(system, f"email:x1-{tag}@example.com")
+            return doc if doc and doc["traits"].get("first_name", {}).get("value") == f"F{n}" else None
+
+        doc = await eventually(applied)
+    assert doc["identifiers"]["email"] == [f"x1-{tag}@example.com", f"x2-{tag}@example.com"]
+    assert await owner(system, f"email:x3-{tag}@example.com") is None
+
+
 async def test_concurrent_workers_lose_no_update(receiver, system, http, tmp_path):
     extra = [spawn(system.env, tmp_path / f"worker-{n}.log", "worker") for n in range(3)]
     try:

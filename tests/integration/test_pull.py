@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import aiohttp
 import pytest
@@ -102,32 +102,40 @@ async def test_pull_pages_through_everything_and_keeps_a_checkpoint(shop, http, 
     messages = queued()
     assert len(messages) == 60
     assert {m["topic"] for m in messages} == {"customers/update"}
-    assert (await checkpoints.get("shopify:customers")) == {"since": "2021-01-01T00:59:00+00:00"}
+    checkpoint = (await checkpoints.get("shopify:customers"))["since"]
+    began = datetime.fromisoformat(checkpoint)
+    assert timedelta(minutes=4) < datetime.now(timezone.utc) - began < timedelta(minutes=6)  # the pull's start, less the skew margin
+    late = demo_customers(1, datetime.now(timezone.utc) - timedelta(minutes=1))
+    late[0]["id"] += 5_000
+    await seed(http, shop, late)
     again = await puller(shop).pull("customers")
-    assert again.records == 1  # only the boundary record: updated_at_min is inclusive
+    assert again.records == 1  # only what changed since the last pull began
 
 
 async def test_a_restarted_pull_resumes_from_its_cursor(shop, http, pull_env):
     puller, checkpoints, queued = pull_env
-    await seed(http, shop, demo_customers(70, datetime(2022, 1, 1, tzinfo=timezone.utc)))
+    seeded = demo_customers(70, datetime(2022, 1, 1, tzinfo=timezone.utc))
+    await seed(http, shop, seeded)
     first = await puller(shop, page_size=20).pull("customers", since="2022-01-01T00:00:00+00:00", max_pages=2)
     assert first.records == 40
     assert (await checkpoints.get("shopify:customers"))["cursor"]
     rest = await puller(shop, page_size=20).pull("customers")  # a new process: from the stored cursor
-    assert rest.records == 30
     ids = [m["delivery_id"] for m in queued()]
-    assert len(ids) == len(set(ids)) == 70
+    assert len(ids) == len(set(ids)) == first.records + rest.records  # nothing twice, nothing skipped
+    assert {f"pull:customers:{c['id']}:{c['updated_at']}" for c in seeded} <= set(ids)
 
 
 async def test_pull_stays_inside_the_leaky_bucket(shop, http, pull_env):
     puller, _, queued = pull_env
-    await seed(http, shop, demo_customers(90, datetime(2023, 1, 1, tzinfo=timezone.utc)))
+    seeded = demo_customers(90, datetime(2023, 1, 1, tzinfo=timezone.utc))
+    await seed(http, shop, seeded)
     async with http.get(f"{shop}/_sandbox/stats") as r:
         before = await r.json()
     result = await puller(shop, page_size=5).pull("customers", since="2023-01-01T00:00:00+00:00")
     async with http.get(f"{shop}/_sandbox/stats") as r:
         after = await r.json()
-    assert result.records == 90 and len(queued()) == 90
+    ids = {m["delivery_id"] for m in queued()}
+    assert result.records == len(ids) and {f"pull:customers:{c['id']}:{c['updated_at']}" for c in seeded} <= ids
     assert after["requests"] - before["requests"] >= 18
     # Pacing by X-Shopify-Shop-Api-Call-Limit keeps 429s rare; any that happen are waited out, not lost.
     assert after["throttled"] - before["throttled"] <= 2

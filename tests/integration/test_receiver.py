@@ -86,7 +86,6 @@ async def test_old_secret_still_accepted_during_rotation(idle, http):
         ("not_an_object", 400, "invalid_payload"),
         ("oversized", 413, "payload_too_large"),
         ("unknown_source", 404, "unknown_source"),
-        ("unsupported_topic", 422, "unsupported_topic"),
     ],
 )
 async def test_refusals_have_a_status_a_code_and_enqueue_nothing(idle, http, kind, status, code):
@@ -102,8 +101,6 @@ async def test_refusals_have_a_status_a_code_and_enqueue_nothing(idle, http, kin
         payload = json.dumps({"note": "x" * (LIMIT + 1)}).encode()
     elif kind == "unknown_source":
         source = "woocommerce"
-    elif kind == "unsupported_topic":
-        topic = "shop/update"
     if kind == "no_signature":
         async with http.post(f"{url}/webhooks/shopify", data=payload, headers={"X-Shopify-Topic": topic}) as r:
             response = Reply(r.status, dict(r.headers), await r.read())
@@ -179,3 +176,23 @@ async def test_duplicate_is_answered_2xx_and_not_queued_again(idle, http):
     assert (first.status, second.status) == (202, 202)
     assert second.json()["duplicates"] == 1
     assert queue_counts(prefix)[topology.events_queue(prefix)] == 1
+
+
+async def test_verified_delivery_on_an_unmapped_topic_is_acknowledged_and_counted(idle, http):
+    prefix, url = idle
+    reply = await post_webhook(http, url, "shop/update", {"id": 1})
+    assert reply.status == 202 and reply.json()["message_ids"] == []
+    assert sum(queue_counts(prefix).values()) == 0
+    async with http.get(f"{url}/metrics") as r:
+        assert 'source="shopify",outcome="ignored"' in await r.text()
+
+
+async def test_junk_headers_and_bodies_are_400_not_500(idle, http):
+    prefix, url = idle
+    body = json.dumps(customer("junk@example.com")).encode()
+    async with http.post(f"{url}/webhooks/shopify", data=body, headers={"X-Shopify-Hmac-Sha256": "é\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "X-Shopify-Topic": "customers/update"}) as r:
+        assert r.status in (400, 401)
+    nested = b"[" * 20_000 + b"]" * 20_000
+    from adapters.sources.shopify import sign
+    async with http.post(f"{url}/webhooks/shopify", data=nested, headers={"X-Shopify-Hmac-Sha256": sign(nested, SHOPIFY_SECRET), "X-Shopify-Topic": "customers/update"}) as r:
+        assert (r.status, (await r.json())["error"]) == (400, "malformed_request")

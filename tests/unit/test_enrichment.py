@@ -100,13 +100,14 @@ def test_cart_abandonment_is_derived_from_facts_and_cleared_by_an_order():
                               items=[{"price": "20", "quantity": 2}], event_id="c", event_time=T, **base)
     profile = merge_all(Profile(id="p"), [started], {})
     assert profile.computed.abandoned_cart is None  # not before the delay ran out
-    expired = enrich(expire_checkout(profile, "c1"), {})
+    assert expire_checkout(profile, "c1", T - timedelta(minutes=1)) == profile  # changed since that check was scheduled
+    expired = enrich(expire_checkout(profile, "c1", T), {})
     cart = expired.computed.abandoned_cart
     assert (cart.checkout_id, cart.url, cart.value, cart.item_count) == ("c1", "https://shop/c1", Decimal("40"), 2)
-    assert enrich(expire_checkout(expired, "c1"), {}) == expired  # re-delivered check: no change
+    assert enrich(expire_checkout(expired, "c1", T), {}) == expired  # re-delivered check: no change
     after = OrderCompleted(order_id="o", total=Decimal("40"), event_id="o", event_time=T + timedelta(minutes=30), **base)
     assert merge_all(expired, [after], {}).computed.abandoned_cart is None
     completed = started.model_copy(update={"type": "checkout.updated", "completed": True, "event_id": "c2",
                                            "event_time": T + timedelta(minutes=5)})
     assert merge_all(expired, [completed], {}).computed.abandoned_cart is None
-    assert expire_checkout(merge_all(profile, [completed], {}), "c1").expired_checkouts == ()
+    assert expire_checkout(merge_all(profile, [completed], {}), "c1", T).expired_checkouts == ()
