@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -33,8 +33,13 @@ def subscriber_hash(email: str) -> str:
     return hashlib.md5(email.lower().encode()).hexdigest()
 
 
-def profile_values(profile: Profile) -> dict[str, Scalar]:
-    """Every trait a merge field can name: the profile's own traits, then the computed ones."""
+def profile_values(profile: Profile, today: date | None = None) -> dict[str, Scalar]:
+    """Every trait a merge field can name: the profile's own traits, then the computed ones.
+
+    ``days_since_last_order`` and ``days_since_last_open`` are counted to ``today`` (UTC): they
+    are as fresh as the member's last sync, so map them only where a daily refresh runs.
+    """
+    today = today or datetime.now(timezone.utc).date()
     values: dict[str, Scalar] = {name: trait.value for name, trait in profile.traits.items()}
     c = profile.computed
     values.update(
@@ -49,6 +54,8 @@ def profile_values(profile: Profile) -> dict[str, Scalar]:
         last_email_open=c.last_email_open.date().isoformat() if c.last_email_open else None,
         abandoned_cart_url=c.abandoned_cart.url if c.abandoned_cart else None,
         abandoned_cart_value=float(c.abandoned_cart.value) if c.abandoned_cart else None,
+        days_since_last_order=(today - c.last_order_date.date()).days if c.last_order_date else None,
+        days_since_last_open=(today - c.last_email_open.date()).days if c.last_email_open else None,
     )
     return values
 
@@ -58,6 +65,7 @@ def profile_values(profile: Profile) -> dict[str, Scalar]:
 COMPUTED = frozenset({
     "lifetime_value", "order_count", "last_order_date", "loyalty_tier", "categories_viewed", "average_order_value",
     "top_categories", "preferred_send_hour", "last_email_open", "abandoned_cart_url", "abandoned_cart_value",
+    "days_since_last_order", "days_since_last_open",
 })
 
 
@@ -69,7 +77,7 @@ def _merge_value(value: Scalar) -> Scalar:
     return value
 
 
-def member_body(profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any] | None:
+def member_body(profile: Profile, merge_fields: dict[str, str], today: date | None = None) -> dict[str, Any] | None:
     """The member Mailchimp should hold for ``profile``. Pure.
 
     Parameters:
@@ -78,7 +86,7 @@ def member_body(profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any
     """
     if profile.email is None:
         return None
-    values = profile_values(profile)
+    values = profile_values(profile, today)
     fields = {
         tag: "" if values.get(trait) is None else _merge_value(values[trait])
         for trait, tag in sorted(merge_fields.items())

@@ -45,3 +45,10 @@ def test_hashes():
     a = member_body(profile(), DEFAULT_MERGE_FIELDS)
     assert member_hash(a) == member_hash(dict(reversed(list(a.items()))))
     assert member_hash(a) != member_hash(member_body(profile(email="b@example.com"), DEFAULT_MERGE_FIELDS))
+
+
+def test_recency_values_are_counted_to_the_day_given():
+    from datetime import date
+
+    body = member_body(profile(), {"days_since_last_order": "DAYSORDER", "days_since_last_open": "DAYSOPEN"}, today=date(2024, 3, 14))
+    assert body["merge_fields"] == {"DAYSORDER": 10, "DAYSOPEN": ""}
