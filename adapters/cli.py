@@ -272,6 +272,21 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _esp_status() -> int:
+    from workers.runtime import mailchimp_guard
+
+    guard = mailchimp_guard(get_settings())
+    try:
+        print(json.dumps({"mailchimp": await guard.state()}, indent=2))
+    finally:
+        await guard.close()
+    return 0
+
+
+def cmd_esp(args: argparse.Namespace) -> int:
+    return asyncio.run(_esp_status())
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from adapters.dev import run_local
 
@@ -313,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esp", default="mailchimp", choices=["mailchimp"])
     p.add_argument("--template", help="a file with Mailchimp merge tags (*|FNAME|*, *|IF:TAG|*…*|END:IF|*)")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("esp", help="ESP accounts: circuit state and connection use")
+    p.add_argument("action", choices=["status"])
+    p.set_defaults(func=cmd_esp)
 
     p = sub.add_parser("admin", help="run the admin API (MERGETAG_ADMIN_TOKEN)")
     p.add_argument("--port", type=int)

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     mailchimp_base_url: str | None = None
     mailchimp_list_id: str = "sandbox"
     mailchimp_timeout_s: float = 10.0
+    mailchimp_max_connections: int = 10
+    esp_circuit_failures: int = 5
+    esp_circuit_open_s: float = 30.0
     merge_fields: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MERGE_FIELDS))
     loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
     trait_priority: dict[str, list[str]] = Field(default_factory=dict)

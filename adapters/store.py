@@ -182,22 +182,27 @@ class ProfileStore:
         overtake a newer one. Returns None when the profile does not exist;
         raises SyncBusy while another send holds the lease.
         """
-        now = datetime.now(timezone.utc)
         field = f"esp.{esp}.sending_until"
-        doc = await self.profiles.find_one_and_update(
-            {"_id": profile_id, "merged_into": {"$exists": False},
-             "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
-            {"$set": {field: now + lease}},
-            projection={f"esp.{esp}": 1},
-            return_document=ReturnDocument.AFTER,
-        )
-        if doc is not None:
-            return doc.get("esp", {}).get(esp, {})
-        held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
-        if held is None:
-            return None
-        until = held["esp"][esp][field.rsplit(".", 1)[1]]
-        raise SyncBusy("another send of this profile is in flight", retry_after=max(0.5, (until - now).total_seconds()))
+        for _ in range(5):
+            now = datetime.now(timezone.utc)
+            doc = await self.profiles.find_one_and_update(
+                {"_id": profile_id, "merged_into": {"$exists": False},
+                 "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
+                {"$set": {field: now + lease}},
+                projection={f"esp.{esp}": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return doc.get("esp", {}).get(esp, {})
+            held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
+            if held is None:
+                return None
+            until = held.get("esp", {}).get(esp, {}).get("sending_until")
+            if until is not None and until > now:
+                # Sends end long before their lease: look again soon rather than at the lease's end.
+                raise SyncBusy("another send of this profile is in flight", retry_after=min(1.0, (until - now).total_seconds()))
+            # Released between the two reads: claim again.
+        raise SyncBusy("the send lease of this profile keeps changing hands", retry_after=0.5)
 
     async def release_send(self, profile_id: str, esp: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""

@@ -295,6 +295,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         "MERGETAG_WORKER_THREADS": "4",
         "SENTRY_DSN": sentry_sink.dsn,
         "MERGETAG_CART_ABANDON_DELAY_S": "2",
+        "MERGETAG_MAILCHIMP_MAX_CONNECTIONS": "3",
         "MERGETAG_IDENTIFIER_LIMITS": json.dumps({"email": 2, "phone": 2, "anonymous": 20}),
         **source_env(),
     }

@@ -190,7 +190,8 @@ async def sync_profile(profile_id: str) -> None:
     if state.get("retire"):
         try:
             for email in state["retire"]:
-                await rt.esp.archive(email)
+                async with rt.guard.call():
+                    await rt.esp.archive(email)
         except MergetagError as exc:
             if exc.code != "esp_timeout":
                 await rt.store.release_send(profile_id, MAILCHIMP)
@@ -201,7 +202,8 @@ async def sync_profile(profile_id: str) -> None:
         await rt.store.release_send(profile_id, MAILCHIMP)
         return
     try:
-        await rt.esp.upsert(state["member"])
+        async with rt.guard.call():
+            await rt.esp.upsert(state["member"])
     except EspRejected as exc:
         await rt.store.mark_failed(profile_id, MAILCHIMP, state["member_hash"], exc.code)
         raise

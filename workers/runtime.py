@@ -9,6 +9,7 @@ from adapters.esp.mailchimp import Mailchimp
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import Mapping, build_mappings
 from adapters.coalesce import Coalescer
+from adapters.esp.guard import EspGuard, account_id
 from adapters.geoip import GeoReader, open_reader
 from adapters.store import ProfileStore, Quarantine
 from workers.merge import MergeRules
@@ -25,6 +26,7 @@ class Runtime:
     geo: GeoReader | None
     blocked: frozenset[str]
     coalescer: Coalescer
+    guard: EspGuard
 
 
 _runtime: Runtime | None = None
@@ -52,7 +54,16 @@ async def _create() -> Runtime:
     rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
     geo = open_reader(settings.geoip_database)
     return Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
-                   frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix))
+                   frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
+                   mailchimp_guard(settings))
+
+
+def mailchimp_guard(settings: Settings) -> EspGuard:
+    """The guard of the configured Mailchimp account, shared by every process through Redis."""
+    return EspGuard(settings.redis_url, account_id("mailchimp", settings.mailchimp_api_key.get_secret_value()),
+                    settings.mailchimp_max_connections, settings.esp_circuit_failures, settings.esp_circuit_open_s,
+                    wait_s=settings.mailchimp_timeout_s, lease_ms=int(2 * settings.mailchimp_timeout_s * 1000) + 5_000,
+                    prefix=settings.queue_prefix)
 
 
 async def close_runtime() -> None:
@@ -63,3 +74,4 @@ async def close_runtime() -> None:
         await rt.esp.close()
         await rt.store.close()
         await rt.coalescer.close()
+        await rt.guard.close()

@@ -62,6 +62,8 @@ class Sandbox:
         self.members: dict[str, dict[str, dict[str, Any]]] = {list_id: {} for list_id in lists}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.writes_in_flight = 0
+        self.max_writes_in_flight = 0
         self.requests: dict[str, int] = {}
         self.faults: list[int] = []
         self.latency_s = 0.0
@@ -78,6 +80,7 @@ class Sandbox:
         app.router.add_post("/_sandbox/faults", self.add_faults)
         app.router.add_post("/_sandbox/latency", self.set_latency)
         app.router.add_get("/_sandbox/stats", self.stats)
+        app.router.add_post("/_sandbox/stats/reset", self.reset_stats)
         return app
 
     @web.middleware
@@ -90,6 +93,10 @@ class Sandbox:
             return problem(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        writing = request.method != "GET"
+        if writing:
+            self.writes_in_flight += 1
+            self.max_writes_in_flight = max(self.max_writes_in_flight, self.writes_in_flight)
         try:
             route = f"{request.method} {request.match_info.route.resource.canonical if request.match_info.route.resource else request.path}"
             self.requests[route] = self.requests.get(route, 0) + 1
@@ -101,6 +108,8 @@ class Sandbox:
             return await handler(request)
         finally:
             self.in_flight -= 1
+            if writing:
+                self.writes_in_flight -= 1
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
@@ -228,8 +237,13 @@ class Sandbox:
         self.latency_s = float(body.get("ms", 0)) / 1000
         return web.json_response({"latency_ms": self.latency_s * 1000})
 
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        self.requests, self.max_in_flight, self.max_writes_in_flight = {}, self.in_flight, self.writes_in_flight
+        return await self.stats(request)
+
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"requests": self.requests, "max_in_flight": self.max_in_flight})
+        return web.json_response({"requests": self.requests, "max_in_flight": self.max_in_flight,
+                                  "max_writes_in_flight": self.max_writes_in_flight})
 
 
 def _valid_value(kind: str, value: Any) -> bool:

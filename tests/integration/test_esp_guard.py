@@ -1,0 +1,98 @@
+"""The shared ESP guard on real Redis, and two sync processes that never exceed one account's limit."""
+
+import asyncio
+import uuid
+
+import aiohttp
+import pytest
+
+from adapters.esp.guard import EspGuard
+from schemas.errors import EspRejected, EspUnavailable
+from tests.conftest import API_KEY, eventually, post_webhook, spawn, stop
+from tests.samples import customer
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def guards(n: int, **options) -> list[EspGuard]:
+    account = f"test:{uuid.uuid4().hex[:8]}"
+    return [EspGuard(REDIS, account, prefix="guardtest", **options) for _ in range(n)]
+
+
+async def test_two_holders_of_one_account_never_exceed_its_limit():
+    a, b = guards(2, limit=3, wait_s=10)
+    in_use, peak = 0, 0
+
+    async def call(guard):
+        nonlocal in_use, peak
+        async with guard.call():
+            in_use += 1
+            peak = max(peak, in_use)
+            await asyncio.sleep(0.03)
+            in_use -= 1
+
+    await asyncio.gather(*(call(a if n % 2 else b) for n in range(30)))
+    assert peak == 3
+    assert (await a.state())["connections_in_use"] == 0
+    for g in (a, b):
+        await g.close()
+
+
+async def test_429s_halve_the_connections_and_successes_win_them_back():
+    (g,) = guards(1, limit=8, failures=100)
+    for _ in range(2):
+        with pytest.raises(EspUnavailable):
+            async with g.call():
+                raise EspUnavailable("mailchimp 429 Too Many Requests")
+    assert (await g.state())["connection_limit"] == 2
+    for _ in range(3):
+        async with g.call():
+            pass
+    assert (await g.state())["connection_limit"] == 5
+    await g.close()
+
+
+async def test_circuit_opens_fails_fast_and_recovers():
+    (g,) = guards(1, failures=3, open_s=0.5)
+    with pytest.raises(EspRejected):  # a member-level refusal says nothing about the account's health
+        async with g.call():
+            raise EspRejected("mailchimp 400")
+    for _ in range(3):
+        with pytest.raises(EspUnavailable):
+            async with g.call():
+                raise EspUnavailable("mailchimp 503")
+    assert (await g.state())["circuit"] == "open"
+    with pytest.raises(EspUnavailable) as fast:
+        async with g.call():
+            pytest.fail("an open circuit must not call the ESP")
+    assert fast.value.code == "circuit_open" and 0 < fast.value.retry_after <= 0.5
+    await asyncio.sleep(0.6)
+    assert (await g.state())["circuit"] == "half-open"
+    async with g.call():
+        pass
+    assert (await g.state())["circuit"] == "closed"
+    await g.close()
+
+
+async def test_two_sync_processes_share_one_connection_limit(receiver, system, sandbox, http, tmp_path):
+    second = spawn(system.env, tmp_path / "sync-2.log", "sync")
+    auth = aiohttp.encode_basic_auth("t", API_KEY)
+    await sandbox.control(http, "latency", {"ms": 150})
+    await sandbox.control(http, "stats/reset", {})
+    try:
+        emails = [f"limit-{uuid.uuid4().hex[:8]}@example.com" for _ in range(24)]
+        replies = await asyncio.gather(*(post_webhook(http, receiver, "customers/create", customer(e)) for e in emails))
+        assert {r.status for r in replies} == {202}
+
+        async def all_there():  # one request per poll: the test must not crowd the connections it measures
+            async with http.get(f"{sandbox.api}/lists/sandbox/members", headers={"Authorization": auth}) as r:
+                present = {m["email_address"] for m in (await r.json())["members"]} if r.status == 200 else set()
+            return set(emails) <= present
+
+        await eventually(all_there, timeout=60)
+        stats = await sandbox.control(http, "stats")
+        # MERGETAG_MAILCHIMP_MAX_CONNECTIONS is 3 in these tests: never more member writes at once, across both processes.
+        assert 1 <= stats["max_writes_in_flight"] <= 3
+    finally:
+        await sandbox.control(http, "latency", {"ms": 0})
+        stop([second])
