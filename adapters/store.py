@@ -6,10 +6,11 @@ and one conditional write guarded by ``version`` (optimistic concurrency).
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from pydantic import ValidationError
@@ -203,6 +204,29 @@ class ProfileStore:
                 raise SyncBusy("another send of this profile is in flight", retry_after=min(1.0, (until - now).total_seconds()))
             # Released between the two reads: claim again.
         raise SyncBusy("the send lease of this profile keeps changing hands", retry_after=0.5)
+
+    async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> dict[str, dict[str, Any]]:
+        """:meth:`claim_send` for many profiles in two round trips; profiles whose lease is held are left out."""
+        prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
+        free = {"$or": [{f"{prefix}.sending_until": {"$exists": False}}, {f"{prefix}.sending_until": None},
+                        {f"{prefix}.sending_until": {"$lte": now}}]}
+        await self.profiles.update_many(
+            {"_id": {"$in": profile_ids}, "merged_into": {"$exists": False}, **free},
+            {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}},
+        )
+        cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
+        return {doc["_id"]: doc["esp"][esp] async for doc in cursor}
+
+    async def settle_many(self, esp: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]], released: list[str]) -> None:
+        """Record a batch's outcome per profile, in one round trip."""
+        prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
+        ops = [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
+                                         {"$set": {f"{prefix}.pending": _pending(prefix)}}]) for pid, h in sent]
+        ops += [UpdateOne({"_id": pid}, {"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code, f"{prefix}.sending_until": None}})
+                for pid, h, code in failed]
+        ops += [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sending_until": None, f"{prefix}.pending": _pending(prefix)}}]) for pid in released]
+        if ops:
+            await self.profiles.bulk_write(ops, ordered=False)
 
     async def release_send(self, profile_id: str, esp: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""

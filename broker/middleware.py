@@ -46,6 +46,18 @@ def reason_for(exception: BaseException) -> dict[str, object]:
     return {**reason, "exception": type(exception).__name__}
 
 
+def as_dead_letter(message: dramatiq.Message, reason: dict[str, object], retries: int = 0) -> dramatiq.Message:
+    """The copy of ``message`` that goes into its queue's ``.XQ``, carrying why."""
+    return message.copy(
+        queue_name=xq_name(q_name(message.queue_name)),
+        options={
+            **message.options,
+            "dead_letter": {**reason, "actor": message.actor_name, "queue": q_name(message.queue_name),
+                            "retries": retries, "failed_at": int(time.time() * 1000)},
+        },
+    )
+
+
 class RetryOrDeadLetter(Middleware):
     """Retry retryable failures with exponential backoff; dead-letter the rest at once.
 
@@ -84,19 +96,7 @@ class RetryOrDeadLetter(Middleware):
                 message.fail()
             return
 
-        dead = message.copy(
-            queue_name=xq_name(q_name(message.queue_name)),
-            options={
-                **message.options,
-                "dead_letter": {
-                    **reason,
-                    "actor": message.actor_name,
-                    "queue": q_name(message.queue_name),
-                    "retries": retries,
-                    "failed_at": int(time.time() * 1000),
-                },
-            },
-        )
+        dead = as_dead_letter(message, reason, retries)
         try:
             broker.enqueue(dead)
         except dramatiq.errors.BrokerConnectionError:

@@ -14,6 +14,7 @@ from dramatiq.common import dq_name, q_name, xq_name
 PROCESS_EVENT_ACTOR = "process_event"
 SYNC_PROFILE_ACTOR = "sync_profile"
 CHECK_ABANDONMENT_ACTOR = "check_abandonment"
+SYNC_BATCH_ACTOR = "sync_batch"
 
 
 def events_queue(prefix: str) -> str:
@@ -46,6 +47,7 @@ __all__ = [
     "PROCESS_EVENT_ACTOR",
     "SYNC_PROFILE_ACTOR",
     "CHECK_ABANDONMENT_ACTOR",
+    "SYNC_BATCH_ACTOR",
     "all_queues",
     "declarations",
     "dq_name",

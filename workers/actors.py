@@ -17,6 +17,7 @@ from adapters.esp.mailchimp import NAME as MAILCHIMP, member_hash
 from adapters.settings import get_settings
 from adapters.store import ProfileStore
 from broker import topology
+from broker.middleware import as_dead_letter
 from broker.setup import create_broker
 from schemas.errors import EspRejected, EventInvalid, MergetagError
 from schemas.events import CheckoutChanged, Event, Identity
@@ -141,6 +142,40 @@ async def check_abandonment(profile_id: str, checkout_id: str, at: str) -> None:
                 await schedule_sync(expired.id)
             return
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
+
+
+@dramatiq.actor(actor_name=topology.SYNC_BATCH_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix))
+async def sync_batch(profile_ids: list[str]) -> None:
+    """Send a backlog in one bulk request; each refused member is recorded and dead-lettered on its own."""
+    rt = await runtime()
+    lease = timedelta(seconds=2 * rt.settings.mailchimp_timeout_s + 5)
+    claimed = await rt.store.claim_sends(profile_ids, MAILCHIMP, lease)
+    todo = {pid: state for pid, state in claimed.items() if state.get("member") and state.get("sent_hash") != state["member_hash"]}
+    idle = [pid for pid in claimed if pid not in todo]
+    if not todo:
+        await rt.store.settle_many(MAILCHIMP, [], [], idle)
+        return
+    try:
+        async with rt.guard.call():
+            refused = await rt.esp.upsert_batch([state["member"] for state in todo.values()])
+    except MergetagError as exc:
+        if exc.code != "esp_timeout":
+            await rt.store.settle_many(MAILCHIMP, [], [], list(claimed))
+        raise
+    sent, failed = [], []
+    for pid, state in todo.items():
+        reason = refused.get(state["member"]["email_address"].lower())
+        if reason is None:
+            sent.append((pid, state["member_hash"]))
+        else:
+            failed.append((pid, state["member_hash"], "esp_rejected"))
+            # Dead-lettered alone, with its reason, replayable once the cause is fixed.
+            single = dramatiq.Message(queue_name=topology.sync_queue(settings.queue_prefix), actor_name=topology.SYNC_PROFILE_ACTOR,
+                                      args=(pid,), kwargs={}, options={})
+            letter = as_dead_letter(single, {"code": "esp_rejected", "detail": reason, "retryable": False, "exception": "EspRejected"})
+            await asyncio.to_thread(broker.enqueue, letter)
+    await rt.store.settle_many(MAILCHIMP, sent, failed, idle)
+    log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), MAILCHIMP, len(sent), len(failed))
 
 
 _LOST, _REFUSED = object(), object()

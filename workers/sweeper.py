@@ -11,18 +11,23 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from adapters.esp.mailchimp import NAME as MAILCHIMP
+from adapters.esp.mailchimp import BATCH_LIMIT, NAME as MAILCHIMP
 from adapters.store import ProfileStore
 
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(store: ProfileStore, grace: timedelta, lease: timedelta) -> int:
-    from workers.actors import sync_profile
+async def sweep_once(store: ProfileStore, grace: timedelta, lease: timedelta, batch_min: int = 20) -> int:
+    """Re-enqueue pending profiles: one by one when few, in bulk batches (500 at most) when a backlog built up."""
+    from workers.actors import sync_batch, sync_profile
 
-    pending = await store.claim_pending(MAILCHIMP, grace, lease)
-    for profile_id in pending:
-        await asyncio.to_thread(sync_profile.send, profile_id)
+    pending = await store.claim_pending(MAILCHIMP, grace, lease, limit=5 * BATCH_LIMIT)
+    if len(pending) >= batch_min:
+        for start in range(0, len(pending), BATCH_LIMIT):
+            await asyncio.to_thread(sync_batch.send, pending[start:start + BATCH_LIMIT])
+    else:
+        for profile_id in pending:
+            await asyncio.to_thread(sync_profile.send, profile_id)
     if pending:
         log.info("sweeper re-enqueued %d pending profile(s)", len(pending))
     return len(pending)

@@ -21,6 +21,7 @@ from schemas.profile import Profile
 
 NAME = "mailchimp"
 ACCOUNT_ERRORS = {401, 403, 404}
+BATCH_LIMIT = 500
 _STATUS_IF_NEW = {
     "subscribed": "subscribed",
     "unsubscribed": "unsubscribed",
@@ -156,6 +157,37 @@ class Mailchimp:
             # A wrong key or audience is not this member's fault: retry, and alarm, until it is fixed.
             raise EspUnavailable(detail, code="esp_misconfigured")
         raise EspRejected(detail)
+
+    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+        """Batch upsert (at most 500): returns the members Mailchimp refused, by lowercased email, with the reason.
+
+        Mailchimp answers 200 even when some members fail; a failure of the whole request raises
+        as for a single upsert.
+        """
+        if len(members) > BATCH_LIMIT:
+            raise ValueError(f"at most {BATCH_LIMIT} members per batch")
+        url = f"{self._base}/lists/{self._list}"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        try:
+            async with self._session.post(url, json={"members": members, "update_existing": True}) as response:
+                body = await _problem(response)
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError:
+            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
+        if status >= 300:
+            detail = f"mailchimp {status} {body.get('title', '')}".strip()
+            if status == 429 or status >= 500 or status in ACCOUNT_ERRORS:
+                raise EspUnavailable(detail, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
+            raise EspRejected(detail)
+        # Keep Mailchimp's short error and the field, never its free text (it may repeat the address).
+        return {
+            str(e.get("email_address", "")).lower(): f"mailchimp {e.get('error_code', 'ERROR')} {e.get('field') or ''}".strip()
+            for e in body.get("errors", []) if isinstance(e, dict)
+        }
 
     async def archive(self, email: str) -> None:
         """Archive a member (a profile absorbed into another): kept by Mailchimp, no longer mailed as a duplicate."""

@@ -74,6 +74,7 @@ class Sandbox:
         app.router.add_get("/3.0/lists/{list_id}/merge-fields", self.list_merge_fields)
         app.router.add_post("/3.0/lists/{list_id}/merge-fields", self.add_merge_field)
         app.router.add_get("/3.0/lists/{list_id}/members", self.list_members)
+        app.router.add_post("/3.0/lists/{list_id}", self.batch_members)
         app.router.add_get("/3.0/lists/{list_id}/members/{hash}", self.get_member)
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
@@ -168,6 +169,60 @@ class Sandbox:
             return problem(404, "Resource Not Found", "The requested resource could not be found.")
         return web.json_response(member)
 
+    async def batch_members(self, request: web.Request) -> web.Response:
+        """Batch subscribe/update: up to 500 members, 200 even when some fail (per-member ``errors``)."""
+        list_id = self._list(request)
+        body = await _json(request)
+        members = body.get("members") if isinstance(body, dict) else None
+        if not isinstance(members, list) or not members:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "members", "message": "Required."}])
+        if len(members) > 500:
+            return problem(400, "Invalid Resource", "You may only submit 500 members at a time.")
+        created, updated, errors = [], [], []
+        for item in members:
+            if not isinstance(item, dict):
+                errors.append({"email_address": "", "error": "Invalid member", "error_code": "ERROR_GENERIC"})
+                continue
+            problems = self._validate_member(list_id, item)
+            if problems:
+                errors.append({"email_address": str(item.get("email_address", "")), "error": problems[0]["message"],
+                               "error_code": "ERROR_GENERIC", "field": problems[0]["field"], "field_message": problems[0]["message"]})
+                continue
+            existed = hashlib.md5(item["email_address"].lower().encode()).hexdigest() in self.members[list_id]
+            if existed and not body.get("update_existing"):
+                errors.append({"email_address": item["email_address"], "error": "Member Exists", "error_code": "ERROR_CONTACT_EXISTS"})
+                continue
+            member, failure = self._upsert(list_id, item)
+            if failure:
+                errors.append({"email_address": item["email_address"], "error": failure, "error_code": "ERROR_GENERIC"})
+            else:
+                (updated if existed else created).append(member)
+        return web.json_response({"new_members": created, "updated_members": updated, "errors": errors,
+                                  "total_created": len(created), "total_updated": len(updated), "error_count": len(errors)})
+
+    def _upsert(self, list_id: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """Create or update one valid member; returns it, or the reason it was refused."""
+        email = body["email_address"]
+        member_hash = hashlib.md5(email.lower().encode()).hexdigest()
+        members = self.members[list_id]
+        existing = members.get(member_hash)
+        if existing is None:
+            status = body.get("status") or body.get("status_if_new")
+            if status is None:
+                return None, "status_if_new is required for new members."
+            member = {"id": member_hash, "email_address": email, "status": status, "merge_fields": {}, "list_id": list_id, "update_count": 0}
+        else:
+            member = dict(existing)
+            new_status = body.get("status")
+            if new_status == "subscribed" and existing["status"] in {"unsubscribed", "cleaned"}:
+                return None, "Member In Compliance State"
+            if new_status:
+                member["status"] = new_status
+        member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
+        member["update_count"] += 1
+        members[member_hash] = member
+        return member, None
+
     async def put_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
         body = await _json(request)
@@ -180,23 +235,11 @@ class Sandbox:
         member_hash = hashlib.md5(email.lower().encode()).hexdigest()
         if request.match_info["hash"].lower() != member_hash:
             return problem(400, "Invalid Resource", "The subscriber hash does not match the email address.", [{"field": "email_address", "message": "hash mismatch"}])
-        members = self.members[list_id]
-        existing = members.get(member_hash)
-        if existing is None:
-            status = body.get("status") or body.get("status_if_new")
-            if status is None:
-                return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "status_if_new", "message": "Required for new members."}])
-            member = {"id": member_hash, "email_address": email, "status": status, "merge_fields": {}, "list_id": list_id, "update_count": 0}
-        else:
-            member = dict(existing)
-            new_status = body.get("status")
-            if new_status == "subscribed" and existing["status"] in {"unsubscribed", "cleaned"}:
-                return problem(400, "Member In Compliance State", f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
-            if new_status:
-                member["status"] = new_status
-        member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
-        member["update_count"] += 1
-        members[member_hash] = member
+        member, failure = self._upsert(list_id, body)
+        if failure == "Member In Compliance State":
+            return problem(400, failure, f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
+        if failure:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "status_if_new", "message": failure}])
         return web.json_response(member)
 
     def _validate_member(self, list_id: str, body: dict[str, Any]) -> list[dict[str, str]]:
