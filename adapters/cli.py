@@ -287,6 +287,41 @@ def cmd_esp(args: argparse.Namespace) -> int:
     return asyncio.run(_esp_status())
 
 
+async def _reconcile(args: argparse.Namespace) -> int:
+    from adapters.esp.mailchimp import Mailchimp
+    from adapters.store import ProfileStore
+    from workers.reconcile import compare
+    from workers.runtime import mailchimp_guard
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id,
+                    settings.mailchimp_timeout_s)
+    guard = mailchimp_guard(settings)
+    try:
+        sample = await store.synced_sample("mailchimp", 0 if args.all else args.sample)
+        drifted = []
+        for doc in sample:
+            async with guard.call():
+                held = await esp.get_member(doc["member"]["email_address"])
+            drift = compare(doc["_id"], doc["member"], held)
+            if drift:
+                drifted.append(drift)
+        if args.repair and drifted:
+            await store.resend("mailchimp", [d.profile_id for d in drifted])
+        print(json.dumps({"checked": len(sample), "drifted": len(drifted), "repaired": len(drifted) if args.repair else 0,
+                          "drift": [d.summary() for d in drifted]}, indent=2))
+        return 0
+    finally:
+        await esp.close()
+        await guard.close()
+        await store.close()
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    return asyncio.run(_reconcile(args))
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from adapters.dev import run_local
 
@@ -328,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esp", default="mailchimp", choices=["mailchimp"])
     p.add_argument("--template", help="a file with Mailchimp merge tags (*|FNAME|*, *|IF:TAG|*…*|END:IF|*)")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("reconcile", help="compare what the ESP holds with what was last sent; --repair re-sends the drift")
+    p.add_argument("--sample", type=int, default=200, help="profiles to check (random)")
+    p.add_argument("--all", action="store_true", help="check every synced profile")
+    p.add_argument("--repair", action="store_true")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("esp", help="ESP accounts: circuit state and connection use")
     p.add_argument("action", choices=["status"])

@@ -255,6 +255,21 @@ class ProfileStore:
             {"$set": {f"esp.{esp}.failed_hash": failed_hash, f"esp.{esp}.failed_code": code, f"esp.{esp}.sending_until": None}},
         )
 
+    async def synced_sample(self, esp: str, limit: int) -> list[dict[str, Any]]:
+        """Profiles whose member the ESP should hold, as last sent (a random sample; all when ``limit`` is 0)."""
+        prefix = f"esp.{esp}"
+        match = {f"{prefix}.sent_hash": {"$exists": True}, f"{prefix}.pending": False, "merged_into": {"$exists": False}}
+        project = {"$project": {"member": f"${prefix}.member"}}
+        pipeline = [{"$match": match}, *([{"$sample": {"size": limit}}] if limit else []), project]
+        return [doc async for doc in await self.profiles.aggregate(pipeline)]
+
+    async def resend(self, esp: str, profile_ids: list[str]) -> None:
+        """Forget what was sent, so the sync sends these members again."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_many({"_id": {"$in": profile_ids}},
+                                        {"$unset": {f"{prefix}.sent_hash": ""}, "$set": {f"{prefix}.pending": True,
+                                                                                       f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
+
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500) -> list[str]:
         """Pending profiles, oldest change first, not refused as they are and not swept within ``lease``.
 

@@ -189,6 +189,23 @@ class Mailchimp:
             for e in body.get("errors", []) if isinstance(e, dict)
         }
 
+    async def get_member(self, email: str) -> dict[str, Any] | None:
+        """The member as Mailchimp holds it (None when unknown)."""
+        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        try:
+            async with self._session.get(url) as response:
+                if response.status == 404:
+                    return None
+                if response.status >= 300:
+                    raise EspUnavailable(f"mailchimp {response.status}")
+                return await response.json()
+        except TimeoutError:
+            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
+
     async def archive(self, email: str) -> None:
         """Archive a member (a profile absorbed into another): kept by Mailchimp, no longer mailed as a duplicate."""
         url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}"
