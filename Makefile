@@ -22,6 +22,7 @@ run-local: install
 bench: install
 	$(BIN)/python bench/receiver_throughput.py
 	$(BIN)/python bench/merge_throughput.py
+	$(BIN)/python bench/sync_latency.py
 
 schemas: install
 	$(BIN)/python -m schemas.export

@@ -36,7 +36,8 @@ def _serve(queues: list[str], sweep: bool) -> int:
     from workers import actors, sweeper
 
     settings = actors.settings
-    worker = dramatiq.Worker(actors.broker, queues=set(queues), worker_threads=settings.worker_threads)
+    # A short poll: delayed messages (coalesced syncs, abandonment checks) run close to their time.
+    worker = dramatiq.Worker(actors.broker, queues=set(queues), worker_threads=settings.worker_threads, worker_timeout=100)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

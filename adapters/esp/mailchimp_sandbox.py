@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any
@@ -67,6 +68,7 @@ class Sandbox:
         self.requests: dict[str, int] = {}
         self.faults: list[int] = []
         self.latency_s = 0.0
+        self.history: list[tuple[float, str, dict[str, Any]]] = []
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -82,6 +84,7 @@ class Sandbox:
         app.router.add_post("/_sandbox/latency", self.set_latency)
         app.router.add_get("/_sandbox/stats", self.stats)
         app.router.add_post("/_sandbox/stats/reset", self.reset_stats)
+        app.router.add_get("/_sandbox/history", self.get_history)
         return app
 
     @web.middleware
@@ -221,6 +224,7 @@ class Sandbox:
         member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
         member["update_count"] += 1
         members[member_hash] = member
+        self.history.append((time.time(), email.lower(), dict(member["merge_fields"])))
         return member, None
 
     async def put_member(self, request: web.Request) -> web.Response:
@@ -279,6 +283,10 @@ class Sandbox:
         body = await _json(request)
         self.latency_s = float(body.get("ms", 0)) / 1000
         return web.json_response({"latency_ms": self.latency_s * 1000})
+
+    async def get_history(self, request: web.Request) -> web.Response:
+        """Every member write: (unix time, email, merge fields after it). For latency measurements."""
+        return web.json_response(self.history)
 
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.requests, self.max_in_flight, self.max_writes_in_flight = {}, self.in_flight, self.writes_in_flight
