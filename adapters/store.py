@@ -22,10 +22,12 @@ PROFILES = "profiles"
 
 
 def _pending(prefix: str) -> dict[str, Any]:
-    """A profile is pending when it has a member and the ESP does not hold exactly that member yet."""
+    """Pending: the ESP does not hold exactly the profile's member yet, or contacts wait to be archived or erased."""
     member_hash = f"${prefix}.member_hash"
-    return {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
-                     {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
+    differs = {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
+                        {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
+    waiting = [{"$gt": [{"$size": {"$ifNull": [f"${prefix}.{name}", []]}}, 0]} for name in ("retire", "erase")]
+    return {"$or": [differs, *waiting]}
 
 
 def _literal(value: Any) -> dict[str, Any]:
@@ -130,10 +132,15 @@ class ProfileStore:
                 return False
         return True
 
+    async def forget(self, profile_id: str, esp: str, emails: list[str]) -> None:
+        """The ESP erased these contacts: drop the last trace of their addresses."""
+        await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.erase": emails}})
+
     async def retired(self, profile_id: str, esp: str, emails: list[str]) -> None:
         await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.retire": emails}})
 
-    async def save(self, profile: Profile, version: int | None, esp: str, member: dict[str, Any], member_hash: str) -> bool:
+    async def save(self, profile: Profile, version: int | None, esp: str, member: dict[str, Any] | None, member_hash: str | None,
+                   erase: list[str] | None = None) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
 
         Also records the ESP member it should become, and marks it pending when
@@ -147,7 +154,8 @@ class ProfileStore:
                 "_id": profile.id,
                 **body,
                 "version": 1,
-                "esp": {esp: {"member": member, "member_hash": member_hash, "pending": member is not None, "dirty_at": now}},
+                "esp": {esp: {"member": member, "member_hash": member_hash, "pending": member is not None or bool(erase),
+                              "dirty_at": now, **({"erase": erase} if erase else {})}},
             }
             try:
                 await self.profiles.insert_one(doc)
@@ -162,6 +170,7 @@ class ProfileStore:
                     "version": {"$add": ["$version", 1]},
                     f"{prefix}.member": _literal(member),
                     f"{prefix}.member_hash": member_hash,
+                    f"{prefix}.erase": {"$setUnion": [{"$ifNull": [f"${prefix}.erase", []]}, _literal(erase or [])]},
                     f"{prefix}.dirty_at": {
                         "$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]
                     },
@@ -233,7 +242,7 @@ class ProfileStore:
         prefix = f"esp.{esp}"
         await self.profiles.update_one(
             {"_id": profile_id},
-            [{"$set": {f"{prefix}.sending_until": None, f"{prefix}.pending": {"$or": [_pending(prefix), {"$gt": [{"$size": {"$ifNull": [f"${prefix}.retire", []]}}, 0]}]}}}],
+            [{"$set": {f"{prefix}.sending_until": None, f"{prefix}.pending": _pending(prefix)}}],
         )
 
     async def mark_sent(self, profile_id: str, esp: str, sent_hash: str) -> None:
@@ -258,7 +267,8 @@ class ProfileStore:
     async def synced_sample(self, esp: str, limit: int) -> list[dict[str, Any]]:
         """Profiles whose member the ESP should hold, as last sent (a random sample; all when ``limit`` is 0)."""
         prefix = f"esp.{esp}"
-        match = {f"{prefix}.sent_hash": {"$exists": True}, f"{prefix}.pending": False, "merged_into": {"$exists": False}}
+        match = {f"{prefix}.sent_hash": {"$exists": True}, f"{prefix}.member": {"$ne": None}, f"{prefix}.pending": False,
+                 "merged_into": {"$exists": False}}
         project = {"$project": {"member": f"${prefix}.member"}}
         pipeline = [{"$match": match}, *([{"$sample": {"size": limit}}] if limit else []), project]
         return [doc async for doc in await self.profiles.aggregate(pipeline)]

@@ -161,8 +161,15 @@ class EmailClicked(_Event):
     url: str | None = None
 
 
+class CustomerErased(_Event):
+    """The person asked to be forgotten (since 1.1). Absorbing: nothing is merged into them afterwards."""
+
+    type: Literal["customer.erased"] = "customer.erased"
+
+
 Event = Annotated[
-    Union[CustomerUpdated, OrderCompleted, CheckoutChanged, ProductViewed, ConsentChanged, EmailOpened, EmailClicked],
+    Union[CustomerUpdated, OrderCompleted, CheckoutChanged, ProductViewed, ConsentChanged, EmailOpened, EmailClicked,
+          CustomerErased],
     Field(discriminator="type"),
 ]
 EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
@@ -171,6 +178,7 @@ __all__ = [
     "EVENT_SCHEMA_VERSION",
     "CheckoutChanged",
     "ConsentChanged",
+    "CustomerErased",
     "CustomerUpdated",
     "EmailClicked",
     "EventContext",

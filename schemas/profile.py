@@ -108,6 +108,7 @@ class Profile(BaseModel):
         default_factory=dict, description="Every identifier by kind: email, phone, anonymous, and customer ids per source; sorted."
     )
     merged_from: tuple[str, ...] = Field(default=(), description="Ids of profiles absorbed into this one (since 1.1).")
+    erased: Stamp | None = Field(None, description="Set when the person was erased: the profile keeps nothing else (since 1.1).")
     traits: dict[str, Trait] = Field(default_factory=dict)
     orders: dict[str, OrderFact] = Field(default_factory=dict)
     checkouts: dict[str, CheckoutFact] = Field(default_factory=dict)
@@ -136,6 +137,14 @@ def profile_keys(profile: Profile) -> list[str]:
     if profile.email:
         keys.add(identity_key(EMAIL, profile.email))
     return sorted(keys)
+
+
+ERASED = "erased"
+
+
+def erased_key(key: str) -> str:
+    """How an erased person's identifier is remembered: hashed, so late events are recognised without keeping it."""
+    return identity_key(ERASED, hashlib.sha256(key.encode()).hexdigest())
 
 
 def profile_id_for_key(key: str) -> str:

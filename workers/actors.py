@@ -21,9 +21,10 @@ from broker.middleware import as_dead_letter
 from broker.setup import create_broker
 from schemas.errors import EspRejected, EventInvalid, MergetagError
 from schemas.events import CheckoutChanged, Event, Identity
-from schemas.profile import ANONYMOUS, Profile, identity_key, profile_keys
+from schemas.profile import ANONYMOUS, EMAIL, Profile, identity_key, profile_keys
 from workers.enrich import enrich, expire_checkout
 from workers.merge import merge_profiles
+from workers.pipeline import with_erased
 from workers.pipeline import attributable, by_identity, events_for, lookup_keys, merge_all, new_profile, over_limits, parse_delivery, usable_identity
 from workers.derive import with_context
 from workers.runtime import close_runtime, runtime
@@ -89,7 +90,12 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
     rt = await runtime()
     source = events[0].source
     for _ in range(MAX_WRITE_ATTEMPTS):
-        owners = await store.find_owners(lookup_keys(identity, source))
+        owners = await store.find_owners(with_erased(lookup_keys(identity, source)))
+        tombstone = next((p for p, _ in owners if p.erased is not None), None)
+        if tombstone is not None:
+            # An erased person stays erased: nothing that arrives later is kept, however it names them.
+            log.info("events for erased profile %s ignored", tombstone.id)
+            return tombstone.id, False
         if len(owners) > 1:
             result = await _merge_owners(store, owners, events)
             if result is _LOST:
@@ -114,8 +120,10 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             return merged.id, False
         member = rt.esp.member(merged, rt.settings.merge_fields)
         digest = member_hash(member) if member is not None else None
-        if await store.save(merged, meta["version"], MAILCHIMP, member, digest):
-            return merged.id, member is not None and digest != sent_hash
+        erase = sorted({*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else []),
+                        *(e.identity.email for e in events if e.identity.email)}) if merged.erased and not profile.erased else []
+        if await store.save(merged, meta["version"], MAILCHIMP, member, digest, erase=erase):
+            return merged.id, bool(erase) or (member is not None and digest != sent_hash)
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
@@ -222,6 +230,17 @@ async def sync_profile(profile_id: str) -> None:
     state = await rt.store.claim_send(profile_id, MAILCHIMP, lease)
     if state is None:
         return
+    if state.get("erase"):
+        try:
+            for email in state["erase"]:
+                async with rt.guard.call():
+                    await rt.esp.delete_permanent(email)
+        except MergetagError as exc:
+            if exc.code != "esp_timeout":
+                await rt.store.release_send(profile_id, MAILCHIMP)
+            raise
+        await rt.store.forget(profile_id, MAILCHIMP, state["erase"])
+        log.info("profile %s erased at %s", profile_id, MAILCHIMP)
     if state.get("retire"):
         try:
             for email in state["retire"]:

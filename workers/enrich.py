@@ -77,6 +77,8 @@ def enrich(profile: Profile, tiers: dict[str, float]) -> Profile:
     Because the inputs are de-duplicated sets of facts (orders keyed by id), a
     re-delivered order can never be counted twice.
     """
+    if profile.erased is not None:
+        return profile.model_copy(update={"computed": Computed()})
     orders = [o for o in profile.orders.values() if o.counts]
     ltv = sum((o.total for o in orders), Decimal("0"))
     categories = set(profile.categories_viewed)

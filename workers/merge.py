@@ -20,6 +20,7 @@ from typing import TypeVar
 from schemas.events import (
     CheckoutChanged,
     ConsentChanged,
+    CustomerErased,
     CustomerUpdated,
     EmailClicked,
     EmailOpened,
@@ -28,7 +29,7 @@ from schemas.events import (
     ProductViewed,
 )
 from workers.quality import quality_flags
-from schemas.profile import ANONYMOUS, EMAIL, PHONE, CheckoutFact, Consent, OrderFact, Profile, Stamp, Trait
+from schemas.profile import ANONYMOUS, EMAIL, ERASED, PHONE, CheckoutFact, erased_key, profile_keys, Consent, OrderFact, Profile, Stamp, Trait
 
 S = TypeVar("S", bound=Stamp)
 
@@ -96,6 +97,10 @@ def _max(a: datetime | None, b: datetime) -> datetime:
 
 def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULES) -> Profile:
     """Return ``profile`` with ``event`` merged in. Pure; never mutates its inputs."""
+    if profile.erased is not None:
+        return profile  # erased stays erased, whatever arrives later
+    if isinstance(event, CustomerErased):
+        return erase(profile, Stamp(**_stamp(event)))
     changes: dict[str, object] = {
         "first_seen": _min(profile.first_seen, event.event_time),
         "last_seen": _max(profile.last_seen, event.event_time),
@@ -169,6 +174,12 @@ def _union_latest(a: Mapping[str, S], b: Mapping[str, S], rank: Callable[[str], 
     return merged
 
 
+def erase(profile: Profile, stamp: Stamp) -> Profile:
+    """A tombstone: only the id, the erasure's stamp and the hashed identifiers that recognise late events."""
+    hashed = sorted({erased_key(key) for key in profile_keys(profile)})
+    return Profile(id=profile.id, erased=stamp, identifiers={ERASED: tuple(k.split(":", 1)[1] for k in hashed)})
+
+
 def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEFAULT_RULES) -> Profile:
     """One person's two profiles as one, keeping ``survivor``'s id.
 
@@ -176,6 +187,8 @@ def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEF
     max for first and last seen. So merging the profiles of two halves of a
     history gives the profile of the whole history (enrich afterwards).
     """
+    if survivor.erased is not None or absorbed.erased is not None:
+        return survivor if survivor.erased is not None else absorbed.model_copy(update={"id": survivor.id})
     email_stamp = newer(survivor.email_stamp, absorbed.email_stamp) if absorbed.email_stamp else survivor.email_stamp
     email = survivor.email if email_stamp is survivor.email_stamp else absorbed.email
     kinds = set(survivor.identifiers) | set(absorbed.identifiers)

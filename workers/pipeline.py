@@ -11,7 +11,7 @@ from adapters.sources.registry import Mapping
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid, MergetagError, UnsupportedEvent
 from schemas.events import Event, Identity
-from schemas.profile import ANONYMOUS, DEFAULT_BLOCKED, EMAIL, PHONE, Profile, identity_key, profile_id_for_key
+from schemas.profile import ANONYMOUS, DEFAULT_BLOCKED, EMAIL, PHONE, Profile, erased_key, identity_key, profile_id_for_key
 from workers.enrich import enrich
 from workers.merge import DEFAULT_RULES, MergeRules, apply_event
 
@@ -76,6 +76,11 @@ def lookup_keys(identity: Identity, source: str) -> list[str]:
     """The identity's keys, strongest first: email, phone, the source's customer id, anonymous id."""
     pairs = ((EMAIL, identity.email), (PHONE, identity.phone), (source, identity.customer_id), (ANONYMOUS, identity.anonymous_id))
     return [identity_key(kind, value) for kind, value in pairs if value is not None]
+
+
+def with_erased(keys: list[str]) -> list[str]:
+    """The keys plus their erased (hashed) forms, so one lookup also finds a tombstone."""
+    return [*keys, *(erased_key(k) for k in keys)]
 
 
 def over_limits(profile: Profile, limits: dict[str, int], default: int) -> list[str]:

@@ -206,6 +206,25 @@ class Mailchimp:
         except aiohttp.ClientError as exc:
             raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
 
+    async def delete_permanent(self, email: str) -> None:
+        """Erase a member for good (a privacy request); an unknown member is already gone."""
+        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}/actions/delete-permanent"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        try:
+            async with self._session.post(url) as response:
+                if response.status < 300 or response.status == 404:
+                    return
+                problem = await _problem(response)
+        except TimeoutError:
+            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
+        detail = f"mailchimp {response.status} {problem.get('title', '')}".strip()
+        if response.status == 429 or response.status >= 500 or response.status in ACCOUNT_ERRORS:
+            raise EspUnavailable(detail)
+        raise EspRejected(detail)
+
     async def archive(self, email: str) -> None:
         """Archive a member (a profile absorbed into another): kept by Mailchimp, no longer mailed as a duplicate."""
         url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}"

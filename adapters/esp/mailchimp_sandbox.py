@@ -69,6 +69,7 @@ class Sandbox:
         self.faults: list[int] = []
         self.latency_s = 0.0
         self.history: list[tuple[float, str, dict[str, Any]]] = []
+        self.forgotten: set[str] = set()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -80,6 +81,7 @@ class Sandbox:
         app.router.add_get("/3.0/lists/{list_id}/members/{hash}", self.get_member)
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
+        app.router.add_post("/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self.delete_permanent)
         app.router.add_post("/_sandbox/faults", self.add_faults)
         app.router.add_post("/_sandbox/latency", self.set_latency)
         app.router.add_get("/_sandbox/stats", self.stats)
@@ -209,6 +211,9 @@ class Sandbox:
         member_hash = hashlib.md5(email.lower().encode()).hexdigest()
         members = self.members[list_id]
         existing = members.get(member_hash)
+        if existing is None and member_hash in self.forgotten:
+            # As Mailchimp: a permanently deleted contact cannot be re-added through the API.
+            return None, "Forgotten Email Not Subscribed"
         if existing is None:
             status = body.get("status") or body.get("status_if_new")
             if status is None:
@@ -265,6 +270,14 @@ class Sandbox:
             elif not _valid_value(kind, value):
                 errors.append({"field": f"merge_fields.{tag}", "message": f"Invalid value for a {kind} field."})
         return errors
+
+    async def delete_permanent(self, request: web.Request) -> web.Response:
+        list_id = self._list(request)
+        member_hash = request.match_info["hash"].lower()
+        if self.members[list_id].pop(member_hash, None) is None:
+            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+        self.forgotten.add(member_hash)
+        return web.Response(status=204)
 
     async def archive_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)

@@ -26,7 +26,8 @@ CUSTOMER_TOPICS = {"customers/create": "customer.identified", "customers/update"
 ORDER_TOPICS = {"orders/create", "orders/paid", "orders/updated", "orders/cancelled"}
 CHECKOUT_TOPICS = {"checkouts/create": "checkout.started", "checkouts/update": "checkout.updated"}
 CONSENT_TOPICS = {"customers/marketing_consent_update", "customers_email_marketing_consent/update"}
-TOPICS = frozenset({*CUSTOMER_TOPICS, *ORDER_TOPICS, *CHECKOUT_TOPICS, *CONSENT_TOPICS})
+ERASURE_TOPIC = "customers/redact"
+TOPICS = frozenset({*CUSTOMER_TOPICS, *ORDER_TOPICS, *CHECKOUT_TOPICS, *CONSENT_TOPICS, ERASURE_TOPIC})
 
 _CONSENT_STATES = {
     "subscribed": "subscribed",
@@ -122,6 +123,12 @@ def to_events(delivery: Delivery) -> list[Event]:
         consent = p.get("email_marketing_consent") or {}
         identity = {"email": p.get("email_address"), "customer_id": _id_str(p.get("customer_id"))}
         raw = [_consent(delivery, identity, "email", consent, _id_str(p.get("customer_id")))]
+    elif topic == ERASURE_TOPIC:
+        # Shopify's mandatory privacy webhook: the shop must forget this customer.
+        customer = p.get("customer") or {}
+        cid = _id_str(customer.get("id"))
+        identity = {"email": customer.get("email"), "customer_id": cid, "phone": customer.get("phone")}
+        raw = [{**_base(delivery, f"shopify:redact:{cid}", None, identity), "type": "customer.erased"}]
     elif topic == "customers/marketing_consent_update":
         consent = p.get("sms_marketing_consent") or {}
         identity = {"email": p.get("email"), "customer_id": _customer_id(p)}

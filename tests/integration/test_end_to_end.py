@@ -216,3 +216,37 @@ async def test_a_burst_of_changes_is_coalesced_into_few_esp_updates(receiver, sa
     assert member["merge_fields"]["FNAME"] == "V29"
     # 30 changes, one coalescing window (250 ms) after another: a handful of PUTs, not 30.
     assert member["update_count"] <= 6, member["update_count"]
+
+
+async def test_an_erased_person_stays_erased_even_when_late_events_arrive(receiver, sandbox, system, http):
+    email = unique_email()
+    body = customer(email, first_name="Erin")
+    assert (await post_webhook(http, receiver, "customers/create", body)).status == 202
+    await eventually(lambda: sandbox.member(http, email))
+    gid = body["admin_graphql_api_id"].rsplit("/", 1)[1]
+    redact = {"shop_id": 1, "shop_domain": "test.myshopify.com", "customer": {"id": int(gid), "email": email, "phone": None},
+              "orders_to_redact": []}
+    assert (await post_webhook(http, receiver, "customers/redact", redact)).status == 202
+
+    async def gone():
+        return await sandbox.member(http, email) is None
+
+    await eventually(gone)  # permanently deleted at the ESP
+
+    async def forgotten():  # the tombstone no longer holds the address, not even for the ESP erasure
+        docs = [d async for d in system.db.profiles.find({"erased": {"$ne": None}})]
+        return docs if docs and not any(d["esp"]["mailchimp"].get("erase") for d in docs) else None
+
+    await eventually(forgotten)
+    assert await system.db.profiles.count_documents({"email": email}) == 0
+    assert await system.db.profiles.count_documents({"keys": f"email:{email}"}) == 0
+    # Late events — older ones and newer ones, by email or by Shopify id — are not kept, and nothing is re-created.
+    late_order = order(email, total="99.00", processed_at="2020-01-01T00:00:00Z")
+    assert (await post_webhook(http, receiver, "orders/create", late_order)).status == 202
+    assert (await post_webhook(http, receiver, "customers/update", customer(email, first_name="Back", updated_at="2030-01-01T00:00:00Z"))).status == 202
+    import asyncio
+
+    await asyncio.sleep(2.0)
+    assert await system.db.profiles.count_documents({"email": email}) == 0
+    assert await sandbox.member(http, email) is None
+    assert email not in str([d async for d in system.db.profiles.find({"erased": {"$ne": None}})])

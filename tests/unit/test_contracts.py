@@ -23,7 +23,7 @@ def test_event_schema_lists_every_event_type():
     mapping = document["discriminator"]["mapping"]
     assert set(mapping) == {
         "customer.identified", "customer.updated", "order.completed", "checkout.started",
-        "checkout.updated", "product.viewed", "consent.changed", "email.opened", "email.clicked",
+        "checkout.updated", "product.viewed", "consent.changed", "email.opened", "email.clicked", "customer.erased",
     }
 
 

@@ -130,3 +130,18 @@ def test_event_times_are_normalised_to_utc_milliseconds():
         {**base("x", 0), "event_time": "2024-01-01T10:00:00.123456+02:00", "type": "customer.updated"}
     )
     assert event.event_time == datetime(2024, 1, 1, 8, 0, 0, 123000, tzinfo=timezone.utc)
+
+
+def test_erasure_keeps_nothing_and_stays_whatever_arrives_later():
+    from schemas.events import CustomerErased
+    from schemas.profile import erased_key
+
+    profile = merge_all(fresh(), EVENTS, TIERS)
+    erased = merge_all(profile, [CustomerErased(**base("x", 10))], TIERS)
+    assert erased.erased is not None and erased.email is None and erased.traits == {} and erased.orders == {}
+    assert erased.computed.order_count == 0
+    dumped = erased.model_dump_json()
+    assert "a@example.com" not in dumped and "Anna" not in dumped
+    assert "email:a@example.com" not in dumped and erased_key("email:a@example.com").split(":", 1)[1] in dumped
+    late = [update("late", 1, first_name="Z"), order("9", 20, "5.00"), consent("c9", 30, "subscribed")]
+    assert merge_all(erased, late, TIERS) == erased
