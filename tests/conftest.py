@@ -296,6 +296,8 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         "SENTRY_DSN": sentry_sink.dsn,
         "MERGETAG_CART_ABANDON_DELAY_S": "2",
         "MERGETAG_MAILCHIMP_MAX_CONNECTIONS": "3",
+        "MERGETAG_ESP_CIRCUIT_OPEN_S": "2",
+        "MERGETAG_SYNC_LEASE_S": "3",
         "MERGETAG_IDENTIFIER_LIMITS": json.dumps({"email": 2, "phone": 2, "anonymous": 20}),
         **source_env(),
     }

@@ -96,3 +96,19 @@ async def test_two_sync_processes_share_one_connection_limit(receiver, system, s
     finally:
         await sandbox.control(http, "latency", {"ms": 0})
         stop([second])
+
+
+async def test_a_429_storm_slows_the_sync_and_loses_or_repeats_nothing(receiver, system, sandbox, http):
+    emails = [f"storm-{uuid.uuid4().hex[:8]}@example.com" for _ in range(6)]
+    await sandbox.control(http, "faults", {"status": 429, "count": 8})
+    replies = await asyncio.gather(*(post_webhook(http, receiver, "customers/create", customer(e, first_name="Storm")) for e in emails))
+    assert {r.status for r in replies} == {202}
+
+    async def all_there():
+        members = [await sandbox.member(http, e) for e in emails]
+        return members if all(members) else None
+
+    members = await eventually(all_there, timeout=60)
+    assert all(m["merge_fields"]["FNAME"] == "Storm" for m in members)
+    assert all(m["update_count"] == 1 for m in members)  # refused attempts never landed twice
+    assert (await sandbox.control(http, "faults", {"count": 0}))["pending_faults"] == 0
