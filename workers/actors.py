@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import dramatiq
@@ -186,6 +188,20 @@ async def sync_batch(profile_ids: list[str]) -> None:
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), MAILCHIMP, len(sent), len(failed))
 
 
+async def _guarded(profile_id: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Run ESP calls through the account's guard; on failure end the send lease, unless a timed-out
+    call may still land (then the lease runs out by itself, so no other send overtakes it)."""
+    rt = await runtime()
+    try:
+        for call in calls:
+            async with rt.guard.call():
+                await call()
+    except MergetagError as exc:
+        if exc.code != "esp_timeout" and not isinstance(exc, EspRejected):
+            await rt.store.release_send(profile_id, MAILCHIMP)
+        raise
+
+
 _LOST, _REFUSED = object(), object()
 
 
@@ -230,41 +246,19 @@ async def sync_profile(profile_id: str) -> None:
     state = await rt.store.claim_send(profile_id, MAILCHIMP, lease)
     if state is None:
         return
-    if state.get("erase"):
-        try:
-            for email in state["erase"]:
-                async with rt.guard.call():
-                    await rt.esp.delete_permanent(email)
-        except MergetagError as exc:
-            if exc.code != "esp_timeout":
-                await rt.store.release_send(profile_id, MAILCHIMP)
-            raise
-        await rt.store.forget(profile_id, MAILCHIMP, state["erase"])
-        log.info("profile %s erased at %s", profile_id, MAILCHIMP)
-    if state.get("retire"):
-        try:
-            for email in state["retire"]:
-                async with rt.guard.call():
-                    await rt.esp.archive(email)
-        except MergetagError as exc:
-            if exc.code != "esp_timeout":
-                await rt.store.release_send(profile_id, MAILCHIMP)
-            raise
-        await rt.store.retired(profile_id, MAILCHIMP, state["retire"])
+    # Erasures first (a privacy request), then contacts of absorbed profiles, then the member itself.
+    for contacts, call, done in (("erase", rt.esp.delete_permanent, rt.store.forget), ("retire", rt.esp.archive, rt.store.retired)):
+        if state.get(contacts):
+            await _guarded(profile_id, [partial(call, email) for email in state[contacts]])
+            await done(profile_id, MAILCHIMP, state[contacts])
     if not state.get("member") or state.get("sent_hash") == state["member_hash"]:
         log.debug("profile %s has nothing new to send", profile_id)
         await rt.store.release_send(profile_id, MAILCHIMP)
         return
     try:
-        async with rt.guard.call():
-            await rt.esp.upsert(state["member"])
+        await _guarded(profile_id, [partial(rt.esp.upsert, state["member"])])
     except EspRejected as exc:
         await rt.store.mark_failed(profile_id, MAILCHIMP, state["member_hash"], exc.code)
-        raise
-    except MergetagError as exc:
-        # A timed-out send may still land: keep the lease so no other send overtakes it.
-        if exc.code != "esp_timeout":
-            await rt.store.release_send(profile_id, MAILCHIMP)
         raise
     await rt.store.mark_sent(profile_id, MAILCHIMP, state["member_hash"])
     log.info("profile %s synced to %s", profile_id, MAILCHIMP)

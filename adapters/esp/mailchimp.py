@@ -132,31 +132,7 @@ class Mailchimp:
         return member_body(profile, merge_fields)
 
     async def upsert(self, member: dict[str, Any]) -> None:
-        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(member['email_address'])}"
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-        try:
-            async with self._session.put(url, json=member) as response:
-                if response.status < 300:
-                    return
-                problem = await _problem(response)
-        except TimeoutError:
-            # The request may still be applied late: the caller must not let another send overtake it.
-            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
-        status = response.status
-        detail = f"mailchimp {status} {problem.get('title', '')}".strip()
-        fields = [e.get("field") for e in problem.get("errors", []) if isinstance(e, dict) and e.get("field")]
-        if fields:
-            detail += f" (fields: {', '.join(map(str, fields))})"
-        if status == 429 or status >= 500:
-            retry_after = response.headers.get("Retry-After")
-            raise EspUnavailable(detail, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
-        if status in ACCOUNT_ERRORS:
-            # A wrong key or audience is not this member's fault: retry, and alarm, until it is fixed.
-            raise EspUnavailable(detail, code="esp_misconfigured")
-        raise EspRejected(detail)
+        await self._request("PUT", f"/lists/{self._list}/members/{subscriber_hash(member['email_address'])}", member)
 
     async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
         """Batch upsert (at most 500): returns the members Mailchimp refused, by lowercased email, with the reason.
@@ -166,82 +142,55 @@ class Mailchimp:
         """
         if len(members) > BATCH_LIMIT:
             raise ValueError(f"at most {BATCH_LIMIT} members per batch")
-        url = f"{self._base}/lists/{self._list}"
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-        try:
-            async with self._session.post(url, json={"members": members, "update_existing": True}) as response:
-                body = await _problem(response)
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except TimeoutError:
-            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
-        if status >= 300:
-            detail = f"mailchimp {status} {body.get('title', '')}".strip()
-            if status == 429 or status >= 500 or status in ACCOUNT_ERRORS:
-                raise EspUnavailable(detail, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
-            raise EspRejected(detail)
+        body = await self._request("POST", f"/lists/{self._list}", {"members": members, "update_existing": True})
         # Keep Mailchimp's short error and the field, never its free text (it may repeat the address).
         return {
             str(e.get("email_address", "")).lower(): f"mailchimp {e.get('error_code', 'ERROR')} {e.get('field') or ''}".strip()
-            for e in body.get("errors", []) if isinstance(e, dict)
+            for e in (body or {}).get("errors", []) if isinstance(e, dict)
         }
 
     async def get_member(self, email: str) -> dict[str, Any] | None:
         """The member as Mailchimp holds it (None when unknown)."""
-        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}"
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-        try:
-            async with self._session.get(url) as response:
-                if response.status == 404:
-                    return None
-                if response.status >= 300:
-                    raise EspUnavailable(f"mailchimp {response.status}")
-                return await response.json()
-        except TimeoutError:
-            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
+        return await self._request("GET", f"/lists/{self._list}/members/{subscriber_hash(email)}", gone_ok=True)
 
     async def delete_permanent(self, email: str) -> None:
         """Erase a member for good (a privacy request); an unknown member is already gone."""
-        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}/actions/delete-permanent"
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-        try:
-            async with self._session.post(url) as response:
-                if response.status < 300 or response.status == 404:
-                    return
-                problem = await _problem(response)
-        except TimeoutError:
-            raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
-        detail = f"mailchimp {response.status} {problem.get('title', '')}".strip()
-        if response.status == 429 or response.status >= 500 or response.status in ACCOUNT_ERRORS:
-            raise EspUnavailable(detail)
-        raise EspRejected(detail)
+        await self._request("POST", f"/lists/{self._list}/members/{subscriber_hash(email)}/actions/delete-permanent", gone_ok=True)
 
     async def archive(self, email: str) -> None:
         """Archive a member (a profile absorbed into another): kept by Mailchimp, no longer mailed as a duplicate."""
-        url = f"{self._base}/lists/{self._list}/members/{subscriber_hash(email)}"
+        await self._request("DELETE", f"/lists/{self._list}/members/{subscriber_hash(email)}", gone_ok=True)
+
+    async def _request(self, method: str, path: str, body: Any = None, gone_ok: bool = False) -> dict[str, Any] | None:
+        """One API call; every failure mapped to retryable or permanent, with a PII-free detail.
+
+        Parameters:
+          gone_ok: a 404 means "already as wanted" (returns None) rather than a misconfiguration.
+        """
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         try:
-            async with self._session.delete(url) as response:
-                if response.status < 300 or response.status == 404:
-                    return
+            async with self._session.request(method, self._base + path, json=body) as response:
+                status, retry_after = response.status, response.headers.get("Retry-After")
+                if gone_ok and status == 404:
+                    return None
                 problem = await _problem(response)
         except TimeoutError:
+            # The request may still be applied late: the caller must not let another send overtake it.
             raise EspUnavailable("mailchimp timed out", code="esp_timeout") from None
         except aiohttp.ClientError as exc:
             raise EspUnavailable(f"mailchimp unreachable: {type(exc).__name__}") from None
-        detail = f"mailchimp {response.status} {problem.get('title', '')}".strip()
-        if response.status == 429 or response.status >= 500 or response.status in ACCOUNT_ERRORS:
-            raise EspUnavailable(detail)
+        if status < 300:
+            return problem
+        detail = f"mailchimp {status} {problem.get('title', '')}".strip()
+        fields = [e.get("field") for e in problem.get("errors", []) if isinstance(e, dict) and e.get("field")]
+        if fields:
+            detail += f" (fields: {', '.join(map(str, fields))})"
+        if status == 429 or status >= 500:
+            raise EspUnavailable(detail, retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None)
+        if status in ACCOUNT_ERRORS:
+            # A wrong key or audience is not this member's fault: retry, and alarm, until it is fixed.
+            raise EspUnavailable(detail, code="esp_misconfigured")
         raise EspRejected(detail)
 
     async def close(self) -> None:
