@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test install run-local bench schemas clean
+.PHONY: test install run-local bench schemas lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ bench: install
 	$(BIN)/python bench/receiver_throughput.py
 	$(BIN)/python bench/merge_throughput.py
 	$(BIN)/python bench/sync_latency.py
+
+lint: install
+	$(BIN)/ruff check .
 
 schemas: install
 	$(BIN)/python -m schemas.export

@@ -10,10 +10,9 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
-
-from pydantic import ValidationError
 
 from schemas.errors import StoredProfileInvalid, SyncBusy
 from schemas.profile import Profile, profile_keys

@@ -22,7 +22,6 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from broker import topology
 
-
 _SPENT_OPTIONS = {"dead_letter", "retries", "traceback", "eta", "last_error", "requeue_timestamp"}
 
 

@@ -13,12 +13,12 @@ import sys
 import threading
 import time
 import uuid
-from unittest import mock
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pika

@@ -15,7 +15,8 @@ from typing import Any
 
 import dramatiq
 
-from adapters.esp.mailchimp import NAME as MAILCHIMP, member_hash
+from adapters.esp.mailchimp import NAME as MAILCHIMP
+from adapters.esp.mailchimp import member_hash
 from adapters.settings import get_settings
 from adapters.store import ProfileStore
 from broker import topology
@@ -24,11 +25,20 @@ from broker.setup import create_broker
 from schemas.errors import EspRejected, EventInvalid, MergetagError
 from schemas.events import CheckoutChanged, Event, Identity
 from schemas.profile import ANONYMOUS, EMAIL, Profile, identity_key, profile_keys
+from workers.derive import with_context
 from workers.enrich import enrich, expire_checkout
 from workers.merge import merge_profiles
-from workers.pipeline import with_erased
-from workers.pipeline import attributable, by_identity, events_for, lookup_keys, merge_all, new_profile, over_limits, parse_delivery, usable_identity
-from workers.derive import with_context
+from workers.pipeline import (
+    attributable,
+    by_identity,
+    events_for,
+    lookup_keys,
+    merge_all,
+    new_profile,
+    over_limits,
+    parse_delivery,
+    with_erased,
+)
 from workers.runtime import close_runtime, runtime
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,21 @@ from schemas.events import (
     OrderCompleted,
     ProductViewed,
 )
+from schemas.profile import (
+    ANONYMOUS,
+    EMAIL,
+    ERASED,
+    PHONE,
+    CheckoutFact,
+    Consent,
+    OrderFact,
+    Profile,
+    Stamp,
+    Trait,
+    erased_key,
+    profile_keys,
+)
 from workers.quality import quality_flags
-from schemas.profile import ANONYMOUS, EMAIL, ERASED, PHONE, CheckoutFact, erased_key, profile_keys, Consent, OrderFact, Profile, Stamp, Trait
 
 S = TypeVar("S", bound=Stamp)
 

@@ -7,13 +7,14 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import ValidationError
 
-from adapters.sources.registry import Mapping
+from adapters.sources.registry import EventMapping
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid, MergetagError, UnsupportedEvent
 from schemas.events import Event, Identity
 from schemas.profile import ANONYMOUS, DEFAULT_BLOCKED, EMAIL, PHONE, Profile, erased_key, identity_key, profile_id_for_key
 from workers.enrich import enrich
 from workers.merge import DEFAULT_RULES, MergeRules, apply_event
+
 
 def parse_delivery(data: Mapping[str, object]) -> Delivery:
     try:
@@ -24,7 +25,7 @@ def parse_delivery(data: Mapping[str, object]) -> Delivery:
         raise EventInvalid(f"delivery: {', '.join(sorted({e['loc'] for e in errors}))}", errors=errors) from None
 
 
-def events_for(delivery: Delivery, mappings: dict[str, Mapping]) -> list[Event]:
+def events_for(delivery: Delivery, mappings: dict[str, EventMapping]) -> list[Event]:
     """Validate and map one delivery. Raises EventInvalid or UnsupportedEvent (both permanent)."""
     mapping = mappings.get(delivery.source)
     if mapping is None:

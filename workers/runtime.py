@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from adapters.esp.mailchimp import Mailchimp
-from adapters.settings import Settings, get_settings
-from adapters.sources.registry import Mapping, build_mappings
 from adapters.coalesce import Coalescer
 from adapters.esp.guard import EspGuard, account_id
+from adapters.esp.mailchimp import Mailchimp
 from adapters.geoip import GeoReader, open_reader
+from adapters.settings import Settings, get_settings
+from adapters.sources.registry import EventMapping, build_mappings
 from adapters.store import ProfileStore, Quarantine
 from workers.merge import MergeRules
 
@@ -20,7 +20,7 @@ class Runtime:
     settings: Settings
     store: ProfileStore
     esp: Mailchimp
-    mappings: dict[str, Mapping]
+    mappings: dict[str, EventMapping]
     quarantine: Quarantine
     rules: MergeRules
     geo: GeoReader | None

@@ -11,7 +11,8 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from adapters.esp.mailchimp import BATCH_LIMIT, NAME as MAILCHIMP
+from adapters.esp.mailchimp import BATCH_LIMIT
+from adapters.esp.mailchimp import NAME as MAILCHIMP
 from adapters.store import ProfileStore
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from adapters.sources.configured import ConfiguredSource, configured_mapping
 from schemas.delivery import Delivery
 from schemas.events import Event
 
-Mapping = Callable[[Delivery], list[Event]]
-BUILT_IN: dict[str, Mapping] = {
+EventMapping = Callable[[Delivery], list[Event]]
+BUILT_IN: dict[str, EventMapping] = {
     shopify.NAME: shopify.to_events,
     tracking.NAME: tracking.to_events,
     sendgrid.NAME: sendgrid.to_events,
@@ -37,7 +37,7 @@ def build_sources(settings: Settings) -> dict[str, Source]:
     return sources
 
 
-def build_mappings(settings: Settings) -> dict[str, Mapping]:
+def build_mappings(settings: Settings) -> dict[str, EventMapping]:
     """Every source's mapping, for the workers: built-in ones always, configured ones by name."""
     mappings = dict(BUILT_IN)
     for name, config in settings.configured_sources().items():

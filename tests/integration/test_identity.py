@@ -4,10 +4,10 @@ event proves two are one, guarded against bad merges, and safe under concurrent 
 import asyncio
 import uuid
 
-from tests.conftest import ROOT, WRITE_KEY, eventually, post_webhook, spawn, stop
-from tests.samples import customer, order
-
 import aiohttp
+
+from tests.conftest import WRITE_KEY, eventually, post_webhook, spawn, stop
+from tests.samples import customer, order
 
 
 def tracking_auth() -> dict[str, str]:

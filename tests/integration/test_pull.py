@@ -7,7 +7,6 @@ import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 
-import aiohttp
 import pytest
 from pymongo import AsyncMongoClient
 

@@ -21,7 +21,14 @@ from segment.analytics.request import APIError
 
 from adapters.sources.mailchimp import mandrill_signature
 from tests.conftest import (
-    HMAC_SECRET, MAILCHIMP_URL_SECRET, MANDRILL_KEY, SENDGRID_KEY, STANDARD_SECRET, STRIPE_SECRET, WRITE_KEY, eventually,
+    HMAC_SECRET,
+    MAILCHIMP_URL_SECRET,
+    MANDRILL_KEY,
+    SENDGRID_KEY,
+    STANDARD_SECRET,
+    STRIPE_SECRET,
+    WRITE_KEY,
+    eventually,
 )
 
 

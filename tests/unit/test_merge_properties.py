@@ -8,10 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import CheckoutChanged, ConsentChanged, CustomerUpdated, EmailOpened, OrderCompleted, ProductViewed
-from workers.merge import MergeRules
 from schemas.profile import Profile
 from workers.enrich import enrich
-from workers.merge import merge_profiles
+from workers.merge import MergeRules, merge_profiles
 from workers.pipeline import merge_all
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
