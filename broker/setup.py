@@ -11,6 +11,7 @@ from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pi
 from adapters import logs
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
+from broker import topology
 from broker.middleware import CloseOnShutdown, RetryOrDeadLetter
 
 
@@ -27,6 +28,7 @@ def create_broker(
     broker = RabbitmqBroker(
         url=settings.amqp_url,
         confirm_delivery=True,
+        max_priority=topology.MAX_PRIORITY,
         middleware=[
             AgeLimit(),
             TimeLimit(),

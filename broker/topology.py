@@ -15,6 +15,7 @@ PROCESS_EVENT_ACTOR = "process_event"
 SYNC_PROFILE_ACTOR = "sync_profile"
 CHECK_ABANDONMENT_ACTOR = "check_abandonment"
 SYNC_BATCH_ACTOR = "sync_batch"
+SYNC_URGENT_ACTOR = "sync_urgent"
 
 
 def events_queue(prefix: str) -> str:
@@ -29,9 +30,13 @@ def all_queues(prefix: str) -> list[str]:
     return [events_queue(prefix), sync_queue(prefix)]
 
 
+MAX_PRIORITY = 10
+URGENT = 9  # consent changes and erasures: ahead of bulk traffic
+
+
 def queue_arguments(queue: str) -> dict[str, object]:
-    """Arguments of a canonical (and its delay) queue: rejects go to its dead-letter queue."""
-    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+    """Arguments of a canonical (and its delay) queue: rejects go to its dead-letter queue; messages have priorities."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue), "x-max-priority": MAX_PRIORITY}
 
 
 def declarations(queue: str) -> list[tuple[str, dict[str, object]]]:
@@ -47,7 +52,10 @@ __all__ = [
     "PROCESS_EVENT_ACTOR",
     "SYNC_PROFILE_ACTOR",
     "CHECK_ABANDONMENT_ACTOR",
+    "MAX_PRIORITY",
+    "URGENT",
     "SYNC_BATCH_ACTOR",
+    "SYNC_URGENT_ACTOR",
     "all_queues",
     "declarations",
     "dq_name",

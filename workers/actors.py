@@ -70,13 +70,13 @@ async def process_event(delivery: dict[str, Any]) -> None:
         return
     to_sync, to_check = [], []
     for identity, group in by_identity(events).items():
-        profile_id, needs_sync = await merge_into_profile(rt.store, identity, group)
+        profile_id, needs_sync, urgent = await merge_into_profile(rt.store, identity, group)
         if needs_sync:
-            to_sync.append(profile_id)
+            to_sync.append((profile_id, urgent))
         to_check += [(profile_id, e.checkout_id, e.event_time.isoformat())
                      for e in group if isinstance(e, CheckoutChanged) and not e.completed]
-    for profile_id in to_sync:
-        await schedule_sync(profile_id)
+    for profile_id, urgent in to_sync:
+        await schedule_sync(profile_id, urgent)
     delay_ms = int(rt.settings.cart_abandon_delay_s * 1000)
     for profile_id, checkout_id, at in to_check:
         # A delayed message: if nothing has touched the checkout by then, the cart counts as abandoned.
@@ -84,15 +84,30 @@ async def process_event(delivery: dict[str, Any]) -> None:
     log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(to_sync))
 
 
-async def schedule_sync(profile_id: str) -> None:
-    """One delayed sync per profile per coalescing window; it sends whatever the profile is by then."""
+def consent_changed(before: Profile, after: Profile) -> bool:
+    """An existing consent that changed, or a first unsubscribe: what must reach the ESP before anything else."""
+    old = before.consent.get("email")
+    new = after.consent.get("email")
+    if new is None or (old is not None and old.state == new.state):
+        return False
+    return old is not None or new.state == "unsubscribed"
+
+
+async def schedule_sync(profile_id: str, urgent: bool = False) -> None:
+    """One delayed sync per profile per coalescing window; it sends whatever the profile is by then.
+
+    Consent changes and erasures are urgent: they skip the window and jump the queue.
+    """
     rt = await runtime()
-    if await rt.coalescer.first_in_window(MAILCHIMP, profile_id):
+    if urgent:
+        await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id,), broker_priority=topology.URGENT)
+    elif await rt.coalescer.first_in_window(MAILCHIMP, profile_id):
         await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id,), delay=rt.coalescer.window_ms or None)
 
 
-async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, bool]:
-    """Merge ``events`` into the identity's profile; returns its id and whether the ESP needs an update.
+async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, bool, bool]:
+    """Merge ``events`` into the identity's profile; returns its id, whether the ESP needs an update,
+    and whether that update is urgent (a consent change or an erasure goes ahead of bulk traffic).
 
     Two round trips on the common path: a point read of every profile owning one
     of the identity's keys, and a version-guarded write. When the keys belong to
@@ -107,13 +122,13 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
         if tombstone is not None:
             # An erased person stays erased: nothing that arrives later is kept, however it names them.
             log.info("events for erased profile %s ignored", tombstone.id)
-            return tombstone.id, False
+            return tombstone.id, False, False
         if len(owners) > 1:
             result = await _merge_owners(store, owners, events)
             if result is _LOST:
                 continue
             if result is not _REFUSED:
-                return result, True
+                return result, True, False
             foreign = {key for profile, _ in owners[1:] for key in profile_keys(profile)}
             events = [e.model_copy(update={"identity": _without(e.identity, source, foreign)}) for e in events]
             owners = owners[:1]
@@ -129,13 +144,13 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
         sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
         if merged == profile and meta["version"] is not None:
-            return merged.id, False
+            return merged.id, False, False
         member = rt.esp.member(merged, rt.settings.merge_fields)
         digest = member_hash(member) if member is not None else None
         erase = sorted({*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else []),
                         *(e.identity.email for e in events if e.identity.email)}) if merged.erased and not profile.erased else []
         if await store.save(merged, meta["version"], MAILCHIMP, member, digest, erase=erase):
-            return merged.id, bool(erase) or (member is not None and digest != sent_hash)
+            return merged.id, bool(erase) or (member is not None and digest != sent_hash), bool(erase) or consent_changed(profile, merged)
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
@@ -248,8 +263,19 @@ def _without(identity: Identity, source: str, foreign: set[str]) -> Identity:
     return Identity(**kept) if kept else identity
 
 
-@dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix))
+@dramatiq.actor(actor_name=topology.SYNC_URGENT_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=0)
+async def sync_urgent(profile_id: str) -> None:
+    """:func:`sync_profile` for consent changes and erasures: first out of RabbitMQ (message priority)
+    and first in the worker's own queue (actor priority), ahead of any backlog."""
+    await _sync(profile_id)
+
+
+@dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=10)
 async def sync_profile(profile_id: str) -> None:
+    await _sync(profile_id)
+
+
+async def _sync(profile_id: str) -> None:
     """Idempotent: a profile whose member was already sent is skipped without a request."""
     rt = await runtime()
     lease = timedelta(seconds=2 * rt.settings.mailchimp_timeout_s + 5)

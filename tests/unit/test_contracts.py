@@ -32,7 +32,7 @@ def test_older_published_schema_versions_are_kept():
 
 
 def test_receiver_declares_queues_exactly_as_dramatiq_does():
-    broker = RabbitmqBroker(url="amqp://guest:guest@127.0.0.1:1/")
+    broker = RabbitmqBroker(url="amqp://guest:guest@127.0.0.1:1/", max_priority=topology.MAX_PRIORITY)
     queue = topology.events_queue("x")
     assert topology.queue_arguments(queue) == broker._build_queue_arguments(queue)
 
