@@ -67,9 +67,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _serve(queues[args.queues], sweep=False)
 
 
+async def check_fields() -> list[str]:
+    """The merge-field mapping against the audience's own field definitions."""
+    from adapters.esp.fields import normalize, problems
+    from adapters.esp.mailchimp import Mailchimp
+
+    settings = get_settings()
+    esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id,
+                    settings.mailchimp_timeout_s)
+    try:
+        return problems(normalize(settings.merge_fields), await esp.field_types())
+    finally:
+        await esp.close()
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     from broker import topology
+    from schemas.errors import MergetagError
 
+    log = logging.getLogger("mergetag")
+    try:
+        for problem in asyncio.run(check_fields()):
+            # Loud, not fatal: members without the field still sync; those with it are refused and dead-lettered.
+            log.error("merge field mapping does not fit the Mailchimp audience: %s", problem)
+    except MergetagError as exc:
+        log.error("could not check the merge field mapping against Mailchimp: %s", exc.code)
     return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True)
 
 
@@ -285,6 +307,10 @@ async def _esp_status() -> int:
 
 
 def cmd_esp(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        found = asyncio.run(check_fields())
+        print(json.dumps({"mailchimp": {"problems": found}}, indent=2))
+        return 1 if found else 0
     return asyncio.run(_esp_status())
 
 
@@ -371,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser("esp", help="ESP accounts: circuit state and connection use")
-    p.add_argument("action", choices=["status"])
+    p = sub.add_parser("esp", help="ESP accounts: circuit state and connection use, or check the field mapping")
+    p.add_argument("action", choices=["status", "check"])
     p.set_defaults(func=cmd_esp)
 
     p = sub.add_parser("admin", help="run the admin API (MERGETAG_ADMIN_TOKEN)")

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adapters.esp.fields import MappingEntry
 from adapters.sources.configured import SourceConfig
 from schemas.profile import DEFAULT_BLOCKED
 
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     mailchimp_max_connections: int = 10
     esp_circuit_failures: int = 5
     esp_circuit_open_s: float = 30.0
-    merge_fields: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MERGE_FIELDS))
+    merge_fields: dict[str, MappingEntry] = Field(default_factory=lambda: dict(DEFAULT_MERGE_FIELDS))
     loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
     trait_priority: dict[str, list[str]] = Field(default_factory=dict)
     geoip_database: str | None = None

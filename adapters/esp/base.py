@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+from adapters.esp.fields import MappingEntry
 from schemas.profile import Profile
 
 
 class Esp(Protocol):
     name: str
 
-    def member(self, profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any] | None:
+    def member(self, profile: Profile, merge_fields: Mapping[str, MappingEntry]) -> dict[str, Any] | None:
         """What the ESP should hold for ``profile`` (pure); None when it cannot be synced (no email)."""
 
     async def upsert(self, member: dict[str, Any]) -> None:

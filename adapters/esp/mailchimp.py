@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
+from adapters.esp.fields import MappingEntry, convert, normalize
 from schemas.errors import EspRejected, EspUnavailable
 from schemas.events import Scalar
 from schemas.profile import Profile
@@ -78,21 +80,27 @@ def _merge_value(value: Scalar) -> Scalar:
     return value
 
 
-def member_body(profile: Profile, merge_fields: dict[str, str], today: date | None = None) -> dict[str, Any] | None:
+def member_body(profile: Profile, merge_fields: Mapping[str, MappingEntry], today: date | None = None) -> dict[str, Any] | None:
     """The member Mailchimp should hold for ``profile``. Pure.
 
     Parameters:
-      merge_fields: trait name -> merge tag. Traits without a value are left out
-        rather than blanked, so a missing value never erases one set elsewhere.
+      merge_fields: trait name -> merge tag, or a :class:`FieldMapping` (type, length, default).
+        A trait without a value is sent as its default, else left out rather than blanked, so a
+        missing value never erases one set elsewhere; a computed one is blanked.
     """
     if profile.email is None:
         return None
     values = profile_values(profile, today)
-    fields = {
-        tag: "" if values.get(trait) is None else _merge_value(values[trait])
-        for trait, tag in sorted(merge_fields.items())
-        if values.get(trait) is not None or trait in COMPUTED
-    }
+    fields: dict[str, Scalar] = {}
+    for trait, spec in sorted(normalize(merge_fields).items()):
+        value = values.get(trait)
+        converted = convert(_merge_value(value), spec) if value is not None else None
+        if converted is None:
+            converted = spec.default
+        if converted is not None:
+            fields[spec.tag] = converted
+        elif trait in COMPUTED:
+            fields[spec.tag] = ""
     consent = profile.consent.get("email")
     state = consent.state if consent else "not_subscribed"
     body: dict[str, Any] = {
@@ -128,7 +136,7 @@ class Mailchimp:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
-    def member(self, profile: Profile, merge_fields: dict[str, str]) -> dict[str, Any] | None:
+    def member(self, profile: Profile, merge_fields: Mapping[str, MappingEntry]) -> dict[str, Any] | None:
         return member_body(profile, merge_fields)
 
     async def upsert(self, member: dict[str, Any]) -> None:
@@ -148,6 +156,11 @@ class Mailchimp:
             str(e.get("email_address", "")).lower(): f"mailchimp {e.get('error_code', 'ERROR')} {e.get('field') or ''}".strip()
             for e in (body or {}).get("errors", []) if isinstance(e, dict)
         }
+
+    async def field_types(self) -> dict[str, str]:
+        """The audience's merge fields: tag -> type."""
+        body = await self._request("GET", f"/lists/{self._list}/merge-fields?count=1000")
+        return {f["tag"]: f.get("type", "text") for f in (body or {}).get("merge_fields", []) if isinstance(f, dict)}
 
     async def get_member(self, email: str) -> dict[str, Any] | None:
         """The member as Mailchimp holds it (None when unknown)."""
