@@ -70,11 +70,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 async def check_fields() -> list[str]:
     """The merge-field mapping against the audience's own field definitions."""
     from adapters.esp.fields import normalize, problems
-    from adapters.esp.mailchimp import Mailchimp
+    from workers.runtime import mailchimp_client
 
     settings = get_settings()
-    esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id,
-                    settings.mailchimp_timeout_s)
+    esp = mailchimp_client(settings)
     try:
         return problems(normalize(settings.merge_fields), await esp.field_types())
     finally:
@@ -229,9 +228,8 @@ async def _quarantine(args: argparse.Namespace) -> int:
 
 
 async def _profile(args: argparse.Namespace) -> int:
+    from adapters.admin import find
     from adapters.store import ProfileStore
-    from schemas.events import normalize_email
-    from schemas.profile import identity_key
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
@@ -239,8 +237,7 @@ async def _profile(args: argparse.Namespace) -> int:
         if args.action == "quality":
             print(json.dumps(await store.flag_counts(), indent=2))
             return 0
-        ref = args.ref
-        found = await store.load(ref) if ref.startswith("p_") else await store.find_by_keys([identity_key("email", normalize_email(ref) or "")])
+        found = await find(store, args.ref)
         if found is None:
             print(json.dumps({"error": "not_found"}))
             return 1
@@ -315,15 +312,13 @@ def cmd_esp(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    from adapters.esp.mailchimp import Mailchimp
     from adapters.store import ProfileStore
     from workers.reconcile import compare
-    from workers.runtime import mailchimp_guard
+    from workers.runtime import mailchimp_client, mailchimp_guard
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-    esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id,
-                    settings.mailchimp_timeout_s)
+    esp = mailchimp_client(settings)
     guard = mailchimp_guard(settings)
     try:
         sample = await store.synced_sample("mailchimp", 0 if args.all else args.sample)

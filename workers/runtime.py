@@ -49,13 +49,19 @@ async def _create() -> Runtime:
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
     await store.ensure_indexes()
-    esp = Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id, settings.mailchimp_timeout_s)
+    esp = mailchimp_client(settings)
     quarantine = Quarantine(store.client, settings.mongodb_database)
     rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
     geo = open_reader(settings.geoip_database)
     return Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
                    frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
                    mailchimp_guard(settings))
+
+
+def mailchimp_client(settings: Settings) -> Mailchimp:
+    """The configured Mailchimp account's client (the sandbox's for local runs)."""
+    return Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id,
+                     settings.mailchimp_timeout_s)
 
 
 def mailchimp_guard(settings: Settings) -> EspGuard:
