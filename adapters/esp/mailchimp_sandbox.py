@@ -15,17 +15,16 @@ Run: ``python -m adapters.esp.mailchimp_sandbox --port 8081``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import hashlib
 import json
 import re
-import time
-from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any
 
 from aiohttp import web
+
+from adapters.esp.sandbox_kit import SandboxBase, json_body, serve
 
 STATUSES = {"subscribed", "unsubscribed", "cleaned", "pending", "transactional"}
 TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
@@ -33,7 +32,7 @@ MAX_MERGE_FIELDS = 30
 MAX_CONNECTIONS = 10
 DEFAULT_FIELDS = {"FNAME": "text", "LNAME": "text", "LTV": "number", "ORDERS": "number", "LASTORDER": "date", "TIER": "text"}
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 
 
 def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> web.Response:
@@ -49,7 +48,7 @@ def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] |
     return web.json_response(body, status=status, content_type="application/problem+json")
 
 
-class Sandbox:
+class Sandbox(SandboxBase):
     """The in-memory audience(s) and the contract checks.
 
     Parameters:
@@ -58,21 +57,13 @@ class Sandbox:
     """
 
     def __init__(self, api_key: str, lists: dict[str, dict[str, str]]) -> None:
+        super().__init__()
         self.api_key = api_key
         self.merge_fields = {list_id: dict(fields) for list_id, fields in lists.items()}
         self.members: dict[str, dict[str, dict[str, Any]]] = {list_id: {} for list_id in lists}
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.writes_in_flight = 0
-        self.max_writes_in_flight = 0
-        self.requests: dict[str, int] = {}
-        self.faults: list[int] = []
-        self.latency_s = 0.0
-        self.history: list[tuple[float, str, dict[str, Any]]] = []
         self.forgotten: set[str] = set()
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard])
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/3.0/ping", self.ping)
         app.router.add_get("/3.0/lists/{list_id}/merge-fields", self.list_merge_fields)
         app.router.add_post("/3.0/lists/{list_id}/merge-fields", self.add_merge_field)
@@ -82,40 +73,16 @@ class Sandbox:
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self.delete_permanent)
-        app.router.add_post("/_sandbox/faults", self.add_faults)
-        app.router.add_post("/_sandbox/latency", self.set_latency)
-        app.router.add_get("/_sandbox/stats", self.stats)
-        app.router.add_post("/_sandbox/stats/reset", self.reset_stats)
-        app.router.add_get("/_sandbox/history", self.get_history)
-        return app
 
-    @web.middleware
-    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/_sandbox/"):
-            return await handler(request)
+    def error(self, status: int, title: str, detail: str) -> web.Response:
+        return problem(status, title, detail)
+
+    async def admit(self, request: web.Request) -> web.StreamResponse | None:
         if not self._authorized(request.headers.get("Authorization", "")):
             return problem(401, "API Key Invalid", "Your API key may be invalid, or you've attempted to access the wrong datacenter.")
         if self.in_flight >= MAX_CONNECTIONS:
             return problem(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        writing = request.method != "GET"
-        if writing:
-            self.writes_in_flight += 1
-            self.max_writes_in_flight = max(self.max_writes_in_flight, self.writes_in_flight)
-        try:
-            route = f"{request.method} {request.match_info.route.resource.canonical if request.match_info.route.resource else request.path}"
-            self.requests[route] = self.requests.get(route, 0) + 1
-            if self.faults and request.method != "GET":
-                status = self.faults.pop(0)
-                return problem(status, "Injected Fault", f"sandbox fault {status}")
-            if self.latency_s:
-                await asyncio.sleep(self.latency_s)
-            return await handler(request)
-        finally:
-            self.in_flight -= 1
-            if writing:
-                self.writes_in_flight -= 1
+        return None
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
@@ -147,7 +114,7 @@ class Sandbox:
 
     async def add_merge_field(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        body = await _json(request)
+        body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
             return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "name", "message": "This value should not be blank."}])
         tag = str(body.get("tag") or body["name"]).upper()
@@ -177,7 +144,7 @@ class Sandbox:
     async def batch_members(self, request: web.Request) -> web.Response:
         """Batch subscribe/update: up to 500 members, 200 even when some fail (per-member ``errors``)."""
         list_id = self._list(request)
-        body = await _json(request)
+        body = await json_body(request)
         members = body.get("members") if isinstance(body, dict) else None
         if not isinstance(members, list) or not members:
             return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "members", "message": "Required."}])
@@ -229,12 +196,12 @@ class Sandbox:
         member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
         member["update_count"] += 1
         members[member_hash] = member
-        self.history.append((time.time(), email.lower(), dict(member["merge_fields"])))
+        self.record_write(email, member["merge_fields"])
         return member, None
 
     async def put_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        body = await _json(request)
+        body = await json_body(request)
         if not isinstance(body, dict):
             return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
         errors = self._validate_member(list_id, body)
@@ -287,28 +254,6 @@ class Sandbox:
         member["status"] = "archived"
         return web.Response(status=204)
 
-    async def add_faults(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        self.faults.extend([int(body.get("status", 503))] * int(body.get("count", 1)))
-        return web.json_response({"pending_faults": len(self.faults)})
-
-    async def set_latency(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        self.latency_s = float(body.get("ms", 0)) / 1000
-        return web.json_response({"latency_ms": self.latency_s * 1000})
-
-    async def get_history(self, request: web.Request) -> web.Response:
-        """Every member write: (unix time, email, merge fields after it). For latency measurements."""
-        return web.json_response(self.history)
-
-    async def reset_stats(self, request: web.Request) -> web.Response:
-        self.requests, self.max_in_flight, self.max_writes_in_flight = {}, self.in_flight, self.writes_in_flight
-        return await self.stats(request)
-
-    async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"requests": self.requests, "max_in_flight": self.max_in_flight,
-                                  "max_writes_in_flight": self.max_writes_in_flight})
-
 
 def _valid_value(kind: str, value: Any) -> bool:
     if value == "":
@@ -324,13 +269,6 @@ def _valid_value(kind: str, value: Any) -> bool:
     return isinstance(value, str) and len(value) <= 255
 
 
-async def _json(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -342,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fields = dict(item.split(":", 1) for item in args.merge_fields.split(",") if item)
     sandbox = Sandbox(args.api_key, {args.list_id: fields})
-    web.run_app(sandbox.app(), host=args.host, port=args.port, print=lambda *_: print(f"mailchimp sandbox on {args.host}:{args.port}", flush=True))
+    serve(sandbox, "mailchimp", args.host, args.port)
 
 
 if __name__ == "__main__":
