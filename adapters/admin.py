@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esp.mailchimp import member_body, member_hash
+from adapters.esp.base import member_hash
+from adapters.esp.registry import build_esp
 from adapters.esp.templates import TemplateError, render
 from adapters.settings import Settings
 from adapters.store import ProfileStore
@@ -31,10 +32,13 @@ async def find(store: ProfileStore, ref: str) -> tuple[Profile, dict[str, Any]] 
 
 
 def preview(profile: Profile, meta: dict[str, Any], settings: Settings, esp: str = "mailchimp", template: str | None = None) -> dict[str, Any]:
-    """What the sync would send for ``profile`` now, whether it would send it, and ``template`` rendered. Pure."""
-    if esp != "mailchimp":
-        raise ValueError(f"unknown ESP {esp!r}")
-    member = member_body(profile, settings.merge_fields)
+    """What the sync would send to the ESP target ``esp`` for ``profile`` now, whether it would send it,
+    and ``template`` rendered with it. No I/O. Raises ValueError for a target not configured."""
+    targets = settings.esp_targets()
+    if esp not in targets:
+        raise ValueError(f"unknown ESP target {esp!r} (configured: {', '.join(targets)})")
+    client = build_esp(esp, targets[esp])
+    member = client.member(profile)
     state = meta.get("esp", {}).get(esp, {})
     digest = member_hash(member) if member else None
     result: dict[str, Any] = {
@@ -45,7 +49,7 @@ def preview(profile: Profile, meta: dict[str, Any], settings: Settings, esp: str
         "last_sent_at": state.get("sent_at"),
     }
     if template is not None:
-        result["rendered"] = render(template, (member or {}).get("merge_fields", {}))
+        result["rendered"] = render(template, client.fields(member) if member else {})
     return result
 
 

@@ -47,8 +47,11 @@ def _serve(queues: list[str], sweep: bool) -> int:
     loop = asyncio.new_event_loop()
     sweep_stop = asyncio.Event()
     if sweep:
+        from adapters.esp.registry import BATCH_LIMITS
+
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-        run = sweeper.run(store, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
+        targets = {name: BATCH_LIMITS[t.kind] for name, t in settings.esp_targets().items()}
+        run = sweeper.run(store, targets, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
                           timedelta(seconds=settings.sync_lease_s), sweep_stop)
         threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
     stop.wait()
@@ -67,17 +70,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _serve(queues[args.queues], sweep=False)
 
 
-async def check_fields() -> list[str]:
-    """The merge-field mapping against the audience's own field definitions."""
-    from adapters.esp.fields import normalize, problems
-    from workers.runtime import mailchimp_client
+async def check_fields() -> dict[str, list[str]]:
+    """Each ESP target's field mapping against the ESP's own field definitions."""
+    from adapters.esp.registry import clients
 
-    settings = get_settings()
-    esp = mailchimp_client(settings)
-    try:
-        return problems(normalize(settings.merge_fields), await esp.field_types())
-    finally:
-        await esp.close()
+    found = {}
+    for name, esp in clients(get_settings()).items():
+        try:
+            found[name] = await esp.field_problems()
+        finally:
+            await esp.close()
+    return found
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -86,19 +89,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("mergetag")
     try:
-        for problem in asyncio.run(check_fields()):
-            # Loud, not fatal: members without the field still sync; those with it are refused and dead-lettered.
-            log.error("merge field mapping does not fit the Mailchimp audience: %s", problem)
+        for esp, problems in asyncio.run(check_fields()).items():
+            for problem in problems:
+                # Loud, not fatal: members without the field still sync; those with it are refused and dead-lettered.
+                log.error("field mapping does not fit ESP target %s: %s", esp, problem)
     except MergetagError as exc:
-        log.error("could not check the merge field mapping against Mailchimp: %s", exc.code)
+        log.error("could not check the field mappings against the ESPs: %s", exc.code)
     return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from adapters.esp import mailchimp_sandbox
+    from adapters.esp import klaviyo_sandbox, mailchimp_sandbox, sendgrid_sandbox
     from adapters.sources import shopify_sandbox
 
-    {"mailchimp": mailchimp_sandbox.main, "shopify": shopify_sandbox.main}[args.esp](args.rest)
+    {"mailchimp": mailchimp_sandbox.main, "klaviyo": klaviyo_sandbox.main, "sendgrid": sendgrid_sandbox.main,
+     "shopify": shopify_sandbox.main}[args.esp](args.rest)
     return 0
 
 
@@ -293,50 +298,50 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 async def _esp_status() -> int:
-    from workers.runtime import mailchimp_guard
+    from adapters.esp.registry import build_guard
 
-    guard = mailchimp_guard(get_settings())
-    try:
-        print(json.dumps({"mailchimp": await guard.state()}, indent=2))
-    finally:
-        await guard.close()
+    settings = get_settings()
+    states = {}
+    for name, target in settings.esp_targets().items():
+        guard = build_guard(target, settings)
+        try:
+            states[name] = await guard.state()
+        finally:
+            await guard.close()
+    print(json.dumps(states, indent=2))
     return 0
 
 
 def cmd_esp(args: argparse.Namespace) -> int:
     if args.action == "check":
         found = asyncio.run(check_fields())
-        print(json.dumps({"mailchimp": {"problems": found}}, indent=2))
-        return 1 if found else 0
+        print(json.dumps({name: {"problems": problems} for name, problems in found.items()}, indent=2))
+        return 1 if any(found.values()) else 0
     return asyncio.run(_esp_status())
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
+    from adapters.esp.registry import build_esp, build_guard
     from adapters.store import ProfileStore
-    from workers.reconcile import compare
-    from workers.runtime import mailchimp_client, mailchimp_guard
+    from workers.reconcile import reconcile
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-    esp = mailchimp_client(settings)
-    guard = mailchimp_guard(settings)
+    report = {}
     try:
-        sample = await store.synced_sample("mailchimp", 0 if args.all else args.sample)
-        drifted = []
-        for doc in sample:
-            async with guard.call():
-                held = await esp.get_member(doc["member"]["email_address"])
-            drift = compare(doc["_id"], doc["member"], held)
-            if drift:
-                drifted.append(drift)
-        if args.repair and drifted:
-            await store.resend("mailchimp", [d.profile_id for d in drifted])
-        print(json.dumps({"checked": len(sample), "drifted": len(drifted), "repaired": len(drifted) if args.repair else 0,
-                          "drift": [d.summary() for d in drifted]}, indent=2))
+        for name, target in settings.esp_targets().items():
+            if args.esp and name != args.esp:
+                continue
+            guard = build_guard(target, settings)
+            esp = build_esp(name, target, guard)
+            try:
+                report[name] = await reconcile(store, esp, 0 if args.all else args.sample, args.repair)
+            finally:
+                await esp.close()
+                await guard.close()
+        print(json.dumps(report, indent=2))
         return 0
     finally:
-        await esp.close()
-        await guard.close()
         await store.close()
 
 
@@ -366,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="run the background ESP sync (sync workers and the pending sweeper)")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("sandbox", help="run the Mailchimp or Shopify Admin sandbox (arguments pass through)")
-    p.add_argument("esp", choices=["mailchimp", "shopify"])
+    p = sub.add_parser("sandbox", help="run an ESP sandbox or the Shopify Admin sandbox (arguments pass through)")
+    p.add_argument("esp", choices=["mailchimp", "klaviyo", "sendgrid", "shopify"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sandbox)
 
@@ -382,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preview", help="exactly what would be sent to the ESP for a profile, and a template rendered with it")
     p.add_argument("ref", help="profile id or email")
-    p.add_argument("--esp", default="mailchimp", choices=["mailchimp"])
+    p.add_argument("--esp", default="mailchimp", help="the ESP target (default mailchimp)")
     p.add_argument("--template", help="a file with Mailchimp merge tags (*|FNAME|*, *|IF:TAG|*…*|END:IF|*)")
     p.set_defaults(func=cmd_preview)
 
@@ -390,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=200, help="profiles to check (random)")
     p.add_argument("--all", action="store_true", help="check every synced profile")
     p.add_argument("--repair", action="store_true")
+    p.add_argument("--esp", help="one ESP target (default: every configured one)")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("esp", help="ESP accounts: circuit state and connection use, or check the field mapping")

@@ -18,6 +18,7 @@ from schemas.errors import StoredProfileInvalid, SyncBusy
 from schemas.profile import Profile, profile_keys
 
 PROFILES = "profiles"
+Members = dict[str, tuple[dict[str, Any] | None, str | None]]
 
 
 def _pending(prefix: str) -> dict[str, Any]:
@@ -62,12 +63,13 @@ class ProfileStore:
         ]
         return {d["_id"]: {"profiles": d["profiles"], "events": d["events"]} async for d in await self.profiles.aggregate(pipeline)}
 
-    async def ensure_indexes(self) -> None:
+    async def ensure_indexes(self, esps: tuple[str, ...] = ("mailchimp",)) -> None:
         # Unique: one identifier belongs to one profile; a conflicting write fails instead of splitting a person.
         await self.profiles.create_index([("keys", ASCENDING)], name="identity_keys", unique=True)
-        await self.profiles.create_index(
-            [("esp.mailchimp.pending", ASCENDING), ("esp.mailchimp.dirty_at", ASCENDING)], name="mailchimp_pending"
-        )
+        for esp in esps:
+            await self.profiles.create_index(
+                [(f"esp.{esp}.pending", ASCENDING), (f"esp.{esp}.dirty_at", ASCENDING)], name=f"{esp}_pending"
+            )
 
     async def load(self, profile_id: str) -> tuple[Profile, dict[str, Any]] | None:
         """Load a profile, following the pointer an absorbed profile leaves behind."""
@@ -90,17 +92,24 @@ class ProfileStore:
         docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
         return [split for doc in docs if (split := self._split(doc)) is not None]
 
-    async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], esp: str,
-                     member: dict[str, Any] | None, member_hash: str | None, retire: list[str], sent_hash: str | None) -> bool:
+    async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], members: Members,
+                     retire: dict[str, list[str]], sent: dict[str, str | None]) -> bool:
         """Merge profiles in one transaction: the absorbed become pointers to ``survivor``.
 
         Every write is version-guarded; any lost race aborts the whole merge (returns False).
-        ``retire``: ESP contacts of absorbed profiles to archive, so none is left orphaned.
+        Parameters:
+          members: per ESP target, the member the survivor should become and its hash.
+          retire: per ESP target, contacts of absorbed profiles to retire, so none is left orphaned.
+          sent: per ESP target, the hash the survivor's contact was last sent.
         """
         body = survivor.model_dump(mode="python", exclude={"id"})
         body["keys"] = profile_keys(survivor)
         now = datetime.now(timezone.utc)
-        prefix = f"esp.{esp}"
+        state: dict[str, Any] = {}
+        for esp, (member, member_hash) in members.items():
+            prefix = f"esp.{esp}"
+            state.update({f"{prefix}.member": member, f"{prefix}.member_hash": member_hash, f"{prefix}.dirty_at": now,
+                          f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or bool(retire.get(esp))})
         async with self.client.start_session() as session:
             try:
                 async with await session.start_transaction():
@@ -109,20 +118,16 @@ class ProfileStore:
                             {"_id": absorbed_id, "version": absorbed_version},
                             # Not []: a unique multikey index counts every empty array as the same key.
                             {"$set": {"merged_into": survivor.id, "keys": [f"merged:{absorbed_id}"], "merged_at": now,
-                                      f"{prefix}.pending": False},
+                                      **{f"esp.{esp}.pending": False for esp in members}},
                              "$inc": {"version": 1}},
                             session=session,
                         )
                         if done.matched_count != 1:
                             raise _Abort
-                    update: dict[str, Any] = {
-                        "$set": {**body, f"{prefix}.member": member, f"{prefix}.member_hash": member_hash,
-                                 f"{prefix}.dirty_at": now,
-                                 f"{prefix}.pending": (member is not None and member_hash != sent_hash) or bool(retire)},
-                        "$inc": {"version": 1},
-                    }
-                    if retire:
-                        update["$addToSet"] = {f"{prefix}.retire": {"$each": retire}}
+                    update: dict[str, Any] = {"$set": {**body, **state}, "$inc": {"version": 1}}
+                    retiring = {f"esp.{esp}.retire": {"$each": emails} for esp, emails in retire.items() if emails}
+                    if retiring:
+                        update["$addToSet"] = retiring
                     done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
                     if done.matched_count != 1:
                         raise _Abort
@@ -138,12 +143,12 @@ class ProfileStore:
     async def retired(self, profile_id: str, esp: str, emails: list[str]) -> None:
         await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.retire": emails}})
 
-    async def save(self, profile: Profile, version: int | None, esp: str, member: dict[str, Any] | None, member_hash: str | None,
-                   erase: list[str] | None = None) -> bool:
+    async def save(self, profile: Profile, version: int | None, members: Members, erase: list[str] | None = None) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
 
-        Also records the ESP member it should become, and marks it pending when
-        that differs from what was last sent. Returns False on a lost race.
+        Also records, per ESP target, the member it should become (``members``: target ->
+        (member, hash)), and marks it pending where that differs from what was last sent.
+        ``erase``: contacts every target must erase. Returns False on a lost race.
         """
         now = datetime.now(timezone.utc)
         body = profile.model_dump(mode="python", exclude={"id"})
@@ -154,28 +159,26 @@ class ProfileStore:
                 **body,
                 "version": 1,
                 "esp": {esp: {"member": member, "member_hash": member_hash, "pending": member is not None or bool(erase),
-                              "dirty_at": now, **({"erase": erase} if erase else {})}},
+                              "dirty_at": now, **({"erase": erase} if erase else {})}
+                        for esp, (member, member_hash) in members.items()},
             }
             try:
                 await self.profiles.insert_one(doc)
             except DuplicateKeyError:
                 return False
             return True
-        prefix = f"esp.{esp}"
+        state: dict[str, Any] = {}
+        for esp, (member, member_hash) in members.items():
+            prefix = f"esp.{esp}"
+            state.update({
+                f"{prefix}.member": _literal(member),
+                f"{prefix}.member_hash": member_hash,
+                f"{prefix}.erase": {"$setUnion": [{"$ifNull": [f"${prefix}.erase", []]}, _literal(erase or [])]},
+                f"{prefix}.dirty_at": {"$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]},
+            })
         pipeline = [
-            {
-                "$set": {
-                    **{k: _literal(v) for k, v in body.items()},
-                    "version": {"$add": ["$version", 1]},
-                    f"{prefix}.member": _literal(member),
-                    f"{prefix}.member_hash": member_hash,
-                    f"{prefix}.erase": {"$setUnion": [{"$ifNull": [f"${prefix}.erase", []]}, _literal(erase or [])]},
-                    f"{prefix}.dirty_at": {
-                        "$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]
-                    },
-                }
-            },
-            {"$set": {f"{prefix}.pending": _pending(prefix)}},
+            {"$set": {**{k: _literal(v) for k, v in body.items()}, "version": {"$add": ["$version", 1]}, **state}},
+            {"$set": {f"esp.{esp}.pending": _pending(f"esp.{esp}") for esp in members}},
         ]
         try:
             result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 import dramatiq
 
-from adapters.esp.mailchimp import NAME as MAILCHIMP
-from adapters.esp.mailchimp import member_hash
+from adapters.esp.base import Esp
 from adapters.settings import get_settings
-from adapters.store import ProfileStore
+from adapters.store import Members, ProfileStore
 from broker import topology
 from broker.middleware import as_dead_letter
 from broker.setup import create_broker
@@ -39,7 +38,7 @@ from workers.pipeline import (
     parse_delivery,
     with_erased,
 )
-from workers.runtime import close_runtime, runtime
+from workers.runtime import Runtime, close_runtime, runtime
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -70,13 +69,13 @@ async def process_event(delivery: dict[str, Any]) -> None:
         return
     to_sync, to_check = [], []
     for identity, group in by_identity(events).items():
-        profile_id, needs_sync, urgent = await merge_into_profile(rt.store, identity, group)
-        if needs_sync:
-            to_sync.append((profile_id, urgent))
+        profile_id, targets, urgent = await merge_into_profile(rt.store, identity, group)
+        if targets:
+            to_sync.append((profile_id, targets, urgent))
         to_check += [(profile_id, e.checkout_id, e.event_time.isoformat())
                      for e in group if isinstance(e, CheckoutChanged) and not e.completed]
-    for profile_id, urgent in to_sync:
-        await schedule_sync(profile_id, urgent)
+    for profile_id, targets, urgent in to_sync:
+        await schedule_sync(profile_id, targets, urgent)
     delay_ms = int(rt.settings.cart_abandon_delay_s * 1000)
     for profile_id, checkout_id, at in to_check:
         # A delayed message: if nothing has touched the checkout by then, the cart counts as abandoned.
@@ -93,21 +92,27 @@ def consent_changed(before: Profile, after: Profile) -> bool:
     return old is not None or new.state == "unsubscribed"
 
 
-async def schedule_sync(profile_id: str, urgent: bool = False) -> None:
-    """One delayed sync per profile per coalescing window; it sends whatever the profile is by then.
-
-    Consent changes and erasures are urgent: they skip the window and jump the queue.
+async def schedule_sync(profile_id: str, targets: list[str], urgent: bool = False) -> None:
+    """Per ESP target, one delayed sync per profile per coalescing window; it sends whatever the
+    profile is by then. Consent changes and erasures are urgent: they skip the window and jump the queue.
     """
     rt = await runtime()
-    if urgent:
-        await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id,), broker_priority=topology.URGENT)
-    elif await rt.coalescer.first_in_window(MAILCHIMP, profile_id):
-        await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id,), delay=rt.coalescer.window_ms or None)
+    for esp in targets:
+        if urgent:
+            await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
+        elif await rt.coalescer.first_in_window(esp, profile_id):
+            await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id, esp), delay=rt.coalescer.window_ms or None)
 
 
-async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, bool, bool]:
-    """Merge ``events`` into the identity's profile; returns its id, whether the ESP needs an update,
-    and whether that update is urgent (a consent change or an erasure goes ahead of bulk traffic).
+def changed(members: Members, meta: dict[str, Any], erase: bool = False) -> list[str]:
+    """The ESP targets whose member differs from what they were last sent (all of them for an erasure)."""
+    return [esp for esp, (member, digest) in members.items()
+            if erase or (member is not None and digest != meta["esp"].get(esp, {}).get("sent_hash"))]
+
+
+async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, list[str], bool]:
+    """Merge ``events`` into the identity's profile; returns its id, the ESP targets that need an
+    update, and whether that update is urgent (a consent change or an erasure goes ahead of bulk traffic).
 
     Two round trips on the common path: a point read of every profile owning one
     of the identity's keys, and a version-guarded write. When the keys belong to
@@ -122,13 +127,13 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
         if tombstone is not None:
             # An erased person stays erased: nothing that arrives later is kept, however it names them.
             log.info("events for erased profile %s ignored", tombstone.id)
-            return tombstone.id, False, False
+            return tombstone.id, [], False
         if len(owners) > 1:
             result = await _merge_owners(store, owners, events)
             if result is _LOST:
                 continue
             if result is not _REFUSED:
-                return result, True, False
+                return result, list(rt.esps), False
             foreign = {key for profile, _ in owners[1:] for key in profile_keys(profile)}
             events = [e.model_copy(update={"identity": _without(e.identity, source, foreign)}) for e in events]
             owners = owners[:1]
@@ -142,15 +147,13 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             new = {identity_key(kind, v) for kind in grown for v in merged.identifiers[kind] if v not in profile.identifiers.get(kind, ())}
             events = [e.model_copy(update={"identity": _without(e.identity, source, new)}) for e in events]
             merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
-        sent_hash = meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
         if merged == profile and meta["version"] is not None:
-            return merged.id, False, False
-        member = rt.esp.member(merged, rt.settings.merge_fields)
-        digest = member_hash(member) if member is not None else None
+            return merged.id, [], False
+        members = rt.members(merged)
         erase = sorted({*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else []),
                         *(e.identity.email for e in events if e.identity.email)}) if merged.erased and not profile.erased else []
-        if await store.save(merged, meta["version"], MAILCHIMP, member, digest, erase=erase):
-            return merged.id, bool(erase) or (member is not None and digest != sent_hash), bool(erase) or consent_changed(profile, merged)
+        if await store.save(merged, meta["version"], members, erase=erase):
+            return merged.id, changed(members, meta, bool(erase)), bool(erase) or consent_changed(profile, merged)
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
@@ -170,60 +173,67 @@ async def check_abandonment(profile_id: str, checkout_id: str, at: str) -> None:
         expired = enrich(expire_checkout(profile, checkout_id, datetime.fromisoformat(at)), rt.settings.loyalty_tiers)
         if expired == profile:
             return
-        member = rt.esp.member(expired, rt.settings.merge_fields)
-        digest = member_hash(member) if member is not None else None
-        if await rt.store.save(expired, meta["version"], MAILCHIMP, member, digest):
-            if member is not None and digest != meta["esp"].get(MAILCHIMP, {}).get("sent_hash"):
-                await schedule_sync(expired.id)
+        members = rt.members(expired)
+        if await rt.store.save(expired, meta["version"], members):
+            await schedule_sync(expired.id, changed(members, meta))
             return
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
 @dramatiq.actor(actor_name=topology.SYNC_BATCH_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix))
-async def sync_batch(profile_ids: list[str]) -> None:
-    """Send a backlog in one bulk request; each refused member is recorded and dead-lettered on its own."""
+async def sync_batch(profile_ids: list[str], esp: str = "mailchimp") -> None:
+    """Send a backlog to one ESP target in one bulk request (an asynchronous job is polled to its end
+    first); each refused member is recorded and dead-lettered on its own, the rest recorded as sent."""
     rt = await runtime()
-    lease = timedelta(seconds=2 * rt.settings.mailchimp_timeout_s + 5)
-    claimed = await rt.store.claim_sends(profile_ids, MAILCHIMP, lease)
+    client = _target(rt, esp)
+    if client is None:
+        return
+    claimed = await rt.store.claim_sends(profile_ids, esp, rt.leases[esp])
     todo = {pid: state for pid, state in claimed.items() if state.get("member") and state.get("sent_hash") != state["member_hash"]}
     idle = [pid for pid in claimed if pid not in todo]
     if not todo:
-        await rt.store.settle_many(MAILCHIMP, [], [], idle)
+        await rt.store.settle_many(esp, [], [], idle)
         return
     try:
-        async with rt.guard.call():
-            refused = await rt.esp.upsert_batch([state["member"] for state in todo.values()])
+        refused = await client.upsert_batch([state["member"] for state in todo.values()])
     except MergetagError as exc:
         if exc.code != "esp_timeout":
-            await rt.store.settle_many(MAILCHIMP, [], [], list(claimed))
+            await rt.store.settle_many(esp, [], [], list(claimed))
         raise
     sent, failed = [], []
     for pid, state in todo.items():
-        reason = refused.get(state["member"]["email_address"].lower())
+        reason = refused.get(client.key(state["member"]))
         if reason is None:
             sent.append((pid, state["member_hash"]))
         else:
             failed.append((pid, state["member_hash"], "esp_rejected"))
             # Dead-lettered alone, with its reason, replayable once the cause is fixed.
             single = dramatiq.Message(queue_name=topology.sync_queue(settings.queue_prefix), actor_name=topology.SYNC_PROFILE_ACTOR,
-                                      args=(pid,), kwargs={}, options={})
+                                      args=(pid, esp), kwargs={}, options={})
             letter = as_dead_letter(single, {"code": "esp_rejected", "detail": reason, "retryable": False, "exception": "EspRejected"})
             await asyncio.to_thread(broker.enqueue, letter)
-    await rt.store.settle_many(MAILCHIMP, sent, failed, idle)
-    log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), MAILCHIMP, len(sent), len(failed))
+    await rt.store.settle_many(esp, sent, failed, idle)
+    log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
-async def _guarded(profile_id: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
-    """Run ESP calls through the account's guard; on failure end the send lease, unless a timed-out
-    call may still land (then the lease runs out by itself, so no other send overtakes it)."""
+def _target(rt: Runtime, esp: str) -> Esp | None:
+    client = rt.esps.get(esp)
+    if client is None:
+        # The target was removed from the configuration since this sync was scheduled: nothing to send it to.
+        log.warning("sync for ESP target %s skipped: not configured", esp)
+    return client
+
+
+async def _calls(profile_id: str, esp: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Run ESP calls in order; on failure end the send lease, unless a timed-out call may still land
+    (then the lease runs out by itself, so no other send overtakes it)."""
     rt = await runtime()
     try:
         for call in calls:
-            async with rt.guard.call():
-                await call()
+            await call()
     except MergetagError as exc:
         if exc.code != "esp_timeout" and not isinstance(exc, EspRejected):
-            await rt.store.release_send(profile_id, MAILCHIMP)
+            await rt.store.release_send(profile_id, esp)
         raise
 
 
@@ -242,15 +252,12 @@ async def _merge_owners(store: ProfileStore, owners: list[tuple[Profile, dict[st
     if broken:
         log.warning("merge of %s into %s refused: too many %s identifiers", [p.id for p, _ in others], survivor.id, ", ".join(broken))
         return _REFUSED
-    retire = sorted({
-        p.email for p, meta in others
-        if p.email and p.email != combined.email and meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
-    })
-    member = rt.esp.member(combined, rt.settings.merge_fields)
-    digest = member_hash(member) if member is not None else None
+    retire = {esp: sorted({p.email for p, meta in others
+                           if p.email and p.email != combined.email and meta["esp"].get(esp, {}).get("sent_hash")})
+              for esp in rt.esps}
     absorbed = [(p.id, meta["version"]) for p, meta in others]
-    sent_hash = survivor_meta["esp"].get(MAILCHIMP, {}).get("sent_hash")
-    if not await store.absorb(combined, survivor_meta["version"], absorbed, MAILCHIMP, member, digest, retire, sent_hash):
+    sent = {esp: survivor_meta["esp"].get(esp, {}).get("sent_hash") for esp in rt.esps}
+    if not await store.absorb(combined, survivor_meta["version"], absorbed, rt.members(combined), retire, sent):
         return _LOST
     log.info("merged %s into %s", [p.id for p, _ in others], survivor.id)
     return combined.id
@@ -264,37 +271,39 @@ def _without(identity: Identity, source: str, foreign: set[str]) -> Identity:
 
 
 @dramatiq.actor(actor_name=topology.SYNC_URGENT_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=0)
-async def sync_urgent(profile_id: str) -> None:
+async def sync_urgent(profile_id: str, esp: str = "mailchimp") -> None:
     """:func:`sync_profile` for consent changes and erasures: first out of RabbitMQ (message priority)
     and first in the worker's own queue (actor priority), ahead of any backlog."""
-    await _sync(profile_id)
+    await _sync(profile_id, esp)
 
 
 @dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=10)
-async def sync_profile(profile_id: str) -> None:
-    await _sync(profile_id)
+async def sync_profile(profile_id: str, esp: str = "mailchimp") -> None:
+    await _sync(profile_id, esp)
 
 
-async def _sync(profile_id: str) -> None:
-    """Idempotent: a profile whose member was already sent is skipped without a request."""
+async def _sync(profile_id: str, esp: str) -> None:
+    """Idempotent: a profile whose member the target already holds is skipped without a request."""
     rt = await runtime()
-    lease = timedelta(seconds=2 * rt.settings.mailchimp_timeout_s + 5)
-    state = await rt.store.claim_send(profile_id, MAILCHIMP, lease)
+    client = _target(rt, esp)
+    if client is None:
+        return
+    state = await rt.store.claim_send(profile_id, esp, rt.leases[esp])
     if state is None:
         return
     # Erasures first (a privacy request), then contacts of absorbed profiles, then the member itself.
-    for contacts, call, done in (("erase", rt.esp.delete_permanent, rt.store.forget), ("retire", rt.esp.archive, rt.store.retired)):
+    for contacts, call, done in (("erase", client.erase, rt.store.forget), ("retire", client.retire, rt.store.retired)):
         if state.get(contacts):
-            await _guarded(profile_id, [partial(call, email) for email in state[contacts]])
-            await done(profile_id, MAILCHIMP, state[contacts])
+            await _calls(profile_id, esp, [partial(call, email) for email in state[contacts]])
+            await done(profile_id, esp, state[contacts])
     if not state.get("member") or state.get("sent_hash") == state["member_hash"]:
-        log.debug("profile %s has nothing new to send", profile_id)
-        await rt.store.release_send(profile_id, MAILCHIMP)
+        log.debug("profile %s has nothing new to send to %s", profile_id, esp)
+        await rt.store.release_send(profile_id, esp)
         return
     try:
-        await _guarded(profile_id, [partial(rt.esp.upsert, state["member"])])
+        await _calls(profile_id, esp, [partial(client.upsert, state["member"])])
     except EspRejected as exc:
-        await rt.store.mark_failed(profile_id, MAILCHIMP, state["member_hash"], exc.code)
+        await rt.store.mark_failed(profile_id, esp, state["member_hash"], exc.code)
         raise
-    await rt.store.mark_sent(profile_id, MAILCHIMP, state["member_hash"])
-    log.info("profile %s synced to %s", profile_id, MAILCHIMP)
+    await rt.store.mark_sent(profile_id, esp, state["member_hash"])
+    log.info("profile %s synced to %s", profile_id, esp)

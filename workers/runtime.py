@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
 
 from adapters.coalesce import Coalescer
-from adapters.esp.guard import EspGuard, account_id
-from adapters.esp.mailchimp import Mailchimp
+from adapters.esp.base import Esp, member_hash
+from adapters.esp.guard import EspGuard
+from adapters.esp.registry import build_all
 from adapters.geoip import GeoReader, open_reader
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import EventMapping, build_mappings
-from adapters.store import ProfileStore, Quarantine
+from adapters.store import Members, ProfileStore, Quarantine
+from schemas.profile import Profile
 from workers.merge import MergeRules
 
 
@@ -19,14 +22,19 @@ from workers.merge import MergeRules
 class Runtime:
     settings: Settings
     store: ProfileStore
-    esp: Mailchimp
+    esps: dict[str, Esp]
     mappings: dict[str, EventMapping]
     quarantine: Quarantine
     rules: MergeRules
     geo: GeoReader | None
     blocked: frozenset[str]
     coalescer: Coalescer
-    guard: EspGuard
+    guards: dict[str, EspGuard]
+    leases: dict[str, timedelta]
+
+    def members(self, profile: Profile) -> Members:
+        """What every ESP target should hold for ``profile``, with its hash. Pure."""
+        return {name: (m := esp.member(profile), member_hash(m) if m is not None else None) for name, esp in self.esps.items()}
 
 
 _runtime: Runtime | None = None
@@ -48,28 +56,18 @@ async def runtime() -> Runtime:
 async def _create() -> Runtime:
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-    await store.ensure_indexes()
-    esp = mailchimp_client(settings)
+    built = build_all(settings)
+    await store.ensure_indexes(tuple(built))
     quarantine = Quarantine(store.client, settings.mongodb_database)
     rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
     geo = open_reader(settings.geoip_database)
-    return Runtime(settings, store, esp, build_mappings(settings), quarantine, rules, geo,
+    targets = settings.esp_targets()
+    # A send holds its lease through every request it makes and, for bulk ESPs, the job it waits for.
+    leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + (t.job_timeout_s if t.kind != "mailchimp" else 0))
+              for name, t in targets.items()}
+    return Runtime(settings, store, {n: esp for n, (esp, _) in built.items()}, build_mappings(settings), quarantine, rules, geo,
                    frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
-                   mailchimp_guard(settings))
-
-
-def mailchimp_client(settings: Settings) -> Mailchimp:
-    """The configured Mailchimp account's client (the sandbox's for local runs)."""
-    return Mailchimp(settings.mailchimp_url, settings.mailchimp_api_key.get_secret_value(), settings.mailchimp_list_id,
-                     settings.mailchimp_timeout_s)
-
-
-def mailchimp_guard(settings: Settings) -> EspGuard:
-    """The guard of the configured Mailchimp account, shared by every process through Redis."""
-    return EspGuard(settings.redis_url, account_id("mailchimp", settings.mailchimp_api_key.get_secret_value()),
-                    settings.mailchimp_max_connections, settings.esp_circuit_failures, settings.esp_circuit_open_s,
-                    wait_s=settings.mailchimp_timeout_s, lease_ms=int(2 * settings.mailchimp_timeout_s * 1000) + 5_000,
-                    prefix=settings.queue_prefix)
+                   {n: guard for n, (_, guard) in built.items()}, leases)
 
 
 async def close_runtime() -> None:
@@ -77,7 +75,9 @@ async def close_runtime() -> None:
     global _runtime
     if _runtime is not None:
         rt, _runtime = _runtime, None
-        await rt.esp.close()
+        for esp in rt.esps.values():
+            await esp.close()
+        for guard in rt.guards.values():
+            await guard.close()
         await rt.store.close()
         await rt.coalescer.close()
-        await rt.guard.close()

@@ -1,21 +1,73 @@
-"""What every ESP adapter provides. A new ESP is one module implementing this, plus its sandbox."""
+"""What every ESP adapter provides. A new ESP is one module implementing :class:`Esp`, plus its sandbox.
+
+The sync only ever talks to this Protocol: it builds members (pure), sends them one by
+one or in bulk, erases and retires contacts, and reads back what the ESP holds for
+reconciliation. Every method that calls the ESP raises EspUnavailable (retry later) or
+EspRejected (this member is refused: record it and dead-letter it).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapters.esp.fields import MappingEntry
+from schemas.events import Scalar
 from schemas.profile import Profile
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the ESP holds for a contact, in the adapter's own field names (for reconciliation)."""
+
+    fields: dict[str, Scalar]
+    unsubscribed: bool
 
 
 class Esp(Protocol):
     name: str
+    """The target's name: the key of its sync state, its coalescing and its guard."""
+    kind: str
+    """mailchimp, klaviyo or sendgrid."""
+    batch_limit: int
+    """Most members per bulk request."""
 
-    def member(self, profile: Profile, merge_fields: Mapping[str, MappingEntry]) -> dict[str, Any] | None:
+    def member(self, profile: Profile) -> dict[str, Any] | None:
         """What the ESP should hold for ``profile`` (pure); None when it cannot be synced (no email)."""
 
+    def key(self, member: dict[str, Any]) -> str:
+        """The member's identity at the ESP (its lowercased email): how bulk errors name their item."""
+
+    def fields(self, member: dict[str, Any]) -> dict[str, Scalar]:
+        """The mapped fields the member carries, by tag (preview, templates, reconciliation)."""
+
+    def unsubscribed(self, member: dict[str, Any]) -> bool:
+        """Whether the member pushes an unsubscribe."""
+
     async def upsert(self, member: dict[str, Any]) -> None:
-        """Create or update the member. Raises EspUnavailable (retry) or EspRejected (dead-letter)."""
+        """Create or update one member (and push its unsubscribe, if any)."""
+
+    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+        """Create or update up to ``batch_limit`` members in one bulk request, waiting for an
+        asynchronous job to finish; returns the refused members by :meth:`key`, with a reason
+        free of personal data. A failure of the whole request raises."""
+
+    async def erase(self, email: str) -> None:
+        """Erase the contact for good (a privacy request); an unknown contact is already gone."""
+
+    async def retire(self, email: str) -> None:
+        """Take a duplicate contact (of a profile absorbed into another) out of the mailings."""
+
+    async def held(self, email: str) -> Held | None:
+        """What the ESP holds for ``email``; None when it holds nothing."""
+
+    async def field_problems(self) -> list[str]:
+        """What in the field mapping does not fit the ESP's own field definitions."""
 
     async def close(self) -> None: ...
+
+
+def member_hash(member: dict[str, Any]) -> str:
+    """A member's fingerprint: equal members are never sent twice."""
+    return hashlib.sha256(json.dumps(member, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

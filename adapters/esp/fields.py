@@ -1,20 +1,22 @@
-"""Merge-field mapping: trait -> ESP field, with type conversion, a length limit and a default.
+"""Field mapping: trait -> ESP field (merge tag, property or custom field), with type
+conversion, a length limit and a default. The same for every ESP; what a tag may be is
+the ESP's business (each adapter checks the mapping against the ESP's own definitions).
 
-Configured as ``MERGETAG_MERGE_FIELDS`` (JSON): ``{"first_name": "FNAME"}`` or, in full,
-``{"first_name": {"tag": "FNAME", "max_length": 50, "default": "there"}}``. The mapping is
-checked against the ESP's own field definitions when the sync starts.
+Configured per ESP target: ``{"first_name": "FNAME"}`` or, in full,
+``{"first_name": {"tag": "FNAME", "max_length": 50, "default": "there"}}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import Scalar
+from schemas.profile import Profile
 
 FieldType = Literal["text", "number", "date"]
 
@@ -22,7 +24,7 @@ FieldType = Literal["text", "number", "date"]
 class FieldMapping(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tag: str = Field(pattern=r"^[A-Z0-9_]{1,10}$")
+    tag: str = Field(min_length=1, max_length=100)
     type: FieldType | None = Field(None, description="Convert to this type; default: the value's own.")
     max_length: int | None = Field(None, gt=0, description="Cut text to this many characters.")
     default: Scalar = Field(None, description="Sent when the profile has no value.")
@@ -59,6 +61,69 @@ def convert(value: Scalar | Decimal | datetime | date, spec: FieldMapping) -> Sc
         text = str(value)
         return text[: spec.max_length] if spec.max_length else text
     return value
+
+
+def profile_values(profile: Profile, today: date | None = None) -> dict[str, Scalar]:
+    """Every trait a merge field can name: the profile's own traits, then the computed ones.
+
+    ``days_since_last_order`` and ``days_since_last_open`` are counted to ``today`` (UTC): they
+    are as fresh as the member's last sync, so map them only where a daily refresh runs.
+    """
+    today = today or datetime.now(timezone.utc).date()
+    values: dict[str, Scalar] = {name: trait.value for name, trait in profile.traits.items()}
+    c = profile.computed
+    values.update(
+        lifetime_value=float(c.lifetime_value),
+        order_count=c.order_count,
+        last_order_date=c.last_order_date.date().isoformat() if c.last_order_date else None,
+        loyalty_tier=c.loyalty_tier,
+        categories_viewed=", ".join(c.categories_viewed) or None,
+        average_order_value=float(c.average_order_value),
+        top_categories=", ".join(c.top_categories) or None,
+        preferred_send_hour=c.preferred_send_hour,
+        last_email_open=c.last_email_open.date().isoformat() if c.last_email_open else None,
+        abandoned_cart_url=c.abandoned_cart.url if c.abandoned_cart else None,
+        abandoned_cart_value=float(c.abandoned_cart.value) if c.abandoned_cart else None,
+        days_since_last_order=(today - c.last_order_date.date()).days if c.last_order_date else None,
+        days_since_last_open=(today - c.last_email_open.date()).days if c.last_email_open else None,
+    )
+    return values
+
+
+# Derived by mergetag alone: when one has no value, the ESP's copy is blanked rather than left stale
+# (an abandoned cart must disappear from the next email once the order arrives).
+COMPUTED = frozenset({
+    "lifetime_value", "order_count", "last_order_date", "loyalty_tier", "categories_viewed", "average_order_value",
+    "top_categories", "preferred_send_hour", "last_email_open", "abandoned_cart_url", "abandoned_cart_value",
+    "days_since_last_order", "days_since_last_open",
+})
+
+
+def _merge_value(value: Scalar) -> Scalar:
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.date().isoformat()
+    return value
+
+
+def mapped(profile: Profile, mapping: Mapping[str, MappingEntry], today: date | None = None) -> dict[str, Scalar]:
+    """Tag -> value for ``profile`` under ``mapping``. Pure.
+
+    A trait without a value is sent as its default, else left out, so a missing value never
+    erases one set elsewhere. A computed trait without a value maps to None: the ESP's copy is
+    blanked (each adapter spells "blank" its own way).
+    """
+    values = profile_values(profile, today)
+    fields: dict[str, Scalar] = {}
+    for trait, spec in sorted(normalize(mapping).items()):
+        value = values.get(trait)
+        converted = convert(_merge_value(value), spec) if value is not None else None
+        if converted is None:
+            converted = spec.default
+        if converted is not None or trait in COMPUTED:
+            fields[spec.tag] = converted
+    return fields
 
 
 def problems(mapping: Mapping[str, FieldMapping], esp_fields: Mapping[str, str]) -> list[str]:

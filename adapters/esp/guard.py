@@ -4,6 +4,11 @@
   distributed semaphore of leased slots, so a crashed process cannot leak one.
   It adapts: a 429 halves the usable slots, each success gives one back, up to the
   configured limit (additive increase, multiplicative decrease).
+- Rate windows (Klaviyo: a 1 s burst and a 60 s steady window per endpoint): fixed-window
+  counters per bucket, checked and counted atomically for every window at once. A 429
+  halves the usable rate as well; successes win it back.
+- A shared pause: a ``Retry-After``, or rate-limit headers saying the budget is spent
+  (SendGrid's ``X-RateLimit-Remaining: 0``), pause every process until the reset.
 - A circuit breaker: after ``failures`` consecutive transient failures the account
   is "open" for ``open_s`` seconds and calls fail fast (retried later, so other
   accounts and ESPs are not slowed by this one); then one trial call decides.
@@ -36,6 +41,27 @@ end
 return 0
 """
 
+# KEYS: one counter per window; ARGV: now_ms, then (limit, window_ms) per window. Returns 0 when every
+# window had room (each counted), else the milliseconds until the fullest window resets.
+RATE = """
+local now = tonumber(ARGV[1])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local limit, window = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  if tonumber(redis.call('GET', key) or '0') >= limit then
+    wait = math.max(wait, window - (now % window))
+  end
+end
+if wait > 0 then return wait end
+for i, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  redis.call('PEXPIRE', key, tonumber(ARGV[2 * i + 1]) * 2)
+end
+return 0
+"""
+
+Rates = dict[str, list[tuple[int, float]]]
+
 
 def account_id(esp: str, api_key: str) -> str:
     """Names an ESP account without spelling out its key."""
@@ -51,26 +77,40 @@ class EspGuard:
       open_s: how long an open circuit fails fast.
       wait_s: how long a call waits for a free slot before it is retried later instead.
       lease_ms: a slot's lease (longer than any call).
+      rates: bucket -> [(requests, window seconds), ...]; a bucket not listed has no rate limit.
     """
 
     def __init__(self, url: str, account: str, limit: int = 10, failures: int = 5, open_s: float = 30.0,
-                 wait_s: float = 10.0, lease_ms: int = 60_000, prefix: str = "mergetag") -> None:
+                 wait_s: float = 10.0, lease_ms: int = 60_000, prefix: str = "mergetag", rates: Rates | None = None) -> None:
         self._redis = redis.Redis.from_url(url)
-        self._slots = f"{prefix}:esp:{account}:slots"
-        self._key = f"{prefix}:esp:{account}:state"
+        self._base = f"{prefix}:esp:{account}"
+        self._slots = f"{self._base}:slots"
+        self._key = f"{self._base}:state"
         self.account, self.limit, self.failures, self.open_s = account, limit, failures, open_s
+        self.rates = rates or {}
         self._wait, self._lease = wait_s, lease_ms
         self._acquire = self._redis.register_script(ACQUIRE)
+        self._rate = self._redis.register_script(RATE)
 
     @asynccontextmanager
-    async def call(self) -> AsyncIterator[None]:
-        """Wrap one ESP request: fail fast when open, wait for a slot, record the outcome."""
-        opened_until = float(await self._redis.hget(self._key, "opened_until") or 0)
+    async def call(self, bucket: str = "default") -> AsyncIterator[None]:
+        """Wrap one ESP request: fail fast when open, wait out a pause, take a rate slot and a
+        connection slot, record the outcome.
+
+        Raises EspUnavailable (``circuit_open``, or ``esp_busy`` when no room comes within ``wait_s``).
+        """
+        state = await self._redis.hmget(self._key, ["opened_until", "paused_until"])
+        opened_until, paused_until = (float(v or 0) for v in state)
         now = time.time()
         if opened_until > now:
             raise EspUnavailable(f"{self.account} circuit open", code="circuit_open", retry_after=opened_until - now)
-        token = uuid.uuid4().hex
         deadline = time.monotonic() + self._wait
+        if paused_until > now:
+            if paused_until - now > self._wait:
+                raise EspUnavailable(f"{self.account} is paused by its rate limit", code="esp_busy", retry_after=paused_until - now)
+            await asyncio.sleep(paused_until - now)
+        await self._take_rate(bucket, deadline)
+        token = uuid.uuid4().hex
         delay = 0.01
         while not await self._acquire(keys=[self._slots, self._key], args=[int(time.time() * 1000), self._lease, token, self.limit]):
             if time.monotonic() > deadline:
@@ -88,20 +128,58 @@ class EspGuard:
         finally:
             await self._redis.zrem(self._slots, token)
 
+    async def _take_rate(self, bucket: str, deadline: float) -> None:
+        windows = self.rates.get(bucket)
+        if not windows:
+            return
+        while True:
+            now_ms = int(time.time() * 1000)
+            scale = float(await self._redis.hget(self._key, "rate_scale") or 1.0)
+            keys, args = [], [now_ms]
+            for limit, window_s in windows:
+                window_ms = int(window_s * 1000)
+                keys.append(f"{self._base}:rate:{bucket}:{window_ms}:{now_ms // window_ms}")
+                args += [max(1, int(limit * scale)), window_ms]
+            wait_ms = int(await self._rate(keys=keys, args=args))
+            if not wait_ms:
+                return
+            if time.monotonic() + wait_ms / 1000 > deadline:
+                raise EspUnavailable(f"{self.account} {bucket} rate spent", code="esp_busy", retry_after=wait_ms / 1000)
+            await asyncio.sleep(wait_ms / 1000)
+
+    async def observe(self, remaining: int | None, reset_in_s: float | None) -> None:
+        """Rate-limit headers of a response: when the ESP says the budget is spent, every process
+        waits for its reset instead of provoking 429s."""
+        if remaining is not None and remaining <= 0 and reset_in_s is not None and reset_in_s > 0:
+            await self._pause(reset_in_s)
+
+    async def _pause(self, seconds: float) -> None:
+        until = time.time() + seconds
+        current = float(await self._redis.hget(self._key, "paused_until") or 0)
+        if until > current:
+            await self._redis.hset(self._key, "paused_until", until)
+
     async def _succeeded(self) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key, mapping={"consecutive_failures": 0, "opened_until": 0})
-            pipe.hincrby(self._key, "limit", 1)
-            results = await pipe.execute()
-        if int(results[-1]) > self.limit:
-            await self._redis.hset(self._key, "limit", self.limit)
+        """Close the circuit; win back one connection and a twentieth of the rate (additive increase)."""
+        raw = await self._redis.hmget(self._key, ["limit", "rate_scale"])
+        mapping: dict[str, float] = {"consecutive_failures": 0, "opened_until": 0}
+        if raw[0] is not None and int(raw[0]) < self.limit:
+            mapping["limit"] = int(raw[0]) + 1
+        if raw[1] is not None and float(raw[1]) < 1.0:
+            mapping["rate_scale"] = min(1.0, float(raw[1]) + 0.05)
+        await self._redis.hset(self._key, mapping=mapping)
 
     async def _failed(self, exc: MergetagError) -> None:
         failures = await self._redis.hincrby(self._key, "consecutive_failures", 1)
         if "429" in exc.detail:
-            # Slow down by itself: halve the usable connections (never below one).
-            current = int(await self._redis.hget(self._key, "limit") or self.limit)
-            await self._redis.hset(self._key, "limit", max(1, min(current, self.limit) // 2))
+            # Slow down by itself: halve the usable connections and rate (never below one request),
+            # and let every process wait out the ESP's Retry-After.
+            raw = await self._redis.hmget(self._key, ["limit", "rate_scale"])
+            current, scale = int(raw[0] or self.limit), float(raw[1] or 1.0)
+            await self._redis.hset(self._key, mapping={"limit": max(1, min(current, self.limit) // 2),
+                                                       "rate_scale": max(0.05, min(scale, 1.0) / 2)})
+            if getattr(exc, "retry_after", None):
+                await self._pause(float(exc.retry_after))
         if failures >= self.failures:
             await self._redis.hset(self._key, "opened_until", time.time() + self.open_s)
 
@@ -118,6 +196,8 @@ class EspGuard:
             "open_for_s": round(max(0.0, opened_until - now), 1),
             "connection_limit": min(int(raw.get("limit", self.limit) or self.limit), self.limit),
             "connections_in_use": await self._redis.zcount(self._slots, int(now * 1000), "+inf"),
+            "rate_scale": round(min(float(raw.get("rate_scale", 1.0) or 1.0), 1.0), 2),
+            "paused_for_s": round(max(0.0, float(raw.get("paused_until", 0) or 0) - now), 1),
         }
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
 """Mailchimp merge-tag templates, rendered the way a campaign would show them.
 
-``*|TAG|*`` is replaced by the member's value (empty when missing);
+``*|TAG|*`` is replaced by the member's value (empty when missing), whichever ESP the
+member is for (the tag is the target's own field name);
 ``*|IF:TAG|*…*|ELSE:|*…*|END:IF|*`` and ``*|IFNOT:TAG|*…*|END:IF|*`` give the
 fallbacks Mailchimp offers for missing values. Blocks nest. Pure.
 """
@@ -13,7 +14,8 @@ from collections.abc import Mapping
 
 from schemas.events import Scalar
 
-TOKEN = re.compile(r"\*\|(IF|IFNOT|ELSE|END):?([A-Z0-9_]*)\|\*|\*\|([A-Z0-9_]+)\|\*")
+# Tags as the target names them: Mailchimp's FNAME, Klaviyo's first_name or location.city, SendGrid's ltv.
+TOKEN = re.compile(r"\*\|(IF|IFNOT|ELSE|END):?([A-Za-z0-9_.]*)\|\*|\*\|([A-Za-z0-9_.]+)\|\*")
 
 
 class TemplateError(ValueError):

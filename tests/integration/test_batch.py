@@ -6,7 +6,8 @@ import subprocess
 import sys
 import uuid
 
-from adapters.esp.mailchimp import member_body, member_hash
+from adapters.esp.base import member_hash
+from adapters.esp.mailchimp import member_body
 from adapters.store import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
@@ -23,7 +24,7 @@ async def test_batch_with_good_and_bad_members(system, sandbox, http):
     for email in good + bad:
         profile = Profile(id=f"p_batch_{uuid.uuid4().hex}", email=email)
         member = member_body(profile, system.settings.merge_fields)
-        assert await store.save(profile, None, "mailchimp", member, member_hash(member))
+        assert await store.save(profile, None, {"mailchimp": (member, member_hash(member))})
         ids.append(profile.id)
     await sandbox.control(http, "stats/reset", {})
 

@@ -19,4 +19,4 @@ async def test_mapping_problems_are_reported_clearly(system):
         "shoe_size: merge field SHOES is not defined on the audience",
     ]
     # The running sync said so when it started: its mapping names CITY, which the audience lacked then.
-    assert "merge field mapping does not fit the Mailchimp audience: city: merge field CITY" in (system.logs / "sync.log").read_text()
+    assert "field mapping does not fit ESP target mailchimp: city: merge field CITY" in (system.logs / "sync.log").read_text()

@@ -81,7 +81,7 @@ async def test_more_than_ten_simultaneous_connections_get_429(sandbox, http):
 
 
 async def test_adapter_maps_errors_to_retryable_and_permanent(sandbox, http):
-    esp = Mailchimp(sandbox.api, API_KEY, "sandbox")
+    esp = Mailchimp(sandbox.api, API_KEY, "sandbox", {})
     try:
         with pytest.raises(EspRejected) as rejected:
             await esp.upsert({"email_address": "r@example.com", "status_if_new": "transactional", "merge_fields": {"NOPE": 1}})
@@ -90,7 +90,7 @@ async def test_adapter_maps_errors_to_retryable_and_permanent(sandbox, http):
         with pytest.raises(EspUnavailable):
             await esp.upsert({"email_address": "r@example.com", "status_if_new": "transactional"})
         await esp.upsert({"email_address": "r@example.com", "status_if_new": "transactional"})
-        unreachable = Mailchimp("http://127.0.0.1:1/3.0", API_KEY, "sandbox", timeout=2)
+        unreachable = Mailchimp("http://127.0.0.1:1/3.0", API_KEY, "sandbox", {}, timeout=2)
         with pytest.raises(EspUnavailable):
             await unreachable.upsert({"email_address": "r@example.com", "status_if_new": "transactional"})
         await unreachable.close()

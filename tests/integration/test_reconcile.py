@@ -8,6 +8,7 @@ import uuid
 
 import aiohttp
 
+from adapters.esp.base import Held
 from adapters.esp.mailchimp import subscriber_hash
 from tests.conftest import API_KEY, ROOT, eventually, post_webhook
 from tests.samples import customer
@@ -15,11 +16,11 @@ from workers.reconcile import compare
 
 
 def test_compare_reports_fields_missing_members_and_consent():
-    sent = {"email_address": "a@example.com", "merge_fields": {"FNAME": "Ann", "LTV": 5.0}, "status": "unsubscribed"}
-    assert compare("p", sent, {"merge_fields": {"FNAME": "Ann", "LTV": 5.0, "OTHER": 1}, "status": "unsubscribed"}) is None
-    drift = compare("p", sent, {"merge_fields": {"FNAME": "Anna", "LTV": 5.0}, "status": "subscribed"})
-    assert drift.summary() == {"profile_id": "p", "missing": False, "fields": ["FNAME"], "status": ["unsubscribed", "subscribed"]}
-    assert compare("p", sent, None).missing
+    sent = {"FNAME": "Ann", "LTV": 5.0, "CARTURL": ""}
+    assert compare("p", sent, True, Held({"FNAME": "Ann", "LTV": 5.0, "OTHER": 1}, unsubscribed=True)) is None
+    drift = compare("p", sent, True, Held({"FNAME": "Anna", "LTV": 5.0, "CARTURL": "https://x"}, unsubscribed=False))
+    assert drift.summary() == {"profile_id": "p", "missing": False, "fields": ["CARTURL", "FNAME"], "unsubscribe_lost": True}
+    assert compare("p", sent, False, None).missing
 
 
 async def test_reconcile_reports_drift_and_repairs_it(receiver, system, sandbox, http):
@@ -42,10 +43,10 @@ async def test_reconcile_reports_drift_and_repairs_it(receiver, system, sandbox,
                              capture_output=True, text=True, timeout=120, check=True)
         return json.loads(out.stdout)
 
-    report = await asyncio.to_thread(reconcile)
+    report = (await asyncio.to_thread(reconcile))["mailchimp"]
     mine = [d for d in report["drift"] if d["fields"] == ["FNAME"]]
     assert mine and report["repaired"] == 0
-    repaired = await asyncio.to_thread(reconcile, "--repair")
+    repaired = (await asyncio.to_thread(reconcile, "--repair"))["mailchimp"]
     assert repaired["repaired"] >= 1
 
     async def restored():

@@ -26,28 +26,28 @@ def person(pid: str, email: str, **identifiers) -> Profile:
 
 
 async def test_version_guard_rejects_a_lost_race(store):
-    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
-    assert not await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")  # already exists
+    assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
+    assert not await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})  # already exists
     profile, meta = await store.load("p1")
-    assert await store.save(profile, meta["version"], "mailchimp", {"m": 2}, "h2")
-    assert not await store.save(profile, meta["version"], "mailchimp", {"m": 3}, "h3")  # stale version
+    assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
+    assert not await store.save(profile, meta["version"], {"mailchimp": ({"m": 3}, "h3")})  # stale version
     _, meta = await store.load("p1")
     assert meta["version"] == 2 and meta["esp"]["mailchimp"]["member_hash"] == "h2"
 
 
 async def test_an_identifier_belongs_to_one_profile(store):
-    assert await store.save(person("p1", "a@example.com", shopify="1"), None, "mailchimp", None, None)
-    assert await store.save(person("p2", "b@example.com"), None, "mailchimp", None, None)
+    assert await store.save(person("p1", "a@example.com", shopify="1"), None, {"mailchimp": (None, None)})
+    assert await store.save(person("p2", "b@example.com"), None, {"mailchimp": (None, None)})
     found, _ = await store.find_by_keys(["email:zzz@example.com", "shopify:1"])
     assert found.id == "p1"
     other, meta = await store.load("p2")
     # Taking an identifier another profile owns fails like a lost race: the caller re-reads both owners and merges.
-    assert not await store.save(other.model_copy(update={"identifiers": {"shopify": ("1",)}}), meta["version"], "mailchimp", None, None)
+    assert not await store.save(other.model_copy(update={"identifiers": {"shopify": ("1",)}}), meta["version"], {"mailchimp": (None, None)})
     assert (await store.load("p2"))[1]["version"] == meta["version"]
 
 
 async def test_sweeper_claims_a_pending_profile_once_per_lease(store):
-    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     claim = lambda lease: store.claim_pending("mailchimp", timedelta(0), timedelta(seconds=lease))  # noqa: E731
     assert await claim(60) == ["p1"]
     assert await claim(60) == []  # within the lease: not again
@@ -58,16 +58,16 @@ async def test_sweeper_claims_a_pending_profile_once_per_lease(store):
 
 
 async def test_refused_member_is_not_swept_until_it_changes(store):
-    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     await store.mark_failed("p1", "mailchimp", "h1", "esp_rejected")
     assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
     profile, meta = await store.load("p1")
-    assert await store.save(profile, meta["version"], "mailchimp", {"m": 2}, "h2")
+    assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
     assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == ["p1"]
 
 
 async def test_one_send_per_profile_at_a_time(store):
-    assert await store.save(person("p1", "a@example.com"), None, "mailchimp", {"m": 1}, "h1")
+    assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     state = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert state["member_hash"] == "h1"
     with pytest.raises(SyncBusy) as busy:
@@ -79,9 +79,9 @@ async def test_one_send_per_profile_at_a_time(store):
 
 
 async def test_profiles_without_a_member_are_never_pending(store):
-    assert await store.save(person("p1", None, anonymous="a1"), None, "mailchimp", None, None)
+    assert await store.save(person("p1", None, anonymous="a1"), None, {"mailchimp": (None, None)})
     profile, meta = await store.load("p1")
     assert meta["esp"]["mailchimp"]["pending"] is False
-    assert await store.save(profile.model_copy(update={"traits": {}}), meta["version"], "mailchimp", None, None)
+    assert await store.save(profile.model_copy(update={"traits": {}}), meta["version"], {"mailchimp": (None, None)})
     assert (await store.load("p1"))[1]["esp"]["mailchimp"]["pending"] is False
     assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []

@@ -1,7 +1,8 @@
 from datetime import datetime, timezone
 from decimal import Decimal
 
-from adapters.esp.mailchimp import member_body, member_hash, subscriber_hash
+from adapters.esp.base import member_hash
+from adapters.esp.mailchimp import member_body, subscriber_hash
 from adapters.settings import DEFAULT_MERGE_FIELDS
 from schemas.profile import Computed, Consent, Profile, Trait
 

@@ -1,0 +1,236 @@
+"""SendGrid Marketing Contacts (v3): contacts by email, always through asynchronous jobs.
+
+- Upserts: ``PUT /v3/marketing/contacts`` (1 to 30,000 contacts, 6 MB) answers a job id;
+  ``GET /v3/marketing/contacts/imports/{id}`` is polled until the job ends, and its
+  errored contacts name the refused items by position. Nothing counts as sent before.
+- Custom fields are written by id: the mapping names them, the adapter looks their ids up
+  (``/v3/marketing/field_definitions``) once and again when a name is unknown.
+- Consent: contacts carry no subscription state, so an upsert never resubscribes anyone;
+  an unsubscribe is pushed as a global suppression (``/v3/asm/suppressions/global``).
+- Erasure and retiring a duplicate: the contact is deleted (SendGrid has no archive).
+
+Rate limits come from the ``X-RateLimit-*`` headers; an exhausted budget pauses every sync
+process until ``X-RateLimit-Reset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date
+from typing import Any
+
+from adapters.esp.base import Held
+from adapters.esp.fields import MappingEntry, mapped, normalize
+from adapters.esp.guard import EspGuard
+from adapters.esp.http import EspHttp, chunks_by_size, seconds_until, wait_for_job
+from schemas.errors import EspRejected, EspUnavailable
+from schemas.events import Scalar
+from schemas.profile import Profile
+
+KIND = "sendgrid"
+BATCH_LIMIT = 30_000
+MAX_JOB_BYTES = 5_500_000  # under the 6 MB request limit
+RESERVED = frozenset({"first_name", "last_name", "address_line_1", "address_line_2", "city", "state_province_region",
+                      "postal_code", "country"})
+_TYPES = {"Text": "text", "Number": "number", "Date": "date"}
+_FINISHED = {"completed", "errored", "failed"}
+
+
+def contact_body(profile: Profile, fields: Mapping[str, MappingEntry], today: date | None = None) -> dict[str, Any] | None:
+    """The contact SendGrid should hold (custom fields by name), plus ``unsubscribe`` when due. Pure."""
+    if profile.email is None:
+        return None
+    contact: dict[str, Any] = {"email": profile.email.lower()}
+    custom: dict[str, Any] = {}
+    for tag, value in mapped(profile, fields, today).items():
+        if tag in RESERVED:
+            contact[tag] = "" if value is None else str(value)
+        else:
+            custom[tag] = value
+    if custom:
+        contact["custom_fields"] = custom
+    member: dict[str, Any] = {"contact": contact}
+    consent = profile.consent.get("email")
+    if consent is not None and consent.state == "unsubscribed":
+        member["unsubscribe"] = True
+    return member
+
+
+class SendGrid:
+    """The adapter: one SendGrid account.
+
+    Parameters:
+      base_url: API root (``https://api.sendgrid.com`` or the sandbox's).
+      api_key: the API key (Bearer).
+      fields: this account's field mapping (reserved field names or custom field names).
+      list_id: a list every upserted contact joins (optional).
+      timeout: seconds per request.
+      job_timeout: seconds an import job may take before the send is retried.
+      guard: the account's shared guard.
+      name: the target's name (default ``sendgrid``).
+    """
+
+    kind = KIND
+    batch_limit = BATCH_LIMIT
+
+    def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
+                 timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
+        self.name = name
+        self._fields = dict(fields)
+        self._list = list_id
+        self._job_timeout = job_timeout
+        self._definitions: dict[str, tuple[str, str]] | None = None
+        self.http = EspHttp("sendgrid", base_url, {"Authorization": f"Bearer {api_key}"}, timeout, guard, _describe, _rate)
+
+    def member(self, profile: Profile) -> dict[str, Any] | None:
+        return contact_body(profile, self._fields)
+
+    def key(self, member: dict[str, Any]) -> str:
+        return str(member["contact"]["email"]).lower()
+
+    def fields(self, member: dict[str, Any]) -> dict[str, Scalar]:
+        contact = member["contact"]
+        return {**{k: v for k, v in contact.items() if k in RESERVED}, **contact.get("custom_fields", {})}
+
+    def unsubscribed(self, member: dict[str, Any]) -> bool:
+        return bool(member.get("unsubscribe"))
+
+    async def upsert(self, member: dict[str, Any]) -> None:
+        refused = await self.upsert_batch([member])
+        if refused:
+            raise EspRejected(next(iter(refused.values())))
+
+    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+        """Import jobs (split to stay under 6 MB), each polled until it ends."""
+        if len(members) > BATCH_LIMIT:
+            raise ValueError(f"at most {BATCH_LIMIT} contacts per request")
+        definitions = await self._field_ids()
+        contacts = [self._by_id(m["contact"], definitions) for m in members]
+        refused: dict[str, str] = {}
+        for chunk in chunks_by_size(contacts, MAX_JOB_BYTES):
+            refused.update(await self._import(chunk))
+        leaving = [self.key(m) for m in members if self.unsubscribed(m) and self.key(m) not in refused]
+        if leaving:
+            await self.http.request("POST", "/v3/asm/suppressions/global", {"recipient_emails": leaving})
+        return refused
+
+    def _by_id(self, contact: dict[str, Any], definitions: dict[str, tuple[str, str]]) -> dict[str, Any]:
+        """Custom fields renamed to their ids; a blank number or date is left out (SendGrid cannot blank it)."""
+        out = {k: v for k, v in contact.items() if k != "custom_fields"}
+        custom = {}
+        for name, value in contact.get("custom_fields", {}).items():
+            if name not in definitions:
+                raise EspUnavailable(f"sendgrid custom field {name} is not defined", code="esp_misconfigured")
+            field_id, kind = definitions[name]
+            if value is None:
+                if kind != "text":
+                    continue
+                value = ""
+            custom[field_id] = value
+        if custom:
+            out["custom_fields"] = custom
+        return out
+
+    async def _import(self, contacts: list[dict[str, Any]]) -> dict[str, str]:
+        body: dict[str, Any] = {"contacts": contacts}
+        if self._list:
+            body["list_ids"] = [self._list]
+        _, answer = await self.http.request("PUT", "/v3/marketing/contacts", body)
+        job_id = (answer or {}).get("job_id")
+        if not job_id:
+            raise EspUnavailable("sendgrid import answer without a job id")
+        job: dict[str, Any] = {}
+
+        async def finished() -> bool:
+            _, status = await self.http.request("GET", f"/v3/marketing/contacts/imports/{job_id}")
+            job.update(status or {})
+            return job.get("status") in _FINISHED
+
+        await wait_for_job(finished, self._job_timeout, "sendgrid")
+        results = job.get("results") or {}
+        if job.get("status") == "failed" and not results.get("errored_count"):
+            raise EspUnavailable("sendgrid import job failed")
+        if not results.get("errored_count"):
+            return {}
+        return await self._errors(str(results.get("errors_url") or ""), contacts)
+
+    async def _errors(self, url: str, contacts: list[dict[str, Any]]) -> dict[str, str]:
+        """The job's errored contacts, by email: found by their position, else by the email they echo."""
+        if not url:
+            raise EspUnavailable("sendgrid job reports errors without an errors_url")
+        _, body = await self.http.request("GET", url)
+        refused: dict[str, str] = {}
+        for error in (body or {}).get("errors", []):
+            index = error.get("index")
+            if isinstance(index, int) and 0 <= index < len(contacts):
+                email = contacts[index].get("email")
+            else:
+                email = error.get("email")
+            if email:
+                # SendGrid's message names the problem, not the contact; keep it short anyway.
+                refused[str(email).lower()] = f"sendgrid {str(error.get('message', 'invalid'))[:80]}"
+        return refused
+
+    async def _field_ids(self, refresh: bool = False) -> dict[str, tuple[str, str]]:
+        """Custom field name -> (id, type), cached; looked up again when the mapping names an unknown one."""
+        wanted = {spec.tag for spec in normalize(self._fields).values() if spec.tag not in RESERVED}
+        if self._definitions is None or refresh or not wanted <= set(self._definitions):
+            _, body = await self.http.request("GET", "/v3/marketing/field_definitions")
+            self._definitions = {f["name"]: (f["id"], _TYPES.get(f.get("field_type", "Text"), "text"))
+                                 for f in (body or {}).get("custom_fields", []) if isinstance(f, dict)}
+        return self._definitions
+
+    async def _contact_ids(self, email: str) -> list[str]:
+        _, body = await self.http.request("POST", "/v3/marketing/contacts/search/emails", {"emails": [email]}, gone_ok=True)
+        found = ((body or {}).get("result") or {}).values()
+        return [c["contact"]["id"] for c in found if isinstance(c, dict) and isinstance(c.get("contact"), dict)]
+
+    async def erase(self, email: str) -> None:
+        """Delete the contact (an unknown one is already gone)."""
+        ids = await self._contact_ids(email)
+        if ids:
+            await self.http.request("DELETE", f"/v3/marketing/contacts?ids={','.join(ids)}")
+
+    async def retire(self, email: str) -> None:
+        """SendGrid has no archive: the duplicate contact is deleted."""
+        await self.erase(email)
+
+    async def held(self, email: str) -> Held | None:
+        _, body = await self.http.request("POST", "/v3/marketing/contacts/search/emails", {"emails": [email]}, gone_ok=True)
+        found = [c["contact"] for c in ((body or {}).get("result") or {}).values() if isinstance(c, dict) and c.get("contact")]
+        if not found:
+            return None
+        contact = found[0]
+        _, suppressed = await self.http.request("GET", f"/v3/asm/suppressions/global/{email}")
+        fields = {**{k: v for k, v in contact.items() if k in RESERVED}, **(contact.get("custom_fields") or {})}
+        return Held(fields, bool(suppressed))
+
+    async def field_problems(self) -> list[str]:
+        definitions = await self._field_ids(refresh=True)
+        found = []
+        for trait, spec in sorted(normalize(self._fields).items()):
+            if spec.tag in RESERVED:
+                if spec.type not in (None, "text"):
+                    found.append(f"{trait}: {spec.tag} is a text field, the mapping converts to {spec.type}")
+            elif spec.tag not in definitions:
+                found.append(f"{trait}: custom field {spec.tag} is not defined")
+            elif spec.type is not None and definitions[spec.tag][1] != spec.type:
+                found.append(f"{trait}: {spec.tag} is a {definitions[spec.tag][1]} field, the mapping converts to {spec.type}")
+        return found
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def _describe(status: int, body: dict[str, Any]) -> str:
+    """SendGrid's error fields (``contacts[3].email``); never the messages, which may quote values."""
+    errors = [e for e in body.get("errors", []) if isinstance(e, dict)]
+    return ", ".join(str(e.get("field") or "") for e in errors if e.get("field"))
+
+
+def _rate(headers: Mapping[str, str]) -> tuple[int | None, float | None]:
+    try:
+        remaining = int(headers["X-RateLimit-Remaining"]) if "X-RateLimit-Remaining" in headers else None
+    except ValueError:
+        return None, None
+    return remaining, seconds_until(headers.get("X-RateLimit-Reset"))

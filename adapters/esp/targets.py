@@ -1,0 +1,63 @@
+"""ESP targets: each configured ESP account and audience the sync keeps up to date.
+
+A target has a name (the key of its sync state in every profile, ``esp.<name>``), a kind
+(mailchimp, klaviyo, sendgrid), where and how to reach it, and its own field mapping.
+Targets come from the ESP file (``MERGETAG_ESP_FILE``, TOML), one table per target::
+
+    [mailchimp]
+    kind = "mailchimp"
+    audience = "a1b2c3"                     # the Mailchimp list id
+    api_key_env = "MAILCHIMP_MAIN_KEY"      # secrets stay in the environment
+    [mailchimp.fields]
+    first_name = "FNAME"
+    lifetime_value = { tag = "LTV", type = "number" }
+
+or, without a file, from ``MERGETAG_ESPS`` (``mailchimp,klaviyo,sendgrid``) and the
+``MERGETAG_<KIND>_*`` settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from adapters.esp.fields import MappingEntry
+
+Kind = Literal["mailchimp", "klaviyo", "sendgrid"]
+
+
+class EspTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind
+    api_key: SecretStr | None = Field(None, description="Prefer api_key_env: the file then holds no secret.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    base_url: str | None = Field(None, description="API root; default: the ESP's own (the sandbox's for local runs).")
+    audience: str | None = Field(None, description="Mailchimp list id (required), Klaviyo or SendGrid list id (optional).")
+    fields: dict[str, MappingEntry] = Field(default_factory=dict, description="trait -> merge tag / property / custom field.")
+    timeout_s: float = 10.0
+    job_timeout_s: float = Field(300.0, description="How long a bulk job may run before its send is retried.")
+    max_connections: int = Field(10, gt=0, description="Simultaneous requests across every sync process.")
+    rates: dict[str, list[tuple[int, float]]] | None = Field(
+        None, description="bucket -> [(requests, window seconds)]; default: the ESP's published limits.")
+
+    def key(self) -> str:
+        """The API key: from the environment variable it names, else inline."""
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(f"environment variable {self.api_key_env} (an ESP API key) is not set")
+            return value
+        if self.api_key is None:
+            raise ValueError(f"no API key configured for this {self.kind} target")
+        return self.api_key.get_secret_value()
+
+
+def load_file(path: str) -> dict[str, EspTarget]:
+    """Targets from a TOML file: one table per target, named by the table."""
+    raw = tomllib.loads(Path(path).read_text())
+    return {name: EspTarget.model_validate(table) for name, table in raw.items()}
