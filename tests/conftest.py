@@ -44,6 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MERGE_FIELDS = {**DEFAULT_MERGE_FIELDS, "city": "CITY", "abandoned_cart_url": "CARTURL", "abandoned_cart_value": "CARTVAL"}
 SANDBOX_FIELDS = "FNAME:text,LNAME:text,LTV:number,ORDERS:number,LASTORDER:date,TIER:text,CARTURL:text,CARTVAL:number"
 
+KLAVIYO_KEY = "pk_test_0123456789abcdef0123456789ab"
+SENDGRID_API_KEY = "SG.test.mergetag-0123456789"
+SENDGRID_LIST_ID = "5f0a1c3e-8b7d-4e2a-9c61-0d3b2a4e5f67"
+SENDGRID_CUSTOM_FIELDS = "ltv:Number,orders:Number,last_order:Date,tier:Text,cart_url:Text,cart_value:Number"
 WRITE_KEY = "test-write-key"
 MAILCHIMP_URL_SECRET = "mc-url-secret"
 MANDRILL_KEY = "mandrill-webhook-key"
@@ -159,9 +163,49 @@ def mongo_uri() -> Iterator[str]:
 
 
 @dataclass
-class Sandbox:
+class EspSandbox:
+    """An ESP sandbox process and its ``/_sandbox`` controls."""
+
     url: str
     process: subprocess.Popen
+
+    async def control(self, session: aiohttp.ClientSession, path: str, body: dict[str, Any] | None = None) -> Any:
+        method = session.post if body is not None else session.get
+        async with method(f"{self.url}/_sandbox/{path}", json=body) as r:
+            return await r.json()
+
+
+def start_sandbox(module: str, *flags: str) -> EspSandbox:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", f"adapters.esp.{module}", "--port", str(port), *flags],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, process=process)
+    return EspSandbox(f"http://127.0.0.1:{port}", process)
+
+
+def stop_sandbox(sandbox: EspSandbox) -> None:
+    sandbox.process.terminate()
+    sandbox.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def klaviyo_sandbox() -> Iterator[EspSandbox]:
+    sandbox = start_sandbox("klaviyo_sandbox", "--api-key", KLAVIYO_KEY, "--job-delay-ms", "200")
+    yield sandbox
+    stop_sandbox(sandbox)
+
+
+@pytest.fixture(scope="session")
+def sendgrid_sandbox() -> Iterator[EspSandbox]:
+    sandbox = start_sandbox("sendgrid_sandbox", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "200", "--list-ids", SENDGRID_LIST_ID,
+                            "--custom-fields", SENDGRID_CUSTOM_FIELDS)
+    yield sandbox
+    stop_sandbox(sandbox)
+
+
+@dataclass
+class Sandbox(EspSandbox):
+    """The Mailchimp sandbox."""
 
     @property
     def api(self) -> str:
@@ -171,10 +215,6 @@ class Sandbox:
         async with session.get(f"{self.api}/lists/sandbox/members/{subscriber_hash(email)}", headers={"Authorization": aiohttp.encode_basic_auth("t", API_KEY)}) as r:
             return await r.json() if r.status == 200 else None
 
-    async def control(self, session: aiohttp.ClientSession, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        method = session.post if body is not None else session.get
-        async with method(f"{self.url}/_sandbox/{path}", json=body) as r:
-            return await r.json()
 
 
 @pytest.fixture(scope="session")

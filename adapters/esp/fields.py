@@ -33,8 +33,11 @@ class FieldMapping(BaseModel):
 MappingEntry = Union[str, FieldMapping]
 
 
-def normalize(mapping: Mapping[str, MappingEntry]) -> dict[str, FieldMapping]:
-    return {trait: FieldMapping(tag=entry) if isinstance(entry, str) else entry for trait, entry in mapping.items()}
+def normalize(mapping: Mapping[str, MappingEntry | dict]) -> dict[str, FieldMapping]:
+    """Every entry as a :class:`FieldMapping` (a bare tag, or its fields as a dict, are accepted)."""
+    return {trait: entry if isinstance(entry, FieldMapping) else
+            FieldMapping(tag=entry) if isinstance(entry, str) else FieldMapping.model_validate(entry)
+            for trait, entry in mapping.items()}
 
 
 def convert(value: Scalar | Decimal | datetime | date, spec: FieldMapping) -> Scalar:

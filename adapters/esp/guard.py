@@ -4,8 +4,9 @@
   distributed semaphore of leased slots, so a crashed process cannot leak one.
   It adapts: a 429 halves the usable slots, each success gives one back, up to the
   configured limit (additive increase, multiplicative decrease).
-- Rate windows (Klaviyo: a 1 s burst and a 60 s steady window per endpoint): fixed-window
-  counters per bucket, checked and counted atomically for every window at once. A 429
+- Rate windows (Klaviyo: a 1 s burst and a 60 s steady window per endpoint): sliding-window
+  logs per bucket, checked and counted atomically for every window at once, so no stretch
+  of a window's length holds more than its limit, whatever the ESP's own alignment. A 429
   halves the usable rate as well; successes win it back.
 - A shared pause: a ``Retry-After``, or rate-limit headers saying the budget is spent
   (SendGrid's ``X-RateLimit-Remaining: 0``), pause every process until the reset.
@@ -41,21 +42,24 @@ end
 return 0
 """
 
-# KEYS: one counter per window; ARGV: now_ms, then (limit, window_ms) per window. Returns 0 when every
-# window had room (each counted), else the milliseconds until the fullest window resets.
+# Sliding windows, so no stretch of ``window`` seconds, however it is aligned, holds more than ``limit``
+# requests. KEYS: one log (sorted set) per window; ARGV: now_ms, token, then (limit, window_ms) per window.
+# Returns 0 when every window had room (the request is logged in each), else the ms until the fullest has.
 RATE = """
-local now = tonumber(ARGV[1])
+local now, token = tonumber(ARGV[1]), ARGV[2]
 local wait = 0
 for i, key in ipairs(KEYS) do
-  local limit, window = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  if tonumber(redis.call('GET', key) or '0') >= limit then
-    wait = math.max(wait, window - (now % window))
+  local limit, window = tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if redis.call('ZCARD', key) >= limit then
+    local oldest = redis.call('ZRANGE', key, -limit, -limit, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now + 1)
   end
 end
 if wait > 0 then return wait end
 for i, key in ipairs(KEYS) do
-  redis.call('INCR', key)
-  redis.call('PEXPIRE', key, tonumber(ARGV[2 * i + 1]) * 2)
+  redis.call('ZADD', key, now, token)
+  redis.call('PEXPIRE', key, tonumber(ARGV[2 * i + 2]))
 end
 return 0
 """
@@ -135,10 +139,10 @@ class EspGuard:
         while True:
             now_ms = int(time.time() * 1000)
             scale = float(await self._redis.hget(self._key, "rate_scale") or 1.0)
-            keys, args = [], [now_ms]
+            keys, args = [], [now_ms, uuid.uuid4().hex]
             for limit, window_s in windows:
                 window_ms = int(window_s * 1000)
-                keys.append(f"{self._base}:rate:{bucket}:{window_ms}:{now_ms // window_ms}")
+                keys.append(f"{self._base}:rate:{bucket}:{window_ms}")
                 args += [max(1, int(limit * scale)), window_ms]
             wait_ms = int(await self._rate(keys=keys, args=args))
             if not wait_ms:

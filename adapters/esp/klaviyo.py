@@ -93,7 +93,7 @@ class Klaviyo:
     def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
                  timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
         self.name = name
-        self._fields = dict(fields)
+        self._fields = normalize(fields)
         self._list = list_id
         self._job_timeout = job_timeout
         headers = {"Authorization": f"Klaviyo-API-Key {api_key}", "revision": REVISION, "Accept": CONTENT_TYPE}

@@ -80,7 +80,7 @@ class Mailchimp:
                  timeout: float = 10.0, guard: EspGuard | None = None, name: str = KIND) -> None:
         self.name = name
         self._list = list_id
-        self._fields = dict(merge_fields)
+        self._fields = normalize(merge_fields)
         self.http = EspHttp("mailchimp", base_url, {"Authorization": aiohttp.encode_basic_auth("mergetag", api_key)},
                             timeout, guard, _describe)
 

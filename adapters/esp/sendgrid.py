@@ -43,10 +43,11 @@ def contact_body(profile: Profile, fields: Mapping[str, MappingEntry], today: da
     contact: dict[str, Any] = {"email": profile.email.lower()}
     custom: dict[str, Any] = {}
     for tag, value in mapped(profile, fields, today).items():
+        # A blank computed value is sent as "", which SendGrid takes as "no value" for every field type.
         if tag in RESERVED:
             contact[tag] = "" if value is None else str(value)
         else:
-            custom[tag] = value
+            custom[tag] = "" if value is None else value
     if custom:
         contact["custom_fields"] = custom
     member: dict[str, Any] = {"contact": contact}
@@ -76,7 +77,7 @@ class SendGrid:
     def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
                  timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
         self.name = name
-        self._fields = dict(fields)
+        self._fields = normalize(fields)
         self._list = list_id
         self._job_timeout = job_timeout
         self._definitions: dict[str, tuple[str, str]] | None = None
@@ -115,18 +116,14 @@ class SendGrid:
         return refused
 
     def _by_id(self, contact: dict[str, Any], definitions: dict[str, tuple[str, str]]) -> dict[str, Any]:
-        """Custom fields renamed to their ids; a blank number or date is left out (SendGrid cannot blank it)."""
+        """Custom fields renamed to their ids (SendGrid writes them by id only)."""
         out = {k: v for k, v in contact.items() if k != "custom_fields"}
         custom = {}
         for name, value in contact.get("custom_fields", {}).items():
             if name not in definitions:
+                # The mapping names a field the account lacks: an operator's fix, alarmed and retried until then.
                 raise EspUnavailable(f"sendgrid custom field {name} is not defined", code="esp_misconfigured")
-            field_id, kind = definitions[name]
-            if value is None:
-                if kind != "text":
-                    continue
-                value = ""
-            custom[field_id] = value
+            custom[definitions[name][0]] = value
         if custom:
             out["custom_fields"] = custom
         return out
