@@ -16,6 +16,7 @@ from aiohttp import web
 
 from adapters.esp.base import member_hash
 from adapters.esp.registry import build_esp
+from adapters.esp.targets import EspTarget
 from adapters.esp.templates import TemplateError, render
 from adapters.settings import Settings
 from adapters.store import ProfileStore
@@ -31,10 +32,10 @@ async def find(store: ProfileStore, ref: str) -> tuple[Profile, dict[str, Any]] 
     return await store.find_by_keys([identity_key("email", normalize_email(ref) or "")])
 
 
-def preview(profile: Profile, meta: dict[str, Any], settings: Settings, esp: str = "mailchimp", template: str | None = None) -> dict[str, Any]:
+def preview(profile: Profile, meta: dict[str, Any], targets: dict[str, EspTarget], esp: str = "mailchimp",
+            template: str | None = None) -> dict[str, Any]:
     """What the sync would send to the ESP target ``esp`` for ``profile`` now, whether it would send it,
     and ``template`` rendered with it. No I/O. Raises ValueError for a target not configured."""
-    targets = settings.esp_targets()
     if esp not in targets:
         raise ValueError(f"unknown ESP target {esp!r} (configured: {', '.join(targets)})")
     client = build_esp(esp, targets[esp])
@@ -55,6 +56,7 @@ def preview(profile: Profile, meta: dict[str, Any], settings: Settings, esp: str
 
 def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> web.Application:
     token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
+    targets = settings.esp_targets()
 
     @web.middleware
     async def auth(request: web.Request, handler):  # noqa: ANN001, ANN202
@@ -76,7 +78,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> w
             return web.json_response({"error": "not_found"}, status=404)
         template = (await request.text()) if request.method == "POST" else request.query.get("template")
         try:
-            body = preview(*found, settings, request.query.get("esp", "mailchimp"), template)
+            body = preview(*found, targets, request.query.get("esp", "mailchimp"), template)
         except TemplateError as exc:
             return web.json_response({"error": "invalid_template", "detail": str(exc)}, status=400)
         except ValueError as exc:

@@ -47,10 +47,10 @@ def _serve(queues: list[str], sweep: bool) -> int:
     loop = asyncio.new_event_loop()
     sweep_stop = asyncio.Event()
     if sweep:
-        from adapters.esp.registry import BATCH_LIMITS
+        from adapters.esp.registry import BATCH_LIMITS, build_guard
 
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-        targets = {name: BATCH_LIMITS[t.kind] for name, t in settings.esp_targets().items()}
+        targets = {name: sweeper.Target(BATCH_LIMITS[t.kind], build_guard(t, settings)) for name, t in settings.esp_targets().items()}
         run = sweeper.run(store, targets, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
                           timedelta(seconds=settings.sync_lease_s), sweep_stop)
         threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
@@ -266,6 +266,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 async def _preview(args: argparse.Namespace) -> int:
     from adapters.admin import find, preview
+    from adapters.esp.templates import TemplateError
     from adapters.store import ProfileStore
 
     settings = get_settings()
@@ -276,7 +277,15 @@ async def _preview(args: argparse.Namespace) -> int:
             print(json.dumps({"error": "not_found"}))
             return 1
         template = open(args.template).read() if args.template else None
-        print(json.dumps(preview(*found, settings, args.esp, template), indent=2, default=str))
+        try:
+            shown = preview(*found, settings.esp_targets(), args.esp, template)
+        except TemplateError as exc:
+            print(json.dumps({"error": "invalid_template", "detail": str(exc)}))
+            return 2
+        except ValueError as exc:
+            print(json.dumps({"error": "unknown_esp", "detail": str(exc)}))
+            return 2
+        print(json.dumps(shown, indent=2, default=str))
         return 0
     finally:
         await store.close()

@@ -30,6 +30,12 @@ def _pending(prefix: str) -> dict[str, Any]:
     return {"$or": [differs, *waiting]}
 
 
+def _settle(prefix: str) -> list[dict[str, Any]]:
+    """Pipeline stages that recompute ``pending``; an ``urgent`` mark lasts only while something is pending."""
+    return [{"$set": {f"{prefix}.pending": _pending(prefix)}},
+            {"$set": {f"{prefix}.urgent": {"$and": [{"$ifNull": [f"${prefix}.urgent", False]}, f"${prefix}.pending"]}}}]
+
+
 def _literal(value: Any) -> dict[str, Any]:
     """Values inside pipeline updates must not be read as expressions (a trait may start with ``$``)."""
     return {"$literal": value}
@@ -143,12 +149,14 @@ class ProfileStore:
     async def retired(self, profile_id: str, esp: str, emails: list[str]) -> None:
         await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.retire": emails}})
 
-    async def save(self, profile: Profile, version: int | None, members: Members, erase: list[str] | None = None) -> bool:
+    async def save(self, profile: Profile, version: int | None, members: Members, erase: list[str] | None = None,
+                   urgent: bool = False) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
 
         Also records, per ESP target, the member it should become (``members``: target ->
         (member, hash)), and marks it pending where that differs from what was last sent.
-        ``erase``: contacts every target must erase. Returns False on a lost race.
+        ``erase``: contacts every target must erase. ``urgent``: a consent change or an erasure,
+        which the sweeper sends ahead of any backlog. Returns False on a lost race.
         """
         now = datetime.now(timezone.utc)
         body = profile.model_dump(mode="python", exclude={"id"})
@@ -159,7 +167,7 @@ class ProfileStore:
                 **body,
                 "version": 1,
                 "esp": {esp: {"member": member, "member_hash": member_hash, "pending": member is not None or bool(erase),
-                              "dirty_at": now, **({"erase": erase} if erase else {})}
+                              "urgent": urgent and (member is not None or bool(erase)), "dirty_at": now, **({"erase": erase} if erase else {})}
                         for esp, (member, member_hash) in members.items()},
             }
             try:
@@ -175,10 +183,13 @@ class ProfileStore:
                 f"{prefix}.member_hash": member_hash,
                 f"{prefix}.erase": {"$setUnion": [{"$ifNull": [f"${prefix}.erase", []]}, _literal(erase or [])]},
                 f"{prefix}.dirty_at": {"$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]},
+                **({f"{prefix}.urgent": True} if urgent else {}),
             })
+        settle = [_settle(f"esp.{esp}") for esp in members]
         pipeline = [
             {"$set": {**{k: _literal(v) for k, v in body.items()}, "version": {"$add": ["$version", 1]}, **state}},
-            {"$set": {f"esp.{esp}.pending": _pending(f"esp.{esp}") for esp in members}},
+            {"$set": {k: v for stages in settle for k, v in stages[0]["$set"].items()}},
+            {"$set": {k: v for stages in settle for k, v in stages[1]["$set"].items()}},
         ]
         try:
             result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)
@@ -232,19 +243,28 @@ class ProfileStore:
         """Record a batch's outcome per profile, in one round trip."""
         prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
         ops = [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
-                                         {"$set": {f"{prefix}.pending": _pending(prefix)}}]) for pid, h in sent]
+                                         *_settle(prefix)]) for pid, h in sent]
         ops += [UpdateOne({"_id": pid}, {"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code, f"{prefix}.sending_until": None}})
                 for pid, h, code in failed]
-        ops += [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sending_until": None, f"{prefix}.pending": _pending(prefix)}}]) for pid in released]
+        ops += [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)]) for pid in released]
         if ops:
             await self.profiles.bulk_write(ops, ordered=False)
+
+    async def park(self, profile_ids: list[str], esp: str) -> None:
+        """End the send leases of profiles whose ESP is down (its circuit is open) and let the sweeper
+        take them again as soon as it is back: they stay pending, in MongoDB rather than in the queue."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_many(
+            {"_id": {"$in": profile_ids}},
+            [{"$set": {f"{prefix}.sending_until": None}}, {"$unset": f"{prefix}.swept_at"}, *_settle(prefix)],
+        )
 
     async def release_send(self, profile_id: str, esp: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
         prefix = f"esp.{esp}"
         await self.profiles.update_one(
             {"_id": profile_id},
-            [{"$set": {f"{prefix}.sending_until": None, f"{prefix}.pending": _pending(prefix)}}],
+            [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)],
         )
 
     async def mark_sent(self, profile_id: str, esp: str, sent_hash: str) -> None:
@@ -255,7 +275,7 @@ class ProfileStore:
             [
                 {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
                           f"{prefix}.sending_until": None}},
-                {"$set": {f"{prefix}.pending": _pending(prefix)}},
+                *_settle(prefix),
             ],
         )
 
@@ -282,8 +302,10 @@ class ProfileStore:
                                         {"$unset": {f"{prefix}.sent_hash": ""}, "$set": {f"{prefix}.pending": True,
                                                                                        f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
 
-    async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500) -> list[str]:
-        """Pending profiles, oldest change first, not refused as they are and not swept within ``lease``.
+    async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
+                            urgent: bool = False) -> list[str]:
+        """Pending profiles, oldest change first, not refused as they are and not swept within ``lease``
+        (only those marked urgent, with ``urgent``).
 
         Claiming stamps ``swept_at`` so a backlog or an ESP outage is not re-enqueued every sweep.
         """
@@ -296,6 +318,7 @@ class ProfileStore:
             "merged_into": {"$exists": False},
             "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]},
             **unswept,
+            **({f"{prefix}.urgent": True} if urgent else {}),
         }
         cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
         ids = [doc["_id"] async for doc in cursor]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import aiohttp
@@ -85,8 +86,11 @@ class RetryOrDeadLetter(Middleware):
         max_retries = actor.options.get("max_retries", self.max_retries)
         message.options["last_error"] = reason
 
-        if reason["retryable"] and retries < max_retries:
-            message.options["retries"] = retries + 1
+        # A call our own circuit breaker refused never reached the ESP: it waits out the open circuit
+        # without spending the message's retries (an ESP outage must not dead-letter the backlog).
+        spent = 0 if reason["code"] == "circuit_open" else 1
+        if reason["retryable"] and retries + spent <= max_retries:
+            message.options["retries"] = retries + spent
             delay = self._delay(actor, retries, exception)
             log.info("retrying %s in %d ms (%s)", message.message_id, delay, reason["code"])
             try:
@@ -108,7 +112,8 @@ class RetryOrDeadLetter(Middleware):
     def _delay(self, actor: dramatiq.Actor, retries: int, exception: BaseException) -> int:
         retry_after = getattr(exception, "retry_after", None)
         if retry_after:
-            return int(retry_after * 1000)
+            # Spread out: a backlog waiting for the same moment would otherwise come back all at once.
+            return int(retry_after * 1000 * random.uniform(1.0, 1.2))
         min_backoff = actor.options.get("min_backoff", self.min_backoff)
         max_backoff = actor.options.get("max_backoff", self.max_backoff)
         _, delay = compute_backoff(retries, factor=min_backoff, max_backoff=max_backoff)

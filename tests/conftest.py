@@ -48,6 +48,11 @@ KLAVIYO_KEY = "pk_test_0123456789abcdef0123456789ab"
 SENDGRID_API_KEY = "SG.test.mergetag-0123456789"
 SENDGRID_LIST_ID = "5f0a1c3e-8b7d-4e2a-9c61-0d3b2a4e5f67"
 SENDGRID_CUSTOM_FIELDS = "ltv:Number,orders:Number,last_order:Date,tier:Text,cart_url:Text,cart_value:Number"
+KLAVIYO_FIELDS = {"first_name": "first_name", "last_name": "last_name", "lifetime_value": "lifetime_value",
+                  "order_count": "order_count", "loyalty_tier": "loyalty_tier", "city": "location.city", "abandoned_cart_url": "cart_url"}
+SENDGRID_FIELDS = {"first_name": "first_name", "last_name": "last_name", "lifetime_value": {"tag": "ltv", "type": "number"},
+                   "order_count": "orders", "last_order_date": "last_order", "loyalty_tier": "tier", "abandoned_cart_url": "cart_url",
+                   "abandoned_cart_value": "cart_value"}
 WRITE_KEY = "test-write-key"
 MAILCHIMP_URL_SECRET = "mc-url-secret"
 MANDRILL_KEY = "mandrill-webhook-key"
@@ -312,10 +317,33 @@ def _consumers(prefix: str) -> int:
     return min(admin.consumer_counts(AMQP_URL, prefix).values())
 
 
+def esp_targets(sandbox: Sandbox, klaviyo_sandbox: EspSandbox, sendgrid_sandbox: EspSandbox, **changes: dict[str, Any]) -> dict[str, Any]:
+    """The three ESP targets of the test system, as its ESP file holds them (keys come from the environment)."""
+    targets = {
+        "mailchimp": {"kind": "mailchimp", "base_url": sandbox.api, "api_key_env": "TEST_MAILCHIMP_KEY", "audience": "sandbox",
+                      "fields": MERGE_FIELDS, "max_connections": 3},
+        "klaviyo": {"kind": "klaviyo", "base_url": klaviyo_sandbox.url, "api_key_env": "TEST_KLAVIYO_KEY", "fields": KLAVIYO_FIELDS,
+                    "job_timeout_s": 30},
+        "sendgrid": {"kind": "sendgrid", "base_url": sendgrid_sandbox.url, "api_key_env": "TEST_SENDGRID_KEY", "audience": SENDGRID_LIST_ID,
+                     "fields": SENDGRID_FIELDS, "job_timeout_s": 30},
+    }
+    for name, change in changes.items():
+        targets[name] = {**targets[name], **change}
+    return targets
+
+
+ESP_KEYS = {"TEST_MAILCHIMP_KEY": API_KEY, "TEST_KLAVIYO_KEY": KLAVIYO_KEY, "TEST_SENDGRID_KEY": SENDGRID_API_KEY}
+
+
 @pytest.fixture(scope="session")
-async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: SentrySink, tmp_path_factory) -> AsyncIterator[System]:
-    """The worker and sync processes, exactly as deployed, on a queue prefix and database of their own."""
+async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, klaviyo_sandbox: EspSandbox, sendgrid_sandbox: EspSandbox,
+                 sentry_sink: SentrySink, tmp_path_factory) -> AsyncIterator[System]:
+    """The worker and sync processes, exactly as deployed, on a queue prefix and database of their own,
+    syncing to all three ESP sandboxes configured by an ESP file."""
     prefix = "t" + uuid.uuid4().hex[:10]
+    logs = tmp_path_factory.mktemp("logs")
+    esp_file = logs / "esps.json"
+    esp_file.write_text(json.dumps(esp_targets(sandbox, klaviyo_sandbox, sendgrid_sandbox)))
     env = {
         **os.environ,
         "MERGETAG_AMQP_URL": rabbitmq,
@@ -339,10 +367,11 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, sentry_sink: S
         "MERGETAG_ESP_CIRCUIT_OPEN_S": "2",
         "MERGETAG_SYNC_LEASE_S": "3",
         "MERGETAG_IDENTIFIER_LIMITS": json.dumps({"email": 2, "phone": 2, "anonymous": 20}),
+        "MERGETAG_ESP_FILE": str(esp_file),
+        **ESP_KEYS,
         **source_env(),
     }
     env.pop("MONGODB_URI", None)
-    logs = tmp_path_factory.mktemp("logs")
     env["MERGETAG_GEOIP_DATABASE"] = str(build_test_database(logs / "test-city.mmdb"))
     processes = [spawn(env, logs / f"{command[0]}.log", *command) for command in (["worker"], ["sync"])]
     with mock.patch.dict(os.environ, env, clear=True):

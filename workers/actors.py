@@ -21,7 +21,7 @@ from adapters.store import Members, ProfileStore
 from broker import topology
 from broker.middleware import as_dead_letter
 from broker.setup import create_broker
-from schemas.errors import EspRejected, EventInvalid, MergetagError
+from schemas.errors import EspRejected, EspUnavailable, EventInvalid, MergetagError
 from schemas.events import CheckoutChanged, Event, Identity
 from schemas.profile import ANONYMOUS, EMAIL, Profile, identity_key, profile_keys
 from workers.derive import with_context
@@ -152,8 +152,9 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
         members = rt.members(merged)
         erase = sorted({*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else []),
                         *(e.identity.email for e in events if e.identity.email)}) if merged.erased and not profile.erased else []
-        if await store.save(merged, meta["version"], members, erase=erase):
-            return merged.id, changed(members, meta, bool(erase)), bool(erase) or consent_changed(profile, merged)
+        urgent = bool(erase) or consent_changed(profile, merged)
+        if await store.save(merged, meta["version"], members, erase=erase, urgent=urgent):
+            return merged.id, changed(members, meta, bool(erase)), urgent
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
@@ -197,6 +198,10 @@ async def sync_batch(profile_ids: list[str], esp: str = "mailchimp") -> None:
     try:
         refused = await client.upsert_batch([state["member"] for state in todo.values()])
     except MergetagError as exc:
+        if exc.code == "circuit_open":
+            await rt.store.park(list(claimed), esp)
+            log.info("batch of %d for %s parked: its circuit is open", len(claimed), esp)
+            return
         if exc.code != "esp_timeout":
             await rt.store.settle_many(esp, [], [], list(claimed))
         raise
@@ -283,7 +288,22 @@ async def sync_profile(profile_id: str, esp: str = "mailchimp") -> None:
 
 
 async def _sync(profile_id: str, esp: str) -> None:
-    """Idempotent: a profile whose member the target already holds is skipped without a request."""
+    """Idempotent: a profile whose member the target already holds is skipped without a request.
+
+    While the target's circuit is open the send is parked: the profile stays pending in MongoDB
+    and the sweeper sends it, urgent ones first, once the ESP answers again.
+    """
+    try:
+        await _send(profile_id, esp)
+    except EspUnavailable as exc:
+        if exc.code != "circuit_open":
+            raise
+        rt = await runtime()
+        await rt.store.park([profile_id], esp)
+        log.debug("sync of %s to %s parked: its circuit is open", profile_id, esp)
+
+
+async def _send(profile_id: str, esp: str) -> None:
     rt = await runtime()
     client = _target(rt, esp)
     if client is None:

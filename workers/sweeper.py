@@ -9,36 +9,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 
+from adapters.esp.guard import EspGuard
 from adapters.store import ProfileStore
+from broker import topology
 
 MAX_CLAIM = 2_500
 
 log = logging.getLogger(__name__)
 
 
-async def sweep_once(store: ProfileStore, targets: dict[str, int], grace: timedelta, lease: timedelta, batch_min: int = 20) -> int:
-    """Re-enqueue pending profiles of every ESP target (target -> its batch limit): one by one when
-    few, in bulk batches when a backlog built up."""
-    from workers.actors import sync_batch, sync_profile
+@dataclass(frozen=True)
+class Target:
+    """An ESP target as the sweeper sees it: its bulk size and its account's guard."""
+
+    batch_limit: int
+    guard: EspGuard | None = None
+
+
+async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: timedelta, lease: timedelta, batch_min: int = 20) -> int:
+    """Re-enqueue pending profiles of every ESP target: consent changes and erasures first, each on
+    its own and at high priority; then the rest, one by one when few, in bulk batches when a backlog
+    built up. A target whose circuit is open is left alone until it half-opens: its backlog waits
+    in MongoDB rather than cycling through the queue, and the first sweep after is the trial."""
+    from workers.actors import sync_batch, sync_profile, sync_urgent
 
     total = 0
-    for esp, batch_limit in targets.items():
-        pending = await store.claim_pending(esp, grace, lease, limit=min(MAX_CLAIM, 5 * batch_limit))
+    for esp, target in targets.items():
+        if target.guard is not None and (await target.guard.state())["circuit"] == "open":
+            continue
+        limit = min(MAX_CLAIM, 5 * target.batch_limit)
+        urgent = await store.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
+        for profile_id in urgent:
+            await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
+        pending = await store.claim_pending(esp, grace, lease, limit=limit)
         if len(pending) >= batch_min:
-            for start in range(0, len(pending), batch_limit):
-                await asyncio.to_thread(sync_batch.send, pending[start:start + batch_limit], esp)
+            for start in range(0, len(pending), target.batch_limit):
+                await asyncio.to_thread(sync_batch.send, pending[start:start + target.batch_limit], esp)
         else:
             for profile_id in pending:
                 await asyncio.to_thread(sync_profile.send, profile_id, esp)
-        if pending:
-            log.info("sweeper re-enqueued %d pending profile(s) for %s", len(pending), esp)
-        total += len(pending)
+        if urgent or pending:
+            log.info("sweeper re-enqueued %d urgent and %d pending profile(s) for %s", len(urgent), len(pending), esp)
+        total += len(urgent) + len(pending)
     return total
 
 
-async def run(store: ProfileStore, targets: dict[str, int], interval: float, grace: timedelta, lease: timedelta,
+async def run(store: ProfileStore, targets: dict[str, Target], interval: float, grace: timedelta, lease: timedelta,
               stop: asyncio.Event) -> None:
     """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages.
 
@@ -50,9 +69,12 @@ async def run(store: ProfileStore, targets: dict[str, int], interval: float, gra
         await _loop(store, targets, interval, grace, lease, stop)
     finally:
         await store.close()
+        for target in targets.values():
+            if target.guard is not None:
+                await target.guard.close()
 
 
-async def _loop(store: ProfileStore, targets: dict[str, int], interval: float, grace: timedelta, lease: timedelta,
+async def _loop(store: ProfileStore, targets: dict[str, Target], interval: float, grace: timedelta, lease: timedelta,
                 stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:

@@ -12,7 +12,9 @@
   (SendGrid's ``X-RateLimit-Remaining: 0``), pause every process until the reset.
 - A circuit breaker: after ``failures`` consecutive transient failures the account
   is "open" for ``open_s`` seconds and calls fail fast (retried later, so other
-  accounts and ESPs are not slowed by this one); then one trial call decides.
+  accounts and ESPs are not slowed by this one); then one trial call decides, while
+  the others keep failing fast. Fast failures, and a trial that finds the ESP still
+  down, raise ``circuit_open``: the retry middleware does not count them as attempts.
 
 The state is visible: :meth:`EspGuard.state`, ``mergetag esp status``.
 """
@@ -65,6 +67,7 @@ return 0
 """
 
 Rates = dict[str, list[tuple[int, float]]]
+WINDOW_MARGIN = 1.1
 
 
 def account_id(esp: str, api_key: str) -> str:
@@ -90,6 +93,7 @@ class EspGuard:
         self._base = f"{prefix}:esp:{account}"
         self._slots = f"{self._base}:slots"
         self._key = f"{self._base}:state"
+        self._trial = f"{self._base}:trial"
         self.account, self.limit, self.failures, self.open_s = account, limit, failures, open_s
         self.rates = rates or {}
         self._wait, self._lease = wait_s, lease_ms
@@ -103,11 +107,15 @@ class EspGuard:
 
         Raises EspUnavailable (``circuit_open``, or ``esp_busy`` when no room comes within ``wait_s``).
         """
-        state = await self._redis.hmget(self._key, ["opened_until", "paused_until"])
-        opened_until, paused_until = (float(v or 0) for v in state)
+        state = await self._redis.hmget(self._key, ["opened_until", "paused_until", "consecutive_failures"])
+        opened_until, paused_until, failures = (float(v or 0) for v in state)
         now = time.time()
         if opened_until > now:
             raise EspUnavailable(f"{self.account} circuit open", code="circuit_open", retry_after=opened_until - now)
+        trial = failures >= self.failures
+        if trial and not await self._redis.set(self._trial, b"1", nx=True, px=self._lease):
+            # Half-open: one trial call finds out whether the ESP is back; everyone else waits for its verdict.
+            raise EspUnavailable(f"{self.account} circuit half-open", code="circuit_open", retry_after=min(1.0, self.open_s))
         deadline = time.monotonic() + self._wait
         if paused_until > now:
             if paused_until - now > self._wait:
@@ -126,11 +134,17 @@ class EspGuard:
         except MergetagError as exc:
             if exc.retryable:
                 await self._failed(exc)
+                if trial:
+                    # The trial confirmed the outage: for the caller this is the open circuit, not a failed attempt.
+                    raise EspUnavailable(f"{self.account} still failing: {exc.code}", code="circuit_open",
+                                         retry_after=self.open_s) from None
             raise
         else:
             await self._succeeded()
         finally:
             await self._redis.zrem(self._slots, token)
+            if trial:
+                await self._redis.delete(self._trial)
 
     async def _take_rate(self, bucket: str, deadline: float) -> None:
         windows = self.rates.get(bucket)
@@ -141,7 +155,9 @@ class EspGuard:
             scale = float(await self._redis.hget(self._key, "rate_scale") or 1.0)
             keys, args = [], [now_ms, uuid.uuid4().hex]
             for limit, window_s in windows:
-                window_ms = int(window_s * 1000)
+                # A tenth longer than the ESP's own window: the ESP counts arrivals on its clock, after a
+                # network delay that varies, so a window exactly as long would now and then cross its limit.
+                window_ms = int(window_s * 1000 * WINDOW_MARGIN)
                 keys.append(f"{self._base}:rate:{bucket}:{window_ms}")
                 args += [max(1, int(limit * scale)), window_ms]
             wait_ms = int(await self._rate(keys=keys, args=args))

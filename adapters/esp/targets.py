@@ -12,18 +12,19 @@ Targets come from the ESP file (``MERGETAG_ESP_FILE``, TOML), one table per targ
     first_name = "FNAME"
     lifetime_value = { tag = "LTV", type = "number" }
 
-or, without a file, from ``MERGETAG_ESPS`` (``mailchimp,klaviyo,sendgrid``) and the
+(or the same as JSON, in a file ending in ``.json``), or, without a file, from ``MERGETAG_ESPS`` (``mailchimp,klaviyo,sendgrid``) and the
 ``MERGETAG_<KIND>_*`` settings.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from adapters.esp.fields import MappingEntry
 
@@ -45,19 +46,26 @@ class EspTarget(BaseModel):
     rates: dict[str, list[tuple[int, float]]] | None = Field(
         None, description="bucket -> [(requests, window seconds)]; default: the ESP's published limits.")
 
+    @model_validator(mode="after")
+    def _read_key(self) -> EspTarget:
+        """Read the key from its environment variable once, when the configuration is loaded."""
+        if self.api_key is None and self.api_key_env and os.environ.get(self.api_key_env):
+            self.api_key = SecretStr(os.environ[self.api_key_env])
+        return self
+
     def key(self) -> str:
-        """The API key: from the environment variable it names, else inline."""
-        if self.api_key_env:
-            value = os.environ.get(self.api_key_env)
-            if not value:
-                raise ValueError(f"environment variable {self.api_key_env} (an ESP API key) is not set")
-            return value
+        """The API key. Raises ValueError when it is configured nowhere."""
         if self.api_key is None:
-            raise ValueError(f"no API key configured for this {self.kind} target")
+            where = f"environment variable {self.api_key_env}" if self.api_key_env else "api_key"
+            raise ValueError(f"no API key for this {self.kind} target ({where} is not set)")
         return self.api_key.get_secret_value()
 
 
 def load_file(path: str) -> dict[str, EspTarget]:
-    """Targets from a TOML file: one table per target, named by the table."""
-    raw = tomllib.loads(Path(path).read_text())
+    """Targets from a TOML file (or JSON, by its suffix): one table per target, named by the table.
+
+    Raises ValueError (pydantic's ValidationError) naming the target and the field that is wrong.
+    """
+    text = Path(path).read_text()
+    raw = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
     return {name: EspTarget.model_validate(table) for name, table in raw.items()}

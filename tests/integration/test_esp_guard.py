@@ -74,6 +74,38 @@ async def test_circuit_opens_fails_fast_and_recovers():
     await g.close()
 
 
+async def test_half_open_lets_one_trial_through_and_a_failed_trial_reopens_without_counting():
+    """After the open period exactly one caller tries the ESP; the rest fail fast. A failed trial is
+    reported as the open circuit (the retry middleware does not count it as the message's attempt)."""
+    (g,) = guards(1, failures=2, open_s=0.3)
+    for _ in range(2):
+        with pytest.raises(EspUnavailable):
+            async with g.call():
+                raise EspUnavailable("klaviyo 503")
+    await asyncio.sleep(0.35)
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def trial():
+        async with g.call():
+            entered.set()
+            await release.wait()
+            raise EspUnavailable("klaviyo 503")
+
+    task = asyncio.create_task(trial())
+    await entered.wait()
+    with pytest.raises(EspUnavailable) as waiting:
+        async with g.call():
+            pytest.fail("only the trial may call the ESP while half-open")
+    assert waiting.value.code == "circuit_open"
+    release.set()
+    with pytest.raises(EspUnavailable) as failed_trial:
+        await task
+    assert failed_trial.value.code == "circuit_open"
+    assert (await g.state())["circuit"] == "open"
+    await g.close()
+
+
 async def test_two_sync_processes_share_one_connection_limit(receiver, system, sandbox, http, tmp_path):
     second = spawn(system.env, tmp_path / "sync-2.log", "sync")
     auth = aiohttp.encode_basic_auth("t", API_KEY)
