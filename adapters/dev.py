@@ -1,8 +1,9 @@
 """``mergetag dev``: the whole system on this machine, without Docker.
 
 Uses the local RabbitMQ and Redis, starts a SecantusDB (MongoDB wire protocol)
-unless ``MONGODB_URI``/``MERGETAG_MONGODB_URI`` is set, the Mailchimp sandbox,
-the receiver, the workers and the sync, each as its own process. Ctrl-C stops all.
+unless ``MONGODB_URI``/``MERGETAG_MONGODB_URI`` is set, the Mailchimp, Klaviyo and
+SendGrid sandboxes (the sync keeps all three up to date), the receiver, the workers and
+the sync, each as its own process. Ctrl-C stops all.
 """
 
 from __future__ import annotations
@@ -71,18 +72,24 @@ def run_local(receiver_port: int) -> int:
         from adapters.geoip import build_test_database
 
         env["MERGETAG_GEOIP_DATABASE"] = str(build_test_database(Path(tempfile.mkdtemp(prefix="mergetag-geo-")) / "test-city.mmdb"))
-    env.setdefault("MERGETAG_MAILCHIMP_BASE_URL", f"http://127.0.0.1:{sandbox_port}/3.0")
+    ports = {"mailchimp": sandbox_port, "klaviyo": sandbox_port + 3, "sendgrid": sandbox_port + 4}
+    env.setdefault("MERGETAG_MAILCHIMP_BASE_URL", f"http://127.0.0.1:{ports['mailchimp']}/3.0")
+    env.setdefault("MERGETAG_KLAVIYO_BASE_URL", f"http://127.0.0.1:{ports['klaviyo']}")
+    env.setdefault("MERGETAG_SENDGRID_BASE_URL", f"http://127.0.0.1:{ports['sendgrid']}")
+    env.setdefault("MERGETAG_ESPS", "mailchimp,klaviyo,sendgrid")
     env.setdefault("MERGETAG_SYNC_GRACE_S", "5")
     mergetag = [sys.executable, "-m", "adapters.cli"]
-    sandbox = subprocess.Popen([*mergetag, "sandbox", "mailchimp", "--port", str(sandbox_port)], env=env)
-    processes.append(sandbox)
-    wait_for_port(sandbox_port, process=sandbox)
+    for esp, port in ports.items():
+        sandbox = subprocess.Popen([*mergetag, "sandbox", esp, "--port", str(port)], env=env)
+        processes.append(sandbox)
+        wait_for_port(port, process=sandbox)
     for command in (["worker"], ["sync"], ["receiver", "--port", str(receiver_port)]):
         processes.append(subprocess.Popen([*mergetag, *command], env=env))
     wait_for_port(receiver_port, process=processes[-1])
     print(
         f"mergetag is running: receiver http://127.0.0.1:{receiver_port}, "
-        f"Mailchimp sandbox http://127.0.0.1:{sandbox_port}/3.0, MongoDB {env['MERGETAG_MONGODB_URI']}, "
+        f"ESP sandboxes: Mailchimp http://127.0.0.1:{ports['mailchimp']}/3.0, Klaviyo http://127.0.0.1:{ports['klaviyo']}, "
+        f"SendGrid http://127.0.0.1:{ports['sendgrid']}, MongoDB {env['MERGETAG_MONGODB_URI']}, "
         f"Shopify secret {env['MERGETAG_SHOPIFY_SECRETS'].split(',')[0]!r}. Ctrl-C stops.",
         flush=True,
     )

@@ -27,4 +27,11 @@ def test_compose_file_validates(compose):
 def test_compose_runs_every_service(compose):
     result = subprocess.run([compose, "-f", "docker-compose.yml", "config", "--services"], cwd=ROOT, capture_output=True, text=True, check=True)
     services = set(result.stdout.split())
-    assert services == {"rabbitmq", "mongodb", "redis", "mailchimp-sandbox", "shopify-sandbox", "receiver", "worker", "sync", "poller", "admin"}
+    assert services == {"rabbitmq", "mongodb", "redis", "mailchimp-sandbox", "klaviyo-sandbox", "sendgrid-sandbox", "shopify-sandbox",
+                        "receiver", "worker", "sync", "poller", "admin"}
+
+
+def test_compose_syncs_to_all_three_sandboxes(compose):
+    result = subprocess.run([compose, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "MERGETAG_ESPS: mailchimp,klaviyo,sendgrid" in result.stdout
+    assert "http://klaviyo-sandbox:8084" in result.stdout and "http://sendgrid-sandbox:8085" in result.stdout
