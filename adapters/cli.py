@@ -52,7 +52,7 @@ def _serve(queues: list[str], sweep: bool) -> int:
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
         targets = {name: sweeper.Target(BATCH_LIMITS[t.kind], build_guard(t, settings)) for name, t in settings.esp_targets().items()}
         run = sweeper.run(store, targets, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
-                          timedelta(seconds=settings.sync_lease_s), sweep_stop)
+                          timedelta(seconds=settings.sync_lease_s), sweep_stop, settings.sync_bulk_backlog)
         threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
     stop.wait()
     if sweep:

@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     sync_grace_s: float = 10.0
     sync_lease_s: float = 60.0
     sync_coalesce_ms: int = 250
+    sync_bulk_backlog: int = 200
 
     admin_host: str = "0.0.0.0"
     admin_port: int = 8083

@@ -251,13 +251,9 @@ class ProfileStore:
             await self.profiles.bulk_write(ops, ordered=False)
 
     async def park(self, profile_ids: list[str], esp: str) -> None:
-        """End the send leases of profiles whose ESP is down (its circuit is open) and let the sweeper
-        take them again as soon as it is back: they stay pending, in MongoDB rather than in the queue."""
-        prefix = f"esp.{esp}"
-        await self.profiles.update_many(
-            {"_id": {"$in": profile_ids}},
-            [{"$set": {f"{prefix}.sending_until": None}}, {"$unset": f"{prefix}.swept_at"}, *_settle(prefix)],
-        )
+        """Leave pending profiles to the sweeper's next run (their ESP is down, or a bulk request will
+        carry them): they wait in MongoDB rather than in the queue. Send leases are not touched."""
+        await self.profiles.update_many({"_id": {"$in": profile_ids}}, {"$unset": {f"esp.{esp}.swept_at": ""}})
 
     async def release_send(self, profile_id: str, esp: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
@@ -301,6 +297,11 @@ class ProfileStore:
         await self.profiles.update_many({"_id": {"$in": profile_ids}},
                                         {"$unset": {f"{prefix}.sent_hash": ""}, "$set": {f"{prefix}.pending": True,
                                                                                        f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
+
+    async def count_pending(self, esp: str, cap: int) -> int:
+        """How many profiles wait for ``esp``, counted up to ``cap`` (an index scan of at most that many)."""
+        query = {f"esp.{esp}.pending": True, "merged_into": {"$exists": False}}
+        return await self.profiles.count_documents(query, limit=cap)
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
                             urgent: bool = False) -> list[str]:

@@ -199,6 +199,7 @@ async def sync_batch(profile_ids: list[str], esp: str = "mailchimp") -> None:
         refused = await client.upsert_batch([state["member"] for state in todo.values()])
     except MergetagError as exc:
         if exc.code == "circuit_open":
+            await rt.store.settle_many(esp, [], [], list(claimed))
             await rt.store.park(list(claimed), esp)
             log.info("batch of %d for %s parked: its circuit is open", len(claimed), esp)
             return
@@ -279,7 +280,7 @@ def _without(identity: Identity, source: str, foreign: set[str]) -> Identity:
 async def sync_urgent(profile_id: str, esp: str = "mailchimp") -> None:
     """:func:`sync_profile` for consent changes and erasures: first out of RabbitMQ (message priority)
     and first in the worker's own queue (actor priority), ahead of any backlog."""
-    await _sync(profile_id, esp)
+    await _sync(profile_id, esp, urgent=True)
 
 
 @dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=10)
@@ -287,18 +288,22 @@ async def sync_profile(profile_id: str, esp: str = "mailchimp") -> None:
     await _sync(profile_id, esp)
 
 
-async def _sync(profile_id: str, esp: str) -> None:
+async def _sync(profile_id: str, esp: str, urgent: bool = False) -> None:
     """Idempotent: a profile whose member the target already holds is skipped without a request.
 
-    While the target's circuit is open the send is parked: the profile stays pending in MongoDB
-    and the sweeper sends it, urgent ones first, once the ESP answers again.
+    Parked (left pending in MongoDB for the sweeper) rather than sent one by one: while the
+    target's circuit is open, and while its backlog is large enough for bulk requests
+    (``MERGETAG_SYNC_BULK_BACKLOG``; never a consent change or an erasure).
     """
+    rt = await runtime()
+    if not urgent and esp in rt.esps and await rt.backlog(esp) >= rt.settings.sync_bulk_backlog:
+        await rt.store.park([profile_id], esp)
+        return
     try:
         await _send(profile_id, esp)
     except EspUnavailable as exc:
         if exc.code != "circuit_open":
             raise
-        rt = await runtime()
         await rt.store.park([profile_id], esp)
         log.debug("sync of %s to %s parked: its circuit is open", profile_id, esp)
 

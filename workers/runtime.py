@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from adapters.coalesce import Coalescer
@@ -31,6 +32,15 @@ class Runtime:
     coalescer: Coalescer
     guards: dict[str, EspGuard]
     leases: dict[str, timedelta]
+    _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    async def backlog(self, esp: str) -> int:
+        """Pending profiles of ``esp`` (up to the bulk threshold), counted at most once a second per process."""
+        count, at = self._backlogs.get(esp, (0, 0.0))
+        if time.monotonic() - at > 1.0:
+            count = await self.store.count_pending(esp, self.settings.sync_bulk_backlog)
+            self._backlogs[esp] = (count, time.monotonic())
+        return count
 
     def members(self, profile: Profile) -> Members:
         """What every ESP target should hold for ``profile``, with its hash. Pure."""

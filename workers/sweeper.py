@@ -29,11 +29,18 @@ class Target:
     guard: EspGuard | None = None
 
 
-async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: timedelta, lease: timedelta, batch_min: int = 20) -> int:
+async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: timedelta, lease: timedelta, batch_min: int = 20,
+                     bulk_backlog: int = 200) -> int:
     """Re-enqueue pending profiles of every ESP target: consent changes and erasures first, each on
     its own and at high priority; then the rest, one by one when few, in bulk batches when a backlog
     built up. A target whose circuit is open is left alone until it half-opens: its backlog waits
-    in MongoDB rather than cycling through the queue, and the first sweep after is the trial."""
+    in MongoDB rather than cycling through the queue, and the first sweep after is the trial.
+
+    Parameters:
+      grace: how long a change may wait for its own sync before the sweeper steps in.
+      bulk_backlog: from this many pending profiles on, the sync leaves them to the sweeper, which
+        sends them in bulk at once (no grace): efficient when heavy, fresh when light.
+    """
     from workers.actors import sync_batch, sync_profile, sync_urgent
 
     total = 0
@@ -44,7 +51,8 @@ async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: tim
         urgent = await store.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
             await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
-        pending = await store.claim_pending(esp, grace, lease, limit=limit)
+        heavy = await store.count_pending(esp, bulk_backlog) >= bulk_backlog
+        pending = await store.claim_pending(esp, timedelta(0) if heavy else grace, lease, limit=limit)
         if len(pending) >= batch_min:
             for start in range(0, len(pending), target.batch_limit):
                 await asyncio.to_thread(sync_batch.send, pending[start:start + target.batch_limit], esp)
@@ -58,7 +66,7 @@ async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: tim
 
 
 async def run(store: ProfileStore, targets: dict[str, Target], interval: float, grace: timedelta, lease: timedelta,
-              stop: asyncio.Event) -> None:
+              stop: asyncio.Event, bulk_backlog: int = 200) -> None:
     """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages.
 
     Parameters:
@@ -66,7 +74,7 @@ async def run(store: ProfileStore, targets: dict[str, Target], interval: float, 
       lease: how long before the same profile may be re-enqueued by a sweep.
     """
     try:
-        await _loop(store, targets, interval, grace, lease, stop)
+        await _loop(store, targets, interval, grace, lease, stop, bulk_backlog)
     finally:
         await store.close()
         for target in targets.values():
@@ -75,10 +83,10 @@ async def run(store: ProfileStore, targets: dict[str, Target], interval: float, 
 
 
 async def _loop(store: ProfileStore, targets: dict[str, Target], interval: float, grace: timedelta, lease: timedelta,
-                stop: asyncio.Event) -> None:
+                stop: asyncio.Event, bulk_backlog: int) -> None:
     while not stop.is_set():
         try:
-            await sweep_once(store, targets, grace, lease)
+            await sweep_once(store, targets, grace, lease, bulk_backlog=bulk_backlog)
         except Exception:  # the loop must outlive any single failure; Sentry and the log see it
             log.exception("sweep failed; retrying in %.1fs", interval)
         try:
