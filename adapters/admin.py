@@ -38,7 +38,7 @@ def preview(profile: Profile, meta: dict[str, Any], targets: dict[str, EspTarget
     and ``template`` rendered with it. No I/O. Raises ValueError for a target not configured."""
     if esp not in targets:
         raise ValueError(f"unknown ESP target {esp!r} (configured: {', '.join(targets)})")
-    client = build_esp(esp, targets[esp])
+    client = build_esp(esp, targets[esp], offline=True)
     member = client.member(profile)
     state = meta.get("esp", {}).get(esp, {})
     digest = member_hash(member) if member else None

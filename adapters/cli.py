@@ -341,7 +341,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
         for name, target in settings.esp_targets().items():
             if args.esp and name != args.esp:
                 continue
-            guard = build_guard(target, settings)
+            guard = build_guard(target, settings, wait_s=120)
             esp = build_esp(name, target, guard)
             try:
                 report[name] = await reconcile(store, esp, 0 if args.all else args.sample, args.repair)

@@ -252,8 +252,13 @@ class ProfileStore:
 
     async def park(self, profile_ids: list[str], esp: str) -> None:
         """Leave pending profiles to the sweeper's next run (their ESP is down, or a bulk request will
-        carry them): they wait in MongoDB rather than in the queue. Send leases are not touched."""
-        await self.profiles.update_many({"_id": {"$in": profile_ids}}, {"$unset": {f"esp.{esp}.swept_at": ""}})
+        carry them): they wait in MongoDB rather than in the queue. Send leases are not touched.
+
+        A refusal is forgotten too: only a replayed dead letter asks to sync a profile the ESP refused
+        as it is, and a replay means "try again"."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_many({"_id": {"$in": profile_ids}},
+                                        {"$unset": {f"{prefix}.swept_at": "", f"{prefix}.failed_hash": "", f"{prefix}.failed_code": ""}})
 
     async def release_send(self, profile_id: str, esp: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
@@ -299,8 +304,10 @@ class ProfileStore:
                                                                                        f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
 
     async def count_pending(self, esp: str, cap: int) -> int:
-        """How many profiles wait for ``esp``, counted up to ``cap`` (an index scan of at most that many)."""
-        query = {f"esp.{esp}.pending": True, "merged_into": {"$exists": False}}
+        """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
+        prefix = f"esp.{esp}"
+        query = {f"{prefix}.pending": True, "merged_into": {"$exists": False},
+                 "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]}}
         return await self.profiles.count_documents(query, limit=cap)
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,

@@ -49,7 +49,15 @@ class DeadLetter:
             "detail": self.detail,
             "retries": self.retries,
             "age_s": None if self.age_s is None else round(self.age_s, 1),
+            **self._sync_target(),
         }
+
+    def _sync_target(self) -> dict[str, Any]:
+        """For a single profile's sync: which profile, to which ESP target (ids only, never personal data)."""
+        if self.actor not in (topology.SYNC_PROFILE_ACTOR, topology.SYNC_URGENT_ACTOR) or not self.message.args:
+            return {}
+        args = self.message.args
+        return {"profile_id": args[0], "esp": args[1] if len(args) > 1 else self.message.kwargs.get("esp", "mailchimp")}
 
 
 def _parse(queue: str, body: bytes) -> DeadLetter:

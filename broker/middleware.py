@@ -23,6 +23,8 @@ from dramatiq.middleware import Middleware
 from schemas.errors import MergetagError
 
 log = logging.getLogger(__name__)
+# Refused by our own ESP guard (open circuit, no room in the shared budget): the ESP was never called.
+NOT_ATTEMPTS = frozenset({"circuit_open", "esp_busy"})
 
 TRANSIENT = (
     OSError,
@@ -86,9 +88,9 @@ class RetryOrDeadLetter(Middleware):
         max_retries = actor.options.get("max_retries", self.max_retries)
         message.options["last_error"] = reason
 
-        # A call our own circuit breaker refused never reached the ESP: it waits out the open circuit
-        # without spending the message's retries (an ESP outage must not dead-letter the backlog).
-        spent = 0 if reason["code"] == "circuit_open" else 1
+        # A call our own guard refused never reached the ESP: it waits without spending the message's
+        # retries (an ESP outage, or a spent rate budget, must not dead-letter the backlog).
+        spent = 0 if reason["code"] in NOT_ATTEMPTS else 1
         if reason["retryable"] and retries + spent <= max_retries:
             message.options["retries"] = retries + spent
             delay = self._delay(actor, retries, exception)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -21,7 +21,7 @@ from adapters.store import Members, ProfileStore
 from broker import topology
 from broker.middleware import as_dead_letter
 from broker.setup import create_broker
-from schemas.errors import EspRejected, EspUnavailable, EventInvalid, MergetagError
+from schemas.errors import EspRejected, EspUnavailable, EventInvalid, MergetagError, SyncBusy
 from schemas.events import CheckoutChanged, Event, Identity
 from schemas.profile import ANONYMOUS, EMAIL, Profile, identity_key, profile_keys
 from workers.derive import with_context
@@ -45,6 +45,7 @@ settings = get_settings()
 broker = create_broker(settings, on_shutdown=close_runtime)
 
 MAX_WRITE_ATTEMPTS = 20
+TAKE_ALONG = 1_000
 
 
 class LostRace(MergetagError):
@@ -185,26 +186,40 @@ async def check_abandonment(profile_id: str, checkout_id: str, at: str) -> None:
 async def sync_batch(profile_ids: list[str], esp: str = "mailchimp") -> None:
     """Send a backlog to one ESP target in one bulk request (an asynchronous job is polled to its end
     first); each refused member is recorded and dead-lettered on its own, the rest recorded as sent."""
+    await _send_batch(profile_ids, esp)
+
+
+async def _send_batch(profile_ids: list[str], esp: str) -> None:
     rt = await runtime()
     client = _target(rt, esp)
     if client is None:
         return
     claimed = await rt.store.claim_sends(profile_ids, esp, rt.leases[esp])
-    todo = {pid: state for pid, state in claimed.items() if state.get("member") and state.get("sent_hash") != state["member_hash"]}
+    # Contacts to erase or retire go one by one, through the single path that handles them.
+    alone = [pid for pid, state in claimed.items() if state.get("erase") or state.get("retire")]
+    todo = {pid: state for pid, state in claimed.items()
+            if pid not in alone and state.get("member") and state.get("sent_hash") != state["member_hash"]}
     idle = [pid for pid in claimed if pid not in todo]
+    await rt.store.settle_many(esp, [], [], idle)
+    await _send_alone(alone, esp)
     if not todo:
-        await rt.store.settle_many(esp, [], [], idle)
         return
     try:
         refused = await client.upsert_batch([state["member"] for state in todo.values()])
     except MergetagError as exc:
+        if exc.code == "esp_timeout":
+            raise  # the job may still run: the leases run out by themselves, nothing overtakes it
+        await rt.store.settle_many(esp, [], [], list(todo))
         if exc.code == "circuit_open":
-            await rt.store.settle_many(esp, [], [], list(claimed))
-            await rt.store.park(list(claimed), esp)
-            log.info("batch of %d for %s parked: its circuit is open", len(claimed), esp)
+            await rt.store.park(list(todo), esp)
+            log.info("batch of %d for %s parked: its circuit is open", len(todo), esp)
             return
-        if exc.code != "esp_timeout":
-            await rt.store.settle_many(esp, [], [], list(claimed))
+        if isinstance(exc, EspRejected):
+            # The ESP refused the whole request, perhaps for one member: each goes alone, so only the
+            # bad one is refused and dead-lettered and the good ones are not held hostage.
+            log.warning("batch of %d refused by %s (%s); sending them one by one", len(todo), esp, exc.code)
+            await _send_alone(list(todo), esp)
+            return
         raise
     sent, failed = [], []
     for pid, state in todo.items():
@@ -215,11 +230,16 @@ async def sync_batch(profile_ids: list[str], esp: str = "mailchimp") -> None:
             failed.append((pid, state["member_hash"], "esp_rejected"))
             # Dead-lettered alone, with its reason, replayable once the cause is fixed.
             single = dramatiq.Message(queue_name=topology.sync_queue(settings.queue_prefix), actor_name=topology.SYNC_PROFILE_ACTOR,
-                                      args=(pid, esp), kwargs={}, options={})
+                                      args=(pid, esp), kwargs={"alone": True}, options={})
             letter = as_dead_letter(single, {"code": "esp_rejected", "detail": reason, "retryable": False, "exception": "EspRejected"})
             await asyncio.to_thread(broker.enqueue, letter)
     await rt.store.settle_many(esp, sent, failed, idle)
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
+
+
+async def _send_alone(profile_ids: list[str], esp: str) -> None:
+    for pid in profile_ids:
+        await asyncio.to_thread(sync_profile.send_with_options, args=(pid, esp), kwargs={"alone": True})
 
 
 def _target(rt: Runtime, esp: str) -> Esp | None:
@@ -284,28 +304,41 @@ async def sync_urgent(profile_id: str, esp: str = "mailchimp") -> None:
 
 
 @dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=10)
-async def sync_profile(profile_id: str, esp: str = "mailchimp") -> None:
-    await _sync(profile_id, esp)
+async def sync_profile(profile_id: str, esp: str = "mailchimp", alone: bool = False) -> None:
+    """Parameters:
+      alone: send it now even in a backlog (sent by the sweeper, or split out of a refused batch).
+    """
+    await _sync(profile_id, esp, alone=alone)
 
 
-async def _sync(profile_id: str, esp: str, urgent: bool = False) -> None:
+async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = False) -> None:
     """Idempotent: a profile whose member the target already holds is skipped without a request.
 
-    Parked (left pending in MongoDB for the sweeper) rather than sent one by one: while the
-    target's circuit is open, and while its backlog is large enough for bulk requests
-    (``MERGETAG_SYNC_BULK_BACKLOG``; never a consent change or an erasure).
+    Parked (left pending in MongoDB for the sweeper) rather than sent: while the target's circuit
+    is open; while another send of the profile is in flight (the sweeper sends what is left after
+    it); and while the target's backlog is large enough for bulk requests
+    (``MERGETAG_SYNC_BULK_BACKLOG``; never a consent change, an erasure or a send ``alone``).
     """
     rt = await runtime()
-    if not urgent and esp in rt.esps and await rt.backlog(esp) >= rt.settings.sync_bulk_backlog:
-        await rt.store.park([profile_id], esp)
-        return
+    client = rt.esps.get(esp)
+    if not (urgent or alone) and client is not None:
+        if await rt.backlog(esp) >= rt.settings.sync_bulk_backlog:
+            await rt.store.park([profile_id], esp)
+            return
+        if client.prefers_bulk:
+            # Every write is a job at this ESP: take along the other profiles whose coalescing window
+            # has passed, so one job carries them all (their own syncs then find nothing to send).
+            due = timedelta(milliseconds=rt.settings.sync_coalesce_ms)
+            others = await rt.store.claim_pending(esp, due, timedelta(seconds=rt.settings.sync_lease_s), limit=min(TAKE_ALONG, client.batch_limit - 1))
+            await _send_batch([profile_id, *[pid for pid in others if pid != profile_id]], esp)
+            return
     try:
         await _send(profile_id, esp)
-    except EspUnavailable as exc:
-        if exc.code != "circuit_open":
+    except (EspUnavailable, SyncBusy) as exc:
+        if exc.code not in ("circuit_open", SyncBusy.code):
             raise
         await rt.store.park([profile_id], esp)
-        log.debug("sync of %s to %s parked: its circuit is open", profile_id, esp)
+        log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
 
 
 async def _send(profile_id: str, esp: str) -> None:

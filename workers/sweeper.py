@@ -58,7 +58,7 @@ async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: tim
                 await asyncio.to_thread(sync_batch.send, pending[start:start + target.batch_limit], esp)
         else:
             for profile_id in pending:
-                await asyncio.to_thread(sync_profile.send, profile_id, esp)
+                await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id, esp), kwargs={"alone": True})
         if urgent or pending:
             log.info("sweeper re-enqueued %d urgent and %d pending profile(s) for %s", len(urgent), len(pending), esp)
         total += len(urgent) + len(pending)

@@ -32,6 +32,8 @@ class Esp(Protocol):
     """mailchimp, klaviyo or sendgrid."""
     batch_limit: int
     """Most members per bulk request."""
+    prefers_bulk: bool
+    """Every write is a bulk job anyway (SendGrid): a sync takes other due profiles along."""
 
     def member(self, profile: Profile) -> dict[str, Any] | None:
         """What the ESP should hold for ``profile`` (pure); None when it cannot be synced (no email)."""

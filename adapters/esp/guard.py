@@ -116,35 +116,45 @@ class EspGuard:
         if trial and not await self._redis.set(self._trial, b"1", nx=True, px=self._lease):
             # Half-open: one trial call finds out whether the ESP is back; everyone else waits for its verdict.
             raise EspUnavailable(f"{self.account} circuit half-open", code="circuit_open", retry_after=min(1.0, self.open_s))
-        deadline = time.monotonic() + self._wait
-        if paused_until > now:
-            if paused_until - now > self._wait:
-                raise EspUnavailable(f"{self.account} is paused by its rate limit", code="esp_busy", retry_after=paused_until - now)
-            await asyncio.sleep(paused_until - now)
-        await self._take_rate(bucket, deadline)
         token = uuid.uuid4().hex
+        try:
+            await self._admit(bucket, paused_until - now, token)
+            try:
+                yield
+            except MergetagError as exc:
+                if exc.retryable:
+                    await self._failed(exc)
+                    if trial and exc.code != "esp_timeout":
+                        # The trial confirmed the outage: for the caller this is the open circuit, not a failed
+                        # attempt. (A timeout stays a timeout: that request may still land.)
+                        raise EspUnavailable(f"{self.account} still failing: {exc.code}", code="circuit_open",
+                                             retry_after=self.open_s) from None
+                raise
+            else:
+                await self._succeeded()
+        finally:
+            await self._redis.zrem(self._slots, token)
+            if trial:
+                await self._redis.delete(self._trial)
+
+    async def _admit(self, bucket: str, paused_s: float, token: str) -> None:
+        """Wait out a pause, then take a rate slot and a connection slot; all within ``wait_s``.
+
+        Raises EspUnavailable(``esp_busy``) rather than wait longer: the message comes back later
+        without holding a worker meanwhile.
+        """
+        deadline = time.monotonic() + self._wait
+        if paused_s > 0:
+            if paused_s > self._wait:
+                raise EspUnavailable(f"{self.account} is paused by its rate limit", code="esp_busy", retry_after=paused_s)
+            await asyncio.sleep(paused_s)
+        await self._take_rate(bucket, deadline)
         delay = 0.01
         while not await self._acquire(keys=[self._slots, self._key], args=[int(time.time() * 1000), self._lease, token, self.limit]):
             if time.monotonic() > deadline:
                 raise EspUnavailable(f"{self.account} has no free connection", code="esp_busy", retry_after=1.0)
             await asyncio.sleep(delay)
             delay = min(0.2, delay * 2)
-        try:
-            yield
-        except MergetagError as exc:
-            if exc.retryable:
-                await self._failed(exc)
-                if trial:
-                    # The trial confirmed the outage: for the caller this is the open circuit, not a failed attempt.
-                    raise EspUnavailable(f"{self.account} still failing: {exc.code}", code="circuit_open",
-                                         retry_after=self.open_s) from None
-            raise
-        else:
-            await self._succeeded()
-        finally:
-            await self._redis.zrem(self._slots, token)
-            if trial:
-                await self._redis.delete(self._trial)
 
     async def _take_rate(self, bucket: str, deadline: float) -> None:
         windows = self.rates.get(bucket)

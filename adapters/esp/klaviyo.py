@@ -25,7 +25,7 @@ from adapters.esp.base import Held
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard, Rates
 from adapters.esp.http import EspHttp, chunks_by_size, wait_for_job
-from schemas.errors import EspUnavailable
+from schemas.errors import EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
 
@@ -38,7 +38,8 @@ UNSUBSCRIBE_CHUNK = 100
 STANDARD = frozenset({"first_name", "last_name", "organization", "title", "image", "locale", "phone_number", "external_id"})
 LOCATION = frozenset({"address1", "address2", "city", "country", "region", "zip", "timezone", "latitude", "longitude"})
 # Klaviyo's published limits per endpoint: (requests, window seconds), burst then steady.
-RATES: Rates = {"import": [(75, 1.0), (750, 60.0)], "bulk": [(10, 1.0), (150, 60.0)], "default": [(10, 1.0), (150, 60.0)]}
+RATES: Rates = {"import": [(75, 1.0), (750, 60.0)], "bulk": [(10, 1.0), (150, 60.0)], "privacy": [(3, 1.0), (60, 60.0)],
+                "default": [(10, 1.0), (150, 60.0)]}
 _POINTER = re.compile(r"/profiles/data/(\d+)")
 
 
@@ -89,6 +90,7 @@ class Klaviyo:
 
     kind = KIND
     batch_limit = BATCH_LIMIT
+    prefers_bulk = False
 
     def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
                  timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
@@ -112,20 +114,25 @@ class Klaviyo:
         return bool(member.get("unsubscribe"))
 
     async def upsert(self, member: dict[str, Any]) -> None:
-        await self._post("/api/profile-import", {"data": member["profile"]}, bucket="import")
+        """The unsubscribe first: it must reach Klaviyo even when the profile itself is refused."""
         if self.unsubscribed(member):
             await self._unsubscribe([self.key(member)])
+        await self._post("/api/profile-import", {"data": member["profile"]}, bucket="import")
 
     async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
-        """Bulk import jobs (split to stay under 5 MB), each polled until complete."""
+        """Unsubscribes first, then bulk import jobs (split to stay under 5 MB), each polled until complete.
+
+        Raises EspUnavailable(``esp_timeout``) for any failure once a job was accepted: the job may
+        still run, so the caller keeps its send lease (nothing may overtake it) until it runs out.
+        """
         if len(members) > BATCH_LIMIT:
             raise ValueError(f"at most {BATCH_LIMIT} profiles per job")
+        leaving = [self.key(m) for m in members if self.unsubscribed(m)]
+        for start in range(0, len(leaving), UNSUBSCRIBE_CHUNK):
+            await self._unsubscribe(leaving[start:start + UNSUBSCRIBE_CHUNK])
         refused: dict[str, str] = {}
         for chunk in chunks_by_size([m["profile"] for m in members], MAX_JOB_BYTES):
             refused.update(await self._import_job(chunk))
-        leaving = [self.key(m) for m in members if self.unsubscribed(m) and self.key(m) not in refused]
-        for start in range(0, len(leaving), UNSUBSCRIBE_CHUNK):
-            await self._unsubscribe(leaving[start:start + UNSUBSCRIBE_CHUNK])
         return refused
 
     async def _import_job(self, profiles: list[dict[str, Any]]) -> dict[str, str]:
@@ -145,15 +152,20 @@ class Klaviyo:
                 raise EspUnavailable("klaviyo bulk job cancelled")
             return job.get("status") == "complete"
 
-        await wait_for_job(finished, self._job_timeout, "klaviyo")
-        if not job.get("failed_count"):
-            return {}
-        return await self._import_errors(job_id, profiles)
+        try:
+            await wait_for_job(finished, self._job_timeout, "klaviyo")
+            refused = await self._import_errors(job_id, profiles) if job.get("failed_count") else {}
+        except MergetagError as exc:
+            raise EspUnavailable(f"klaviyo bulk job not confirmed: {exc.code}", code="esp_timeout") from None
+        if len(refused) < int(job.get("failed_count") or 0):
+            # Never count a refusal we cannot place as a success: the whole job is sent again.
+            raise EspUnavailable("klaviyo bulk job reported failures it did not name")
+        return refused
 
     async def _import_errors(self, job_id: str, profiles: list[dict[str, Any]]) -> dict[str, str]:
         """The job's refused items, by email: found by their position, else by the payload they echo."""
         refused: dict[str, str] = {}
-        url: str | None = f"/api/profile-bulk-import-jobs/{job_id}/import-errors"
+        url: str | None = f"/api/profile-bulk-import-jobs/{job_id}/import-errors?page%5Bsize%5D=100"
         while url:
             _, body = await self.http.request("GET", url)
             for error in (body or {}).get("data", []):
@@ -177,7 +189,8 @@ class Klaviyo:
     async def erase(self, email: str) -> None:
         """A data privacy deletion job: Klaviyo removes the profile and its history."""
         profile = {"data": {"type": "profile", "attributes": {"email": email}}}
-        await self._post("/api/data-privacy-deletion-jobs", {"data": {"type": "data-privacy-deletion-job", "attributes": {"profile": profile}}})
+        await self._post("/api/data-privacy-deletion-jobs", {"data": {"type": "data-privacy-deletion-job", "attributes": {"profile": profile}}},
+                         bucket="privacy")
 
     async def retire(self, email: str) -> None:
         """Klaviyo has no archive and deleting would erase history, so the duplicate stays as it is."""

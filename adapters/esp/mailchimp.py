@@ -75,6 +75,7 @@ class Mailchimp:
 
     kind = KIND
     batch_limit = BATCH_LIMIT
+    prefers_bulk = False
 
     def __init__(self, base_url: str, api_key: str, list_id: str, merge_fields: Mapping[str, MappingEntry],
                  timeout: float = 10.0, guard: EspGuard | None = None, name: str = KIND) -> None:

@@ -15,15 +15,20 @@ process until ``X-RateLimit-Reset``.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
+from urllib.parse import quote
+
+import aiohttp
 
 from adapters.esp.base import Held
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard
 from adapters.esp.http import EspHttp, chunks_by_size, seconds_until, wait_for_job
-from schemas.errors import EspRejected, EspUnavailable
+from schemas.errors import EspRejected, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
 
@@ -73,6 +78,7 @@ class SendGrid:
 
     kind = KIND
     batch_limit = BATCH_LIMIT
+    prefers_bulk = True
 
     def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
                  timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
@@ -102,17 +108,22 @@ class SendGrid:
             raise EspRejected(next(iter(refused.values())))
 
     async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
-        """Import jobs (split to stay under 6 MB), each polled until it ends."""
+        """Suppressions first (an unsubscribe must land even when its contact is refused), then
+        import jobs (split to stay under 6 MB), each polled until it ends.
+
+        Raises EspUnavailable(``esp_timeout``) for any failure once a job was accepted: the job may
+        still run, so the caller keeps its send lease (nothing may overtake it) until it runs out.
+        """
         if len(members) > BATCH_LIMIT:
             raise ValueError(f"at most {BATCH_LIMIT} contacts per request")
+        leaving = [self.key(m) for m in members if self.unsubscribed(m)]
+        if leaving:
+            await self.http.request("POST", "/v3/asm/suppressions/global", {"recipient_emails": leaving})
         definitions = await self._field_ids()
         contacts = [self._by_id(m["contact"], definitions) for m in members]
         refused: dict[str, str] = {}
         for chunk in chunks_by_size(contacts, MAX_JOB_BYTES):
             refused.update(await self._import(chunk))
-        leaving = [self.key(m) for m in members if self.unsubscribed(m) and self.key(m) not in refused]
-        if leaving:
-            await self.http.request("POST", "/v3/asm/suppressions/global", {"recipient_emails": leaving})
         return refused
 
     def _by_id(self, contact: dict[str, Any], definitions: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -143,29 +154,40 @@ class SendGrid:
             job.update(status or {})
             return job.get("status") in _FINISHED
 
-        await wait_for_job(finished, self._job_timeout, "sendgrid")
-        results = job.get("results") or {}
-        if job.get("status") == "failed" and not results.get("errored_count"):
+        try:
+            await wait_for_job(finished, self._job_timeout, "sendgrid")
+            results = job.get("results") or {}
+            errored = int(results.get("errored_count") or 0)
+            refused = await self._errors(str(results.get("errors_url") or ""), contacts) if errored else {}
+        except MergetagError as exc:
+            raise EspUnavailable(f"sendgrid import job not confirmed: {exc.code}", code="esp_timeout") from None
+        if job.get("status") == "failed" and not errored:
             raise EspUnavailable("sendgrid import job failed")
-        if not results.get("errored_count"):
-            return {}
-        return await self._errors(str(results.get("errors_url") or ""), contacts)
+        if len(refused) < errored:
+            # Never count a refusal we cannot place as a success: the whole job is sent again.
+            raise EspUnavailable("sendgrid import job reported errors it did not name")
+        return refused
 
     async def _errors(self, url: str, contacts: list[dict[str, Any]]) -> dict[str, str]:
-        """The job's errored contacts, by email: found by their position, else by the email they echo."""
+        """The job's errored contacts, by email, from the errors file (a CSV download behind a
+        pre-signed URL: fetched without the API key, which must never travel to another host)."""
         if not url:
             raise EspUnavailable("sendgrid job reports errors without an errors_url")
-        _, body = await self.http.request("GET", url)
+        sent = {str(c.get("email", "")).lower() for c in contacts}
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._job_timeout)) as plain:
+                async with plain.get(url) as response:
+                    if response.status != 200:
+                        raise EspUnavailable(f"sendgrid errors file answered {response.status}")
+                    text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            raise EspUnavailable("sendgrid errors file unreachable") from None
         refused: dict[str, str] = {}
-        for error in (body or {}).get("errors", []):
-            index = error.get("index")
-            if isinstance(index, int) and 0 <= index < len(contacts):
-                email = contacts[index].get("email")
-            else:
-                email = error.get("email")
-            if email:
-                # SendGrid's message names the problem, not the contact; keep it short anyway.
-                refused[str(email).lower()] = f"sendgrid {str(error.get('message', 'invalid'))[:80]}"
+        for row in csv.DictReader(io.StringIO(text)):
+            fields = {k.strip().lower(): v for k, v in row.items() if k}
+            email = str(fields.get("email") or "").lower()
+            if email in sent:
+                refused[email] = f"sendgrid {_reason(fields.get('error') or fields.get('errors') or '')}"
         return refused
 
     async def _field_ids(self, refresh: bool = False) -> dict[str, tuple[str, str]]:
@@ -198,7 +220,7 @@ class SendGrid:
         if not found:
             return None
         contact = found[0]
-        _, suppressed = await self.http.request("GET", f"/v3/asm/suppressions/global/{email}")
+        _, suppressed = await self.http.request("GET", f"/v3/asm/suppressions/global/{quote(email, safe='')}")
         fields = {**{k: v for k, v in contact.items() if k in RESERVED}, **(contact.get("custom_fields") or {})}
         return Held(fields, bool(suppressed))
 
@@ -217,6 +239,16 @@ class SendGrid:
 
     async def close(self) -> None:
         await self.http.close()
+
+
+def _reason(message: str) -> str:
+    """A short code for SendGrid's free-text error (which may quote the value), never the text."""
+    text = message.lower()
+    for word, code in (("email", "invalid_email"), ("phone", "invalid_phone"), ("custom", "invalid_custom_field"),
+                       ("length", "too_long"), ("date", "invalid_date"), ("number", "invalid_number")):
+        if word in text:
+            return code
+    return "invalid_contact"
 
 
 def _describe(status: int, body: dict[str, Any]) -> str:

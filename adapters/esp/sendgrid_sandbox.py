@@ -21,8 +21,8 @@ Enforced:
     other call, with ``X-RateLimit-Limit/Remaining/Reset`` (epoch seconds) on every
     authenticated response and 429 ``too many requests`` beyond the limit.
 
-Sandbox-only: ``GET /v3/marketing/contacts/imports/{id}/errors`` serves the errored contacts
-as JSON ``{"errors": [{"index", "email", "message"}]}`` (SendGrid serves a file download);
+A job's ``errors_url`` is a file download, as at SendGrid: a CSV (``email,error``) under
+``/_sandbox/files/``, fetched without the API key (one sent anyway is refused);
 ``GET /_sandbox/contacts`` lists every contact and suppression; the ``/_sandbox`` controls of
 :mod:`adapters.esp.sandbox_kit`.
 
@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import io
 import math
 import re
 import time
@@ -164,7 +166,7 @@ class Sandbox(SandboxBase):
         app.router.add_put("/v3/marketing/contacts", self.upsert)
         app.router.add_delete("/v3/marketing/contacts", self.delete)
         app.router.add_get("/v3/marketing/contacts/imports/{id}", self.import_status)
-        app.router.add_get("/v3/marketing/contacts/imports/{id}/errors", self.import_errors)
+        app.router.add_get("/_sandbox/files/imports/{id}/errors.csv", self.import_errors)
         app.router.add_post("/v3/marketing/contacts/search/emails", self.search_emails)
         app.router.add_get("/v3/marketing/contacts/{id}", self.get_contact)
         app.router.add_get("/v3/marketing/field_definitions", self.field_definitions)
@@ -344,15 +346,24 @@ class Sandbox(SandboxBase):
                                 "started_at": job.started_at}
         if job.finished_at:
             results["errored_count"] = len(job.errors or [])
-            results["errors_url"] = f"{self._base_url(request)}/v3/marketing/contacts/imports/{job.id}/errors"
+            results["errors_url"] = f"{self._base_url(request)}/_sandbox/files/imports/{job.id}/errors.csv"
             body["finished_at"] = job.finished_at
         return web.json_response(body)
 
     async def import_errors(self, request: web.Request) -> web.Response:
+        """The errored contacts as a downloadable CSV (``email,error``), as SendGrid hands out a file
+        behind a pre-signed URL: no API key, and one sent anyway is refused."""
+        if "Authorization" in request.headers:
+            return web.Response(status=400, text="Only one auth mechanism allowed")
         job = self.jobs.get(request.match_info["id"])
         if job is None or job.finished_at is None:
-            return sg_error(404, "job not found or not finished", "id")
-        return web.json_response({"errors": job.errors or []})
+            return web.Response(status=404, text="NoSuchKey")
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["email", "error"])
+        for error in job.errors or []:
+            writer.writerow([error.get("email") or "", error["message"]])
+        return web.Response(text=out.getvalue(), content_type="text/csv")
 
     # Reads and deletes
 

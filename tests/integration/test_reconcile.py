@@ -39,7 +39,7 @@ async def test_reconcile_reports_drift_and_repairs_it(receiver, system, sandbox,
         assert r.status == 200
 
     def reconcile(*flags):
-        out = subprocess.run([sys.executable, "-m", "adapters.cli", "reconcile", "--all", *flags], cwd=ROOT, env=system.env,
+        out = subprocess.run([sys.executable, "-m", "adapters.cli", "reconcile", "--all", "--esp", "mailchimp", *flags], cwd=ROOT, env=system.env,
                              capture_output=True, text=True, timeout=120, check=True)
         return json.loads(out.stdout)
 

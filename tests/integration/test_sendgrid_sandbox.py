@@ -1,5 +1,7 @@
 """The SendGrid sandbox enforces the Marketing Contacts contract the adapter depends on (its own process)."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -103,15 +105,17 @@ async def test_mixed_put_is_a_job_that_errors_only_the_bad_contacts(sg, http):
     results = job["results"]
     assert {k: results[k] for k in ("requested_count", "created_count", "updated_count", "deleted_count", "errored_count")} == {
         "requested_count": 5, "created_count": 2, "updated_count": 0, "deleted_count": 0, "errored_count": 3}
-    assert results["errors_url"] == f"{sg.url}/v3/marketing/contacts/imports/{job['id']}/errors"
+    assert results["errors_url"] == f"{sg.url}/_sandbox/files/imports/{job['id']}/errors.csv"
 
-    status, _, errors = await sg.call(http, "GET", results["errors_url"].removeprefix(sg.url))
-    assert status == 200
-    assert [(e["index"], e["email"]) for e in errors["errors"]] == [(1, "not-an-email"), (3, carol), (4, dave)]
-    assert not any(carol in e["message"] or dave in e["message"] for e in errors["errors"])
-    assert "e1_N" in errors["errors"][1]["message"] and "Number" in errors["errors"][1]["message"]
-    status, _, _ = await sg.call(http, "GET", results["errors_url"].removeprefix(sg.url), headers={})
-    assert status == 401
+    # A file download behind a pre-signed URL: no API key (one sent is refused), CSV rows of email and error.
+    async with http.get(results["errors_url"]) as r:
+        assert r.status == 200 and r.content_type == "text/csv"
+        rows = list(csv.DictReader(io.StringIO(await r.text())))
+    assert [row["email"] for row in rows] == ["not-an-email", carol, dave]
+    assert not any(carol in row["error"] or dave in row["error"] for row in rows)
+    assert "e1_N" in rows[1]["error"] and "Number" in rows[1]["error"]
+    async with http.get(results["errors_url"], headers=AUTH) as r:
+        assert r.status == 400
 
     stored = await sg.stored(http, alice.lower())
     assert stored["first_name"] == "Alice" and stored["custom_fields"] == {"ltv": 12.5, "tier": "gold"}
