@@ -251,14 +251,9 @@ class ProfileStore:
             await self.profiles.bulk_write(ops, ordered=False)
 
     async def park(self, profile_ids: list[str], esp: str) -> None:
-        """Leave pending profiles to the sweeper's next run (their ESP is down, or a bulk request will
-        carry them): they wait in MongoDB rather than in the queue. Send leases are not touched.
-
-        A refusal is forgotten too: only a replayed dead letter asks to sync a profile the ESP refused
-        as it is, and a replay means "try again"."""
-        prefix = f"esp.{esp}"
-        await self.profiles.update_many({"_id": {"$in": profile_ids}},
-                                        {"$unset": {f"{prefix}.swept_at": "", f"{prefix}.failed_hash": "", f"{prefix}.failed_code": ""}})
+        """Leave pending profiles to the sweeper's next run (their ESP is down): they wait in MongoDB
+        rather than cycling through the queue. Send leases are not touched."""
+        await self.profiles.update_many({"_id": {"$in": profile_ids}}, {"$unset": {f"esp.{esp}.swept_at": ""}})
 
     async def release_send(self, profile_id: str, esp: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""

@@ -123,7 +123,8 @@ async def main() -> None:
     ports = {esp: free_port() for esp in args.esps.split(",")}
     receiver_port = free_port()
     env = {**os.environ, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_MONGODB_URI": uri, "MERGETAG_MONGODB_DATABASE": prefix,
-           "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_MAILCHIMP_API_KEY": KEY, "MERGETAG_LOG_LEVEL": "WARNING",
+           "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_MAILCHIMP_API_KEY": KEY,
+           "MERGETAG_LOG_LEVEL": os.environ.get("MERGETAG_LOG_LEVEL", "WARNING"),
            "MERGETAG_ESPS": args.esps, **{f"MERGETAG_{esp.upper()}_BASE_URL": f"http://127.0.0.1:{port}" + ("/3.0" if esp == "mailchimp" else "")
                                           for esp, port in ports.items()},
            "MERGETAG_SYNC_GRACE_S": "2", "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5"}

@@ -314,17 +314,16 @@ async def sync_profile(profile_id: str, esp: str = "mailchimp", alone: bool = Fa
 async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = False) -> None:
     """Idempotent: a profile whose member the target already holds is skipped without a request.
 
-    Parked (left pending in MongoDB for the sweeper) rather than sent: while the target's circuit
-    is open; while another send of the profile is in flight (the sweeper sends what is left after
-    it); and while the target's backlog is large enough for bulk requests
-    (``MERGETAG_SYNC_BULK_BACKLOG``; never a consent change, an erasure or a send ``alone``).
+    Left pending in MongoDB for the sweeper rather than sent: while the target's circuit is open;
+    while another send of the profile is in flight (the sweeper sends what is left after it); and
+    while the target's backlog is large enough for bulk requests (``MERGETAG_SYNC_BULK_BACKLOG``;
+    never a consent change, an erasure, a replayed dead letter or another send ``alone``).
     """
     rt = await runtime()
     client = rt.esps.get(esp)
     if not (urgent or alone) and client is not None:
         if await rt.backlog(esp) >= rt.settings.sync_bulk_backlog:
-            await rt.store.park([profile_id], esp)
-            return
+            return  # still pending: the sweeper sends it with the backlog, in bulk
         if client.prefers_bulk:
             # Every write is a job at this ESP: take along the other profiles whose coalescing window
             # has passed, so one job carries them all (their own syncs then find nothing to send).
