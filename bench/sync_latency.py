@@ -44,7 +44,7 @@ KEY = "benchkey000000000000000000000000-us1"
 # Where each sandbox keeps the first name, and which of its routes write profiles (not job polls or reads).
 NAME_FIELD = {"mailchimp": "FNAME", "klaviyo": "first_name", "sendgrid": "first_name"}
 WRITES = {
-    "mailchimp": ("PUT /3.0/lists/{list_id}/members/{hash}", "POST /3.0/lists/{list_id}"),
+    "mailchimp": ("PUT /3.0/lists/{list_id}/members/{hash}", "POST /3.0/batches"),
     "klaviyo": ("POST /api/profile-import", "POST /api/profile-bulk-import-jobs"),
     "sendgrid": ("PUT /v3/marketing/contacts",),
 }

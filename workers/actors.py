@@ -194,7 +194,7 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
     client = _target(rt, esp)
     if client is None:
         return
-    claimed = await rt.store.claim_sends(profile_ids, esp, rt.leases[esp])
+    claimed = await rt.store.claim_sends(profile_ids, esp, rt.batch_leases[esp])
     # Contacts to erase or retire go one by one, through the single path that handles them.
     alone = [pid for pid, state in claimed.items() if state.get("erase") or state.get("retire")]
     todo = {pid: state for pid, state in claimed.items()

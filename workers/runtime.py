@@ -32,6 +32,7 @@ class Runtime:
     coalescer: Coalescer
     guards: dict[str, EspGuard]
     leases: dict[str, timedelta]
+    batch_leases: dict[str, timedelta]
     _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def backlog(self, esp: str) -> int:
@@ -73,11 +74,11 @@ async def _create() -> Runtime:
     geo = open_reader(settings.geoip_database)
     targets = settings.esp_targets()
     # A send holds its lease through every request it makes and, for bulk ESPs, the job it waits for.
-    leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + (t.job_timeout_s if t.kind != "mailchimp" else 0))
-              for name, t in targets.items()}
+    leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + (t.job_timeout_s if t.kind == "sendgrid" else 0)) for name, t in targets.items()}
+    batch_leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + t.job_timeout_s) for name, t in targets.items()}
     return Runtime(settings, store, {n: esp for n, (esp, _) in built.items()}, build_mappings(settings), quarantine, rules, geo,
                    frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
-                   {n: guard for n, (_, guard) in built.items()}, leases)
+                   {n: guard for n, (_, guard) in built.items()}, leases, batch_leases)
 
 
 async def close_runtime() -> None:

@@ -1,4 +1,4 @@
-"""Mailchimp Marketing API v3: one member upsert per profile.
+"""Mailchimp Marketing API v3: one member upsert per profile, batch operations for backlogs.
 
 ``PUT /lists/{list}/members/{md5(lower(email))}`` with ``status_if_new`` only,
 so an existing member's consent is never overwritten; the one exception is an
@@ -8,7 +8,10 @@ unsubscribe, which is pushed as ``status: unsubscribed`` (consent wins).
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import re
+import tarfile
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
@@ -18,7 +21,8 @@ import aiohttp
 from adapters.esp.base import Held
 from adapters.esp.fields import MappingEntry, mapped, normalize, problems
 from adapters.esp.guard import EspGuard
-from adapters.esp.http import EspHttp
+from adapters.esp.http import EspHttp, wait_for_job
+from schemas.errors import EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
 
@@ -71,6 +75,7 @@ class Mailchimp:
       timeout: seconds per request.
       guard: the account's shared guard (10 simultaneous connections per key).
       name: the target's name (default ``mailchimp``).
+      job_timeout: seconds a batch may take before the send is retried.
     """
 
     kind = KIND
@@ -78,8 +83,9 @@ class Mailchimp:
     prefers_bulk = False
 
     def __init__(self, base_url: str, api_key: str, list_id: str, merge_fields: Mapping[str, MappingEntry],
-                 timeout: float = 10.0, guard: EspGuard | None = None, name: str = KIND) -> None:
+                 timeout: float = 10.0, guard: EspGuard | None = None, name: str = KIND, job_timeout: float = 300.0) -> None:
         self.name = name
+        self._job_timeout = job_timeout
         self._list = list_id
         self._fields = normalize(merge_fields)
         self.http = EspHttp("mailchimp", base_url, {"Authorization": aiohttp.encode_basic_auth("mergetag", api_key)},
@@ -101,15 +107,63 @@ class Mailchimp:
         await self._call("PUT", f"/lists/{self._list}/members/{subscriber_hash(member['email_address'])}", member)
 
     async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
-        """Batch upsert (at most 500). Mailchimp answers 200 even when some members fail."""
+        """Batch operations (``POST /batches``): the same consent-safe PUT as a single upsert
+        (``status_if_new``), one operation per member, polled until finished; the results file
+        names each refused operation. (The list batch endpoint would need ``status`` for every
+        member and would overwrite existing members' consent, so it is not used.)
+
+        Raises EspUnavailable(``esp_timeout``) for any failure once the batch was accepted: it may
+        still run, so the caller keeps its send lease until it runs out.
+        """
         if len(members) > BATCH_LIMIT:
             raise ValueError(f"at most {BATCH_LIMIT} members per batch")
-        body = await self._call("POST", f"/lists/{self._list}", {"members": members, "update_existing": True})
-        # Keep Mailchimp's short error and the field, never its free text (it may repeat the address).
-        return {
-            str(e.get("email_address", "")).lower(): f"mailchimp {e.get('error_code', 'ERROR')} {e.get('field') or ''}".strip()
-            for e in (body or {}).get("errors", []) if isinstance(e, dict)
-        }
+        operations = [{"method": "PUT", "path": f"/lists/{self._list}/members/{subscriber_hash(m['email_address'])}",
+                       "operation_id": str(i), "body": json.dumps(m)} for i, m in enumerate(members)]
+        created = await self._call("POST", "/batches", {"operations": operations})
+        batch_id = (created or {}).get("id")
+        if not batch_id:
+            raise EspUnavailable("mailchimp batch answer without an id")
+        batch: dict[str, Any] = {}
+
+        async def finished() -> bool:
+            batch.update(await self._call("GET", f"/batches/{batch_id}") or {})
+            return batch.get("status") == "finished"
+
+        try:
+            await wait_for_job(finished, self._job_timeout, "mailchimp")
+            errored = int(batch.get("errored_operations") or 0)
+            refused = await self._batch_errors(str(batch.get("response_body_url") or ""), members) if errored else {}
+        except MergetagError as exc:
+            raise EspUnavailable(f"mailchimp batch not confirmed: {exc.code}", code="esp_timeout") from None
+        if len(refused) < errored:
+            raise EspUnavailable("mailchimp batch reported errors it did not name")
+        return refused
+
+    async def _batch_errors(self, url: str, members: list[dict[str, Any]]) -> dict[str, str]:
+        """Refused operations from the results file (a gzipped tar of JSON behind a keyless URL)."""
+        if not url:
+            raise EspUnavailable("mailchimp batch finished without a response_body_url")
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._job_timeout)) as plain:
+                async with plain.get(url) as response:
+                    if response.status != 200:
+                        raise EspUnavailable(f"mailchimp batch results answered {response.status}")
+                    data = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            raise EspUnavailable("mailchimp batch results unreachable") from None
+        refused: dict[str, str] = {}
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for entry in tar.getmembers():
+                handle = tar.extractfile(entry) if entry.isfile() else None
+                for result in (json.loads(handle.read()) if handle else []):
+                    index = str(result.get("operation_id", ""))
+                    if int(result.get("status_code", 200)) >= 400 and index.isdigit() and int(index) < len(members):
+                        try:
+                            problem = json.loads(result.get("response") or "{}")
+                        except ValueError:
+                            problem = {}
+                        refused[self.key(members[int(index)])] = f"mailchimp {result['status_code']} {_describe(0, problem)}".strip()
+        return refused
 
     async def field_types(self) -> dict[str, str]:
         """The audience's merge fields: tag -> type."""

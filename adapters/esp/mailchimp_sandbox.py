@@ -5,7 +5,9 @@ Enforced: Basic auth with the API key as password; the MD5 member path; member
 body validation (status enums, ``status_if_new`` for new members, merge tags
 defined on the audience, number and date types); the compliance rule that an
 unsubscribed member cannot be resubscribed through the API; problem+json errors;
-429 beyond 10 simultaneous connections per key.
+429 beyond 10 simultaneous connections per key. Batch operations (``POST /batches``): run
+in the background, polled with ``GET /batches/{id}``, results as a gzipped tar of JSON behind
+a keyless download URL.
 
 Sandbox-only controls live under ``/_sandbox`` (fault injection, statistics).
 
@@ -15,10 +17,15 @@ Run: ``python -m adapters.esp.mailchimp_sandbox --port 8081``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import hashlib
+import io
 import json
 import re
+import tarfile
+import time
+import uuid
 from datetime import date
 from typing import Any
 
@@ -56,8 +63,11 @@ class Sandbox(SandboxBase):
       lists: list id -> {merge tag: type}.
     """
 
-    def __init__(self, api_key: str, lists: dict[str, dict[str, str]]) -> None:
+    def __init__(self, api_key: str, lists: dict[str, dict[str, str]], batch_delay_s: float = 0.3) -> None:
         super().__init__()
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_results: dict[str, bytes] = {}
+        self.batch_delay_s = batch_delay_s
         self.api_key = api_key
         self.merge_fields = {list_id: dict(fields) for list_id, fields in lists.items()}
         self.members: dict[str, dict[str, dict[str, Any]]] = {list_id: {} for list_id in lists}
@@ -73,6 +83,9 @@ class Sandbox(SandboxBase):
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self.delete_permanent)
+        app.router.add_post("/3.0/batches", self.create_batch)
+        app.router.add_get("/3.0/batches/{batch_id}", self.get_batch)
+        app.router.add_get("/_sandbox/files/batches/{batch_id}.tar.gz", self.batch_file)
 
     def error(self, status: int, title: str, detail: str) -> web.Response:
         return problem(status, title, detail)
@@ -201,22 +214,85 @@ class Sandbox(SandboxBase):
 
     async def put_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        body = await json_body(request)
+        status, body = self._put(list_id, request.match_info["hash"], await json_body(request))
+        if status >= 400:
+            return web.json_response(body, status=status, content_type="application/problem+json")
+        return web.json_response(body)
+
+    def _put(self, list_id: str, member_hash_in_path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """One member upsert, as ``PUT .../members/{hash}`` answers it (for the route and for batch operations)."""
+        def fail(title: str, detail: str, errors: list[dict[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
+            return 400, json.loads(problem(400, title, detail, errors).text)
+
         if not isinstance(body, dict):
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+            return fail("Invalid Resource", "The resource submitted could not be validated.")
         errors = self._validate_member(list_id, body)
         if errors:
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
+            return fail("Invalid Resource", "The resource submitted could not be validated.", errors)
         email = body["email_address"]
         member_hash = hashlib.md5(email.lower().encode()).hexdigest()
-        if request.match_info["hash"].lower() != member_hash:
-            return problem(400, "Invalid Resource", "The subscriber hash does not match the email address.", [{"field": "email_address", "message": "hash mismatch"}])
+        if member_hash_in_path.lower() != member_hash:
+            return fail("Invalid Resource", "The subscriber hash does not match the email address.", [{"field": "email_address", "message": "hash mismatch"}])
         member, failure = self._upsert(list_id, body)
         if failure == "Member In Compliance State":
-            return problem(400, failure, f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
+            return fail(failure, f"{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed.")
         if failure:
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "status_if_new", "message": failure}])
-        return web.json_response(member)
+            return fail("Invalid Resource", "The resource submitted could not be validated.", [{"field": "status_if_new", "message": failure}])
+        return 200, member
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        """``POST /batches``: operations run later, in the background, as Mailchimp does."""
+        body = await json_body(request)
+        operations = body.get("operations") if isinstance(body, dict) else None
+        if not isinstance(operations, list) or not operations:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "operations", "message": "Required."}])
+        for op in operations:
+            if not isinstance(op, dict) or op.get("method") not in {"GET", "POST", "PUT", "PATCH", "DELETE"} or not isinstance(op.get("path"), str):
+                return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "operations", "message": "Each operation needs a method and a path."}])
+            if "body" in op and not isinstance(op["body"], str):
+                return problem(400, "Invalid Resource", "The resource submitted could not be validated.", [{"field": "operations.body", "message": "The body must be a JSON string."}])
+        batch_id = uuid.uuid4().hex[:10]
+        self.batches[batch_id] = {"id": batch_id, "status": "pending", "total_operations": len(operations), "finished_operations": 0,
+                                  "errored_operations": 0, "submitted_at": _now(), "completed_at": "", "response_body_url": ""}
+        asyncio.get_running_loop().create_task(self._run_batch(batch_id, operations, f"{request.scheme}://{request.host}"))
+        return web.json_response(self.batches[batch_id])
+
+    async def _run_batch(self, batch_id: str, operations: list[dict[str, Any]], base: str) -> None:
+        await asyncio.sleep(self.batch_delay_s)
+        batch = self.batches[batch_id]
+        batch["status"] = "started"
+        results = []
+        for op in operations:
+            match = re.fullmatch(r"/?lists/([^/]+)/members/([0-9a-fA-F]{32})", op["path"])
+            if op["method"] != "PUT" or match is None or match.group(1) not in self.members:
+                status, body = 404, {"type": "about:blank", "title": "Resource Not Found", "status": 404, "detail": "The requested resource could not be found."}
+            else:
+                try:
+                    parsed = json.loads(op.get("body") or "null")
+                except ValueError:
+                    parsed = None
+                status, body = self._put(match.group(1), match.group(2), parsed)
+            results.append({"status_code": status, "operation_id": op.get("operation_id"), "response": json.dumps(body)})
+            batch["finished_operations"] += 1
+            batch["errored_operations"] += status >= 400
+        await asyncio.sleep(self.batch_delay_s)
+        self.batch_results[batch_id] = _tarball(results)
+        batch.update(status="finished", completed_at=_now(), response_body_url=f"{base}/_sandbox/files/batches/{batch_id}.tar.gz")
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+        return web.json_response(batch)
+
+    async def batch_file(self, request: web.Request) -> web.Response:
+        """The results of a finished batch: a gzipped tar of JSON files, behind a pre-signed URL (no API key)."""
+        if "Authorization" in request.headers:
+            return web.Response(status=400, text="Only one auth mechanism allowed")
+        data = self.batch_results.get(request.match_info["batch_id"])
+        if data is None:
+            return web.Response(status=404, text="NoSuchKey")
+        return web.Response(body=data, content_type="application/x-gzip")
 
     def _validate_member(self, list_id: str, body: dict[str, Any]) -> list[dict[str, str]]:
         errors = []
@@ -255,6 +331,21 @@ class Sandbox(SandboxBase):
         return web.Response(status=204)
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
+def _tarball(results: list[dict[str, Any]]) -> bytes:
+    """Batch results as Mailchimp ships them: JSON files (arrays of results) in a gzipped tar."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = json.dumps(results).encode()
+        info = tarfile.TarInfo("results/0.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def _valid_value(kind: str, value: Any) -> bool:
     if value == "":
         return True
@@ -275,11 +366,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--api-key", default="sandbox0000000000000000000000000-us1")
     parser.add_argument("--list-id", default="sandbox")
+    parser.add_argument("--batch-delay-ms", type=int, default=300, help="how long batch operations wait before and after running")
     parser.add_argument("--merge-fields", default=",".join(f"{t}:{k}" for t, k in DEFAULT_FIELDS.items()),
                         help="TAG:type,... defined on the audience at start")
     args = parser.parse_args(argv)
     fields = dict(item.split(":", 1) for item in args.merge_fields.split(",") if item)
-    sandbox = Sandbox(args.api_key, {args.list_id: fields})
+    sandbox = Sandbox(args.api_key, {args.list_id: fields}, args.batch_delay_ms / 1000)
     serve(sandbox, "mailchimp", args.host, args.port)
 
 

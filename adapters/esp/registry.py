@@ -39,7 +39,8 @@ def build_esp(name: str, target: EspTarget, guard: EspGuard | None = None, offli
     if target.kind == "mailchimp":
         if not target.audience:
             raise ValueError(f"ESP target {name}: a Mailchimp target needs its audience (list id)")
-        return Mailchimp(target.base_url or "", key, target.audience, target.fields, target.timeout_s, guard, name=name)
+        return Mailchimp(target.base_url or "", key, target.audience, target.fields, target.timeout_s, guard, name=name,
+                         job_timeout=target.job_timeout_s)
     cls = Klaviyo if target.kind == "klaviyo" else SendGrid
     base = target.base_url or ("https://a.klaviyo.com" if target.kind == "klaviyo" else "https://api.sendgrid.com")
     return cls(base, key, target.fields, target.audience, target.timeout_s, target.job_timeout_s, guard, name=name)

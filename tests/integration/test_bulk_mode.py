@@ -51,7 +51,7 @@ async def test_a_backlog_goes_in_bulk(rabbitmq, mongo_uri, sandbox, http, tmp_pa
         members = [await sandbox.member(http, e) for e in emails]
         assert all(m and m["merge_fields"]["FNAME"] == "Heavy" for m in members)
         requests = (await sandbox.control(http, "stats"))["requests"]
-        bulk, single = requests.get("POST /3.0/lists/{list_id}", 0), requests.get("PUT /3.0/lists/{list_id}/members/{hash}", 0)
+        bulk, single = requests.get("POST /3.0/batches", 0), requests.get("PUT /3.0/lists/{list_id}/members/{hash}", 0)
         # Singles only until the sync has counted the backlog (once a second per process); the rest in bulk.
         assert bulk >= 1 and single + bulk < len(emails) // 2, requests
     finally:

@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import uuid
 
 import aiohttp
 import pytest
@@ -96,3 +97,29 @@ async def test_adapter_maps_errors_to_retryable_and_permanent(sandbox, http):
         await unreachable.close()
     finally:
         await esp.close()
+
+
+async def test_batch_operations_upsert_consent_safely_and_name_each_refusal(sandbox, http):
+    """The adapter's bulk path: batch operations carrying the single upsert's PUT, polled to the end.
+    A member who unsubscribed at Mailchimp stays unsubscribed; a refused member is named alone."""
+    gone = f"gone-{uuid.uuid4().hex[:6]}@example.com"
+    assert (await put(http, sandbox, gone, {"email_address": gone, "status_if_new": "subscribed"}))[0] == 200
+    assert (await put(http, sandbox, gone, {"email_address": gone, "status": "unsubscribed"}))[0] == 200
+    good = [f"ok{n}-{uuid.uuid4().hex[:6]}@example.com" for n in range(3)]
+    members = [{"email_address": e, "status_if_new": "subscribed", "merge_fields": {"FNAME": "Bo"}} for e in [*good, gone]]
+    members.insert(1, {"email_address": f"bad-{uuid.uuid4().hex[:6]}@example.com", "status_if_new": "subscribed",
+                       "merge_fields": {"NOPE": "x"}})
+    esp = Mailchimp(sandbox.api, API_KEY, "sandbox", {}, job_timeout=20)
+    await sandbox.control(http, "stats/reset", {})
+    try:
+        refused = await esp.upsert_batch(members)
+    finally:
+        await esp.close()
+    assert list(refused) == [members[1]["email_address"]] and "NOPE" in refused[members[1]["email_address"]]
+    assert "@" not in refused[members[1]["email_address"]]
+    for email in good:
+        assert (await sandbox.member(http, email))["merge_fields"]["FNAME"] == "Bo"
+    unsubscribed = await sandbox.member(http, gone)
+    assert unsubscribed["status"] == "unsubscribed" and unsubscribed["merge_fields"]["FNAME"] == "Bo"
+    requests = (await sandbox.control(http, "stats"))["requests"]
+    assert requests["POST /3.0/batches"] == 1 and "POST /3.0/lists/{list_id}" not in requests
