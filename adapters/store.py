@@ -243,7 +243,7 @@ class ProfileStore:
         """Record a batch's outcome per profile, in one round trip."""
         prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
         ops = [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
-                                         *_settle(prefix)]) for pid, h in sent]
+                                         {"$unset": f"{prefix}.swept_at"}, *_settle(prefix)]) for pid, h in sent]
         ops += [UpdateOne({"_id": pid}, {"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code, f"{prefix}.sending_until": None}})
                 for pid, h, code in failed]
         ops += [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)]) for pid in released]
@@ -271,6 +271,7 @@ class ProfileStore:
             [
                 {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
                           f"{prefix}.sending_until": None}},
+                {"$unset": f"{prefix}.swept_at"},  # sent: the next change is claimable at once
                 *_settle(prefix),
             ],
         )
@@ -304,6 +305,14 @@ class ProfileStore:
         query = {f"{prefix}.pending": True, "merged_into": {"$exists": False},
                  "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]}}
         return await self.profiles.count_documents(query, limit=cap)
+
+    async def pending_ids(self, esp: str, limit: int) -> list[str]:
+        """Profiles waiting for ``esp`` (refused ones aside), oldest change first; nothing is claimed."""
+        prefix = f"esp.{esp}"
+        query = {f"{prefix}.pending": True, "merged_into": {"$exists": False},
+                 "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]}}
+        cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
+        return [doc["_id"] async for doc in cursor]
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
                             urgent: bool = False) -> list[str]:

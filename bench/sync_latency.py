@@ -2,7 +2,7 @@
 
 Two phases, each reported per ESP:
 - steady: N events over M profiles at a steady rate, with the sync running. Reports the time
-  from an event's acceptance (the receiver's 202) to the ESP holding it or a newer value
+  from an event's webhook request (answered 202) to the ESP holding it or a newer value
   (p50, p99), and the ESP write requests made.
 - backlog: the sync is down while B events for B new profiles are merged, then it starts.
   Reports the write requests made against the minimum possible, ceil(changed profiles /
@@ -11,7 +11,7 @@ Two phases, each reported per ESP:
 Everything runs here: RabbitMQ and Redis on localhost, a SecantusDB, the Mailchimp, Klaviyo and
 SendGrid sandboxes, the receiver, the worker and the sync. Prints one JSON object.
 
-    python bench/sync_latency.py [--events 300] [--profiles 100] [--rate 20] [--backlog 1000]
+    python bench/sync_latency.py [--events 300] [--profiles 100] [--rate 10] [--backlog 1000] [--esps mailchimp,klaviyo,sendgrid]
 """
 
 from __future__ import annotations
@@ -66,9 +66,12 @@ class Bench:
         data = body(email, version)
         headers = {"X-Shopify-Topic": "customers/update", "X-Shopify-Hmac-Sha256": sign(data, SECRET),
                    "X-Shopify-Webhook-Id": uuid.uuid4().hex}
+        # Timed from the request, not from reading the 202: on a busy machine the ESP may hold the
+        # change before this client gets round to reading its answer. (A few ms pessimistic.)
+        sent_at = time.time()
         async with self.http.post(f"{self.receiver}/webhooks/shopify", data=data, headers=headers) as r:
             if r.status == 202:
-                self.accepted.append((time.time(), email, version))
+                self.accepted.append((sent_at, email, version))
 
     async def control(self, esp: str, path: str, body: Any = None) -> Any:
         method = self.http.post if body is not None else self.http.get
@@ -113,7 +116,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=300)
     parser.add_argument("--profiles", type=int, default=100)
-    parser.add_argument("--rate", type=float, default=20.0, help="events per second in the steady phase")
+    parser.add_argument("--rate", type=float, default=10.0, help="events per second in the steady phase")
     parser.add_argument("--backlog", type=int, default=1000, help="profiles changed while the sync is down")
     parser.add_argument("--esps", default="mailchimp,klaviyo,sendgrid", help="the ESP targets to sync to")
     args = parser.parse_args()

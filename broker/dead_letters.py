@@ -134,8 +134,10 @@ class DeadLetters:
             options = {k: v for k, v in old.options.items() if k not in _SPENT_OPTIONS}
             options["replayed"] = old.options.get("replayed", 0) + 1
             # Built anew, not with Message.copy, which would merge the spent options back in.
-            # A replayed profile sync is sent on its own, even while its ESP has a backlog sent in bulk.
-            kwargs = {**old.kwargs, "alone": True} if old.actor_name == topology.SYNC_PROFILE_ACTOR else old.kwargs
+            # A replayed profile sync is sent on its own, even while its ESP has a backlog sent in bulk,
+            # and even if the ESP refused this very member: a replay means "try again".
+            kwargs = ({**old.kwargs, "alone": True, "retry_refused": True} if old.actor_name == topology.SYNC_PROFILE_ACTOR
+                      else old.kwargs)
             fresh = dramatiq.Message(
                 queue_name=letter.queue, actor_name=old.actor_name, args=old.args, kwargs=kwargs,
                 options=options, message_id=old.message_id, message_timestamp=old.message_timestamp,

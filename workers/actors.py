@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -46,6 +46,7 @@ broker = create_broker(settings, on_shutdown=close_runtime)
 
 MAX_WRITE_ATTEMPTS = 20
 TAKE_ALONG = 1_000
+TAKE_ALONG_MIN = 20
 
 
 class LostRace(MergetagError):
@@ -304,14 +305,15 @@ async def sync_urgent(profile_id: str, esp: str = "mailchimp") -> None:
 
 
 @dramatiq.actor(actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=topology.sync_queue(settings.queue_prefix), priority=10)
-async def sync_profile(profile_id: str, esp: str = "mailchimp", alone: bool = False) -> None:
+async def sync_profile(profile_id: str, esp: str = "mailchimp", alone: bool = False, retry_refused: bool = False) -> None:
     """Parameters:
       alone: send it now even in a backlog (sent by the sweeper, or split out of a refused batch).
+      retry_refused: send it even if the ESP refused this very member before (a replayed dead letter).
     """
-    await _sync(profile_id, esp, alone=alone)
+    await _sync(profile_id, esp, alone=alone, retry_refused=retry_refused)
 
 
-async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = False) -> None:
+async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = False, retry_refused: bool = False) -> None:
     """Idempotent: a profile whose member the target already holds is skipped without a request.
 
     Left pending in MongoDB for the sweeper rather than sent: while the target's circuit is open;
@@ -322,17 +324,17 @@ async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = F
     rt = await runtime()
     client = rt.esps.get(esp)
     if not (urgent or alone) and client is not None:
-        if await rt.backlog(esp) >= rt.settings.sync_bulk_backlog:
+        backlog = await rt.backlog(esp)
+        if backlog >= rt.settings.sync_bulk_backlog:
             return  # still pending: the sweeper sends it with the backlog, in bulk
-        if client.prefers_bulk:
-            # Every write is a job at this ESP: take along the other profiles whose coalescing window
-            # has passed, so one job carries them all (their own syncs then find nothing to send).
-            due = timedelta(milliseconds=rt.settings.sync_coalesce_ms)
-            others = await rt.store.claim_pending(esp, due, timedelta(seconds=rt.settings.sync_lease_s), limit=min(TAKE_ALONG, client.batch_limit - 1))
+        if client.prefers_bulk or backlog >= TAKE_ALONG_MIN:
+            # Every write is a job at this ESP, or many profiles wait: take every other pending profile
+            # along, so one bulk request carries them all (their own syncs then find nothing to send).
+            others = await rt.store.pending_ids(esp, limit=min(TAKE_ALONG, client.batch_limit - 1))
             await _send_batch([profile_id, *[pid for pid in others if pid != profile_id]], esp)
             return
     try:
-        await _send(profile_id, esp)
+        await _send(profile_id, esp, retry_refused)
     except (EspUnavailable, SyncBusy) as exc:
         if exc.code not in ("circuit_open", SyncBusy.code):
             raise
@@ -340,7 +342,7 @@ async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = F
         log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
 
 
-async def _send(profile_id: str, esp: str) -> None:
+async def _send(profile_id: str, esp: str, retry_refused: bool = False) -> None:
     rt = await runtime()
     client = _target(rt, esp)
     if client is None:
@@ -353,7 +355,9 @@ async def _send(profile_id: str, esp: str) -> None:
         if state.get(contacts):
             await _calls(profile_id, esp, [partial(call, email) for email in state[contacts]])
             await done(profile_id, esp, state[contacts])
-    if not state.get("member") or state.get("sent_hash") == state["member_hash"]:
+    refused = state.get("failed_hash") == state.get("member_hash") and not retry_refused
+    if not state.get("member") or state.get("sent_hash") == state["member_hash"] or refused:
+        # Already held, or refused exactly as it is (only a replayed dead letter asks again).
         log.debug("profile %s has nothing new to send to %s", profile_id, esp)
         await rt.store.release_send(profile_id, esp)
         return

@@ -127,7 +127,7 @@ async def wait_for_job(check: Callable[[], Awaitable[bool]], timeout_s: float, n
     caller keeps its send lease until it runs out rather than letting another send overtake it.
     """
     deadline = time.monotonic() + timeout_s
-    delay = 0.2
+    delay = 0.5
     while not await check():
         if time.monotonic() + delay > deadline:
             raise EspUnavailable(f"{name} bulk job still running after {timeout_s:.0f}s", code="esp_timeout")
