@@ -147,3 +147,21 @@ def chunks_by_size(items: list[dict[str, Any]], limit: int) -> list[list[dict[st
         chunks[-1].append(item)
         size += n + 1
     return [c for c in chunks if c]
+
+
+async def download(url: str, name: str, timeout: float) -> bytes:
+    """A result file behind a pre-signed URL (Mailchimp batch results, SendGrid errors files).
+
+    Fetched without the API key: a key must never travel to another host, and such hosts refuse
+    a second credential anyway. Raises EspUnavailable when it cannot be had.
+    """
+    if not url:
+        raise EspUnavailable(f"{name} finished without a results URL")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as plain:
+            async with plain.get(url) as response:
+                if response.status != 200:
+                    raise EspUnavailable(f"{name} results file answered {response.status}")
+                return await response.read()
+    except (aiohttp.ClientError, TimeoutError):
+        raise EspUnavailable(f"{name} results file unreachable") from None

@@ -21,7 +21,7 @@ import aiohttp
 from adapters.esp.base import Held
 from adapters.esp.fields import MappingEntry, mapped, normalize, problems
 from adapters.esp.guard import EspGuard
-from adapters.esp.http import EspHttp, wait_for_job
+from adapters.esp.http import EspHttp, download, wait_for_job
 from schemas.errors import EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
@@ -141,16 +141,7 @@ class Mailchimp:
 
     async def _batch_errors(self, url: str, members: list[dict[str, Any]]) -> dict[str, str]:
         """Refused operations from the results file (a gzipped tar of JSON behind a keyless URL)."""
-        if not url:
-            raise EspUnavailable("mailchimp batch finished without a response_body_url")
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._job_timeout)) as plain:
-                async with plain.get(url) as response:
-                    if response.status != 200:
-                        raise EspUnavailable(f"mailchimp batch results answered {response.status}")
-                    data = await response.read()
-        except (aiohttp.ClientError, TimeoutError):
-            raise EspUnavailable("mailchimp batch results unreachable") from None
+        data = await download(url, "mailchimp", self._job_timeout)
         refused: dict[str, str] = {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             for entry in tar.getmembers():

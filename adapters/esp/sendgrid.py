@@ -22,12 +22,10 @@ from datetime import date
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from adapters.esp.base import Held
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard
-from adapters.esp.http import EspHttp, chunks_by_size, seconds_until, wait_for_job
+from adapters.esp.http import EspHttp, chunks_by_size, download, seconds_until, wait_for_job
 from schemas.errors import EspRejected, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
@@ -171,17 +169,8 @@ class SendGrid:
     async def _errors(self, url: str, contacts: list[dict[str, Any]]) -> dict[str, str]:
         """The job's errored contacts, by email, from the errors file (a CSV download behind a
         pre-signed URL: fetched without the API key, which must never travel to another host)."""
-        if not url:
-            raise EspUnavailable("sendgrid job reports errors without an errors_url")
         sent = {str(c.get("email", "")).lower() for c in contacts}
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._job_timeout)) as plain:
-                async with plain.get(url) as response:
-                    if response.status != 200:
-                        raise EspUnavailable(f"sendgrid errors file answered {response.status}")
-                    text = await response.text()
-        except (aiohttp.ClientError, TimeoutError):
-            raise EspUnavailable("sendgrid errors file unreachable") from None
+        text = (await download(url, "sendgrid", self._job_timeout)).decode("utf-8", "replace")
         refused: dict[str, str] = {}
         for row in csv.DictReader(io.StringIO(text)):
             fields = {k.strip().lower(): v for k, v in row.items() if k}
