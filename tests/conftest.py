@@ -323,9 +323,9 @@ def esp_targets(sandbox: Sandbox, klaviyo_sandbox: EspSandbox, sendgrid_sandbox:
         "mailchimp": {"kind": "mailchimp", "base_url": sandbox.api, "api_key_env": "TEST_MAILCHIMP_KEY", "audience": "sandbox",
                       "fields": MERGE_FIELDS, "max_connections": 3},
         "klaviyo": {"kind": "klaviyo", "base_url": klaviyo_sandbox.url, "api_key_env": "TEST_KLAVIYO_KEY", "fields": KLAVIYO_FIELDS,
-                    "job_timeout_s": 30},
+                    "timeout_s": 5, "job_timeout_s": 10},
         "sendgrid": {"kind": "sendgrid", "base_url": sendgrid_sandbox.url, "api_key_env": "TEST_SENDGRID_KEY", "audience": SENDGRID_LIST_ID,
-                     "fields": SENDGRID_FIELDS, "job_timeout_s": 30},
+                     "fields": SENDGRID_FIELDS, "timeout_s": 5, "job_timeout_s": 10},
     }
     for name, change in changes.items():
         targets[name] = {**targets[name], **change}
