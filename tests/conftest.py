@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -382,6 +383,51 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, klaviyo_sandbo
         yield System(settings, env, logs, client[prefix])
     finally:
         stop(processes)
+        await client.close()
+        delete_queues(prefix)
+
+
+@dataclass
+class Pipeline:
+    """A receiver and a worker of their own, with the sync down until :meth:`start_sync`."""
+
+    env: dict[str, str]
+    url: str
+    db: Any
+    logs: Path
+    processes: list[subprocess.Popen]
+
+    def start_sync(self) -> None:
+        self.processes.append(spawn(self.env, self.logs / "sync.log", "sync"))
+
+
+@asynccontextmanager
+async def own_pipeline(mongo_uri: str, sandbox: Sandbox, logs: Path, **settings: str) -> AsyncIterator[Pipeline]:
+    """A pipeline on a queue prefix and database of its own, syncing to the Mailchimp sandbox only.
+
+    Parameters:
+      settings: extra ``MERGETAG_*`` variables.
+    """
+    prefix = "o" + uuid.uuid4().hex[:10]
+    env = {**os.environ, **source_env(), "MERGETAG_AMQP_URL": AMQP_URL, "MERGETAG_QUEUE_PREFIX": prefix,
+           "MERGETAG_MONGODB_URI": mongo_uri, "MERGETAG_MONGODB_DATABASE": prefix, "MERGETAG_SHOPIFY_SECRETS": SHOPIFY_SECRET,
+           "MERGETAG_MAILCHIMP_BASE_URL": sandbox.api, "MERGETAG_MAILCHIMP_API_KEY": API_KEY, "MERGETAG_MAILCHIMP_LIST_ID": "sandbox",
+           **settings}
+    env.pop("MONGODB_URI", None)
+    env.pop("MERGETAG_ESP_FILE", None)
+    with mock.patch.dict(os.environ, env, clear=True):
+        app = create_app(Settings())
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    client = AsyncMongoClient(mongo_uri, tz_aware=True)
+    pipeline = Pipeline(env, str(server.make_url("")).rstrip("/"), client[prefix], logs,
+                        [spawn(env, logs / "worker.log", "worker")])
+    try:
+        yield pipeline
+    finally:
+        stop(pipeline.processes)
+        await server.close()
+        await client.drop_database(prefix)
         await client.close()
         delete_queues(prefix)
 
