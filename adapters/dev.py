@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 DEV_SECRET = "dev-shopify-secret"
+DEV_IDENTITY_KEY = "dev-identity-hash-key-change-me"
 
 
 def free_port() -> int:
@@ -68,6 +69,7 @@ def run_local(receiver_port: int) -> int:
     sandbox_port = int(env.get("MERGETAG_SANDBOX_PORT", "8081"))
     env.setdefault("MERGETAG_SHOPIFY_SECRETS", DEV_SECRET)
     env.setdefault("MERGETAG_TRACKING_WRITE_KEYS", "dev-write-key")
+    env.setdefault("MERGETAG_IDENTITY_HASH_KEYS", DEV_IDENTITY_KEY)
     if "MERGETAG_GEOIP_DATABASE" not in env:
         from adapters.geoip import build_test_database
 

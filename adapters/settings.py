@@ -5,15 +5,27 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.esp.fields import MappingEntry
 from adapters.esp.targets import EspTarget, load_file
 from adapters.sources.configured import SourceConfig
-from schemas.profile import DEFAULT_BLOCKED
+from schemas.profile import DEFAULT_BLOCKED, IdentityHasher
+
+SCOPES = ("read", "operate", "erase")
+Scope = Literal["read", "operate", "erase"]
+
+
+class AdminToken(BaseModel):
+    """One operator token: who holds it (its name in the audit trail) and what it may do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr
+    scopes: list[Scope]
 
 DEFAULT_MERGE_FIELDS = {
     "first_name": "FNAME",
@@ -116,12 +128,15 @@ class Settings(BaseSettings):
     admin_host: str = "0.0.0.0"
     admin_port: int = 8083
     admin_token: SecretStr | None = None
+    admin_tokens: dict[str, AdminToken] = Field(default_factory=dict)
+
+    identity_hash_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     sentry_dsn: str | None = Field(None, validation_alias=AliasChoices("MERGETAG_SENTRY_DSN", "SENTRY_DSN"))
     sentry_environment: str = "development"
 
     @field_validator("shopify_secrets", "tracking_write_keys", "sendgrid_webhook_public_keys",
-                     "mailchimp_webhook_secrets", "mandrill_webhook_keys", mode="before")
+                     "mailchimp_webhook_secrets", "mandrill_webhook_keys", "identity_hash_keys", mode="before")
     @classmethod
     def _split_secrets(cls, value: Any) -> Any:
         """Secrets come comma-separated, newest first, so a rotation is one edit."""
@@ -139,10 +154,29 @@ class Settings(BaseSettings):
     def _split_plain(cls, value: Any) -> Any:
         return [s.strip().lower() for s in value.split(",")] if isinstance(value, str) else value
 
-    @field_validator("merge_fields", "klaviyo_fields", "sendgrid_fields", "loyalty_tiers", "sources", "trait_priority", "identifier_limits", mode="before")
+    @field_validator("merge_fields", "klaviyo_fields", "sendgrid_fields", "loyalty_tiers", "sources", "trait_priority", "identifier_limits",
+                     "admin_tokens", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
+
+    def hasher(self) -> IdentityHasher:
+        """The keyed identifier hasher. Raises ValueError when no key is configured: ids and tombstones
+        must never fall back to hashes anyone can recompute."""
+        keys = reveal(self.identity_hash_keys)
+        if not keys:
+            raise ValueError("set MERGETAG_IDENTITY_HASH_KEYS (one or more secrets, newest first, comma-separated)")
+        short = [k for k in keys if len(k) < 16]
+        if short:
+            raise ValueError("MERGETAG_IDENTITY_HASH_KEYS: every secret needs at least 16 characters")
+        return IdentityHasher(tuple(k.encode() for k in keys))
+
+    def operator_tokens(self) -> dict[str, AdminToken]:
+        """Named admin tokens with their scopes; ``MERGETAG_ADMIN_TOKEN`` alone is one token with every scope."""
+        tokens = dict(self.admin_tokens)
+        if self.admin_token is not None and "admin" not in tokens:
+            tokens["admin"] = AdminToken(token=self.admin_token, scopes=list(SCOPES))
+        return tokens
 
     def all_shopify_secrets(self) -> list[str]:
         extra = Path(self.shopify_secrets_file).read_text().split() if self.shopify_secrets_file else []

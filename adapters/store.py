@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
@@ -17,17 +17,35 @@ from pymongo.errors import DuplicateKeyError
 from schemas.errors import StoredProfileInvalid, SyncBusy
 from schemas.profile import Profile, profile_keys
 
+if TYPE_CHECKING:
+    from workers.erasure import ErasurePlan
+
 PROFILES = "profiles"
+ERASURES = "erasures"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
 
 
+# Per ESP target, addresses that wait for work other than the member itself: erasures (then their
+# read-back), unsubscribes of the person's other addresses, retirements of replaced or absorbed contacts.
+ADDRESS_LISTS = ("erase", "verify", "unsubscribe", "retire")
+
+
+def _waiting(prefix: str) -> list[dict[str, Any]]:
+    return [{"$gt": [{"$size": {"$ifNull": [f"${prefix}.{name}", []]}}, 0]} for name in ADDRESS_LISTS]
+
+
 def _pending(prefix: str) -> dict[str, Any]:
-    """Pending: the ESP does not hold exactly the profile's member yet, or contacts wait to be archived or erased."""
+    """Pending: the ESP does not hold exactly the profile's member yet, or addresses wait for their work."""
     member_hash = f"${prefix}.member_hash"
     differs = {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
                         {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
-    waiting = [{"$gt": [{"$size": {"$ifNull": [f"${prefix}.{name}", []]}}, 0]} for name in ("retire", "erase")]
-    return {"$or": [differs, *waiting]}
+    return {"$or": [differs, *_waiting(prefix)]}
+
+
+def _sendable(prefix: str) -> dict[str, Any]:
+    """Pending work a sync can do: not a member the ESP refused exactly as it is, or address work."""
+    refused = {"$eq": [{"$ifNull": [f"${prefix}.member_hash", None]}, {"$ifNull": [f"${prefix}.failed_hash", None]}]}
+    return {f"{prefix}.pending": True, "merged_into": {"$exists": False}, "$expr": {"$or": [{"$not": [refused]}, *_waiting(prefix)]}}
 
 
 def _settle(prefix: str) -> list[dict[str, Any]]:
@@ -39,6 +57,22 @@ def _settle(prefix: str) -> list[dict[str, Any]]:
 def _literal(value: Any) -> dict[str, Any]:
     """Values inside pipeline updates must not be read as expressions (a trait may start with ``$``)."""
     return {"$literal": value}
+
+
+# What a profile document holds about the person: removed from pointers and tombstones.
+PERSONAL = tuple(name for name in Profile.model_fields if name not in {"id", "schema_version", "erased", "identifiers", "merged_from"})
+Work = dict[str, dict[str, list[str]]]
+
+
+def _with_work(prefix: str, lists: dict[str, list[str]]) -> dict[str, Any]:
+    """Pipeline ``$set`` entries adding ``lists`` (name -> addresses) to a target's address lists."""
+    return {f"{prefix}.{name}": {"$setUnion": [{"$ifNull": [f"${prefix}.{name}", []]}, _literal(sorted(emails))]}
+            for name, emails in lists.items() if emails}
+
+
+def _owned(profile_id: str, esp: str, token: str) -> dict[str, Any]:
+    """The filter of a write that only the holder of the send lease may make."""
+    return {"_id": profile_id, f"esp.{esp}.sending_token": token}
 
 
 class ProfileStore:
@@ -99,13 +133,16 @@ class ProfileStore:
         return [split for doc in docs if (split := self._split(doc)) is not None]
 
     async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], members: Members,
-                     retire: dict[str, list[str]], sent: dict[str, str | None]) -> bool:
-        """Merge profiles in one transaction: the absorbed become pointers to ``survivor``.
+                     work: Work, sent: dict[str, str | None]) -> bool:
+        """Merge profiles in one transaction: the absorbed become bare pointers to ``survivor``.
 
-        Every write is version-guarded; any lost race aborts the whole merge (returns False).
+        A pointer keeps nothing of the person (the survivor holds it all now): only its id, where it
+        points and a key of its own. Every write is version-guarded; any lost race aborts the whole
+        merge (returns False).
         Parameters:
           members: per ESP target, the member the survivor should become and its hash.
-          retire: per ESP target, contacts of absorbed profiles to retire, so none is left orphaned.
+          work: per ESP target, address lists to add: contacts of absorbed profiles to retire, so
+            none is left orphaned, and addresses to unsubscribe.
           sent: per ESP target, the hash the survivor's contact was last sent.
         """
         body = survivor.model_dump(mode="python", exclude={"id"})
@@ -115,25 +152,18 @@ class ProfileStore:
         for esp, (member, member_hash) in members.items():
             prefix = f"esp.{esp}"
             state.update({f"{prefix}.member": member, f"{prefix}.member_hash": member_hash, f"{prefix}.dirty_at": now,
-                          f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or bool(retire.get(esp))})
+                          f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or any(work.get(esp, {}).values())})
         async with self.client.start_session() as session:
             try:
                 async with await session.start_transaction():
                     for absorbed_id, absorbed_version in absorbed:
-                        done = await self.profiles.update_one(
-                            {"_id": absorbed_id, "version": absorbed_version},
-                            # Not []: a unique multikey index counts every empty array as the same key.
-                            {"$set": {"merged_into": survivor.id, "keys": [f"merged:{absorbed_id}"], "merged_at": now,
-                                      **{f"esp.{esp}.pending": False for esp in members}},
-                             "$inc": {"version": 1}},
-                            session=session,
-                        )
-                        if done.matched_count != 1:
+                        if not await self._point(absorbed_id, survivor.id, now, session, version=absorbed_version):
                             raise _Abort
                     update: dict[str, Any] = {"$set": {**body, **state}, "$inc": {"version": 1}}
-                    retiring = {f"esp.{esp}.retire": {"$each": emails} for esp, emails in retire.items() if emails}
-                    if retiring:
-                        update["$addToSet"] = retiring
+                    adding = {f"esp.{esp}.{name}": {"$each": sorted(emails)}
+                              for esp, lists in work.items() for name, emails in lists.items() if emails}
+                    if adding:
+                        update["$addToSet"] = adding
                     done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
                     if done.matched_count != 1:
                         raise _Abort
@@ -142,23 +172,98 @@ class ProfileStore:
                 return False
         return True
 
-    async def forget(self, profile_id: str, esp: str, emails: list[str]) -> None:
-        """The ESP erased these contacts: drop the last trace of their addresses."""
-        await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.erase": emails}})
+    async def _point(self, profile_id: str, target: str, now: datetime, session: Any, version: int | None = None) -> bool:
+        """Turn a profile into a bare pointer to ``target``: nothing of the person stays behind."""
+        query: dict[str, Any] = {"_id": profile_id, **({"version": version} if version is not None else {})}
+        done = await self.profiles.update_one(
+            query,
+            # Not []: a unique multikey index counts every empty array as the same key.
+            {"$set": {"merged_into": target, "keys": [f"merged:{profile_id}"], "merged_at": now},
+             "$unset": {**{name: "" for name in PERSONAL}, "esp": ""}, "$inc": {"version": 1}},
+            session=session,
+        )
+        return done.matched_count == 1
 
-    async def retired(self, profile_id: str, esp: str, emails: list[str]) -> None:
-        await self.profiles.update_one({"_id": profile_id}, {"$pullAll": {f"esp.{esp}.retire": emails}})
+    async def erase(self, plan: ErasurePlan, targets: tuple[str, ...], receipt: dict[str, Any]) -> bool:
+        """Make ``plan`` true in one transaction: the tombstone, pointers of the person's other profiles
+        and of every profile absorbed into them (emptied), and the erasure's receipt.
 
-    async def save(self, profile: Profile, version: int | None, members: Members, erase: list[str] | None = None,
-                   urgent: bool = False) -> bool:
+        Each target's send lease is kept as it is: a send still in flight (a bulk job carrying the
+        person) keeps it, and the erasure's own sync waits for it before it deletes anything.
+        Returns False on a lost race.
+        """
+        now = datetime.now(timezone.utc)
+        tomb = plan.tombstone
+        body = {**tomb.model_dump(mode="python", exclude={"id"}), "keys": plan.keys}
+        state: dict[str, Any] = {}
+        for esp in targets:
+            prefix = f"esp.{esp}"
+            state.update({f"{prefix}.member": None, f"{prefix}.member_hash": None, f"{prefix}.pending": bool(plan.addresses),
+                          f"{prefix}.urgent": bool(plan.addresses), f"{prefix}.dirty_at": now})
+        unset = {**{name: "" for name in PERSONAL if name not in body},
+                 **{f"esp.{esp}.{name}": "" for esp in targets for name in ("sent_hash", "failed_hash", "retire", "unsubscribe")}}
+        update: dict[str, Any] = {"$set": {**body, **state}, "$unset": unset, "$inc": {"version": 1}}
+        if plan.addresses:
+            update["$addToSet"] = {f"esp.{esp}.erase": {"$each": list(plan.addresses)} for esp in targets}
+        receipts = self.profiles.database[ERASURES]
+        async with self.client.start_session() as session:
+            try:
+                async with await session.start_transaction():
+                    if plan.version is None:
+                        await self.profiles.insert_one({"_id": tomb.id, **body, "version": 1,
+                                                        "esp": {esp: {"member": None, "member_hash": None, "pending": bool(plan.addresses),
+                                                                      "urgent": bool(plan.addresses), "dirty_at": now,
+                                                                      "erase": list(plan.addresses)} for esp in targets}},
+                                                       session=session)
+                    else:
+                        done = await self.profiles.update_one({"_id": tomb.id, "version": plan.version}, update, session=session)
+                        if done.matched_count != 1:
+                            raise _Abort
+                    for pointer_id, version in plan.pointers:
+                        if not await self._point(pointer_id, tomb.id, now, session, version=version):
+                            raise _Abort
+                    for absorbed_id in plan.absorbed:
+                        await self._point(absorbed_id, tomb.id, now, session)
+                    await receipts.update_one({"_id": plan.request_id}, receipt, upsert=True, session=session)
+            except (_Abort, DuplicateKeyError):
+                return False
+        return True
+
+    async def forget(self, profile_id: str, esp: str, token: str, emails: list[str]) -> None:
+        """The ESP deleted these contacts: they wait for their read-back now, no longer for deletion."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_one(_owned(profile_id, esp, token),
+                                       {"$pullAll": {f"{prefix}.erase": emails}, "$addToSet": {f"{prefix}.verify": {"$each": emails}}})
+
+    async def done(self, profile_id: str, esp: str, token: str, name: str, emails: list[str]) -> None:
+        """Addresses of list ``name`` (verify, unsubscribe, retire) whose work at the ESP is done."""
+        await self.profiles.update_one(_owned(profile_id, esp, token), {"$pullAll": {f"esp.{esp}.{name}": emails}})
+
+    async def redo(self, profile_id: str, esp: str, token: str, emails: list[str]) -> None:
+        """Contacts the ESP still holds after their deletion: delete them again."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_one(_owned(profile_id, esp, token),
+                                       {"$pullAll": {f"{prefix}.verify": emails}, "$addToSet": {f"{prefix}.erase": {"$each": emails}},
+                                        "$unset": {f"{prefix}.verify_checks": ""}})
+
+    async def checked(self, profile_id: str, esp: str, token: str) -> int:
+        """Count one more read-back that still found an erased contact; returns how many so far."""
+        doc = await self.profiles.find_one_and_update(_owned(profile_id, esp, token), {"$inc": {f"esp.{esp}.verify_checks": 1}},
+                                                      projection={f"esp.{esp}.verify_checks": 1}, return_document=ReturnDocument.AFTER)
+        return int(((doc or {}).get("esp", {}).get(esp) or {}).get("verify_checks", 0))
+
+    async def save(self, profile: Profile, version: int | None, members: Members, urgent: bool = False,
+                   work: Work | None = None) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
 
         Also records, per ESP target, the member it should become (``members``: target ->
         (member, hash)), and marks it pending where that differs from what was last sent.
-        ``erase``: contacts every target must erase. ``urgent``: a consent change or an erasure,
-        which the sweeper sends ahead of any backlog. Returns False on a lost race.
+        ``work``: per target, addresses to add to its address lists (unsubscribe, retire).
+        ``urgent``: a consent change, which the sweeper sends ahead of any backlog. Returns False
+        on a lost race.
         """
         now = datetime.now(timezone.utc)
+        work = work or {}
         body = profile.model_dump(mode="python", exclude={"id"})
         body["keys"] = profile_keys(profile)
         if version is None:
@@ -166,8 +271,10 @@ class ProfileStore:
                 "_id": profile.id,
                 **body,
                 "version": 1,
-                "esp": {esp: {"member": member, "member_hash": member_hash, "pending": member is not None or bool(erase),
-                              "urgent": urgent and (member is not None or bool(erase)), "dirty_at": now, **({"erase": erase} if erase else {})}
+                "esp": {esp: {"member": member, "member_hash": member_hash, "dirty_at": now,
+                              "pending": member is not None or any(work.get(esp, {}).values()),
+                              "urgent": urgent and (member is not None or any(work.get(esp, {}).values())),
+                              **{name: sorted(emails) for name, emails in work.get(esp, {}).items() if emails}}
                         for esp, (member, member_hash) in members.items()},
             }
             try:
@@ -181,8 +288,8 @@ class ProfileStore:
             state.update({
                 f"{prefix}.member": _literal(member),
                 f"{prefix}.member_hash": member_hash,
-                f"{prefix}.erase": {"$setUnion": [{"$ifNull": [f"${prefix}.erase", []]}, _literal(erase or [])]},
                 f"{prefix}.dirty_at": {"$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]},
+                **_with_work(prefix, work.get(esp, {})),
                 **({f"{prefix}.urgent": True} if urgent else {}),
             })
         settle = [_settle(f"esp.{esp}") for esp in members]
@@ -198,25 +305,27 @@ class ProfileStore:
             return False
         return result.matched_count == 1
 
-    async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> dict[str, Any] | None:
-        """Take the profile's send lease for ``esp`` and return its sync state.
+    async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> tuple[dict[str, Any], str] | None:
+        """Take the profile's send lease for ``esp``: its sync state and the lease's token.
 
-        One send per profile and ESP at a time, so an older member can never
-        overtake a newer one. Returns None when the profile does not exist;
-        raises SyncBusy while another send holds the lease.
+        One send per profile and ESP at a time, so an older member can never overtake a newer one;
+        every later write of this send names the token, so a send that outlived its lease cannot
+        overwrite what the lease's next holder records. Returns None when the profile does not
+        exist; raises SyncBusy while another send holds the lease.
         """
-        field = f"esp.{esp}.sending_until"
+        prefix = f"esp.{esp}"
+        field = f"{prefix}.sending_until"
         for _ in range(5):
-            now = datetime.now(timezone.utc)
+            now, token = datetime.now(timezone.utc), uuid.uuid4().hex
             doc = await self.profiles.find_one_and_update(
                 {"_id": profile_id, "merged_into": {"$exists": False},
                  "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
-                {"$set": {field: now + lease}},
+                {"$set": {field: now + lease, f"{prefix}.sending_token": token}},
                 projection={f"esp.{esp}": 1},
                 return_document=ReturnDocument.AFTER,
             )
             if doc is not None:
-                return doc.get("esp", {}).get(esp, {})
+                return doc.get("esp", {}).get(esp, {}), token
             held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
             if held is None:
                 return None
@@ -227,8 +336,9 @@ class ProfileStore:
             # Released between the two reads: claim again.
         raise SyncBusy("the send lease of this profile keeps changing hands", retry_after=0.5)
 
-    async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> dict[str, dict[str, Any]]:
-        """:meth:`claim_send` for many profiles in two round trips; profiles whose lease is held are left out."""
+    async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> tuple[dict[str, dict[str, Any]], str]:
+        """:meth:`claim_send` for many profiles in two round trips, under one token; profiles whose
+        lease is held are left out. Returns their sync states and the token."""
         prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
         free = {"$or": [{f"{prefix}.sending_until": {"$exists": False}}, {f"{prefix}.sending_until": None},
                         {f"{prefix}.sending_until": {"$lte": now}}]}
@@ -237,16 +347,33 @@ class ProfileStore:
             {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}},
         )
         cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
-        return {doc["_id"]: doc["esp"][esp] async for doc in cursor}
+        return {doc["_id"]: doc["esp"][esp] async for doc in cursor}, token
 
-    async def settle_many(self, esp: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]], released: list[str]) -> None:
-        """Record a batch's outcome per profile, in one round trip."""
+    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
+        """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure
+        of any of them waits for it (it could otherwise land after the deletion)."""
+        await self.profiles.update_many({"_id": {"$in": profile_ids}, f"esp.{esp}.sending_token": token},
+                                        {"$addToSet": {f"esp.{esp}.jobs": job_id}})
+
+    async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
+        await self.profiles.update_one(_owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})
+
+    async def settle_many(self, esp: str, token: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]],
+                          released: list[str], jobs: list[str] | None = None) -> None:
+        """Record a batch's outcome per profile, in one round trip; only where ``token`` still holds the lease.
+
+        ``jobs``: the batch's bulk jobs, all confirmed finished.
+        """
         prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
-        ops = [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
-                                         {"$unset": f"{prefix}.swept_at"}, *_settle(prefix)]) for pid, h in sent]
-        ops += [UpdateOne({"_id": pid}, {"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code, f"{prefix}.sending_until": None}})
+        finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
+        ops = [UpdateOne(_owned(pid, esp, token),
+                         [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
+                          {"$unset": f"{prefix}.swept_at"}, *finished, *_settle(prefix)]) for pid, h in sent]
+        ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code,
+                                                              f"{prefix}.sending_until": None}}, *finished])
                 for pid, h, code in failed]
-        ops += [UpdateOne({"_id": pid}, [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)]) for pid in released]
+        ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *finished, *_settle(prefix)])
+                for pid in released]
         if ops:
             await self.profiles.bulk_write(ops, ordered=False)
 
@@ -255,31 +382,36 @@ class ProfileStore:
         rather than cycling through the queue. Send leases are not touched."""
         await self.profiles.update_many({"_id": {"$in": profile_ids}}, {"$unset": {f"esp.{esp}.swept_at": ""}})
 
-    async def release_send(self, profile_id: str, esp: str) -> None:
+    async def release_send(self, profile_id: str, esp: str, token: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
         prefix = f"esp.{esp}"
-        await self.profiles.update_one(
-            {"_id": profile_id},
-            [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)],
-        )
+        await self.profiles.update_one(_owned(profile_id, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)])
 
-    async def mark_sent(self, profile_id: str, esp: str, sent_hash: str) -> None:
-        """Record what the ESP now holds; still pending if the profile moved on meanwhile."""
+    async def mark_sent(self, profile_id: str, esp: str, token: str, sent_hash: str, jobs: list[str] | None = None) -> bool:
+        """Record what the ESP now holds; still pending if the profile moved on meanwhile.
+
+        ``jobs``: the send's bulk jobs, confirmed finished. Returns False when the lease was lost (it
+        ran out and another send took it): that send records its own outcome, this one must not
+        overwrite it.
+        """
         prefix = f"esp.{esp}"
-        await self.profiles.update_one(
-            {"_id": profile_id},
+        finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
+        done = await self.profiles.update_one(
+            _owned(profile_id, esp, token),
             [
                 {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
                           f"{prefix}.sending_until": None}},
                 {"$unset": f"{prefix}.swept_at"},  # sent: the next change is claimable at once
+                *finished,
                 *_settle(prefix),
             ],
         )
+        return done.matched_count == 1
 
-    async def mark_failed(self, profile_id: str, esp: str, failed_hash: str, code: str) -> None:
+    async def mark_failed(self, profile_id: str, esp: str, token: str, failed_hash: str, code: str) -> None:
         """Remember a member the ESP refused, so the sweeper does not resend it until it changes."""
         await self.profiles.update_one(
-            {"_id": profile_id},
+            _owned(profile_id, esp, token),
             {"$set": {f"esp.{esp}.failed_hash": failed_hash, f"esp.{esp}.failed_code": code, f"esp.{esp}.sending_until": None}},
         )
 
@@ -301,17 +433,12 @@ class ProfileStore:
 
     async def count_pending(self, esp: str, cap: int) -> int:
         """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
-        prefix = f"esp.{esp}"
-        query = {f"{prefix}.pending": True, "merged_into": {"$exists": False},
-                 "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]}}
-        return await self.profiles.count_documents(query, limit=cap)
+        return await self.profiles.count_documents(_sendable(f"esp.{esp}"), limit=cap)
 
     async def pending_ids(self, esp: str, limit: int) -> list[str]:
         """Profiles waiting for ``esp`` (refused ones aside), oldest change first; nothing is claimed."""
         prefix = f"esp.{esp}"
-        query = {f"{prefix}.pending": True, "merged_into": {"$exists": False},
-                 "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]}}
-        cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
+        cursor = self.profiles.find(_sendable(prefix), {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
         return [doc["_id"] async for doc in cursor]
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
@@ -325,10 +452,8 @@ class ProfileStore:
         prefix = f"esp.{esp}"
         unswept = {"$or": [{f"{prefix}.swept_at": {"$exists": False}}, {f"{prefix}.swept_at": {"$lte": now - lease}}]}
         query = {
-            f"{prefix}.pending": True,
+            **_sendable(prefix),
             f"{prefix}.dirty_at": {"$lte": now - older_than},
-            "merged_into": {"$exists": False},
-            "$expr": {"$ne": [f"${prefix}.member_hash", f"${prefix}.failed_hash"]},
             **unswept,
             **({f"{prefix}.urgent": True} if urgent else {}),
         }

@@ -73,6 +73,7 @@ async def main() -> None:
         process, uri = start_secantus()
     database = "bench" + uuid.uuid4().hex[:8]
     os.environ.update(MERGETAG_MONGODB_URI=uri, MERGETAG_MONGODB_DATABASE=database, MERGETAG_QUEUE_PREFIX=database)
+    os.environ.setdefault("MERGETAG_IDENTITY_HASH_KEYS", "bench-identity-hash-key-0123456789")
 
     from pymongo import AsyncMongoClient
 

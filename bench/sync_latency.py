@@ -130,7 +130,8 @@ async def main() -> None:
            "MERGETAG_LOG_LEVEL": os.environ.get("MERGETAG_LOG_LEVEL", "WARNING"),
            "MERGETAG_ESPS": args.esps, **{f"MERGETAG_{esp.upper()}_BASE_URL": f"http://127.0.0.1:{port}" + ("/3.0" if esp == "mailchimp" else "")
                                           for esp, port in ports.items()},
-           "MERGETAG_SYNC_GRACE_S": "2", "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5"}
+           "MERGETAG_SYNC_GRACE_S": "2", "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5",
+           "MERGETAG_IDENTITY_HASH_KEYS": os.environ.get("MERGETAG_IDENTITY_HASH_KEYS", "bench-identity-hash-key-0123456789")}
     env.pop("MERGETAG_ESP_FILE", None)
     cli = [sys.executable, "-m", "adapters.cli"]
     processes = []

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-EVENT_SCHEMA_VERSION = "1.1"
+EVENT_SCHEMA_VERSION = "1.2"
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -162,9 +162,37 @@ class EmailClicked(_Event):
 
 
 class CustomerErased(_Event):
-    """The person asked to be forgotten (since 1.1). Absorbing: nothing is merged into them afterwards."""
+    """The person asked to be forgotten (since 1.1). Absorbing: nothing is merged into them afterwards.
+
+    Names the person by ``identity`` and/or by ``also``: every further identifier of the request as
+    an identity key (``email:…``, ``phone:…``, ``<source>:<customer id>``, ``anonymous:…``), so an
+    operator can erase someone known to several senders at once (since 1.2).
+    """
 
     type: Literal["customer.erased"] = "customer.erased"
+    identity: Identity | None = None  # type: ignore[assignment]
+    also: tuple[str, ...] = Field(default=(), description="More identity keys of the same person (since 1.2).")
+    request_id: str | None = Field(None, description="The erasure receipt this request reports to (operators' requests; since 1.2).")
+
+    @field_validator("also")
+    @classmethod
+    def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        normalized = []
+        for key in keys:
+            kind, _, value = key.partition(":")
+            if not kind or not value.strip():
+                raise ValueError("identity keys look like kind:value")
+            value = normalize_email(value) if kind == "email" else normalize_phone(value) if kind == "phone" else value.strip()
+            if not value:
+                raise ValueError(f"not a usable {kind}")
+            normalized.append(f"{kind}:{value}")
+        return tuple(sorted(set(normalized)))
+
+    @model_validator(mode="after")
+    def _names_someone(self) -> CustomerErased:
+        if self.identity is None and not self.also:
+            raise ValueError("an erasure names the person: an identity or identity keys")
+        return self
 
 
 Event = Annotated[

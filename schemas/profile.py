@@ -7,6 +7,8 @@ merge can decide by event time alone and anyone can see where a value came from.
 from __future__ import annotations
 
 import hashlib
+import hmac
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -142,12 +144,40 @@ def profile_keys(profile: Profile) -> list[str]:
 ERASED = "erased"
 
 
-def erased_key(key: str) -> str:
-    """How an erased person's identifier is remembered: hashed, so late events are recognised without keeping it."""
-    return identity_key(ERASED, hashlib.sha256(key.encode()).hexdigest())
+@dataclass(frozen=True)
+class IdentityHasher:
+    """Keyed hashes (HMAC-SHA256) of identifiers: profile ids, tombstone keys, erasure ids.
 
+    A plain hash of ``email:<address>`` can be recomputed by anyone who guesses the address, so
+    every hash that leaves the person's own profile (ids in logs, dead letters, Sentry; the keys
+    that recognise an erased person) is keyed with a secret from settings. Secrets rotate: the
+    first makes new hashes, every one of them still recognises what older ones made.
 
-def profile_id_for_key(key: str) -> str:
-    """A stable id derived from the identifier a profile was created with, without spelling it out."""
-    return "p_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    Parameters:
+      secrets: newest first; at least one.
+    """
 
+    secrets: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not self.secrets:
+            raise ValueError("an identity hasher needs at least one secret")
+
+    def digest(self, text: str, secret: bytes | None = None) -> str:
+        return hmac.new(secret or self.secrets[0], text.encode(), hashlib.sha256).hexdigest()
+
+    def profile_id(self, key: str) -> str:
+        """A stable id for the profile created with identity key ``key``, without spelling it out."""
+        return "p_" + self.digest("profile\0" + key)[:32]
+
+    def erased_key(self, key: str) -> str:
+        """How an erased person's identifier is remembered: enough to recognise late events, not to read them."""
+        return identity_key(ERASED, self.digest(key))
+
+    def erased_keys(self, key: str) -> list[str]:
+        """``key``'s erased form under every secret, so a rotation never lets an erased person back in."""
+        return [identity_key(ERASED, self.digest(key, secret)) for secret in self.secrets]
+
+    def erasure_id(self, name: str) -> str:
+        """The receipt id of an erasure request named ``name`` (a sender's event id): the same for every retry."""
+        return "er_" + self.digest("erasure\0" + name)[:24]

@@ -38,6 +38,7 @@ from adapters.sources.shopify import sign
 from broker import admin
 
 AMQP_URL = os.environ.get("MERGETAG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+IDENTITY_HASH_KEY = "test-identity-hash-key-0123456789"
 API_KEY = "testkey00000000000000000000000000-us1"
 SHOPIFY_SECRET = "test-shopify-secret"
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,11 @@ async def post_webhook(
     }
     async with session.post(f"{base_url}/webhooks/{source}", data=body, headers=headers) as response:
         return Reply(response.status, dict(response.headers), await response.read())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process the tests start hashes identifiers with the tests' own key."""
+    os.environ.setdefault("MERGETAG_IDENTITY_HASH_KEYS", IDENTITY_HASH_KEY)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -17,17 +17,20 @@ import dramatiq
 
 from adapters.esp.base import Esp
 from adapters.settings import get_settings
-from adapters.store import Members, ProfileStore
+from adapters.store import ADDRESS_LISTS, Members, ProfileStore
 from broker import topology
 from broker.middleware import as_dead_letter
 from broker.setup import create_broker
+from schemas.delivery import Delivery
 from schemas.errors import EspRejected, EspUnavailable, EventInvalid, MergetagError, SyncBusy
-from schemas.events import CheckoutChanged, Event, Identity
-from schemas.profile import ANONYMOUS, EMAIL, Profile, identity_key, profile_keys
+from schemas.events import CheckoutChanged, CustomerErased, Event, Identity
+from schemas.profile import ANONYMOUS, Profile, identity_key, profile_keys
+from workers import erasure
 from workers.derive import with_context
 from workers.enrich import enrich, expire_checkout
 from workers.merge import merge_profiles
 from workers.pipeline import (
+    address_work,
     attributable,
     by_identity,
     events_for,
@@ -59,18 +62,20 @@ class LostRace(MergetagError):
 @dramatiq.actor(actor_name=topology.PROCESS_EVENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
 async def process_event(delivery: dict[str, Any]) -> None:
     """Invalid input goes to quarantine (kept, not retried); UnsupportedEvent is dead-lettered;
-    anything transient raises and is retried."""
+    anything transient raises and is retried. Erasures go first: nothing else in the delivery
+    may outlive them."""
     rt = await runtime()
     try:
-        parsed = parse_delivery(delivery)
-        events = [derived for event in events_for(parsed, rt.mappings) for derived in with_context(event, rt.geo)]
-        events = attributable(events, rt.blocked)
+        # Mapping and enrichment are CPU work: off the event loop every other message shares.
+        parsed, events = await asyncio.to_thread(_events, delivery, rt)
     except EventInvalid as exc:
         key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")))
         log.warning("delivery %s quarantined: %s", key, exc.detail)
         return
+    for erased in (e for e in events if isinstance(e, CustomerErased)):
+        await erase_person(rt, erased)
     to_sync, to_check = [], []
-    for identity, group in by_identity(events).items():
+    for identity, group in by_identity(e for e in events if not isinstance(e, CustomerErased)).items():
         profile_id, targets, urgent = await merge_into_profile(rt.store, identity, group)
         if targets:
             to_sync.append((profile_id, targets, urgent))
@@ -83,6 +88,45 @@ async def process_event(delivery: dict[str, Any]) -> None:
         # A delayed message: if nothing has touched the checkout by then, the cart counts as abandoned.
         await asyncio.to_thread(check_abandonment.send_with_options, args=(profile_id, checkout_id, at), delay=delay_ms)
     log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(to_sync))
+
+
+def _events(delivery: dict[str, Any], rt: Runtime) -> tuple[Delivery, list[Event]]:
+    parsed = parse_delivery(delivery)
+    events = [derived for event in events_for(parsed, rt.mappings) for derived in with_context(event, rt.geo)]
+    return parsed, attributable(events, rt.blocked)
+
+
+async def erase_person(rt: Runtime, event: CustomerErased) -> None:
+    """Forget the person ``event`` names, seen before or not: one tombstone found by every identifier
+    of the request and of every profile that held them, nothing personal left in any of their
+    documents, every address deleted at every ESP target (by the urgent sync that follows), and a
+    receipt that shows how far each target got. Idempotent: a replay of a finished request does nothing.
+    """
+    keys = erasure.request_keys(event)
+    targets = tuple(rt.esps)
+    for _ in range(MAX_WRITE_ATTEMPTS):
+        owners = await rt.store.find_owners(with_erased(keys, rt.hasher))
+        plan = erasure.plan(owners, event, rt.hasher)
+        tomb = next((p for p, _ in owners if p.erased is not None), None)
+        replay = len(owners) == 1 and tomb is not None and tomb.identifiers == plan.tombstone.identifiers
+        if replay and ((await rt.receipts.get(plan.request_id)) or {}).get("targets"):
+            log.info("erasure %s already recorded for %s", plan.request_id, tomb.id)
+            return
+        now = datetime.now(timezone.utc)
+        receipt = {
+            "$setOnInsert": {"requested_at": event.received_at, "requested_by": event.source},
+            "$set": {f"targets.{esp}": {"status": "pending" if plan.addresses else "verified", "at": now,
+                                        "addresses": len(plan.addresses)} for esp in targets},
+            "$addToSet": {"keys": {"$each": erasure.hashed_request(event, rt.hasher)}, "profile_ids": plan.tombstone.id},
+        }
+        if await rt.store.erase(plan, targets, receipt):
+            break
+    else:
+        raise LostRace(f"erasure lost {MAX_WRITE_ATTEMPTS} races")
+    log.info("erasure %s: profile %s erased, %d absorbed, %d address(es) to delete", plan.request_id, plan.tombstone.id,
+             len(plan.pointers) + len(plan.absorbed), len(plan.addresses))
+    if plan.addresses:
+        await schedule_sync(plan.tombstone.id, list(targets), urgent=True)
 
 
 def consent_changed(before: Profile, after: Profile) -> bool:
@@ -106,10 +150,10 @@ async def schedule_sync(profile_id: str, targets: list[str], urgent: bool = Fals
             await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id, esp), delay=rt.coalescer.window_ms or None)
 
 
-def changed(members: Members, meta: dict[str, Any], erase: bool = False) -> list[str]:
-    """The ESP targets whose member differs from what they were last sent (all of them for an erasure)."""
+def changed(members: Members, meta: dict[str, Any], work: dict[str, Any] | None = None) -> list[str]:
+    """The ESP targets whose member differs from what they were last sent, or with address work to do."""
     return [esp for esp, (member, digest) in members.items()
-            if erase or (member is not None and digest != meta["esp"].get(esp, {}).get("sent_hash"))]
+            if (work or {}).get(esp) or (member is not None and digest != meta["esp"].get(esp, {}).get("sent_hash"))]
 
 
 async def merge_into_profile(store: ProfileStore, identity: Identity, events: list[Event]) -> tuple[str, list[str], bool]:
@@ -124,11 +168,12 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
     rt = await runtime()
     source = events[0].source
     for _ in range(MAX_WRITE_ATTEMPTS):
-        owners = await store.find_owners(with_erased(lookup_keys(identity, source)))
+        owners = await store.find_owners(with_erased(lookup_keys(identity, source), rt.hasher))
         tombstone = next((p for p, _ in owners if p.erased is not None), None)
         if tombstone is not None:
             # An erased person stays erased: nothing that arrives later is kept, however it names them.
-            log.info("events for erased profile %s ignored", tombstone.id)
+            log.info("%d event(s) for erased profile %s dropped", len(events), tombstone.id)
+            await rt.receipts.late_event(tombstone.id)
             return tombstone.id, [], False
         if len(owners) > 1:
             result = await _merge_owners(store, owners, events)
@@ -139,7 +184,7 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
             foreign = {key for profile, _ in owners[1:] for key in profile_keys(profile)}
             events = [e.model_copy(update={"identity": _without(e.identity, source, foreign)}) for e in events]
             owners = owners[:1]
-        profile, meta = owners[0] if owners else (new_profile(lookup_keys(identity, source)), {"version": None, "esp": {}})
+        profile, meta = owners[0] if owners else (new_profile(lookup_keys(identity, source), rt.hasher), {"version": None, "esp": {}})
         merged = merge_all(profile, events, rt.settings.loyalty_tiers, rt.rules)
         limits = (rt.settings.identifier_limits, rt.settings.identifier_limit_default)
         grown = set(over_limits(merged, *limits)) - set(over_limits(profile, *limits))
@@ -152,12 +197,16 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
         if merged == profile and meta["version"] is not None:
             return merged.id, [], False
         members = rt.members(merged)
-        erase = sorted({*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else []),
-                        *(e.identity.email for e in events if e.identity.email)}) if merged.erased and not profile.erased else []
-        urgent = bool(erase) or consent_changed(profile, merged)
-        if await store.save(merged, meta["version"], members, erase=erase, urgent=urgent):
-            return merged.id, changed(members, meta, bool(erase)), urgent
+        work = address_work(profile if meta["version"] is not None else None, merged, _sent(meta, rt.esps))
+        urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
+        if await store.save(merged, meta["version"], members, urgent=urgent, work=work):
+            return merged.id, changed(members, meta, work), urgent
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
+
+
+def _sent(meta: dict[str, Any], targets: dict[str, Esp]) -> dict[str, bool]:
+    """Per ESP target, whether it was ever sent this profile's member (so holds a contact to retire)."""
+    return {esp: bool(meta["esp"].get(esp, {}).get("sent_hash")) for esp in targets}
 
 
 @dramatiq.actor(actor_name=topology.CHECK_ABANDONMENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
@@ -195,22 +244,28 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
     client = _target(rt, esp)
     if client is None:
         return
-    claimed = await rt.store.claim_sends(profile_ids, esp, rt.batch_leases[esp])
-    # Contacts to erase or retire go one by one, through the single path that handles them.
-    alone = [pid for pid, state in claimed.items() if state.get("erase") or state.get("retire")]
+    claimed, token = await rt.store.claim_sends(profile_ids, esp, rt.batch_leases[esp])
+    # Address work (erasures, unsubscribes, retirements) goes one by one, through the single path that handles it.
+    alone = [pid for pid, state in claimed.items() if any(state.get(name) for name in ADDRESS_LISTS)]
     todo = {pid: state for pid, state in claimed.items()
             if pid not in alone and state.get("member") and state.get("sent_hash") != state["member_hash"]}
     idle = [pid for pid in claimed if pid not in todo]
-    await rt.store.settle_many(esp, [], [], idle)
+    await rt.store.settle_many(esp, token, [], [], idle)
     await _send_alone(alone, esp)
     if not todo:
         return
+    jobs: list[str] = []
+
+    async def accepted(job_id: str) -> None:
+        jobs.append(job_id)
+        await rt.store.note_job(esp, token, job_id, list(todo))
+
     try:
-        refused = await client.upsert_batch([state["member"] for state in todo.values()])
+        refused = await client.upsert_batch([state["member"] for state in todo.values()], accepted)
     except MergetagError as exc:
         if exc.code == "esp_timeout":
             raise  # the job may still run: the leases run out by themselves, nothing overtakes it
-        await rt.store.settle_many(esp, [], [], list(todo))
+        await rt.store.settle_many(esp, token, [], [], list(todo))
         if exc.code == "circuit_open":
             await rt.store.park(list(todo), esp)
             log.info("batch of %d for %s parked: its circuit is open", len(todo), esp)
@@ -234,7 +289,7 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
                                       args=(pid, esp), kwargs={"alone": True}, options={})
             letter = as_dead_letter(single, {"code": "esp_rejected", "detail": reason, "retryable": False, "exception": "EspRejected"})
             await asyncio.to_thread(broker.enqueue, letter)
-    await rt.store.settle_many(esp, sent, failed, idle)
+    await rt.store.settle_many(esp, token, sent, failed, idle, jobs)
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
@@ -251,7 +306,7 @@ def _target(rt: Runtime, esp: str) -> Esp | None:
     return client
 
 
-async def _calls(profile_id: str, esp: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
+async def _calls(profile_id: str, esp: str, token: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
     """Run ESP calls in order; on failure end the send lease, unless a timed-out call may still land
     (then the lease runs out by itself, so no other send overtakes it)."""
     rt = await runtime()
@@ -260,7 +315,7 @@ async def _calls(profile_id: str, esp: str, calls: list[Callable[[], Awaitable[A
             await call()
     except MergetagError as exc:
         if exc.code != "esp_timeout" and not isinstance(exc, EspRejected):
-            await rt.store.release_send(profile_id, esp)
+            await rt.store.release_send(profile_id, esp, token)
         raise
 
 
@@ -279,12 +334,16 @@ async def _merge_owners(store: ProfileStore, owners: list[tuple[Profile, dict[st
     if broken:
         log.warning("merge of %s into %s refused: too many %s identifiers", [p.id for p, _ in others], survivor.id, ", ".join(broken))
         return _REFUSED
-    retire = {esp: sorted({p.email for p, meta in others
-                           if p.email and p.email != combined.email and meta["esp"].get(esp, {}).get("sent_hash")})
-              for esp in rt.esps}
+    work = address_work(survivor, combined, _sent(survivor_meta, rt.esps))
+    for esp in rt.esps:
+        # The absorbed profiles' contacts are retired, so none is left orphaned (and subscribed) at the ESP.
+        retire = {p.email for p, meta in others if p.email and p.email != combined.email and meta["esp"].get(esp, {}).get("sent_hash")}
+        if retire:
+            lists = work.setdefault(esp, {})
+            lists["retire"] = sorted(retire | set(lists.get("retire", [])))
     absorbed = [(p.id, meta["version"]) for p, meta in others]
     sent = {esp: survivor_meta["esp"].get(esp, {}).get("sent_hash") for esp in rt.esps}
-    if not await store.absorb(combined, survivor_meta["version"], absorbed, rt.members(combined), retire, sent):
+    if not await store.absorb(combined, survivor_meta["version"], absorbed, rt.members(combined), work, sent):
         return _LOST
     log.info("merged %s into %s", [p.id for p, _ in others], survivor.id)
     return combined.id
@@ -336,7 +395,7 @@ async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = F
     try:
         await _send(profile_id, esp, retry_refused)
     except (EspUnavailable, SyncBusy) as exc:
-        if exc.code not in ("circuit_open", SyncBusy.code):
+        if not isinstance(exc, SyncBusy) and exc.code != "circuit_open":
             raise
         await rt.store.park([profile_id], esp)
         log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
@@ -347,24 +406,82 @@ async def _send(profile_id: str, esp: str, retry_refused: bool = False) -> None:
     client = _target(rt, esp)
     if client is None:
         return
-    state = await rt.store.claim_send(profile_id, esp, rt.leases[esp])
-    if state is None:
+    claim = await rt.store.claim_send(profile_id, esp, rt.leases[esp])
+    if claim is None:
         return
-    # Erasures first (a privacy request), then contacts of absorbed profiles, then the member itself.
-    for contacts, call, done in (("erase", client.erase, rt.store.forget), ("retire", client.retire, rt.store.retired)):
-        if state.get(contacts):
-            await _calls(profile_id, esp, [partial(call, email) for email in state[contacts]])
-            await done(profile_id, esp, state[contacts])
+    state, token = claim
+    if state.get("erase") or state.get("verify"):
+        if not await _erase(rt, client, profile_id, esp, state, token):
+            return
+    # The person's other addresses: unsubscribed where they are, retired where they were replaced.
+    current = client.key(state["member"]) if state.get("member") else None
+    for name, call in (("unsubscribe", client.unsubscribe), ("retire", client.retire)):
+        if state.get(name):
+            await _calls(profile_id, esp, token, [partial(call, email) for email in state[name] if email != current])
+            await rt.store.done(profile_id, esp, token, name, state[name])
     refused = state.get("failed_hash") == state.get("member_hash") and not retry_refused
     if not state.get("member") or state.get("sent_hash") == state["member_hash"] or refused:
         # Already held, or refused exactly as it is (only a replayed dead letter asks again).
         log.debug("profile %s has nothing new to send to %s", profile_id, esp)
-        await rt.store.release_send(profile_id, esp)
+        await rt.store.release_send(profile_id, esp, token)
         return
+    jobs: list[str] = []
+
+    async def accepted(job_id: str) -> None:
+        jobs.append(job_id)
+        await rt.store.note_job(esp, token, job_id, [profile_id])
+
     try:
-        await _calls(profile_id, esp, [partial(client.upsert, state["member"])])
+        await _calls(profile_id, esp, token, [partial(client.upsert, state["member"], accepted)])
     except EspRejected as exc:
-        await rt.store.mark_failed(profile_id, esp, state["member_hash"], exc.code)
+        await rt.store.mark_failed(profile_id, esp, token, state["member_hash"], exc.code)
         raise
-    await rt.store.mark_sent(profile_id, esp, state["member_hash"])
-    log.info("profile %s synced to %s", profile_id, esp)
+    if await rt.store.mark_sent(profile_id, esp, token, state["member_hash"], jobs):
+        log.info("profile %s synced to %s", profile_id, esp)
+    else:
+        log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)
+
+
+VERIFY_CHECKS = 5
+VERIFY_DELAY_S = 1.0
+
+
+async def _erase(rt: Runtime, client: Esp, profile_id: str, esp: str, state: dict[str, Any], token: str) -> bool:
+    """Delete every address of an erased person at ``esp``, then read back that the ESP holds none.
+
+    Fence: a bulk job that carried the person and may still run is waited for first (its id was
+    recorded on the profile when the ESP accepted it), or it could recreate the contact after the
+    deletion. A refusal is recorded on the receipts as failed and retried by the sweeper, never
+    dead-lettered away. Returns False when the send must stop here (waiting or refused).
+    """
+    for job in state.get("jobs") or []:
+        if not await client.job_done(job):
+            await rt.store.release_send(profile_id, esp, token)
+            raise SyncBusy(f"a bulk job to {esp} that carries this person is still running", retry_after=2.0)
+        await rt.store.job_finished(profile_id, esp, token, job)
+    erase = list(state.get("erase") or [])
+    try:
+        await _calls(profile_id, esp, token, [partial(client.erase, email) for email in erase])
+    except EspRejected as exc:
+        await rt.receipts.mark(profile_id, esp, "failed", exc.code)
+        await rt.store.release_send(profile_id, esp, token)
+        log.warning("erasure at %s refused for profile %s (%s); retried by the sweeper", esp, profile_id, exc.code)
+        return False
+    if erase:
+        await rt.store.forget(profile_id, esp, token, erase)
+        await rt.receipts.mark(profile_id, esp, "deleted")
+    checking = sorted({*(state.get("verify") or []), *erase})
+    held = [email for email in checking if await client.held(email) is not None]
+    await rt.store.done(profile_id, esp, token, "verify", [email for email in checking if email not in held])
+    if not held:
+        await rt.receipts.mark(profile_id, esp, "verified")
+        return True
+    checks = await rt.store.checked(profile_id, esp, token)
+    if checks >= VERIFY_CHECKS:
+        # Still there after several read-backs: delete again rather than wait for ever.
+        await rt.store.redo(profile_id, esp, token, held)
+    await rt.store.release_send(profile_id, esp, token)
+    # Deletions are asynchronous at some ESPs (Klaviyo's privacy jobs, SendGrid's deletes): look again soon.
+    await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), delay=int(VERIFY_DELAY_S * checks * 1000))
+    log.info("erasure at %s: %d contact(s) of profile %s not gone yet; read back again later", esp, len(held), profile_id)
+    return False

@@ -31,7 +31,6 @@ from schemas.events import (
 from schemas.profile import (
     ANONYMOUS,
     EMAIL,
-    ERASED,
     PHONE,
     CheckoutFact,
     Consent,
@@ -39,8 +38,6 @@ from schemas.profile import (
     Profile,
     Stamp,
     Trait,
-    erased_key,
-    profile_keys,
 )
 from workers.quality import quality_flags
 
@@ -113,7 +110,7 @@ def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULE
     if profile.erased is not None:
         return profile  # erased stays erased, whatever arrives later
     if isinstance(event, CustomerErased):
-        return erase(profile, Stamp(**_stamp(event)))
+        raise TypeError("an erasure is not merged: workers.erasure plans it")
     changes: dict[str, object] = {
         "first_seen": _min(profile.first_seen, event.event_time),
         "last_seen": _max(profile.last_seen, event.event_time),
@@ -185,12 +182,6 @@ def _union_latest(a: Mapping[str, S], b: Mapping[str, S], rank: Callable[[str], 
     for key, fact in b.items():
         merged[key] = newer(merged.get(key), fact, rank(key) if rank else (lambda s: 0))
     return merged
-
-
-def erase(profile: Profile, stamp: Stamp) -> Profile:
-    """A tombstone: only the id, the erasure's stamp and the hashed identifiers that recognise late events."""
-    hashed = sorted({erased_key(key) for key in profile_keys(profile)})
-    return Profile(id=profile.id, erased=stamp, identifiers={ERASED: tuple(k.split(":", 1)[1] for k in hashed)})
 
 
 def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEFAULT_RULES) -> Profile:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from adapters.coalesce import Coalescer
+from adapters.erasures import ErasureReceipts
 from adapters.esp.base import Esp, member_hash
 from adapters.esp.guard import EspGuard
 from adapters.esp.registry import build_all
@@ -15,7 +16,7 @@ from adapters.geoip import GeoReader, open_reader
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import EventMapping, build_mappings
 from adapters.store import Members, ProfileStore, Quarantine
-from schemas.profile import Profile
+from schemas.profile import IdentityHasher, Profile
 from workers.merge import MergeRules
 
 
@@ -33,6 +34,8 @@ class Runtime:
     guards: dict[str, EspGuard]
     leases: dict[str, timedelta]
     batch_leases: dict[str, timedelta]
+    hasher: IdentityHasher
+    receipts: ErasureReceipts
     _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def backlog(self, esp: str) -> int:
@@ -66,9 +69,12 @@ async def runtime() -> Runtime:
 
 async def _create() -> Runtime:
     settings = get_settings()
+    hasher = settings.hasher()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
     built = build_all(settings)
     await store.ensure_indexes(tuple(built))
+    receipts = ErasureReceipts(store.client, settings.mongodb_database)
+    await receipts.ensure_indexes()
     quarantine = Quarantine(store.client, settings.mongodb_database)
     rules = MergeRules({trait: tuple(sources) for trait, sources in settings.trait_priority.items()})
     geo = open_reader(settings.geoip_database)
@@ -78,7 +84,7 @@ async def _create() -> Runtime:
     batch_leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + t.job_timeout_s) for name, t in targets.items()}
     return Runtime(settings, store, {n: esp for n, (esp, _) in built.items()}, build_mappings(settings), quarantine, rules, geo,
                    frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
-                   {n: guard for n, (_, guard) in built.items()}, leases, batch_leases)
+                   {n: guard for n, (_, guard) in built.items()}, leases, batch_leases, hasher, receipts)
 
 
 async def close_runtime() -> None:

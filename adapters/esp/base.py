@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from schemas.events import Scalar
 from schemas.profile import Profile
+
+OnJob = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -47,19 +50,30 @@ class Esp(Protocol):
     def unsubscribed(self, member: dict[str, Any]) -> bool:
         """Whether the member pushes an unsubscribe."""
 
-    async def upsert(self, member: dict[str, Any]) -> None:
+    async def upsert(self, member: dict[str, Any], on_job: OnJob | None = None) -> None:
         """Create or update one member (and push its unsubscribe, if any)."""
 
-    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+    async def upsert_batch(self, members: list[dict[str, Any]], on_job: OnJob | None = None) -> dict[str, str]:
         """Create or update up to ``batch_limit`` members in one bulk request, waiting for an
         asynchronous job to finish; returns the refused members by :meth:`key`, with a reason
-        free of personal data. A failure of the whole request raises."""
+        free of personal data. A failure of the whole request raises.
+
+        ``on_job`` is awaited with each job's id as soon as the ESP accepted it: the job may run on
+        after its send gave up waiting, and an erasure must know to wait for it.
+        """
+
+    async def job_done(self, job_id: str) -> bool:
+        """Whether a bulk job this adapter started can no longer change anything at the ESP."""
 
     async def erase(self, email: str) -> None:
         """Erase the contact for good (a privacy request); an unknown contact is already gone."""
 
+    async def unsubscribe(self, email: str) -> None:
+        """Unsubscribe another address of the person (consent reaches every address they had)."""
+
     async def retire(self, email: str) -> None:
-        """Take a duplicate contact (of a profile absorbed into another) out of the mailings."""
+        """Take a contact the person no longer uses (an earlier address, an absorbed duplicate) out of
+        the mailings, the way the ESP allows; never leave it subscribed."""
 
     async def held(self, email: str) -> Held | None:
         """What the ESP holds for ``email``; None when it holds nothing."""

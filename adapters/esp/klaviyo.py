@@ -21,7 +21,7 @@ from datetime import date
 from typing import Any
 from urllib.parse import quote
 
-from adapters.esp.base import Held
+from adapters.esp.base import Held, OnJob
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard, Rates
 from adapters.esp.http import EspHttp, chunks_by_size, wait_for_job
@@ -113,13 +113,13 @@ class Klaviyo:
     def unsubscribed(self, member: dict[str, Any]) -> bool:
         return bool(member.get("unsubscribe"))
 
-    async def upsert(self, member: dict[str, Any]) -> None:
+    async def upsert(self, member: dict[str, Any], on_job: OnJob | None = None) -> None:
         """The unsubscribe first: it must reach Klaviyo even when the profile itself is refused."""
         if self.unsubscribed(member):
             await self._unsubscribe([self.key(member)])
         await self._post("/api/profile-import", {"data": member["profile"]}, bucket="import")
 
-    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+    async def upsert_batch(self, members: list[dict[str, Any]], on_job: OnJob | None = None) -> dict[str, str]:
         """Unsubscribes first, then bulk import jobs (split to stay under 5 MB), each polled until complete.
 
         Raises EspUnavailable(``esp_timeout``) for any failure once a job was accepted: the job may
@@ -132,10 +132,10 @@ class Klaviyo:
             await self._unsubscribe(leaving[start:start + UNSUBSCRIBE_CHUNK])
         refused: dict[str, str] = {}
         for chunk in chunks_by_size([m["profile"] for m in members], MAX_JOB_BYTES):
-            refused.update(await self._import_job(chunk))
+            refused.update(await self._import_job(chunk, on_job))
         return refused
 
-    async def _import_job(self, profiles: list[dict[str, Any]]) -> dict[str, str]:
+    async def _import_job(self, profiles: list[dict[str, Any]], on_job: OnJob | None) -> dict[str, str]:
         data: dict[str, Any] = {"type": "profile-bulk-import-job", "attributes": {"profiles": {"data": profiles}}}
         if self._list:
             data["relationships"] = {"lists": {"data": [{"type": "list", "id": self._list}]}}
@@ -143,6 +143,8 @@ class Klaviyo:
         job_id = (created or {}).get("data", {}).get("id")
         if not job_id:
             raise EspUnavailable("klaviyo bulk job answer without an id")
+        if on_job is not None:
+            await on_job(str(job_id))
         job: dict[str, Any] = {}
 
         async def finished() -> bool:
@@ -192,8 +194,18 @@ class Klaviyo:
         await self._post("/api/data-privacy-deletion-jobs", {"data": {"type": "data-privacy-deletion-job", "attributes": {"profile": profile}}},
                          bucket="privacy")
 
+    async def unsubscribe(self, email: str) -> None:
+        await self._unsubscribe([email])
+
     async def retire(self, email: str) -> None:
-        """Klaviyo has no archive and deleting would erase history, so the duplicate stays as it is."""
+        """Klaviyo has no archive and deleting would erase history: the contact is unsubscribed from
+        email marketing instead, so it is never left subscribed."""
+        await self._unsubscribe([email])
+
+    async def job_done(self, job_id: str) -> bool:
+        status, body = await self.http.request("GET", f"/api/profile-bulk-import-jobs/{job_id}", gone_ok=True)
+        state = ((body or {}).get("data") or {}).get("attributes", {}).get("status")
+        return status == 404 or state in ("complete", "cancelled")
 
     async def held(self, email: str) -> Held | None:
         query = f"filter={quote(f'equals(email,{json.dumps(email)})')}&additional-fields%5Bprofile%5D=subscriptions"

@@ -776,6 +776,11 @@ class Sandbox(SandboxBase):
         key, value = next(iter(given.items()))
         check_email(given.get("email"), f"{at}/attributes/email")
         check_phone(given.get("phone_number"), f"{at}/attributes/phone_number")
+        # As Klaviyo: a deletion job, run later; the profile stays readable until it has run.
+        asyncio.get_running_loop().call_later(self.job_delay_s, self._forget, key, value)
+        return web.Response(status=202)
+
+    def _forget(self, key: str, value: str) -> None:
         owner = value if key == "id" else self.index[key].get(norm(key, value))
         profile = self.profiles.pop(owner or "", None)
         if profile is not None:
@@ -783,7 +788,6 @@ class Sandbox(SandboxBase):
                 if profile[identifier]:
                     self.index[identifier].pop(norm(identifier, profile[identifier]), None)
             self.deleted += 1
-        return web.Response(status=202)
 
     def _filter(self, expression: str | None) -> list[dict[str, Any]]:
         if expression is None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from adapters.esp.base import Held
+from adapters.esp.base import Held, OnJob
 from adapters.esp.fields import MappingEntry, mapped, normalize, problems
 from adapters.esp.guard import EspGuard
 from adapters.esp.http import EspHttp, download, wait_for_job
@@ -103,10 +103,10 @@ class Mailchimp:
     def unsubscribed(self, member: dict[str, Any]) -> bool:
         return member.get("status") == "unsubscribed"
 
-    async def upsert(self, member: dict[str, Any]) -> None:
+    async def upsert(self, member: dict[str, Any], on_job: OnJob | None = None) -> None:
         await self._call("PUT", f"/lists/{self._list}/members/{subscriber_hash(member['email_address'])}", member)
 
-    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+    async def upsert_batch(self, members: list[dict[str, Any]], on_job: OnJob | None = None) -> dict[str, str]:
         """Batch operations (``POST /batches``): the same consent-safe PUT as a single upsert
         (``status_if_new``), one operation per member, polled until finished; the results file
         names each refused operation. (The list batch endpoint would need ``status`` for every
@@ -123,6 +123,8 @@ class Mailchimp:
         batch_id = (created or {}).get("id")
         if not batch_id:
             raise EspUnavailable("mailchimp batch answer without an id")
+        if on_job is not None:
+            await on_job(str(batch_id))
         batch: dict[str, Any] = {}
 
         async def finished() -> bool:
@@ -181,9 +183,18 @@ class Mailchimp:
         """Erase a member for good (a privacy request); an unknown member is already gone."""
         await self._call("POST", f"/lists/{self._list}/members/{subscriber_hash(email)}/actions/delete-permanent", gone_ok=True)
 
+    async def unsubscribe(self, email: str) -> None:
+        """``PATCH`` the member to unsubscribed: an address Mailchimp does not hold is not created."""
+        await self._call("PATCH", f"/lists/{self._list}/members/{subscriber_hash(email)}", {"status": "unsubscribed"}, gone_ok=True)
+
     async def retire(self, email: str) -> None:
-        """Archive a member: kept by Mailchimp, no longer mailed as a duplicate."""
+        """Archive a member: kept by Mailchimp, no longer mailed."""
         await self._call("DELETE", f"/lists/{self._list}/members/{subscriber_hash(email)}", gone_ok=True)
+
+    async def job_done(self, job_id: str) -> bool:
+        """A batch is done once finished (or unknown to Mailchimp: batch records expire)."""
+        batch = await self._call("GET", f"/batches/{job_id}", gone_ok=True)
+        return batch is None or batch.get("status") == "finished"
 
     async def _call(self, method: str, path: str, body: Any = None, gone_ok: bool = False) -> dict[str, Any] | None:
         _, parsed = await self.http.request(method, path, body, gone_ok=gone_ok, account_errors=ACCOUNT_ERRORS)

@@ -81,6 +81,7 @@ class Sandbox(SandboxBase):
         app.router.add_post("/3.0/lists/{list_id}", self.batch_members)
         app.router.add_get("/3.0/lists/{list_id}/members/{hash}", self.get_member)
         app.router.add_put("/3.0/lists/{list_id}/members/{hash}", self.put_member)
+        app.router.add_patch("/3.0/lists/{list_id}/members/{hash}", self.patch_member)
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self.delete_permanent)
         app.router.add_post("/3.0/batches", self.create_batch)
@@ -149,7 +150,7 @@ class Sandbox(SandboxBase):
 
     async def get_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        member = self.members[list_id].get(request.match_info["hash"].lower())
+        member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
             return problem(404, "Resource Not Found", "The requested resource could not be found.")
         return web.json_response(member)
@@ -214,10 +215,31 @@ class Sandbox(SandboxBase):
 
     async def put_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        status, body = self._put(list_id, request.match_info["hash"], await json_body(request))
+        status, body = self._put(list_id, _hash(request.match_info["hash"]), await json_body(request))
         if status >= 400:
             return web.json_response(body, status=status, content_type="application/problem+json")
         return web.json_response(body)
+
+    async def patch_member(self, request: web.Request) -> web.Response:
+        """``PATCH .../members/{hash}``: updates a member Mailchimp holds (archived ones too); never creates one."""
+        list_id = self._list(request)
+        member = self.members[list_id].get(_hash(request.match_info["hash"]))
+        if member is None:
+            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+        errors = self._validate_member(list_id, {"email_address": member["email_address"], **body})
+        if errors:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
+        if body.get("status") == "subscribed" and member["status"] in {"unsubscribed", "cleaned"}:
+            return problem(400, "Member In Compliance State", "The member is in a compliance state and cannot be subscribed.")
+        if body.get("status"):
+            member["status"] = body["status"]
+        member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
+        member["update_count"] += 1
+        self.record_write(member["email_address"], member["merge_fields"])
+        return web.json_response(member)
 
     def _put(self, list_id: str, member_hash_in_path: str, body: Any) -> tuple[int, dict[str, Any]]:
         """One member upsert, as ``PUT .../members/{hash}`` answers it (for the route and for batch operations)."""
@@ -316,7 +338,7 @@ class Sandbox(SandboxBase):
 
     async def delete_permanent(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        member_hash = request.match_info["hash"].lower()
+        member_hash = _hash(request.match_info["hash"])
         if self.members[list_id].pop(member_hash, None) is None:
             return problem(404, "Resource Not Found", "The requested resource could not be found.")
         self.forgotten.add(member_hash)
@@ -324,11 +346,16 @@ class Sandbox(SandboxBase):
 
     async def archive_member(self, request: web.Request) -> web.Response:
         list_id = self._list(request)
-        member = self.members[list_id].get(request.match_info["hash"].lower())
+        member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
             return problem(404, "Resource Not Found", "The requested resource could not be found.")
         member["status"] = "archived"
         return web.Response(status=204)
+
+
+def _hash(given: str) -> str:
+    """The subscriber hash from the path: Mailchimp takes the email address in its place too."""
+    return hashlib.md5(given.lower().encode()).hexdigest() if "@" in given else given.lower()
 
 
 def _now() -> str:

@@ -22,7 +22,7 @@ from datetime import date
 from typing import Any
 from urllib.parse import quote
 
-from adapters.esp.base import Held
+from adapters.esp.base import Held, OnJob
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard
 from adapters.esp.http import EspHttp, chunks_by_size, download, seconds_until, wait_for_job
@@ -100,12 +100,12 @@ class SendGrid:
     def unsubscribed(self, member: dict[str, Any]) -> bool:
         return bool(member.get("unsubscribe"))
 
-    async def upsert(self, member: dict[str, Any]) -> None:
-        refused = await self.upsert_batch([member])
+    async def upsert(self, member: dict[str, Any], on_job: OnJob | None = None) -> None:
+        refused = await self.upsert_batch([member], on_job)
         if refused:
             raise EspRejected(next(iter(refused.values())))
 
-    async def upsert_batch(self, members: list[dict[str, Any]]) -> dict[str, str]:
+    async def upsert_batch(self, members: list[dict[str, Any]], on_job: OnJob | None = None) -> dict[str, str]:
         """Suppressions first (an unsubscribe must land even when its contact is refused), then
         import jobs (split to stay under 6 MB), each polled until it ends.
 
@@ -121,7 +121,7 @@ class SendGrid:
         contacts = [self._by_id(m["contact"], definitions) for m in members]
         refused: dict[str, str] = {}
         for chunk in chunks_by_size(contacts, MAX_JOB_BYTES):
-            refused.update(await self._import(chunk))
+            refused.update(await self._import(chunk, on_job))
         return refused
 
     def _by_id(self, contact: dict[str, Any], definitions: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -137,7 +137,7 @@ class SendGrid:
             out["custom_fields"] = custom
         return out
 
-    async def _import(self, contacts: list[dict[str, Any]]) -> dict[str, str]:
+    async def _import(self, contacts: list[dict[str, Any]], on_job: OnJob | None) -> dict[str, str]:
         body: dict[str, Any] = {"contacts": contacts}
         if self._list:
             body["list_ids"] = [self._list]
@@ -145,6 +145,8 @@ class SendGrid:
         job_id = (answer or {}).get("job_id")
         if not job_id:
             raise EspUnavailable("sendgrid import answer without a job id")
+        if on_job is not None:
+            await on_job(str(job_id))
         job: dict[str, Any] = {}
 
         async def finished() -> bool:
@@ -199,9 +201,17 @@ class SendGrid:
         if ids:
             await self.http.request("DELETE", f"/v3/marketing/contacts?ids={','.join(ids)}")
 
+    async def unsubscribe(self, email: str) -> None:
+        """A global suppression: SendGrid then sends the address no marketing mail at all."""
+        await self.http.request("POST", "/v3/asm/suppressions/global", {"recipient_emails": [email]})
+
     async def retire(self, email: str) -> None:
-        """SendGrid has no archive: the duplicate contact is deleted."""
+        """SendGrid has no archive: the contact is deleted, so it is on no list and in no campaign."""
         await self.erase(email)
+
+    async def job_done(self, job_id: str) -> bool:
+        status, job = await self.http.request("GET", f"/v3/marketing/contacts/imports/{job_id}", gone_ok=True)
+        return status == 404 or (job or {}).get("status") in _FINISHED
 
     async def held(self, email: str) -> Held | None:
         _, body = await self.http.request("POST", "/v3/marketing/contacts/search/emails", {"emails": [email]}, gone_ok=True)

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 
 from adapters.dev import free_port, wait_for_port
-from tests.conftest import ROOT, Reply, stop
+from tests.conftest import ROOT, Reply, eventually, stop
 
 KEY = "pk_test11111111111111111111111111111111"
 REVISION = "2026-07-15"
@@ -301,7 +301,9 @@ async def test_bulk_job_runs_asynchronously_and_reports_exactly_the_bad_items(kl
 
     done, seen = await wait_for_job(http, klaviyo, job["id"])
     assert time.monotonic() - started >= 0.3
-    assert seen[0] == "queued" and seen[-1] == "complete" and set(seen) <= {"queued", "processing", "complete"}
+    # Statuses only move forward; a slow poller may see any of them first (the creation answer said queued).
+    order = ["queued", "processing", "complete"]
+    assert seen[-1] == "complete" and set(seen) <= set(order) and seen == sorted(seen, key=order.index)
     attributes = done["attributes"]
     assert (attributes["completed_count"], attributes["failed_count"]) == (3, 4)
     assert attributes["started_at"] and attributes["completed_at"] >= attributes["started_at"]
@@ -381,7 +383,7 @@ async def test_unsubscribed_profiles_are_never_resubscribed(klaviyo, http):
     assert (await call(http, "POST", f"{klaviyo}/api/profile-subscription-bulk-delete-jobs", too_many)).status == 400
 
 
-async def test_deletion_job_removes_the_profile(klaviyo, http):
+async def test_deletion_job_removes_the_profile_once_it_has_run(klaviyo, http):
     address = email()
     await upsert(http, klaviyo, profile(address, first_name="Temp"))
     assert len(await find(http, klaviyo, address)) == 1
@@ -394,9 +396,14 @@ async def test_deletion_job_removes_the_profile(klaviyo, http):
     conforms(document, "schemas/DataPrivacyCreateDeletionJobQuery")
     reply = await call(http, "POST", f"{klaviyo}/api/data-privacy-deletion-jobs", document)
     assert reply.status == 202 and reply.body == b""
-    assert await find(http, klaviyo, address) == []
+    # A job, as at Klaviyo: the profile goes once it has run.
+    await eventually(lambda: _gone(http, klaviyo, address))
     assert address not in {row["email"] for row in await control(http, klaviyo, "profiles")}
     assert (await upsert(http, klaviyo, profile(address))).status == 201
+
+
+async def _gone(http, klaviyo, address) -> bool:
+    return await find(http, klaviyo, address) == []
 
 
 async def test_get_profiles_filters(klaviyo, http):

@@ -52,14 +52,15 @@ async def test_sweeper_claims_a_pending_profile_once_per_lease(store):
     assert await claim(60) == ["p1"]
     assert await claim(60) == []  # within the lease: not again
     assert await claim(0) == ["p1"]  # lease over: again, since it is still pending
-    await store.mark_sent("p1", "mailchimp", "h1")
+    _, token = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    assert await store.mark_sent("p1", "mailchimp", token, "h1")
     assert await claim(0) == []
-    await store.mark_failed("p1", "mailchimp", "h1", "esp_rejected")
 
 
 async def test_refused_member_is_not_swept_until_it_changes(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
-    await store.mark_failed("p1", "mailchimp", "h1", "esp_rejected")
+    _, token = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    await store.mark_failed("p1", "mailchimp", token, "h1", "esp_rejected")
     assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
     profile, meta = await store.load("p1")
     assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
@@ -68,14 +69,43 @@ async def test_refused_member_is_not_swept_until_it_changes(store):
 
 async def test_one_send_per_profile_at_a_time(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
-    state = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    state, token = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert state["member_hash"] == "h1"
     with pytest.raises(SyncBusy) as busy:
         await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert 0 < busy.value.retry_after <= 30
-    await store.mark_sent("p1", "mailchimp", "h1")
-    assert (await store.claim_send("p1", "mailchimp", timedelta(seconds=30)))["sent_hash"] == "h1"
+    assert await store.mark_sent("p1", "mailchimp", token, "h1")
+    assert (await store.claim_send("p1", "mailchimp", timedelta(seconds=30)))[0]["sent_hash"] == "h1"
     assert await store.claim_send("nobody", "mailchimp", timedelta(seconds=30)) is None
+
+
+async def test_a_send_that_outlived_its_lease_cannot_overwrite_the_next_holders_record(store):
+    assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
+    _, late = await store.claim_send("p1", "mailchimp", timedelta(0))  # a lease that is over at once
+    profile, meta = await store.load("p1")
+    assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
+    state, holder = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    assert state["member_hash"] == "h2"
+    # The first send finishes after its lease ran out: what it sent (h1) must not be recorded, nor end the lease.
+    assert not await store.mark_sent("p1", "mailchimp", late, "h1")
+    await store.release_send("p1", "mailchimp", late)
+    await store.settle_many("mailchimp", late, [("p1", "h1")], [], [])
+    with pytest.raises(SyncBusy):
+        await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    assert "sent_hash" not in (await store.load("p1"))[1]["esp"]["mailchimp"]
+    assert await store.mark_sent("p1", "mailchimp", holder, "h2")
+    assert (await store.load("p1"))[1]["esp"]["mailchimp"]["sent_hash"] == "h2"
+
+
+async def test_bulk_claims_are_exclusive_under_concurrency(store):
+    import asyncio
+
+    ids = [f"c{n}" for n in range(40)]
+    for pid in ids:
+        assert await store.save(person(pid, f"{pid}@example.com"), None, {"mailchimp": ({"m": pid}, f"h-{pid}")})
+    claims = await asyncio.gather(*(store.claim_sends(ids, "mailchimp", timedelta(seconds=30)) for _ in range(6)))
+    held = [pid for claimed, _ in claims for pid in claimed]
+    assert sorted(held) == sorted(ids)  # every profile claimed exactly once
 
 
 async def test_profiles_without_a_member_are_never_pending(store):

@@ -134,14 +134,16 @@ def test_event_times_are_normalised_to_utc_milliseconds():
 
 def test_erasure_keeps_nothing_and_stays_whatever_arrives_later():
     from schemas.events import CustomerErased
-    from schemas.profile import erased_key
+    from schemas.profile import IdentityHasher
+    from workers.erasure import plan
 
+    hasher = IdentityHasher((b"unit-test-secret-0123456789",))
     profile = merge_all(fresh(), EVENTS, TIERS)
-    erased = merge_all(profile, [CustomerErased(**base("x", 10))], TIERS)
+    erased = plan([(profile, {"version": 3})], CustomerErased(**base("x", 10)), hasher).tombstone
     assert erased.erased is not None and erased.email is None and erased.traits == {} and erased.orders == {}
     assert erased.computed.order_count == 0
     dumped = erased.model_dump_json()
     assert "a@example.com" not in dumped and "Anna" not in dumped
-    assert "email:a@example.com" not in dumped and erased_key("email:a@example.com").split(":", 1)[1] in dumped
+    assert "email:a@example.com" not in dumped and hasher.erased_key("email:a@example.com").split(":", 1)[1] in dumped
     late = [update("late", 1, first_name="Z"), order("9", 20, "5.00"), consent("c9", 30, "subscribed")]
     assert merge_all(erased, late, TIERS) == erased
