@@ -1,10 +1,12 @@
 """The admin API: what operators and marketers ask of profiles, over HTTP.
 
-``GET /admin/profiles/{ref}`` (a profile with its lineage) and
-``GET|POST /admin/preview/{ref}`` (exactly what the sync would send to the ESP,
-and a template rendered with it). ``ref`` is a profile id or an email. Every
-request needs ``Authorization: Bearer <MERGETAG_ADMIN_TOKEN>``; without a token
-configured the API refuses everything.
+``GET /admin/profiles/{ref}`` (a profile with its lineage), ``GET|POST /admin/preview/{ref}``
+(exactly what the sync would send to the ESP, and a template rendered with it), ``POST
+/admin/erasures`` (erase a person) and ``GET /admin/erasures/{id}`` (its receipt). ``ref`` is a
+profile id or an email. Every request needs ``Authorization: Bearer <token>``: one of the named
+tokens of ``MERGETAG_ADMIN_TOKENS`` (or ``MERGETAG_ADMIN_TOKEN``, which may do everything), with
+the scope the route needs — ``read`` to look, ``erase`` to erase. Without a token configured the
+API refuses everything.
 """
 
 from __future__ import annotations
@@ -14,16 +16,25 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.erasures import ErasureReceipts, request_erasure, shown
 from adapters.esp.base import member_hash
 from adapters.esp.registry import build_esp
 from adapters.esp.targets import EspTarget
 from adapters.esp.templates import TemplateError, render
 from adapters.settings import Settings
+from adapters.sources import operator
 from adapters.store import ProfileStore
+from broker import topology
+from broker.publisher import Publisher
+from schemas.errors import BrokerUnavailable, EventInvalid
 from schemas.events import normalize_email
 from schemas.profile import Profile, identity_key
 
 STORE = web.AppKey("store", ProfileStore)
+PUBLISHER = web.AppKey("publisher", Publisher)
+CALLER = "mergetag_caller"
+# The scope each route needs (method, route name).
+NEEDS = {"erasure_request": "erase"}
 
 
 async def find(store: ProfileStore, ref: str) -> tuple[Profile, dict[str, Any]] | None:
@@ -55,14 +66,21 @@ def preview(profile: Profile, meta: dict[str, Any], targets: dict[str, EspTarget
 
 
 def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> web.Application:
-    token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
+    tokens = [(name, t.token.get_secret_value().encode(), frozenset(t.scopes)) for name, t in settings.operator_tokens().items()]
     targets = settings.esp_targets()
 
     @web.middleware
     async def auth(request: web.Request, handler):  # noqa: ANN001, ANN202
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token):
+        # Every token is compared, in constant time each, whichever matches.
+        matches = [(name, scopes) for name, token, scopes in tokens if hmac.compare_digest(given.encode(), token)]
+        if scheme.lower() != "bearer" or not matches:
             return web.json_response({"error": "unauthorized"}, status=401)
+        name, scopes = matches[0]
+        needed = NEEDS.get(request.match_info.route.name or "", "read")
+        if needed not in scopes:
+            return web.json_response({"error": "forbidden", "detail": f"this token lacks the {needed} scope"}, status=403)
+        request[CALLER] = name
         return await handler(request)
 
     async def profile(request: web.Request) -> web.Response:
@@ -85,16 +103,49 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> w
             return web.json_response({"error": "unknown_esp", "detail": str(exc)}, status=400)
         return web.json_response(body, dumps=_dumps)
 
+    async def request_erase(request: web.Request) -> web.Response:
+        """``{"emails": [...], "phones": [...], "ids": ["shopify:123"]}``: 202 with the receipt id once queued."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "malformed_json"}, status=400)
+        lists = {name: body.get(name) or [] for name in ("emails", "phones", "ids")} if isinstance(body, dict) else {}
+        if not lists or not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists.values()):
+            return web.json_response({"error": "invalid_payload", "detail": "emails, phones and ids are lists of strings"}, status=400)
+        if not any(lists.values()):
+            return web.json_response({"error": "selection_required", "detail": "name the person: emails, phones or ids"}, status=400)
+        try:
+            keys = operator.request_keys(lists["emails"], lists["phones"], lists["ids"])
+        except EventInvalid as exc:
+            return web.json_response({"error": "invalid_identifiers", "errors": exc.errors}, status=400)
+        try:
+            receipt_id = await request_erasure(ErasureReceipts(request.app[STORE].client, settings.mongodb_database),
+                                               request.app[PUBLISHER], topology.events_queue(settings.queue_prefix),
+                                               settings.hasher(), keys, f"admin:{request[CALLER]}")
+        except BrokerUnavailable as exc:
+            return web.json_response({"error": exc.code}, status=503, headers={"Retry-After": str(settings.retry_after_s)})
+        return web.json_response({"id": receipt_id, "status": "requested", "receipt": f"/admin/erasures/{receipt_id}"}, status=202)
+
+    async def show_erasure(request: web.Request) -> web.Response:
+        receipt = await ErasureReceipts(request.app[STORE].client, settings.mongodb_database).get(request.match_info["id"])
+        if receipt is None:
+            return web.json_response({"error": "not_found"}, status=404)
+        return web.json_response(shown(receipt))
+
     async def lifecycle(app: web.Application):  # noqa: ANN202
         yield
+        await app[PUBLISHER].close()
         await app[STORE].close()
 
     app = web.Application(middlewares=[auth])
     app[STORE] = store or ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    app[PUBLISHER] = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/admin/profiles/{ref}", profile)
     app.router.add_get("/admin/preview/{ref}", show_preview)
     app.router.add_post("/admin/preview/{ref}", show_preview)
+    app.router.add_post("/admin/erasures", request_erase, name="erasure_request")
+    app.router.add_get("/admin/erasures/{id}", show_erasure)
     return app
 
 
@@ -102,4 +153,3 @@ def _dumps(value: Any) -> str:
     import json
 
     return json.dumps(value, default=str)
-

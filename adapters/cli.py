@@ -358,6 +358,51 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(_reconcile(args))
 
 
+async def _erase(args: argparse.Namespace) -> int:
+    import getpass
+
+    from adapters.erasures import ErasureReceipts, request_erasure, shown
+    from adapters.sources import operator
+    from adapters.store import ProfileStore
+    from broker import topology
+    from broker.publisher import Publisher
+    from schemas.errors import EventInvalid
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    receipts = ErasureReceipts(store.client, settings.mongodb_database)
+    try:
+        if args.action == "status":
+            receipt = await receipts.get(args.receipt or "")
+            print(json.dumps(shown(receipt) if receipt else {"error": "not_found", "id": args.receipt}, indent=2))
+            return 0 if receipt else 1
+        if args.action == "list":
+            print(json.dumps([shown(r) for r in await receipts.recent()], indent=2))
+            return 0
+        if not (args.email or args.phone or args.ids):
+            print(json.dumps({"error": "selection_required", "detail": "name the person: --email, --phone or --id SOURCE:ID"}))
+            return 2
+        try:
+            keys = operator.request_keys(args.email or [], args.phone or [], args.ids or [])
+        except EventInvalid as exc:
+            print(json.dumps({"error": "invalid_identifiers", "errors": exc.errors}))
+            return 2
+        publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
+        try:
+            receipt_id = await request_erasure(receipts, publisher, topology.events_queue(settings.queue_prefix), settings.hasher(),
+                                               keys, f"cli:{getpass.getuser()}")
+        finally:
+            await publisher.close()
+        print(json.dumps({"id": receipt_id, "status": "requested"}))
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    return asyncio.run(_erase(args))
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from adapters.dev import run_local
 
@@ -418,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the whole system locally, without Docker")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("erase", help="erase a person (every identifier named), or show erasure receipts: erase status ID | erase list")
+    p.add_argument("action", nargs="?", choices=["status", "list"])
+    p.add_argument("receipt", nargs="?", help="the receipt id (with status)")
+    p.add_argument("--email", action="append", help="an email address of the person (repeatable)")
+    p.add_argument("--phone", action="append", help="a phone number of the person (repeatable)")
+    p.add_argument("--id", dest="ids", action="append", metavar="SOURCE:ID", help="a sender's id of the person, e.g. shopify:123")
+    p.set_defaults(func=cmd_erase)
 
     dlq = sub.add_parser("dlq", help="inspect and re-drive dead letters").add_subparsers(dest="action", required=True)
     p = dlq.add_parser("list", help="dead letters per queue with actor, error and age")

@@ -26,6 +26,10 @@ def normalize_email(value: str | None) -> str | None:
     return value or None
 
 
+def valid_email(value: str) -> bool:
+    return "@" in value and not value.startswith("@") and not value.endswith("@")
+
+
 def normalize_phone(value: str | None) -> str | None:
     """Keep a leading ``+`` and the digits; separators and spaces go."""
     if value is None:
@@ -55,7 +59,7 @@ class Identity(BaseModel):
     @classmethod
     def _email(cls, value: str | None) -> str | None:
         value = normalize_email(value)
-        if value is not None and ("@" not in value or value.startswith("@") or value.endswith("@")):
+        if value is not None and not valid_email(value):
             raise ValueError("not an email address")
         return value
 
@@ -183,7 +187,7 @@ class CustomerErased(_Event):
             if not kind or not value.strip():
                 raise ValueError("identity keys look like kind:value")
             value = normalize_email(value) if kind == "email" else normalize_phone(value) if kind == "phone" else value.strip()
-            if not value:
+            if not value or (kind == "email" and not valid_email(value)):
                 raise ValueError(f"not a usable {kind}")
             normalized.append(f"{kind}:{value}")
         return tuple(sorted(set(normalized)))

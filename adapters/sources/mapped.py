@@ -18,7 +18,7 @@ from schemas.delivery import Delivery
 
 CanonicalType = Literal[
     "customer.identified", "customer.updated", "order.completed", "checkout.started", "checkout.updated",
-    "product.viewed", "consent.changed", "email.opened", "email.clicked",
+    "product.viewed", "consent.changed", "email.opened", "email.clicked", "customer.erased",
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from adapters.settings import Settings, reveal
-from adapters.sources import mailchimp, sendgrid, shopify, tracking
+from adapters.sources import mailchimp, operator, sendgrid, shopify, tracking
 from adapters.sources.base import Source
 from adapters.sources.configured import ConfiguredSource, configured_mapping
 from schemas.delivery import Delivery
@@ -17,6 +17,7 @@ BUILT_IN: dict[str, EventMapping] = {
     tracking.NAME: tracking.to_events,
     sendgrid.NAME: sendgrid.to_events,
     mailchimp.NAME: mailchimp.to_events,
+    operator.NAME: operator.to_events,
 }
 
 
