@@ -187,6 +187,20 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 2
 
 
+def cmd_queues(args: argparse.Namespace) -> int:
+    from broker import topology
+    from broker.migrate import MigrationRefused, migrate
+
+    settings = get_settings()
+    try:
+        done = migrate(settings.amqp_url, topology.prefix_declarations(settings.queue_prefix), dry_run=args.dry_run)
+    except MigrationRefused as exc:
+        print(json.dumps({"error": "migration_refused", "detail": str(exc)}))
+        return 1
+    print(json.dumps(done.summary(), indent=2))
+    return 0
+
+
 async def _quarantine(args: argparse.Namespace) -> int:
     from adapters.store import ProfileStore, Quarantine
     from broker import topology
@@ -432,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--queue")
     for p in dlq.choices.values():
         p.set_defaults(func=cmd_dlq)
+
+    queues = sub.add_parser("queues", help="RabbitMQ queues of the prefix").add_subparsers(dest="action", required=True)
+    p = queues.add_parser("migrate", help="redeclare queues whose declaration changed, keeping their messages (workers stopped)")
+    p.add_argument("--dry-run", action="store_true", help="only report which queues differ and how many messages they hold")
+    p.set_defaults(func=cmd_queues)
 
     profile = sub.add_parser("profile", help="inspect profiles").add_subparsers(dest="action", required=True)
     p = profile.add_parser("show", help="a profile with the lineage of every trait (by id or email)")
