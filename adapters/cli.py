@@ -154,22 +154,19 @@ def cmd_poller(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letter_selection(args: argparse.Namespace):  # noqa: ANN202
+    from broker.dead_letters import Selection
+
+    ids = getattr(args, "ids", None)
+    return Selection(ids=frozenset(ids) if ids else None, queue=args.queue, actor=args.actor, reason=args.reason,
+                     older_than_s=args.older_than, newer_than_s=args.newer_than, profile=args.profile, target=args.target)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from broker.dead_letters import DeadLetters
+    from broker.dead_letters import DeadLetters, UnknownQueue
 
     settings = get_settings()
     tools = DeadLetters(settings.amqp_url, settings.queue_prefix)
-    ids = set(args.ids) if getattr(args, "ids", None) else None
-    if args.action == "list":
-        rows = [d.summary() for d in tools.list(args.queue)]
-        if args.json:
-            print(json.dumps(rows))
-        else:
-            print(f"{'QUEUE':<24} {'MESSAGE ID':<38} {'ACTOR':<15} {'ERROR':<22} {'AGE':>8}  DETAIL")
-            for r in rows:
-                age = "-" if r["age_s"] is None else f"{r['age_s']:.0f}s"
-                print(f"{r['queue']:<24} {r['message_id']:<38} {r['actor']:<15} {r['error']:<22} {age:>8}  {r['detail']}")
-        return 0
     if args.action == "show":
         letter = tools.show(args.message_id)
         if letter is None:
@@ -177,14 +174,30 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps({**letter.summary(), "options": letter.message.options}, indent=2, default=str))
         return 0
-    if args.action in {"replay", "purge"}:
-        if ids is None and not args.all:
-            print(json.dumps({"error": "selection_required", "detail": "name message ids or pass --all"}))
-            return 2
-        done = getattr(tools, args.action)(args.queue, ids)
-        print(json.dumps({args.action + "ed" if args.action == "replay" else "purged": [d.message_id for d in done], "count": len(done)}))
-        return 0
-    return 2
+    where = _dead_letter_selection(args)
+    if args.action in {"replay", "purge"} and not (where.narrowed or args.all):
+        print(json.dumps({"error": "selection_required", "detail": "name message ids, pass a filter, or pass --all"}))
+        return 2
+    try:
+        if args.action == "list":
+            _print_dead_letters([d.summary() for d in tools.list(where=where)], args.json)
+            return 0
+        done = getattr(tools, args.action)(where=where)
+    except UnknownQueue as exc:
+        print(json.dumps({"error": "unknown_queue", "detail": str(exc)}))
+        return 2
+    print(json.dumps({"replayed" if args.action == "replay" else "purged": [d.message_id for d in done], "count": len(done)}))
+    return 0
+
+
+def _print_dead_letters(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print(f"{'QUEUE':<24} {'MESSAGE ID':<38} {'ACTOR':<15} {'ERROR':<22} {'AGE':>8}  DETAIL")
+    for r in rows:
+        age = "-" if r["age_s"] is None else f"{r['age_s']:.0f}s"
+        print(f"{r['queue']:<24} {r['message_id']:<38} {r['actor']:<15} {r['error']:<22} {age:>8}  {r['detail']}")
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
@@ -435,15 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = sub.add_parser("dlq", help="inspect and re-drive dead letters").add_subparsers(dest="action", required=True)
     p = dlq.add_parser("list", help="dead letters per queue with actor, error and age")
-    p.add_argument("--queue", help="events or sync (default: all)")
     p.add_argument("--json", action="store_true")
+    _dead_letter_filters(p)
     p = dlq.add_parser("show", help="one dead letter, with its options")
     p.add_argument("message_id")
     for action in ("replay", "purge"):
-        p = dlq.add_parser(action, help=f"{action} selected dead letters, or --all")
+        p = dlq.add_parser(action, help=f"{action} the named dead letters, every one matching the filters, or --all")
         p.add_argument("ids", nargs="*", help="message ids")
         p.add_argument("--all", action="store_true")
-        p.add_argument("--queue")
+        _dead_letter_filters(p)
     for p in dlq.choices.values():
         p.set_defaults(func=cmd_dlq)
 
@@ -471,6 +484,26 @@ def build_parser() -> argparse.ArgumentParser:
     for p in quarantine.choices.values():
         p.set_defaults(func=cmd_quarantine)
     return parser
+
+
+def _age(text: str) -> float:
+    from broker.dead_letters import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dead_letter_filters(p: argparse.ArgumentParser) -> None:
+    """Filters of the dead-letter commands; several combine (each must hold)."""
+    p.add_argument("--queue", help="events or sync (or the full queue name)")
+    p.add_argument("--actor", help="e.g. process_event, sync_profile")
+    p.add_argument("--reason", help="the error code, e.g. esp_rejected")
+    p.add_argument("--older-than", type=_age, metavar="AGE", help="dead-lettered at least AGE ago (30m, 2h, 7d)")
+    p.add_argument("--newer-than", type=_age, metavar="AGE", help="dead-lettered less than AGE ago")
+    p.add_argument("--profile", help="profile id (single profile syncs)")
+    p.add_argument("--target", help="ESP target name (single profile syncs)")
 
 
 def main(argv: list[str] | None = None) -> int:
