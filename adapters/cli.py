@@ -214,6 +214,12 @@ def cmd_queues(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quarantine_row(doc: dict) -> dict:
+    return {"id": doc["_id"], "source": doc["delivery"].get("source"), "topic": doc["delivery"].get("topic"),
+            "reasons": doc["reasons"], "attempts": doc["attempts"], "schema_version": doc["schema_version"],
+            "last_failed_at": doc["last_failed_at"].isoformat()}
+
+
 async def _quarantine(args: argparse.Namespace) -> int:
     from adapters.store import ProfileStore, Quarantine
     from broker import topology
@@ -224,10 +230,11 @@ async def _quarantine(args: argparse.Namespace) -> int:
     quarantine = Quarantine(store.client, settings.mongodb_database)
     try:
         if args.action == "list":
-            rows = [{"id": d["_id"], "source": d["delivery"].get("source"), "topic": d["delivery"].get("topic"),
-                     "reasons": d["reasons"], "attempts": d["attempts"], "schema_version": d["schema_version"],
-                     "last_failed_at": d["last_failed_at"].isoformat()} for d in await quarantine.list(reason=args.reason)]
-            print(json.dumps({"quarantined": rows, "counts": await quarantine.counts()}, indent=None if args.json else 2))
+            docs = await quarantine.list(reason=args.reason, limit=args.limit, after=args.after)
+            more = await quarantine.count(reason=args.reason, after=docs[-1]["_id"]) if docs else 0
+            print(json.dumps({"quarantined": [_quarantine_row(d) for d in docs], "counts": await quarantine.counts(),
+                              "total": await quarantine.count(reason=args.reason), "more": more,
+                              "next": docs[-1]["_id"] if more else None}, indent=None if args.json else 2))
             return 0
         if args.action == "show":
             doc = await quarantine.get(args.id)
@@ -239,22 +246,19 @@ async def _quarantine(args: argparse.Namespace) -> int:
         if not args.ids and not args.all:
             print(json.dumps({"error": "selection_required", "detail": "name ids or pass --all"}))
             return 2
-        docs = await quarantine.list() if args.all else [d for d in [await quarantine.get(i) for i in args.ids] if d]
         queue = topology.events_queue(settings.queue_prefix)
         publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
-        redriven = []
+
+        async def publish(delivery: dict) -> None:
+            message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery,))
+            await publisher.publish(queue, body, message_id)
+
         try:
-            for doc in docs:
-                if doc["status"] != "quarantined":
-                    continue
-                message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (doc["delivery"],))
-                await publisher.publish(queue, body, message_id)
-                await quarantine.mark(doc["_id"], "redriven")
-                redriven.append(doc["_id"])
+            report = await quarantine.redrive(publish, None if args.all else args.ids)
         finally:
             await publisher.close()
-        print(json.dumps({"redriven": redriven, "count": len(redriven)}))
-        return 0
+        print(json.dumps(report.summary()))
+        return 1 if report.failed else 0
     finally:
         await store.close()
 
@@ -473,8 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_profile)
 
     quarantine = sub.add_parser("quarantine", help="deliveries that failed validation").add_subparsers(dest="action", required=True)
-    p = quarantine.add_parser("list", help="quarantined deliveries and counts per reason")
+    p = quarantine.add_parser("list", help="quarantined deliveries (a page in id order) and counts per reason")
     p.add_argument("--reason")
+    p.add_argument("--limit", type=int, default=100, help="deliveries per page (default 100)")
+    p.add_argument("--after", help="the id printed as `next`: the page after it")
     p.add_argument("--json", action="store_true")
     p = quarantine.add_parser("show", help="one quarantined delivery with every error")
     p.add_argument("id")
