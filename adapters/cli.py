@@ -154,22 +154,19 @@ def cmd_poller(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letter_selection(args: argparse.Namespace):  # noqa: ANN202
+    from broker.dead_letters import Selection
+
+    ids = getattr(args, "ids", None)
+    return Selection(ids=frozenset(ids) if ids else None, queue=args.queue, actor=args.actor, reason=args.reason,
+                     older_than_s=args.older_than, newer_than_s=args.newer_than, profile=args.profile, target=args.target)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from broker.dead_letters import DeadLetters
+    from broker.dead_letters import DeadLetters, UnknownQueue
 
     settings = get_settings()
     tools = DeadLetters(settings.amqp_url, settings.queue_prefix)
-    ids = set(args.ids) if getattr(args, "ids", None) else None
-    if args.action == "list":
-        rows = [d.summary() for d in tools.list(args.queue)]
-        if args.json:
-            print(json.dumps(rows))
-        else:
-            print(f"{'QUEUE':<24} {'MESSAGE ID':<38} {'ACTOR':<15} {'ERROR':<22} {'AGE':>8}  DETAIL")
-            for r in rows:
-                age = "-" if r["age_s"] is None else f"{r['age_s']:.0f}s"
-                print(f"{r['queue']:<24} {r['message_id']:<38} {r['actor']:<15} {r['error']:<22} {age:>8}  {r['detail']}")
-        return 0
     if args.action == "show":
         letter = tools.show(args.message_id)
         if letter is None:
@@ -177,14 +174,50 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps({**letter.summary(), "options": letter.message.options}, indent=2, default=str))
         return 0
-    if args.action in {"replay", "purge"}:
-        if ids is None and not args.all:
-            print(json.dumps({"error": "selection_required", "detail": "name message ids or pass --all"}))
-            return 2
-        done = getattr(tools, args.action)(args.queue, ids)
-        print(json.dumps({args.action + "ed" if args.action == "replay" else "purged": [d.message_id for d in done], "count": len(done)}))
-        return 0
-    return 2
+    where = _dead_letter_selection(args)
+    if args.action in {"replay", "purge"} and not (where.narrowed or args.all):
+        print(json.dumps({"error": "selection_required", "detail": "name message ids, pass a filter, or pass --all"}))
+        return 2
+    try:
+        if args.action == "list":
+            _print_dead_letters([d.summary() for d in tools.list(where=where)], args.json)
+            return 0
+        done = getattr(tools, args.action)(where=where)
+    except UnknownQueue as exc:
+        print(json.dumps({"error": "unknown_queue", "detail": str(exc)}))
+        return 2
+    print(json.dumps({"replayed" if args.action == "replay" else "purged": [d.message_id for d in done], "count": len(done)}))
+    return 0
+
+
+def _print_dead_letters(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print(f"{'QUEUE':<24} {'MESSAGE ID':<38} {'ACTOR':<15} {'ERROR':<22} {'AGE':>8}  DETAIL")
+    for r in rows:
+        age = "-" if r["age_s"] is None else f"{r['age_s']:.0f}s"
+        print(f"{r['queue']:<24} {r['message_id']:<38} {r['actor']:<15} {r['error']:<22} {age:>8}  {r['detail']}")
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    from broker import topology
+    from broker.migrate import MigrationRefused, migrate
+
+    settings = get_settings()
+    try:
+        done = migrate(settings.amqp_url, topology.prefix_declarations(settings.queue_prefix), dry_run=args.dry_run)
+    except MigrationRefused as exc:
+        print(json.dumps({"error": "migration_refused", "detail": str(exc)}))
+        return 1
+    print(json.dumps(done.summary(), indent=2))
+    return 0
+
+
+def _quarantine_row(doc: dict) -> dict:
+    return {"id": doc["_id"], "source": doc["delivery"].get("source"), "topic": doc["delivery"].get("topic"),
+            "reasons": doc["reasons"], "attempts": doc["attempts"], "schema_version": doc["schema_version"],
+            "last_failed_at": doc["last_failed_at"].isoformat()}
 
 
 async def _quarantine(args: argparse.Namespace) -> int:
@@ -197,10 +230,11 @@ async def _quarantine(args: argparse.Namespace) -> int:
     quarantine = Quarantine(store.client, settings.mongodb_database)
     try:
         if args.action == "list":
-            rows = [{"id": d["_id"], "source": d["delivery"].get("source"), "topic": d["delivery"].get("topic"),
-                     "reasons": d["reasons"], "attempts": d["attempts"], "schema_version": d["schema_version"],
-                     "last_failed_at": d["last_failed_at"].isoformat()} for d in await quarantine.list(reason=args.reason)]
-            print(json.dumps({"quarantined": rows, "counts": await quarantine.counts()}, indent=None if args.json else 2))
+            docs = await quarantine.list(reason=args.reason, limit=args.limit, after=args.after)
+            more = await quarantine.count(reason=args.reason, after=docs[-1]["_id"]) if docs else 0
+            print(json.dumps({"quarantined": [_quarantine_row(d) for d in docs], "counts": await quarantine.counts(),
+                              "total": await quarantine.count(reason=args.reason), "more": more,
+                              "next": docs[-1]["_id"] if more else None}, indent=None if args.json else 2))
             return 0
         if args.action == "show":
             doc = await quarantine.get(args.id)
@@ -212,22 +246,19 @@ async def _quarantine(args: argparse.Namespace) -> int:
         if not args.ids and not args.all:
             print(json.dumps({"error": "selection_required", "detail": "name ids or pass --all"}))
             return 2
-        docs = await quarantine.list() if args.all else [d for d in [await quarantine.get(i) for i in args.ids] if d]
         queue = topology.events_queue(settings.queue_prefix)
         publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
-        redriven = []
+
+        async def publish(delivery: dict) -> None:
+            message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery,))
+            await publisher.publish(queue, body, message_id)
+
         try:
-            for doc in docs:
-                if doc["status"] != "quarantined":
-                    continue
-                message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (doc["delivery"],))
-                await publisher.publish(queue, body, message_id)
-                await quarantine.mark(doc["_id"], "redriven")
-                redriven.append(doc["_id"])
+            report = await quarantine.redrive(publish, None if args.all else args.ids)
         finally:
             await publisher.close()
-        print(json.dumps({"redriven": redriven, "count": len(redriven)}))
-        return 0
+        print(json.dumps(report.summary()))
+        return 1 if report.failed else 0
     finally:
         await store.close()
 
@@ -474,17 +505,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = sub.add_parser("dlq", help="inspect and re-drive dead letters").add_subparsers(dest="action", required=True)
     p = dlq.add_parser("list", help="dead letters per queue with actor, error and age")
-    p.add_argument("--queue", help="events or sync (default: all)")
     p.add_argument("--json", action="store_true")
+    _dead_letter_filters(p)
     p = dlq.add_parser("show", help="one dead letter, with its options")
     p.add_argument("message_id")
     for action in ("replay", "purge"):
-        p = dlq.add_parser(action, help=f"{action} selected dead letters, or --all")
+        p = dlq.add_parser(action, help=f"{action} the named dead letters, every one matching the filters, or --all")
         p.add_argument("ids", nargs="*", help="message ids")
         p.add_argument("--all", action="store_true")
-        p.add_argument("--queue")
+        _dead_letter_filters(p)
     for p in dlq.choices.values():
         p.set_defaults(func=cmd_dlq)
+
+    queues = sub.add_parser("queues", help="RabbitMQ queues of the prefix").add_subparsers(dest="action", required=True)
+    p = queues.add_parser("migrate", help="redeclare queues whose declaration changed, keeping their messages (workers stopped)")
+    p.add_argument("--dry-run", action="store_true", help="only report which queues differ and how many messages they hold")
+    p.set_defaults(func=cmd_queues)
 
     profile = sub.add_parser("profile", help="inspect profiles").add_subparsers(dest="action", required=True)
     p = profile.add_parser("show", help="a profile with the lineage of every trait (by id or email)")
@@ -494,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_profile)
 
     quarantine = sub.add_parser("quarantine", help="deliveries that failed validation").add_subparsers(dest="action", required=True)
-    p = quarantine.add_parser("list", help="quarantined deliveries and counts per reason")
+    p = quarantine.add_parser("list", help="quarantined deliveries (a page in id order) and counts per reason")
     p.add_argument("--reason")
+    p.add_argument("--limit", type=int, default=100, help="deliveries per page (default 100)")
+    p.add_argument("--after", help="the id printed as `next`: the page after it")
     p.add_argument("--json", action="store_true")
     p = quarantine.add_parser("show", help="one quarantined delivery with every error")
     p.add_argument("id")
@@ -505,6 +543,26 @@ def build_parser() -> argparse.ArgumentParser:
     for p in quarantine.choices.values():
         p.set_defaults(func=cmd_quarantine)
     return parser
+
+
+def _age(text: str) -> float:
+    from broker.dead_letters import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dead_letter_filters(p: argparse.ArgumentParser) -> None:
+    """Filters of the dead-letter commands; several combine (each must hold)."""
+    p.add_argument("--queue", help="events or sync (or the full queue name)")
+    p.add_argument("--actor", help="e.g. process_event, sync_profile")
+    p.add_argument("--reason", help="the error code, e.g. esp_rejected")
+    p.add_argument("--older-than", type=_age, metavar="AGE", help="dead-lettered at least AGE ago (30m, 2h, 7d)")
+    p.add_argument("--newer-than", type=_age, metavar="AGE", help="dead-lettered less than AGE ago")
+    p.add_argument("--profile", help="profile id (single profile syncs)")
+    p.add_argument("--target", help="ESP target name (single profile syncs)")
 
 
 def main(argv: list[str] | None = None) -> int:

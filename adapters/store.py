@@ -7,6 +7,8 @@ and one conditional write guarded by ``version`` (optimistic concurrency).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,7 @@ from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from schemas.errors import StoredProfileInvalid, SyncBusy
+from schemas.errors import BrokerUnavailable, StoredProfileInvalid, SyncBusy
 from schemas.profile import Profile, profile_keys
 
 if TYPE_CHECKING:
@@ -499,7 +501,7 @@ class Quarantine:
     """Deliveries that failed validation, kept whole with every error until re-driven.
 
     One document per delivery (``source:delivery_id``), so quarantining the same
-    delivery again updates it instead of adding a copy.
+    delivery again updates it instead of adding a copy (and counts one more attempt).
     """
 
     def __init__(self, client: AsyncMongoClient, database: str) -> None:
@@ -522,22 +524,93 @@ class Quarantine:
         )
         return key
 
-    async def list(self, status: str | None = "quarantined", reason: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    @staticmethod
+    def _query(status: str | None, reason: str | None, after: str | None = None) -> dict[str, Any]:
         query: dict[str, Any] = {}
         if status:
             query["status"] = status
         if reason:
             query["reasons"] = reason
-        cursor = self.collection.find(query).sort("last_failed_at", ASCENDING).limit(limit)
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        return query
+
+    async def list(self, status: str | None = "quarantined", reason: str | None = None, limit: int = 100,
+                   after: str | None = None) -> list[dict[str, Any]]:
+        """One page in ``_id`` order; pass the last ``_id`` shown as ``after`` for the next page."""
+        cursor = self.collection.find(self._query(status, reason, after)).sort("_id", ASCENDING).limit(limit)
         return [doc async for doc in cursor]
+
+    async def count(self, status: str | None = "quarantined", reason: str | None = None, after: str | None = None) -> int:
+        return await self.collection.count_documents(self._query(status, reason, after))
 
     async def get(self, key: str) -> dict[str, Any] | None:
         return await self.collection.find_one({"_id": key})
 
-    async def mark(self, key: str, status: str) -> None:
-        await self.collection.update_one({"_id": key}, {"$set": {"status": status, f"{status}_at": datetime.now(timezone.utc)}})
+    async def mark_redriven(self, key: str, attempts: int) -> bool:
+        """Mark a delivery redriven only if it is exactly as read before it was published.
+
+        A worker that quarantined it again meanwhile has raised ``attempts``: then it stays
+        quarantined (and listed) and this returns False.
+        """
+        done = await self.collection.update_one({"_id": key, "status": "quarantined", "attempts": attempts},
+                                                {"$set": {"status": "redriven", "redriven_at": datetime.now(timezone.utc)}})
+        return done.matched_count == 1
+
+    async def redrive(self, publish: Callable[[dict[str, Any]], Awaitable[None]], keys: list[str] | None = None,
+                      page_size: int = 100) -> Redrive:
+        """Publish the named deliveries (None: every quarantined one, page by page in ``_id`` order), each then marked.
+
+        Publish first, then the guarded mark: a crash in between leaves the delivery quarantined,
+        and redriving it again is a harmless duplicate (the pipeline is idempotent).
+        """
+        report = Redrive()
+        if keys is not None:
+            for key in keys:
+                await self._redrive_one(await self.get(key), publish, report)
+            return report
+        after = None
+        while page := await self.list(limit=page_size, after=after):
+            for doc in page:
+                await self._redrive_one(doc, publish, report)
+            after = page[-1]["_id"]
+        return report
+
+    async def _redrive_one(self, doc: dict[str, Any] | None, publish: Callable[[dict[str, Any]], Awaitable[None]],
+                           report: Redrive) -> None:
+        if doc is None or doc["status"] != "quarantined":
+            report.skipped += 1
+            return
+        try:
+            await publish(doc["delivery"])
+        except BrokerUnavailable:
+            report.failed += 1
+            return
+        if await self.mark_redriven(doc["_id"], doc["attempts"]):
+            report.redriven.append(doc["_id"])
+        else:
+            report.requarantined += 1
 
     async def counts(self) -> dict[str, int]:
         """Quarantined deliveries per reason."""
         pipeline = [{"$match": {"status": "quarantined"}}, {"$unwind": "$reasons"}, {"$group": {"_id": "$reasons", "n": {"$sum": 1}}}]
         return {doc["_id"]: doc["n"] async for doc in await self.collection.aggregate(pipeline)}
+
+
+@dataclass
+class Redrive:
+    """The outcome of a redrive; every delivery considered lands in exactly one bucket.
+
+    redriven: published and marked. requarantined: published, but quarantined again before
+    the mark (still listed). skipped: not quarantined when read (unknown, or redriven already).
+    failed: the broker did not confirm (still quarantined, redrive again).
+    """
+
+    redriven: list[str] = field(default_factory=list)
+    requarantined: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"redriven": self.redriven, "count": len(self.redriven), "requarantined": self.requarantined,
+                "skipped": self.skipped, "failed": self.failed}

@@ -5,15 +5,20 @@ and the channel is closed at the end, which puts back whatever was not acked.
 Replay publishes a fresh copy to the original queue, waits for the broker's
 confirm, and only then acks the dead letter: a crash in between leaves a
 duplicate, never a loss, and the pipeline's idempotency absorbs the duplicate.
-A second replay finds nothing left to replay.
+A second replay finds nothing left to replay. Dead letters never expire (their queues are
+declared without a TTL): they stay until an operator replays or purges them.
+
+Every operation takes a :class:`Selection` (ids, queue, actor, reason, age, profile, ESP
+target), a pure predicate over one dead letter.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import dramatiq
@@ -38,7 +43,11 @@ class DeadLetter:
 
     @property
     def age_s(self) -> float | None:
-        return None if self.failed_at_ms is None else max(0.0, time.time() - self.failed_at_ms / 1000)
+        return self.age_at(time.time())
+
+    def age_at(self, now_s: float) -> float | None:
+        """Seconds since it was dead-lettered, at ``now_s`` (None when it carries no time)."""
+        return None if self.failed_at_ms is None else max(0.0, now_s - self.failed_at_ms / 1000)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -49,15 +58,80 @@ class DeadLetter:
             "detail": self.detail,
             "retries": self.retries,
             "age_s": None if self.age_s is None else round(self.age_s, 1),
-            **self._sync_target(),
+            **self.sync_target(),
         }
 
-    def _sync_target(self) -> dict[str, Any]:
+    def sync_target(self) -> dict[str, Any]:
         """For a single profile's sync: which profile, to which ESP target (ids only, never personal data)."""
         if self.actor not in (topology.SYNC_PROFILE_ACTOR, topology.SYNC_URGENT_ACTOR) or not self.message.args:
             return {}
         args = self.message.args
         return {"profile_id": args[0], "esp": args[1] if len(args) > 1 else self.message.kwargs.get("esp", "mailchimp")}
+
+
+class UnknownQueue(ValueError):
+    """A ``--queue`` that names none of the deployment's queues."""
+
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(text: str) -> float:
+    """An age such as ``90s``, ``30m``, ``2h``, ``7d`` or ``1w``, in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip().lower())
+    if match is None:
+        raise ValueError(f"not an age: {text!r} (a number and a unit: s, m, h, d or w, e.g. 30m, 2h, 7d)")
+    return float(match[1]) * AGE_UNITS[match[2]]
+
+
+def queue_matches(canonical: str, wanted: str) -> bool:
+    """``wanted`` names the queue in full (``<prefix>.sync``) or by its last part (``sync``)."""
+    return canonical == wanted or canonical.rsplit(".", 1)[-1] == wanted
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters an operator means: every criterion given must hold; none given means all.
+
+    ``profile`` and ``target`` only ever match a single profile's sync (the ids its arguments carry).
+    """
+
+    ids: frozenset[str] | None = None
+    queue: str | None = None
+    actor: str | None = None
+    reason: str | None = None
+    older_than_s: float | None = None
+    newer_than_s: float | None = None
+    profile: str | None = None
+    target: str | None = None
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether anything was selected at all (replay and purge refuse to act on everything by accident)."""
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    def matches(self, letter: DeadLetter, now_s: float) -> bool:
+        if self.ids is not None and letter.message_id not in self.ids:
+            return False
+        if self.queue is not None and not queue_matches(letter.queue, self.queue):
+            return False
+        if self.actor is not None and letter.actor != self.actor:
+            return False
+        if self.reason is not None and letter.code != self.reason:
+            return False
+        if self.older_than_s is not None or self.newer_than_s is not None:
+            age = letter.age_at(now_s)
+            # A letter without a time has no age: no age filter selects it.
+            if age is None:
+                return False
+            if self.older_than_s is not None and age < self.older_than_s:
+                return False
+            if self.newer_than_s is not None and age >= self.newer_than_s:
+                return False
+        sync = letter.sync_target()
+        if self.profile is not None and sync.get("profile_id") != self.profile:
+            return False
+        return self.target is None or sync.get("esp") == self.target
 
 
 def _parse(queue: str, body: bytes) -> DeadLetter:
@@ -103,6 +177,7 @@ class DeadLetters:
                 connection.close()
 
     def _walk(self, channel: BlockingChannel, queue: str | None) -> Iterator[tuple[str, int, bytes]]:
+        """Every dead letter of the selected queues, fetched unacknowledged."""
         for canonical in self._select(queue):
             xq = topology.xq_name(canonical)
             while True:
@@ -114,19 +189,28 @@ class DeadLetters:
     def _select(self, queue: str | None) -> list[str]:
         if queue is None:
             return self.queues
-        matches = [q for q in self.queues if q == queue or q.rsplit(".", 1)[-1] == queue]
+        matches = [q for q in self.queues if queue_matches(q, queue)]
         if not matches:
-            raise ValueError(f"unknown queue {queue!r}; known: {', '.join(self.queues)}")
+            raise UnknownQueue(f"unknown queue {queue!r}; known: {', '.join(self.queues)}")
         return matches
 
-    def list(self, queue: str | None = None) -> list[DeadLetter]:
+    @staticmethod
+    def _selection(queue: str | None, message_ids: set[str] | None, where: Selection | None) -> Selection:
+        where = where or Selection()
+        return replace(where, queue=queue or where.queue,
+                       ids=frozenset(message_ids) if message_ids is not None else where.ids)
+
+    def list(self, queue: str | None = None, where: Selection | None = None) -> list[DeadLetter]:
+        where, now = self._selection(queue, None, where), time.time()
         with self._channel() as channel:
-            return [_parse(canonical, body) for canonical, _, body in self._walk(channel, queue)]
+            letters = [_parse(canonical, body) for canonical, _, body in self._walk(channel, where.queue)]
+        return [letter for letter in letters if where.matches(letter, now)]
 
     def show(self, message_id: str) -> DeadLetter | None:
         return next((d for d in self.list() if d.message_id == message_id), None)
 
-    def replay(self, queue: str | None = None, message_ids: set[str] | None = None) -> list[DeadLetter]:
+    def replay(self, queue: str | None = None, message_ids: set[str] | None = None,
+               where: Selection | None = None) -> list[DeadLetter]:
         """Send selected (default: all) dead letters back to their queue, with retries reset."""
 
         def resend(channel: BlockingChannel, letter: DeadLetter) -> None:
@@ -150,23 +234,19 @@ class DeadLetters:
                 mandatory=True,
             )
 
-        return self._take(queue, message_ids, resend)
+        return self._take(self._selection(queue, message_ids, where), resend)
 
-    def purge(self, queue: str | None = None, message_ids: set[str] | None = None) -> list[DeadLetter]:
+    def purge(self, queue: str | None = None, message_ids: set[str] | None = None,
+              where: Selection | None = None) -> list[DeadLetter]:
         """Delete selected (default: all) dead letters."""
-        return self._take(queue, message_ids, lambda channel, letter: None)
+        return self._take(self._selection(queue, message_ids, where), lambda channel, letter: None)
 
-    def _take(
-        self,
-        queue: str | None,
-        message_ids: set[str] | None,
-        action: Callable[[BlockingChannel, DeadLetter], None],
-    ) -> list[DeadLetter]:
-        taken = []
+    def _take(self, where: Selection, action: Callable[[BlockingChannel, DeadLetter], None]) -> list[DeadLetter]:
+        taken, now = [], time.time()
         with self._channel() as channel:
-            for canonical, tag, body in list(self._walk(channel, queue)):
+            for canonical, tag, body in list(self._walk(channel, where.queue)):
                 letter = _parse(canonical, body)
-                if message_ids is not None and letter.message_id not in message_ids:
+                if not where.matches(letter, now):
                     continue
                 action(channel, letter)
                 channel.basic_ack(tag)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import dramatiq
+import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 
 from adapters import logs
@@ -15,9 +17,32 @@ from broker import topology
 from broker.middleware import CloseOnShutdown, RetryOrDeadLetter
 
 
+class TopologyBroker(RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker, declaring every queue from ``broker.topology``.
+
+    Dramatiq's own declarations would give each dead-letter queue a 7-day TTL; these are the
+    receiver's declarations, so both declare identical queues by construction.
+    """
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, object]:
+        return topology.arguments(queue_name)
+
+    def _declare(self, name: str) -> pika.frame.Method:
+        return self.channel.queue_declare(queue=name, durable=True, arguments=topology.arguments(name))
+
+    def _declare_queue(self, queue_name: str) -> pika.frame.Method:
+        return self._declare(queue_name)
+
+    def _declare_dq_queue(self, queue_name: str) -> pika.frame.Method:
+        return self._declare(dq_name(queue_name))
+
+    def _declare_xq_queue(self, queue_name: str) -> pika.frame.Method:
+        return self._declare(xq_name(queue_name))
+
+
 def create_broker(
     settings: Settings, component: str = "worker", on_shutdown: Callable[[], Awaitable[None]] | None = None
-) -> RabbitmqBroker:
+) -> TopologyBroker:
     """Build and install the global broker. Sentry is initialised first: its integration patches the broker.
 
     Parameters:
@@ -25,10 +50,9 @@ def create_broker(
     """
     logs.install()
     init_sentry(settings, component)
-    broker = RabbitmqBroker(
+    broker = TopologyBroker(
         url=settings.amqp_url,
         confirm_delivery=True,
-        max_priority=topology.MAX_PRIORITY,
         middleware=[
             AgeLimit(),
             TimeLimit(),

@@ -1,14 +1,13 @@
-"""Queue names and declarations, shared by the receiver's publisher and Dramatiq.
+"""Queue names and declarations: the one source of truth for the receiver's publisher and Dramatiq.
 
-The receiver declares the same durable queues, with the same arguments, that
-Dramatiq's RabbitMQ broker declares, so that it can publish before any worker
-has started and the two never disagree (RabbitMQ refuses a redeclaration with
-different arguments).
+The receiver, the operators' tools and Dramatiq's broker (``broker.setup.TopologyBroker``)
+all declare the queues from :func:`declarations`, so they can never disagree (RabbitMQ
+refuses a redeclaration with different arguments, and ``mergetag queues migrate``
+converts queues declared by an older version).
 """
 
 from __future__ import annotations
 
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, q_name, xq_name
 
 PROCESS_EVENT_ACTOR = "process_event"
@@ -39,13 +38,31 @@ def queue_arguments(queue: str) -> dict[str, object]:
     return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue), "x-max-priority": MAX_PRIORITY}
 
 
+def dead_letter_arguments() -> dict[str, object]:
+    """Arguments of a dead-letter queue: none that expire or drop a message (no TTL, no length limit).
+
+    Dead letters stay until an operator replays or purges them (``mergetag dlq``).
+    """
+    return {}
+
+
 def declarations(queue: str) -> list[tuple[str, dict[str, object]]]:
     """Every queue Dramatiq declares for ``queue``: itself, its delay queue, its dead-letter queue."""
     return [
         (queue, queue_arguments(queue)),
         (dq_name(queue), queue_arguments(queue)),
-        (xq_name(queue), {"x-message-ttl": DEAD_MESSAGE_TTL}),
+        (xq_name(queue), dead_letter_arguments()),
     ]
+
+
+def arguments(name: str) -> dict[str, object]:
+    """The declared arguments of any queue name: canonical, delay (``.DQ``) or dead-letter (``.XQ``)."""
+    return dict(declarations(q_name(name)))[name]
+
+
+def prefix_declarations(prefix: str) -> list[tuple[str, dict[str, object]]]:
+    """Every queue of a deployment, with its arguments."""
+    return [declaration for queue in all_queues(prefix) for declaration in declarations(queue)]
 
 
 __all__ = [
@@ -57,9 +74,12 @@ __all__ = [
     "SYNC_BATCH_ACTOR",
     "SYNC_URGENT_ACTOR",
     "all_queues",
+    "arguments",
+    "dead_letter_arguments",
     "declarations",
     "dq_name",
     "events_queue",
+    "prefix_declarations",
     "q_name",
     "queue_arguments",
     "sync_queue",

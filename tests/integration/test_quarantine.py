@@ -74,7 +74,8 @@ async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri,
         env["MERGETAG_SOURCES"] = json.dumps(with_time_path("at"))
         worker = spawn(env, tmp_path / "worker-2.log", "worker")
         await eventually(consumers_ready_events(prefix), timeout=30)
-        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1")) == {"redriven": ["legacy:P-1"], "count": 1}
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1")) == {
+            "redriven": ["legacy:P-1"], "count": 1, "requarantined": 0, "skipped": 0, "failed": 0}
 
         async def merged():
             return await db.profiles.find_one({"email": email})
@@ -82,7 +83,8 @@ async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri,
         profile = await eventually(merged)
         assert profile["computed"]["order_count"] == 1
         assert (await db.quarantine.find_one({"_id": "legacy:P-1"}))["status"] == "redriven"
-        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "--all")) == {"redriven": [], "count": 0}
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "--all")) == {
+            "redriven": [], "count": 0, "requarantined": 0, "skipped": 0, "failed": 0}
     finally:
         stop([worker])
         await server.close()
@@ -96,3 +98,84 @@ def consumers_ready_events(prefix):
         return (await asyncio.to_thread(admin.consumer_counts, AMQP_URL, prefix))[f"{prefix}.events"]
 
     return check
+
+
+def delivery(n: int) -> dict:
+    return {"source": "legacy", "topic": "purchase", "delivery_id": f"D-{n:04d}", "schema_version": "1.1",
+            "received_at": "2025-04-01T09:30:00Z", "payload": {"kind": "purchase", "uid": f"D-{n:04d}"}}
+
+
+ERRORS = [{"event": "order.completed", "loc": "order.completed.event_time", "type": "datetime_from_date_parsing", "msg": "x"}]
+
+
+async def test_a_delivery_quarantined_again_while_it_is_redriven_stays_quarantined_and_listed(rabbitmq, mongo_uri):
+    """The race: the redrive reads the delivery and publishes it; a worker fails it again (quarantined anew)
+    before the redrive marks it. The mark must not hide it."""
+    from adapters.store import Quarantine
+    from broker import topology
+    from broker.publisher import Publisher, encode_message
+
+    prefix = "r" + uuid.uuid4().hex[:10]
+    client = AsyncMongoClient(mongo_uri, tz_aware=True)
+    quarantine = Quarantine(client, prefix)
+    queue = topology.events_queue(prefix)
+    publisher = Publisher(AMQP_URL, [queue], 5)
+    try:
+        key = await quarantine.put(delivery(1), ERRORS, "1.1")
+        read = await quarantine.get(key)
+
+        async def publish_then_a_worker_quarantines_it_again(payload: dict) -> None:
+            message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (payload,))
+            await publisher.publish(queue, body, message_id)
+            await quarantine.put(payload, ERRORS, "1.1")
+
+        report = await quarantine.redrive(publish_then_a_worker_quarantines_it_again, [key])
+        assert report.summary() == {"redriven": [], "count": 0, "requarantined": 1, "skipped": 0, "failed": 0}
+        doc = await quarantine.get(key)
+        assert doc["status"] == "quarantined" and doc["attempts"] == 2
+        assert [d["_id"] for d in await quarantine.list()] == [key]
+        assert admin.queue_depths(AMQP_URL, prefix)[queue] == 1  # it was published all the same
+
+        # The same race, step by step: the mark guarded on what was read before publishing does not apply.
+        await quarantine.put(delivery(1), ERRORS, "1.1")
+        assert not await quarantine.mark_redriven(key, read["attempts"])
+        assert (await quarantine.get(key))["status"] == "quarantined"
+        # Unchanged since it was read: the mark applies.
+        assert await quarantine.mark_redriven(key, (await quarantine.get(key))["attempts"])
+        assert await quarantine.list() == []
+    finally:
+        await publisher.close()
+        await client.drop_database(prefix)
+        await client.close()
+        admin.drop_queues(AMQP_URL, prefix)
+
+
+async def test_redrive_all_redrives_every_quarantined_delivery_page_by_page_and_counts_them(rabbitmq, mongo_uri):
+    from adapters.store import Quarantine
+    from broker import topology
+
+    prefix = "a" + uuid.uuid4().hex[:10]
+    env = {**os.environ, "MERGETAG_AMQP_URL": AMQP_URL, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_MONGODB_URI": mongo_uri,
+           "MERGETAG_MONGODB_DATABASE": prefix}
+    env.pop("MONGODB_URI", None)
+    client = AsyncMongoClient(mongo_uri, tz_aware=True)
+    quarantine = Quarantine(client, prefix)
+    try:
+        keys = [await quarantine.put(delivery(n), ERRORS, "1.1") for n in range(250)]
+        first = await asyncio.to_thread(cli, env, "quarantine", "list", "--json")
+        assert len(first["quarantined"]) == 100 and first["total"] == 250 and first["more"] == 150
+        assert [row["id"] for row in first["quarantined"]] == sorted(keys)[:100]
+        last = await asyncio.to_thread(cli, env, "quarantine", "list", "--json", "--limit", "200", "--after", first["next"])
+        assert [row["id"] for row in last["quarantined"]] == sorted(keys)[100:] and last["more"] == 0 and last["next"] is None
+
+        report = await asyncio.to_thread(cli, env, "quarantine", "redrive", "--all")
+        assert sorted(report["redriven"]) == sorted(keys)
+        assert {k: v for k, v in report.items() if k != "redriven"} == {"count": 250, "requarantined": 0, "skipped": 0, "failed": 0}
+        assert await quarantine.count() == 0
+        assert await client[prefix].quarantine.count_documents({"status": "redriven"}) == 250
+        assert admin.queue_depths(AMQP_URL, prefix)[topology.events_queue(prefix)] == 250
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "--all"))["count"] == 0
+    finally:
+        await client.drop_database(prefix)
+        await client.close()
+        admin.drop_queues(AMQP_URL, prefix)
