@@ -32,7 +32,7 @@ from schemas.profile import Profile, identity_key
 
 STORE = web.AppKey("store", ProfileStore)
 PUBLISHER = web.AppKey("publisher", Publisher)
-CALLER = "mergetag_caller"
+CALLER = web.RequestKey("caller", str)
 # The scope each route needs (method, route name).
 NEEDS = {"erasure_request": "erase"}
 

@@ -46,6 +46,7 @@ def shown(receipt: dict[str, Any]) -> dict[str, Any]:
         "identifiers": sorted(receipt.get("keys", [])),
         "profiles": sorted(receipt.get("profile_ids", [])),
         "late_events_dropped": receipt.get("late_events", 0),
+        "payloads_removed": receipt.get("removed", {}),
         "targets": {name: {k: iso(v) for k, v in target.items()} for name, target in sorted((receipt.get("targets") or {}).items())},
     }
 
@@ -82,6 +83,10 @@ class ErasureReceipts:
         at = f"targets.{target}"
         update = {f"{at}.status": state, f"{at}.at": datetime.now(timezone.utc), f"{at}.reason": reason}
         await self.collection.update_many({"profile_ids": profile_id, f"{at}.status": {"$in": list(OPEN)}}, {"$set": update})
+
+    async def removed(self, receipt_id: str, **counts: int) -> None:
+        """Raw payloads of the person the erasure removed (dead letters, quarantined deliveries)."""
+        await self.collection.update_one({"_id": receipt_id}, {"$inc": {f"removed.{kind}": n for kind, n in counts.items()}})
 
     async def late_event(self, profile_id: str) -> None:
         """An event for the erased person arrived and was dropped: counted on the person's receipts."""

@@ -61,8 +61,10 @@ def _literal(value: Any) -> dict[str, Any]:
     return {"$literal": value}
 
 
-# What a profile document holds about the person: removed from pointers and tombstones.
+# What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
+# and absorbed ids instead), and, with everything else, from pointers.
 PERSONAL = tuple(name for name in Profile.model_fields if name not in {"id", "schema_version", "erased", "identifiers", "merged_from"})
+POINTER_DROPS = tuple(name for name in Profile.model_fields if name != "id")
 Work = dict[str, dict[str, list[str]]]
 
 
@@ -181,7 +183,7 @@ class ProfileStore:
             query,
             # Not []: a unique multikey index counts every empty array as the same key.
             {"$set": {"merged_into": target, "keys": [f"merged:{profile_id}"], "merged_at": now},
-             "$unset": {**{name: "" for name in PERSONAL}, "esp": ""}, "$inc": {"version": 1}},
+             "$unset": {**{name: "" for name in POINTER_DROPS}, "esp": ""}, "$inc": {"version": 1}},
             session=session,
         )
         return done.matched_count == 1

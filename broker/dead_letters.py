@@ -241,12 +241,17 @@ class DeadLetters:
         """Delete selected (default: all) dead letters."""
         return self._take(self._selection(queue, message_ids, where), lambda channel, letter: None)
 
-    def _take(self, where: Selection, action: Callable[[BlockingChannel, DeadLetter], None]) -> list[DeadLetter]:
+    def purge_matching(self, predicate: Callable[[DeadLetter], bool]) -> list[DeadLetter]:
+        """Delete the dead letters ``predicate`` selects (an erasure removes what it finds of the person)."""
+        return self._take(Selection(), lambda channel, letter: None, predicate)
+
+    def _take(self, where: Selection, action: Callable[[BlockingChannel, DeadLetter], None],
+              predicate: Callable[[DeadLetter], bool] | None = None) -> list[DeadLetter]:
         taken, now = [], time.time()
         with self._channel() as channel:
             for canonical, tag, body in list(self._walk(channel, where.queue)):
                 letter = _parse(canonical, body)
-                if not where.matches(letter, now):
+                if not where.matches(letter, now) or (predicate is not None and not predicate(letter)):
                     continue
                 action(channel, letter)
                 channel.basic_ack(tag)

@@ -229,8 +229,8 @@ class Sandbox(EspSandbox):
 
 
 
-@pytest.fixture(scope="session")
-def sandbox() -> Iterator[Sandbox]:
+def start_mailchimp() -> Sandbox:
+    """A Mailchimp sandbox process of its own, with the test audience."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "adapters.esp.mailchimp_sandbox", "--port", str(port), "--api-key", API_KEY,
@@ -238,9 +238,14 @@ def sandbox() -> Iterator[Sandbox]:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wait_for_port(port, process=process)
-    yield Sandbox(f"http://127.0.0.1:{port}", process)
-    process.terminate()
-    process.wait(timeout=10)
+    return Sandbox(f"http://127.0.0.1:{port}", process)
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    started = start_mailchimp()
+    yield started
+    stop_sandbox(started)
 
 
 @dataclass
@@ -408,19 +413,22 @@ class Pipeline:
 
 
 @asynccontextmanager
-async def own_pipeline(mongo_uri: str, sandbox: Sandbox, logs: Path, **settings: str) -> AsyncIterator[Pipeline]:
-    """A pipeline on a queue prefix and database of its own, syncing to the Mailchimp sandbox only.
+async def own_pipeline(mongo_uri: str, sandbox: Sandbox | None, logs: Path, **settings: str) -> AsyncIterator[Pipeline]:
+    """A pipeline on a queue prefix and database of its own, syncing to the Mailchimp sandbox only
+    (``sandbox`` None: to the ESPs ``settings`` name).
 
     Parameters:
       settings: extra ``MERGETAG_*`` variables.
     """
     prefix = "o" + uuid.uuid4().hex[:10]
+    mailchimp = {"MERGETAG_MAILCHIMP_BASE_URL": sandbox.api, "MERGETAG_MAILCHIMP_API_KEY": API_KEY,
+                 "MERGETAG_MAILCHIMP_LIST_ID": "sandbox"} if sandbox is not None else {}
     env = {**os.environ, **source_env(), "MERGETAG_AMQP_URL": AMQP_URL, "MERGETAG_QUEUE_PREFIX": prefix,
            "MERGETAG_MONGODB_URI": mongo_uri, "MERGETAG_MONGODB_DATABASE": prefix, "MERGETAG_SHOPIFY_SECRETS": SHOPIFY_SECRET,
-           "MERGETAG_MAILCHIMP_BASE_URL": sandbox.api, "MERGETAG_MAILCHIMP_API_KEY": API_KEY, "MERGETAG_MAILCHIMP_LIST_ID": "sandbox",
-           **settings}
+           **mailchimp}
     env.pop("MONGODB_URI", None)
     env.pop("MERGETAG_ESP_FILE", None)
+    env.update(settings)
     with mock.patch.dict(os.environ, env, clear=True):
         app = create_app(Settings())
     server = TestServer(app, host="127.0.0.1", port=free_port())

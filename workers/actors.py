@@ -19,6 +19,7 @@ from adapters.esp.base import Esp
 from adapters.settings import get_settings
 from adapters.store import ADDRESS_LISTS, Members, ProfileStore
 from broker import topology
+from broker.dead_letters import DeadLetter
 from broker.middleware import as_dead_letter
 from broker.setup import create_broker
 from schemas.delivery import Delivery
@@ -127,6 +128,28 @@ async def erase_person(rt: Runtime, event: CustomerErased) -> None:
              len(plan.pointers) + len(plan.absorbed), len(plan.addresses))
     if plan.addresses:
         await schedule_sync(plan.tombstone.id, list(targets), urgent=True)
+    await _remove_payloads(rt, plan)
+
+
+async def _remove_payloads(rt: Runtime, plan: erasure.ErasurePlan) -> None:
+    """Raw payloads of the person kept elsewhere go too: dead letters that name them or their profiles.
+    (Anything left over is inert anyway: replayed, it meets the tombstone and is dropped.)"""
+    hashed = set(plan.keys)
+    profiles = {plan.tombstone.id, *(pid for pid, _ in plan.pointers), *plan.absorbed}
+
+    def of_person(letter: DeadLetter) -> bool:
+        args = letter.message.args
+        named = letter.sync_target().get("profile_id") or (args[0] if letter.actor == topology.CHECK_ABANDONMENT_ACTOR and args else None)
+        if named in profiles:
+            return True
+        if letter.actor == topology.PROCESS_EVENT_ACTOR and args and isinstance(args[0], dict):
+            return any(rt.hasher.erased_key(k) in hashed for k in erasure.delivery_keys(args[0], rt.mappings))
+        return False
+
+    removed = await asyncio.to_thread(rt.dead_letters.purge_matching, of_person)
+    if removed:
+        await rt.receipts.removed(plan.request_id, dead_letters=len(removed))
+        log.info("erasure %s removed %d dead letter(s)", plan.request_id, len(removed))
 
 
 def consent_changed(before: Profile, after: Profile) -> bool:
@@ -205,8 +228,11 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
 
 
 def _sent(meta: dict[str, Any], targets: dict[str, Esp]) -> dict[str, bool]:
-    """Per ESP target, whether it was ever sent this profile's member (so holds a contact to retire)."""
-    return {esp: bool(meta["esp"].get(esp, {}).get("sent_hash")) for esp in targets}
+    """Per ESP target, whether it may hold this profile's contact (so has one to retire): it was sent
+    the member, or a send of it is in flight right now."""
+    now = datetime.now(timezone.utc)
+    states = {esp: meta["esp"].get(esp, {}) for esp in targets}
+    return {esp: bool(s.get("sent_hash")) or (s.get("sending_until") or now) > now for esp, s in states.items()}
 
 
 @dramatiq.actor(actor_name=topology.CHECK_ABANDONMENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))

@@ -11,12 +11,18 @@ Every address the person had is deleted at every ESP target.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.errors import MergetagError
 from schemas.events import CustomerErased
-from schemas.profile import EMAIL, ERASED, IdentityHasher, Profile, Stamp, profile_keys
-from workers.pipeline import addresses, lookup_keys
+from schemas.profile import EMAIL, ERASED, IdentityHasher, Profile, Stamp, identity_key, profile_keys
+from workers.pipeline import addresses, events_for, lookup_keys, parse_delivery
+
+EMAILS = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 
 Owner = tuple[Profile, dict[str, Any]]
 
@@ -87,3 +93,15 @@ def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher) -> 
 def hashed_request(event: CustomerErased, hasher: IdentityHasher) -> list[str]:
     """The request's identifiers as the receipt shows them: keyed hashes only."""
     return sorted({hasher.erased_key(k) for k in request_keys(event)})
+
+
+def delivery_keys(delivery: Mapping[str, Any], mappings: Mapping[str, Any]) -> set[str]:
+    """The identity keys a raw delivery names, to find what an erasure must remove (a quarantined
+    delivery, a dead letter). Through its mapping when it maps; else every email address in it."""
+    try:
+        events = events_for(parse_delivery(delivery), dict(mappings))
+    except MergetagError:
+        events = []
+    keys = {k for e in events if getattr(e, "identity", None) is not None for k in lookup_keys(e.identity, e.source)}
+    found = EMAILS.findall(json.dumps(delivery.get("payload", delivery), default=str))
+    return keys | {identity_key(EMAIL, address.lower()) for address in found}

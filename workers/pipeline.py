@@ -62,6 +62,9 @@ def attributable(events: list[Event], blocked: frozenset[str]) -> list[Event]:
     """Events with placeholder identifiers removed; EventInvalid when one has no real identifier left."""
     kept, problems = [], []
     for event in events:
+        if event.identity is None:  # an operator's erasure, naming the person by identity keys only
+            kept.append(event)
+            continue
         identity = usable_identity(event.identity, blocked)
         if identity is None:
             problems.append({"event": event.type, "loc": "identity", "type": "blocked_identifier",

@@ -16,6 +16,7 @@ from adapters.geoip import GeoReader, open_reader
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import EventMapping, build_mappings
 from adapters.store import Members, ProfileStore, Quarantine
+from broker.dead_letters import DeadLetters
 from schemas.profile import IdentityHasher, Profile
 from workers.merge import MergeRules
 
@@ -36,6 +37,7 @@ class Runtime:
     batch_leases: dict[str, timedelta]
     hasher: IdentityHasher
     receipts: ErasureReceipts
+    dead_letters: DeadLetters
     _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def backlog(self, esp: str) -> int:
@@ -84,7 +86,8 @@ async def _create() -> Runtime:
     batch_leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + t.job_timeout_s) for name, t in targets.items()}
     return Runtime(settings, store, {n: esp for n, (esp, _) in built.items()}, build_mappings(settings), quarantine, rules, geo,
                    frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
-                   {n: guard for n, (_, guard) in built.items()}, leases, batch_leases, hasher, receipts)
+                   {n: guard for n, (_, guard) in built.items()}, leases, batch_leases, hasher, receipts,
+                   DeadLetters(settings.amqp_url, settings.queue_prefix))
 
 
 async def close_runtime() -> None:

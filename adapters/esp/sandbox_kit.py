@@ -6,7 +6,7 @@ A sandbox subclasses :class:`SandboxBase` and provides:
   - ``error(status, title, detail)``: an error in the ESP's own format.
 
 Controls (never authenticated, never counted):
-  ``POST /_sandbox/faults {"status", "count"}``   the next writes fail with that status;
+  ``POST /_sandbox/faults {"status", "count"}``   the next writes fail with that status (``{"clear": true}``: no more);
   ``POST /_sandbox/outage {"seconds"}``           every API call answers 503 until then;
   ``POST /_sandbox/latency {"ms"}``               every API call waits that long;
   ``GET /_sandbox/stats``, ``POST /_sandbox/stats/reset``  requests per route, peak concurrency;
@@ -106,7 +106,10 @@ class SandboxBase(ABC):
 
     async def _add_faults(self, request: web.Request) -> web.Response:
         body = await json_body(request) or {}
-        self.faults.extend([int(body.get("status", 503))] * int(body.get("count", 1)))
+        if body.get("clear"):
+            self.faults = []
+        else:
+            self.faults.extend([int(body.get("status", 503))] * int(body.get("count", 1)))
         return web.json_response({"pending_faults": len(self.faults)})
 
     async def _outage(self, request: web.Request) -> web.Response:

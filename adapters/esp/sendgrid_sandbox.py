@@ -23,7 +23,8 @@ Enforced:
 
 A job's ``errors_url`` is a file download, as at SendGrid: a CSV (``email,error``) under
 ``/_sandbox/files/``, fetched without the API key (one sent anyway is refused);
-``GET /_sandbox/contacts`` lists every contact and suppression; the ``/_sandbox`` controls of
+``GET /_sandbox/contacts`` lists every contact and suppression, ``POST /_sandbox/job-delay {"ms"}`` sets how long new jobs
+stay pending; the ``/_sandbox`` controls of
 :mod:`adapters.esp.sandbox_kit`.
 
 Run: ``python -m adapters.esp.sendgrid_sandbox --port 8082``.
@@ -174,6 +175,7 @@ class Sandbox(SandboxBase):
         app.router.add_get("/v3/asm/suppressions/global/{email}", self.suppression)
         app.router.add_delete("/v3/asm/suppressions/global/{email}", self.unsuppress)
         app.router.add_get("/_sandbox/contacts", self.all_contacts)
+        app.router.add_post("/_sandbox/job-delay", self._job_delay)
 
     def error(self, status: int, title: str, detail: str) -> web.Response:
         return sg_error(status, detail)
@@ -193,7 +195,14 @@ class Sandbox(SandboxBase):
 
     def extra_stats(self) -> dict[str, Any]:
         return {"rate_limits": {group: window.stats() for group, window in self.windows.items()},
-                "throttled": sum(window.throttled for window in self.windows.values())}
+                "throttled": sum(window.throttled for window in self.windows.values()),
+                "jobs_running": sum(1 for job in self.jobs.values() if job.status == "pending")}
+
+    async def _job_delay(self, request: web.Request) -> web.Response:
+        """``POST /_sandbox/job-delay {"ms"}``: how long jobs accepted from now on stay pending."""
+        body = await json_body(request) or {}
+        self.job_delay_s = float(body.get("ms", self.job_delay_s * 1000)) / 1000
+        return web.json_response({"job_delay_ms": self.job_delay_s * 1000})
 
     async def _reset_stats(self, request: web.Request) -> web.Response:
         for window in self.windows.values():
