@@ -392,3 +392,39 @@ async def test_a_bulk_job_still_in_flight_cannot_land_after_the_erasure(mongo_ur
             assert [c for c in (await sendgrid.control(http, "contacts"))["contacts"] if c.get("email") == email] == []
     finally:
         stop_sandbox(sendgrid)
+
+
+async def test_an_erasure_removes_the_dead_letters_that_carry_the_person(receiver, system, sandbox, klaviyo_sandbox, sendgrid_sandbox, http):
+    from datetime import datetime, timezone
+
+    from broker import topology
+    from broker.publisher import Publisher, publish_delivery
+    from schemas.delivery import Delivery
+
+    email, bystander = unique("lettered"), unique("bystander")
+    queue = topology.events_queue(system.settings.queue_prefix)
+    publisher = Publisher(system.settings.amqp_url, [queue], 5)
+    ids = []
+    for who in (email, bystander):  # deliveries nothing maps (permanent failures): dead letters with the whole payload
+        ghost = Delivery(source="ghost", topic="x", delivery_id=uuid.uuid4().hex, received_at=datetime.now(timezone.utc),
+                         payload={"contact": {"email": who}, "first_name": "Dora"})
+        ids.append(await publish_delivery(publisher, queue, ghost))
+    await publisher.close()
+
+    async def lettered(wanted=set(ids)):
+        letters = await asyncio.to_thread(cli, system.env, "dlq", "list", "--queue", "events", "--json")
+        return wanted <= {d["message_id"] for d in letters}
+
+    await eventually(lettered, timeout=30)
+    assert (await post_webhook(http, receiver, "customers/redact", redact(email))).status == 202
+    rid = receipt_id(system, customer_gid(email))
+    done = await eventually(lambda: completed(system, rid), timeout=45)
+
+    async def removed():
+        found = await receipt(system, rid)
+        return found if (found.get("removed") or {}).get("dead_letters") == 1 else None
+
+    await eventually(removed, timeout=30)
+    letters = {d["message_id"] for d in await asyncio.to_thread(cli, system.env, "dlq", "list", "--queue", "events", "--json")}
+    assert ids[0] not in letters and ids[1] in letters  # the bystander's letter stays for the operator
+    assert done["profile_ids"]
