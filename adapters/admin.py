@@ -138,7 +138,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> w
         await app[STORE].close()
 
     app = web.Application(middlewares=[auth])
-    app[STORE] = store or ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    app[STORE] = store or ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
     app[PUBLISHER] = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/admin/profiles/{ref}", profile)

@@ -268,10 +268,13 @@ async def _profile(args: argparse.Namespace) -> int:
     from adapters.store import ProfileStore
 
     settings = get_settings()
-    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
     try:
         if args.action == "quality":
             print(json.dumps(await store.flag_counts(), indent=2))
+            return 0
+        if args.action == "rekey":
+            print(json.dumps({"rekeyed": await store.rekey()}))
             return 0
         found = await find(store, args.ref)
         if found is None:
@@ -301,7 +304,7 @@ async def _preview(args: argparse.Namespace) -> int:
     from adapters.store import ProfileStore
 
     settings = get_settings()
-    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
     try:
         found = await find(store, args.ref)
         if found is None:
@@ -526,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = profile.add_parser("show", help="a profile with the lineage of every trait (by id or email)")
     p.add_argument("ref")
     p = profile.add_parser("quality", help="profiles and events per data-quality flag")
+    p = profile.add_parser("rekey", help="index profiles by the keyed hashes of their identifiers (once, when upgrading)")
     for p in profile.choices.values():
         p.set_defaults(func=cmd_profile)
 

@@ -17,7 +17,7 @@ from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from schemas.errors import BrokerUnavailable, StoredProfileInvalid, SyncBusy
-from schemas.profile import Profile, profile_keys
+from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
 
 if TYPE_CHECKING:
     from workers.erasure import ErasurePlan
@@ -85,15 +85,31 @@ class ProfileStore:
     Parameters:
       client: an ``AsyncMongoClient`` created with ``tz_aware=True``.
       database: database name.
+      hasher: how identity keys are indexed (keyed hashes); needed to find or write profiles by
+        identifier, not to read or sync them by id.
     """
 
-    def __init__(self, client: AsyncMongoClient, database: str) -> None:
+    def __init__(self, client: AsyncMongoClient, database: str, hasher: IdentityHasher | None = None) -> None:
         self.client = client
         self.profiles = client[database][PROFILES]
+        self._hasher = hasher
 
     @classmethod
-    def connect(cls, uri: str, database: str) -> ProfileStore:
-        return cls(AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5_000), database)
+    def connect(cls, uri: str, database: str, hasher: IdentityHasher | None = None) -> ProfileStore:
+        return cls(AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5_000), database, hasher)
+
+    @property
+    def hasher(self) -> IdentityHasher:
+        if self._hasher is None:
+            raise ValueError("this store was opened without an identity hasher: it cannot find profiles by identifier")
+        return self._hasher
+
+    def index(self, profile: Profile) -> list[str]:
+        """The profile's keys in the unique index: the keyed hash of every identifier (a tombstone keeps
+        nothing else, so its keys are those hashes as they are)."""
+        if profile.erased is not None:
+            return list(profile.identifiers.get(ERASED, ()))
+        return sorted({self.hasher.index_key(key) for key in profile_keys(profile)})
 
     async def close(self) -> None:
         await self.client.close()
@@ -115,6 +131,24 @@ class ProfileStore:
                 [(f"esp.{esp}.pending", ASCENDING), (f"esp.{esp}.dirty_at", ASCENDING)], name=f"{esp}_pending"
             )
 
+    async def unhashed_left(self) -> bool:
+        """Whether profiles written before identifiers were indexed by keyed hashes are still indexed by
+        plain ones (they would be found by nothing): ``mergetag profile rekey`` fixes that, once."""
+        return await self.profiles.find_one({"keys": {"$regex": "^(email|phone):"}}, {"_id": 1}) is not None
+
+    async def rekey(self) -> int:
+        """Index every live profile by the keyed hashes of its identifiers (idempotent); returns how many changed."""
+        changed = 0
+        async for doc in self.profiles.find({"merged_into": {"$exists": False}, "erased": None}):
+            found = self._split(dict(doc))
+            if found is None:
+                continue
+            keys = self.index(found[0])
+            if sorted(doc.get("keys", [])) != keys:
+                await self.profiles.update_one({"_id": doc["_id"], "version": doc["version"]}, {"$set": {"keys": keys}})
+                changed += 1
+        return changed
+
     async def load(self, profile_id: str) -> tuple[Profile, dict[str, Any]] | None:
         """Load a profile, following the pointer an absorbed profile leaves behind."""
         for _ in range(10):
@@ -130,9 +164,10 @@ class ProfileStore:
         return owners[0] if owners else None
 
     async def find_owners(self, keys: list[str]) -> list[tuple[Profile, dict[str, Any]]]:
-        """Every profile owning one of ``keys``, ordered by the strongest key each owns. One round trip."""
-        docs = [doc async for doc in self.profiles.find({"keys": {"$in": keys}}).limit(len(keys))]
-        rank = {key: i for i, key in enumerate(keys)}
+        """Every profile owning one of identity keys ``keys`` (live ones and tombstones), ordered by the
+        strongest key each owns. One round trip."""
+        rank = {indexed: i for i, key in enumerate(keys) for indexed in self.hasher.index_keys(key)}
+        docs = [doc async for doc in self.profiles.find({"keys": {"$in": list(rank)}}).limit(len(rank))]
         docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
         return [split for doc in docs if (split := self._split(doc)) is not None]
 
@@ -150,7 +185,7 @@ class ProfileStore:
           sent: per ESP target, the hash the survivor's contact was last sent.
         """
         body = survivor.model_dump(mode="python", exclude={"id"})
-        body["keys"] = profile_keys(survivor)
+        body["keys"] = self.index(survivor)
         now = datetime.now(timezone.utc)
         state: dict[str, Any] = {}
         for esp, (member, member_hash) in members.items():
@@ -269,7 +304,7 @@ class ProfileStore:
         now = datetime.now(timezone.utc)
         work = work or {}
         body = profile.model_dump(mode="python", exclude={"id"})
-        body["keys"] = profile_keys(profile)
+        body["keys"] = self.index(profile)
         if version is None:
             doc = {
                 "_id": profile.id,

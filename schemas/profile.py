@@ -170,13 +170,15 @@ class IdentityHasher:
         """A stable id for the profile created with identity key ``key``, without spelling it out."""
         return "p_" + self.digest("profile\0" + key)[:32]
 
-    def erased_key(self, key: str) -> str:
-        """How an erased person's identifier is remembered: enough to recognise late events, not to read them."""
-        return identity_key(ERASED, self.digest(key))
+    def index_key(self, key: str) -> str:
+        """How identity key ``key`` is indexed, for live profiles and tombstones alike: one keyspace, so
+        the unique index itself keeps an erased identifier from ever belonging to a live profile again,
+        and a tombstone remembers an erased person without anyone being able to read who they were."""
+        return "h:" + self.digest(key)[:40]
 
-    def erased_keys(self, key: str) -> list[str]:
-        """``key``'s erased form under every secret, so a rotation never lets an erased person back in."""
-        return [identity_key(ERASED, self.digest(key, secret)) for secret in self.secrets]
+    def index_keys(self, key: str) -> list[str]:
+        """``key``'s index form under every secret: a rotation finds what older secrets indexed."""
+        return ["h:" + self.digest(key, secret)[:40] for secret in self.secrets]
 
     def erasure_id(self, name: str) -> str:
         """The receipt id of an erasure request named ``name`` (a sender's event id): the same for every retry."""

@@ -36,9 +36,16 @@ from adapters.receiver import create_app
 from adapters.settings import DEFAULT_MERGE_FIELDS, Settings
 from adapters.sources.shopify import sign
 from broker import admin
+from schemas.profile import IdentityHasher
 
 AMQP_URL = os.environ.get("MERGETAG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 IDENTITY_HASH_KEY = "test-identity-hash-key-0123456789"
+HASHER = IdentityHasher((IDENTITY_HASH_KEY.encode(),))
+
+
+def index_key(key: str) -> str:
+    """How the tests' processes index identity key ``key`` (``email:…``) in the profiles' ``keys``."""
+    return HASHER.index_key(key)
 API_KEY = "testkey00000000000000000000000000-us1"
 SHOPIFY_SECRET = "test-shopify-secret"
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,7 +40,6 @@ from workers.pipeline import (
     new_profile,
     over_limits,
     parse_delivery,
-    with_erased,
 )
 from workers.runtime import Runtime, close_runtime, runtime
 
@@ -106,7 +105,7 @@ async def erase_person(rt: Runtime, event: CustomerErased) -> None:
     keys = erasure.request_keys(event)
     targets = tuple(rt.esps)
     for _ in range(MAX_WRITE_ATTEMPTS):
-        owners = await rt.store.find_owners(with_erased(keys, rt.hasher))
+        owners = await rt.store.find_owners(keys)
         plan = erasure.plan(owners, event, rt.hasher)
         tomb = next((p for p, _ in owners if p.erased is not None), None)
         replay = len(owners) == 1 and tomb is not None and tomb.identifiers == plan.tombstone.identifiers
@@ -143,7 +142,7 @@ async def _remove_payloads(rt: Runtime, plan: erasure.ErasurePlan) -> None:
         if named in profiles:
             return True
         if letter.actor == topology.PROCESS_EVENT_ACTOR and args and isinstance(args[0], dict):
-            return any(rt.hasher.erased_key(k) in hashed for k in erasure.delivery_keys(args[0], rt.mappings))
+            return any(rt.hasher.index_key(k) in hashed for k in erasure.delivery_keys(args[0], rt.mappings))
         return False
 
     removed = await asyncio.to_thread(rt.dead_letters.purge_matching, of_person)
@@ -191,7 +190,7 @@ async def merge_into_profile(store: ProfileStore, identity: Identity, events: li
     rt = await runtime()
     source = events[0].source
     for _ in range(MAX_WRITE_ATTEMPTS):
-        owners = await store.find_owners(with_erased(lookup_keys(identity, source), rt.hasher))
+        owners = await store.find_owners(lookup_keys(identity, source))
         tombstone = next((p for p, _ in owners if p.erased is not None), None)
         if tombstone is not None:
             # An erased person stays erased: nothing that arrives later is kept, however it names them.
@@ -363,7 +362,7 @@ async def _merge_owners(store: ProfileStore, owners: list[tuple[Profile, dict[st
     work = address_work(survivor, combined, _sent(survivor_meta, rt.esps))
     for esp in rt.esps:
         # The absorbed profiles' contacts are retired, so none is left orphaned (and subscribed) at the ESP.
-        retire = {p.email for p, meta in others if p.email and p.email != combined.email and meta["esp"].get(esp, {}).get("sent_hash")}
+        retire = {p.email for p, meta in others if p.email and p.email != combined.email and _sent(meta, rt.esps)[esp]}
         if retire:
             lists = work.setdefault(esp, {})
             lists["retire"] = sorted(retire | set(lists.get("retire", [])))

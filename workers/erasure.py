@@ -49,8 +49,8 @@ class ErasurePlan:
 
     @property
     def keys(self) -> list[str]:
-        """The tombstone's index keys: one ``erased:<hash>`` per identifier."""
-        return profile_keys(self.tombstone)
+        """The tombstone's index keys: the keyed hash of every identifier."""
+        return list(self.tombstone.identifiers[ERASED])
 
 
 def request_keys(event: CustomerErased) -> list[str]:
@@ -74,7 +74,7 @@ def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher) -> 
     base = tomb or (live[0] if live else None)
     tomb_id = base[0].id if base else hasher.profile_id(keys[0])
     known = set(keys).union(*(profile_keys(p) for p, _ in live))
-    hashed = {hasher.erased_key(k).split(":", 1)[1] for k in known} | set(tomb[0].identifiers.get(ERASED, ()) if tomb else ())
+    hashed = {hasher.index_key(k) for k in known} | set(tomb[0].identifiers.get(ERASED, ()) if tomb else ())
     absorbed = set().union(*(p.merged_from for p, _ in owners)) | {p.id for p, _ in live if p.id != tomb_id}
     emails = {k.split(":", 1)[1] for k in keys if k.startswith(f"{EMAIL}:")}.union(*(addresses(p) for p, _ in live))
     stamp = tomb[0].erased if tomb else Stamp(event_time=event.event_time, source=event.source, event_id=rid)
@@ -92,7 +92,7 @@ def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher) -> 
 
 def hashed_request(event: CustomerErased, hasher: IdentityHasher) -> list[str]:
     """The request's identifiers as the receipt shows them: keyed hashes only."""
-    return sorted({hasher.erased_key(k) for k in request_keys(event)})
+    return sorted({hasher.index_key(k) for k in request_keys(event)})
 
 
 def delivery_keys(delivery: Mapping[str, Any], mappings: Mapping[str, Any]) -> set[str]:

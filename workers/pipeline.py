@@ -82,11 +82,6 @@ def lookup_keys(identity: Identity, source: str) -> list[str]:
     return [identity_key(kind, value) for kind, value in pairs if value is not None]
 
 
-def with_erased(keys: list[str], hasher: IdentityHasher) -> list[str]:
-    """The keys plus their erased (keyed-hash) forms under every secret, so one lookup also finds a tombstone."""
-    return [*keys, *(erased for k in keys for erased in hasher.erased_keys(k))]
-
-
 def addresses(profile: Profile) -> set[str]:
     """Every email address a live profile knows: the current one, earlier ones, those of absorbed profiles."""
     return {*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else [])}

@@ -72,9 +72,11 @@ async def runtime() -> Runtime:
 async def _create() -> Runtime:
     settings = get_settings()
     hasher = settings.hasher()
-    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, hasher)
     built = build_all(settings)
     await store.ensure_indexes(tuple(built))
+    if await store.unhashed_left():
+        raise RuntimeError("profiles are still indexed by plain identifiers: run `mergetag profile rekey` once, then start the workers")
     receipts = ErasureReceipts(store.client, settings.mongodb_database)
     await receipts.ensure_indexes()
     quarantine = Quarantine(store.client, settings.mongodb_database)

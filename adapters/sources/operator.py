@@ -45,7 +45,7 @@ def new_request_id() -> str:
 
 
 def hashed(keys: list[str], hasher: IdentityHasher) -> list[str]:
-    return sorted(hasher.erased_key(k) for k in keys)
+    return sorted(hasher.index_key(k) for k in keys)
 
 
 def to_events(delivery: Delivery) -> list[Event]:

@@ -12,11 +12,11 @@ from adapters.store import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile
-from tests.conftest import ROOT, eventually
+from tests.conftest import HASHER, ROOT, eventually
 
 
 async def test_batch_with_good_and_bad_members(system, sandbox, http):
-    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database)
+    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database, HASHER)
     tag = uuid.uuid4().hex[:8]
     good = [f"batch{n}-{tag}@example.com" for n in range(27)]
     bad = [f"batch{n}-{tag}@localhost" for n in range(3)]  # Mailchimp refuses these addresses

@@ -15,7 +15,7 @@ from broker import topology
 from broker.publisher import Publisher, encode_message, publish_delivery
 from schemas.delivery import Delivery
 from schemas.profile import Profile
-from tests.conftest import ESP_KEYS, ROOT, eventually
+from tests.conftest import ESP_KEYS, HASHER, ROOT, eventually
 from tests.integration.test_dead_letters import mergetag
 
 
@@ -38,7 +38,7 @@ async def refused_sync(system, store: ProfileStore, publisher: Publisher, esp: s
 
 
 async def test_dlq_filters_select_real_dead_letters_by_actor_reason_age_profile_and_target(system):
-    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database)
+    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database, HASHER)
     prefix = system.settings.queue_prefix
     publisher = Publisher(system.settings.amqp_url, topology.all_queues(prefix), 5)
     tag = uuid.uuid4().hex[:8]

@@ -6,7 +6,7 @@ import uuid
 
 import aiohttp
 
-from tests.conftest import WRITE_KEY, eventually, post_webhook, spawn, stop
+from tests.conftest import WRITE_KEY, eventually, index_key, post_webhook, spawn, stop
 from tests.samples import customer, order
 
 
@@ -20,7 +20,7 @@ async def track(http, receiver, call, body):
 
 
 async def owner(system, key):
-    return await system.db.profiles.find_one({"keys": key})
+    return await system.db.profiles.find_one({"keys": index_key(key)})
 
 
 async def test_identify_attaches_anonymous_history_and_merges_profiles(receiver, system, sandbox, http):
@@ -57,7 +57,7 @@ async def test_identify_attaches_anonymous_history_and_merges_profiles(receiver,
         return d if "Hats" in d["categories_viewed"] else None
 
     await eventually(late)
-    assert await system.db.profiles.count_documents({"keys": f"tracking:{user}"}) == 1
+    assert await system.db.profiles.count_documents({"keys": index_key(f"tracking:{user}")}) == 1
 
 
 async def test_merging_two_known_customers_retires_the_absorbed_esp_contact(receiver, system, sandbox, http):
@@ -166,6 +166,6 @@ async def test_concurrent_workers_lose_no_update(receiver, system, http, tmp_pat
 
         doc = await eventually(settled, timeout=60)
         assert doc["computed"]["lifetime_value"] == "600.00"
-        assert await system.db.profiles.count_documents({"keys": f"email:{email}"}) == 1
+        assert await system.db.profiles.count_documents({"keys": index_key(f"email:{email}")}) == 1
     finally:
         stop(extra)

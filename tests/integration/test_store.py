@@ -8,13 +8,14 @@ import pytest
 from adapters.store import ProfileStore
 from schemas.errors import SyncBusy
 from schemas.profile import Profile
+from tests.conftest import HASHER
 
 T = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture
 async def store(mongo_uri):
-    store = ProfileStore.connect(mongo_uri, "store" + uuid.uuid4().hex[:8])
+    store = ProfileStore.connect(mongo_uri, "store" + uuid.uuid4().hex[:8], HASHER)
     await store.ensure_indexes()
     yield store
     await store.client.drop_database(store.profiles.database.name)

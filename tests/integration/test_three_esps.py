@@ -17,7 +17,7 @@ from adapters.store import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile
-from tests.conftest import ESP_KEYS, ROOT, SENDGRID_LIST_ID, eventually, post_webhook
+from tests.conftest import ESP_KEYS, HASHER, ROOT, SENDGRID_LIST_ID, eventually, post_webhook
 from tests.samples import customer, customer_gid, order
 
 
@@ -89,7 +89,7 @@ async def test_a_customer_reaches_all_three_and_an_unsubscribe_follows(receiver,
 
 
 async def test_backlogs_go_in_bulk_jobs_and_refused_items_are_dead_lettered_alone(system, klaviyo_sandbox, sendgrid_sandbox, http):
-    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database)
+    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database, HASHER)
     with mock.patch.dict(os.environ, ESP_KEYS):
         targets = system.settings.esp_targets()
     clients = {name: build_esp(name, targets[name]) for name in ("klaviyo", "sendgrid")}
@@ -150,7 +150,7 @@ def _hash(member: dict[str, Any] | None) -> str | None:
 async def test_a_bulk_request_refused_whole_is_split_so_the_good_ones_still_go(system, sendgrid_sandbox, http):
     """The ESP refuses a whole bulk request (a 400 naming one contact): the members go one by one,
     the good ones arrive and nothing waits for the bad one."""
-    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database)
+    store = ProfileStore.connect(system.settings.mongodb_uri, system.settings.mongodb_database, HASHER)
     with mock.patch.dict(os.environ, ESP_KEYS):
         client = build_esp("sendgrid", system.settings.esp_targets()["sendgrid"])
     emails = [f"split{n}-{uuid.uuid4().hex[:8]}@example.com" for n in range(5)]
