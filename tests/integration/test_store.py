@@ -116,3 +116,18 @@ async def test_profiles_without_a_member_are_never_pending(store):
     assert await store.save(profile.model_copy(update={"traits": {}}), meta["version"], {"mailchimp": (None, None)})
     assert (await store.load("p1"))[1]["esp"]["mailchimp"]["pending"] is False
     assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
+
+
+async def test_identifiers_are_indexed_by_keyed_hashes_and_older_profiles_are_rekeyed_once(store):
+    assert await store.save(person("p1", "a@example.com", shopify="1"), None, {"mailchimp": (None, None)})
+    raw = await store.profiles.find_one({"_id": "p1"})
+    assert "a@example.com" not in str(raw["keys"]) and all(k.startswith("h:") for k in raw["keys"])
+    other_secret = ProfileStore(store.client, store.profiles.database.name, type(HASHER)((b"another-secret-0123456789",)))
+    assert await other_secret.find_owners(["email:a@example.com"]) == []  # without the secret, nobody finds (or computes) them
+    # A profile written before keyed hashes: indexed by plain identifiers until rekeyed.
+    await store.profiles.insert_one({"_id": "p2", "email": "b@example.com", "identifiers": {"email": ["b@example.com"]},
+                                     "keys": ["email:b@example.com"], "version": 1, "esp": {}})
+    assert await store.unhashed_left() and await store.find_owners(["email:b@example.com"]) == []
+    assert await store.rekey() == 1 and await store.rekey() == 0
+    assert not await store.unhashed_left()
+    assert [p.id for p, _ in await store.find_owners(["email:b@example.com"])] == ["p2"]
