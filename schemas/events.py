@@ -13,7 +13,17 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 EVENT_SCHEMA_VERSION = "1.2"
@@ -62,6 +72,13 @@ def _amount(value: Decimal) -> Decimal:
     """More than AMOUNT_PLACES decimals (float noise such as 59.970000000000006) are rounded half-even."""
     return value.quantize(Decimal(1).scaleb(-AMOUNT_PLACES)) if value.as_tuple().exponent < -AMOUNT_PLACES else value
 
+
+def _text(value: Any) -> Any:
+    """Checked before ``min_length`` reads it (pydantic would name it string_unicode): one reason for all text."""
+    return storable(value) if isinstance(value, str) else value
+
+
+Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
 
 # Money as the enrichment can sum and average it exactly in Decimal's 28 digits: finite, 0 to 10^12,
 # at most 4 decimals. Lifetime sums stay exact to 10^24 (a trillion such orders); quantizing the
@@ -149,8 +166,8 @@ class LineItem(_Checked):
 
 class _Event(_Checked):
     schema_version: str = EVENT_SCHEMA_VERSION
-    event_id: str = Field(min_length=1, description="Stable across re-deliveries of the same happening.")
-    source: str = Field(min_length=1)
+    event_id: Name = Field(description="Stable across re-deliveries of the same happening.")
+    source: Name
     event_time: AwareDatetime
     received_at: AwareDatetime
     identity: Identity
@@ -174,7 +191,7 @@ class OrderCompleted(_Event):
     """An order and its latest state; a cancelled or test order never counts (flags since 1.1)."""
 
     type: Literal["order.completed"] = "order.completed"
-    order_id: str = Field(min_length=1)
+    order_id: Name
     total: Amount
     currency: str | None = None
     items: tuple[LineItem, ...] = ()
@@ -184,7 +201,7 @@ class OrderCompleted(_Event):
 
 class CheckoutChanged(_Event):
     type: Literal["checkout.started", "checkout.updated"]
-    checkout_id: str = Field(min_length=1)
+    checkout_id: Name
     url: str | None = None
     total: Amount
     currency: str | None = None

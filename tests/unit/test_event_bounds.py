@@ -34,11 +34,10 @@ def reasons(event: dict) -> set[tuple[str, str]]:
     ({"type": "email.clicked", "esp": "x", "url": "https://x/\ud800"}, "email.clicked.url"),
     ({"type": "order.completed", "order_id": "1", "total": 1, "items": [{"category": "\ud800"}]}, "order.completed.items.0.category"),
     ({"type": "customer.updated", "event_id": "\ud800"}, "customer.updated.event_id"),
+    ({"type": "order.completed", "order_id": "o-\udc00", "total": 1}, "order.completed.order_id"),
 ])
 def test_lone_surrogates_anywhere_in_an_event_are_refused(event, loc):
-    found = reasons(event)
-    assert {where for where, _ in found} == {loc}
-    assert {kind for _, kind in found} <= {"invalid_unicode", "string_unicode"}
+    assert reasons(event) == {(loc, "invalid_unicode")}
 
 
 @pytest.mark.parametrize(("value", "kind"), [(2**63, "number_out_of_range"), (-(2**63) - 1, "number_out_of_range"),
