@@ -37,6 +37,11 @@ MAX_USER_AGENT = 512
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def millisecond_utc(value: datetime) -> datetime:
+    """Store and compare at the precision MongoDB keeps, in UTC, so a round trip changes nothing."""
+    return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+
+
 def storable(value: Any) -> Any:
     """``value`` if MongoDB can store it and the enrichment compute with it; a PydanticCustomError naming why not.
 
@@ -176,8 +181,7 @@ class _Event(_Checked):
     @field_validator("event_time", "received_at")
     @classmethod
     def _millisecond_utc(cls, value: datetime) -> datetime:
-        """Store and compare at the precision MongoDB keeps, in UTC, so a round trip changes nothing."""
-        return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+        return millisecond_utc(value)
 
 
 class CustomerUpdated(_Event):
@@ -270,6 +274,7 @@ __all__ = [
     "OrderCompleted",
     "ProductViewed",
     "Scalar",
+    "millisecond_utc",
     "normalize_email",
     "storable",
 ]
