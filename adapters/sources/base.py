@@ -92,18 +92,22 @@ def parse_json(body: bytes | str) -> Any:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except ValueError:
         raise Rejected(400, "malformed_json") from None
-    if _LONE_SURROGATE_ESCAPE.search(text):
+    if _LONE_SURROGATE_ESCAPE.search(text) or ("\\\\" in text and _SURROGATE_ESCAPE.search(text)):
         where = lone_surrogate_at(value)
         if where is not None:
             raise Rejected(400, "invalid_unicode", f"lone surrogate (\\uD800-\\uDFFF escape) at {where or 'the top level'}")
     return value
 
 
-# A high-surrogate escape not followed by a low one, or a low one not preceded by a high one.
+# A high-surrogate escape not followed by a low one, or a low one not preceded by a high one. Every branch
+# starts with the literal ``\\uD`` so the search skips ahead fast (a leading lookbehind made it 50x slower).
 _LONE_SURROGATE_ESCAPE = re.compile(
-    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    r"\\u[dD](?:[89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD])[c-fC-F][0-9a-fA-F]{2})"
 )
+# An escaped backslash can make a lone escape look paired (``\\\\ud83d\\udc00``): with one in the text,
+# any surrogate escape at all means a walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -39,6 +39,9 @@ def test_nan_infinity_and_overflowing_floats_are_invalid_numbers(body):
     b'{"a": {"b": ["ok", "x\\uDFFFy"]}}',             # a lone low one, nested, upper case
     b'{"\\udc00key": 1}',                             # in a key
     b'{"a": "\\ude00\\ud83d"}',                       # a pair in the wrong order is two lone ones
+    b'{"a": "\\ud83d\\ud83d\\ude00"}',                # a lone high one before a pair
+    b'{"a": "\\ud83d\\ude00\\udc00"}',                # a lone low one after a pair
+    b'{"a": "\\\\ud83d\\udc00"}',                     # a lone low one after text that only looks like a high one
     '{"a": "\udcff"}'.encode("utf-8", "surrogatepass"),  # a surrogate encoded as UTF-8 bytes
     b'{"a": "\xff"}',                                 # not UTF-8 at all
     '{"a": "\\ud800"}'.encode("utf-16"),              # UTF-16 JSON is read, and checked the same way
@@ -48,7 +51,8 @@ def test_text_that_is_not_unicode_is_refused(body):
 
 
 def test_valid_surrogate_pairs_and_escaped_backslashes_are_kept():
-    assert parse_json(b'{"a": "\\ud83d\\ude00", "b": "\\\\ud800"}') == {"a": "\U0001F600", "b": "\\ud800"}
+    assert parse_json(b'{"a": "\\ud83d\\ude00", "b": "\\\\ud800", "c": "\\uD83D\\uDE00\\ud83d\\ude00"}') == \
+        {"a": "\U0001F600", "b": "\\ud800", "c": "\U0001F600\U0001F600"}
 
 
 def test_the_refusal_names_where_without_the_value():
