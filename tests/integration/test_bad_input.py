@@ -53,13 +53,13 @@ async def test_nan_in_a_tracking_body_is_a_400(receiver, http):
     assert (status, problem["error"]) == (400, "invalid_number")
 
 
-async def test_a_batch_of_2501_messages_is_a_400_and_2500_are_accepted(receiver, http):
+async def test_a_batch_of_2501_messages_is_a_400(receiver, http):
+    """Refused whole, before any message is queued (that 2,500 pass is a unit test: queuing them here would load
+    the shared system for the tests after this one)."""
     item = {"type": "identify", "userId": f"batch-{uuid.uuid4().hex[:8]}"}
     status, problem = await post(http, f"{receiver}/v1/batch", json.dumps({"batch": [item] * 2_501}).encode(), AUTH)
     assert (status, problem["error"]) == (400, "batch_too_large")
     assert "2500" in problem["detail"]
-    status, reply = await post(http, f"{receiver}/v1/batch", json.dumps({"batch": [item] * 2_500}).encode(), AUTH)
-    assert (status, reply) == (200, {"success": True})
 
 
 async def test_a_signed_shopify_body_with_a_lone_surrogate_is_a_400(receiver, http):
