@@ -42,6 +42,11 @@ def millisecond_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Python strings may hold surrogates that no UTF-8 (so no BSON, Redis or HTTP) can carry."""
+    return _SURROGATE.search(text) is not None
+
+
 def storable(value: Any) -> Any:
     """``value`` if MongoDB can store it and the enrichment compute with it; a PydanticCustomError naming why not.
 
@@ -52,7 +57,7 @@ def storable(value: Any) -> Any:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if has_lone_surrogate(item):
                 raise PydanticCustomError("invalid_unicode", "text is not valid Unicode (a lone surrogate)")
         elif isinstance(item, bool):
             continue
@@ -274,6 +279,7 @@ __all__ = [
     "OrderCompleted",
     "ProductViewed",
     "Scalar",
+    "has_lone_surrogate",
     "millisecond_utc",
     "normalize_email",
     "storable",

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
-from schemas.events import Event, EventAdapter
+from schemas.events import Event, EventAdapter, has_lone_surrogate
 
 
 class Rejected(Exception):
@@ -108,12 +108,6 @@ _LONE_SURROGATE_ESCAPE = re.compile(
 # An escaped backslash can make a lone escape look paired (``\\\\ud83d\\udc00``): with one in the text,
 # any surrogate escape at all means a walk.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def has_lone_surrogate(text: str) -> bool:
-    """Python strings may hold surrogates that no UTF-8 (so no BSON, Redis or HTTP) can carry."""
-    return _SURROGATE.search(text) is not None
 
 
 def lone_surrogate_at(value: Any) -> str | None:
