@@ -19,7 +19,7 @@ from adapters.dedup import Dedup
 from adapters.metrics import DeliveryCounters
 from adapters.openapi import document
 from adapters.settings import Settings
-from adapters.sources.base import Inbound, Rejected, Source
+from adapters.sources.base import Inbound, Rejected, Source, check_names
 from adapters.sources.registry import build_sources
 from adapters.sources.tracking import NAME as TRACKING
 from broker import topology
@@ -74,6 +74,7 @@ def create_app(
                           body=body, received_at=datetime.now(timezone.utc), query=dict(request.query))
         try:
             deliveries = source.accept(inbound)
+            check_names(deliveries)
         except Rejected as exc:
             return reject(name, exc)
         except (ValueError, UnicodeError, RecursionError, TypeError):

@@ -6,12 +6,15 @@ and one conditional write guarded by ``version`` (optimistic concurrency).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+import bson
+from bson.errors import InvalidDocument
 from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
@@ -538,7 +541,10 @@ class Quarantine:
     """Deliveries that failed validation, kept whole with every error until re-driven.
 
     One document per delivery (``source:delivery_id``), so quarantining the same
-    delivery again updates it instead of adding a copy (and counts one more attempt).
+    delivery again updates it instead of adding a copy (and counts one more attempt). A
+    delivery BSON cannot encode (lone surrogates, integers beyond 64 bits: often the very reason
+    it was refused) is kept as ASCII JSON text in ``delivery_json``, with a readable summary in
+    ``delivery``; :meth:`delivery` gives back the original either way.
     """
 
     def __init__(self, client: AsyncMongoClient, database: str) -> None:
@@ -546,20 +552,46 @@ class Quarantine:
 
     @staticmethod
     def key(delivery: dict[str, Any]) -> str:
-        return f"{delivery.get('source')}:{delivery.get('delivery_id')}"
+        return Quarantine._valid_text(f"{delivery.get('source')}:{delivery.get('delivery_id')}")
+
+    @staticmethod
+    def delivery(doc: dict[str, Any]) -> dict[str, Any]:
+        """The delivery exactly as it was refused: what a redrive must publish."""
+        encoded = doc.get("delivery_json")
+        return json.loads(encoded) if encoded is not None else doc["delivery"]
 
     async def put(self, delivery: dict[str, Any], errors: list[dict[str, str]], schema_version: str) -> str:
         now = datetime.now(timezone.utc)
         key = self.key(delivery)
+        errors = [{name: self._valid_text(str(value)) for name, value in error.items()} for error in errors]
         reasons = sorted({f"{e['event']}:{e['loc']}:{e['type']}" for e in errors})
-        await self.collection.update_one(
-            {"_id": key},
-            {"$set": {"delivery": delivery, "errors": errors, "reasons": reasons, "schema_version": schema_version,
-                      "status": "quarantined", "last_failed_at": now},
-             "$setOnInsert": {"first_failed_at": now}, "$inc": {"attempts": 1}},
-            upsert=True,
-        )
+        kept = self._storable(delivery)
+        update: dict[str, Any] = {
+            "$set": {**kept, "errors": errors, "reasons": reasons, "schema_version": self._valid_text(schema_version),
+                     "status": "quarantined", "last_failed_at": now},
+            "$setOnInsert": {"first_failed_at": now}, "$inc": {"attempts": 1},
+        }
+        if "delivery_json" not in kept:
+            update["$unset"] = {"delivery_json": ""}
+        await self.collection.update_one({"_id": key}, update, upsert=True)
         return key
+
+    @staticmethod
+    def _valid_text(text: str) -> str:
+        """Lone surrogates (which BSON's UTF-8 cannot carry) as ``\\udXXX`` escapes; any other text unchanged."""
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    @staticmethod
+    def _storable(delivery: dict[str, Any]) -> dict[str, Any]:
+        """The fields that keep ``delivery`` in its document: itself when BSON can encode it, else its exact
+        JSON text (ASCII: surrogates escaped, big integers as digits) and a summary to list it by."""
+        try:
+            bson.encode({"delivery": delivery})
+        except (UnicodeEncodeError, OverflowError, InvalidDocument):
+            summary = {name: Quarantine._valid_text(str(delivery[name]))
+                       for name in ("source", "topic", "delivery_id", "received_at") if name in delivery}
+            return {"delivery": {**summary, "kept_as": "delivery_json"}, "delivery_json": json.dumps(delivery, ensure_ascii=True)}
+        return {"delivery": delivery}
 
     @staticmethod
     def _query(status: str | None, reason: str | None, after: str | None = None) -> dict[str, Any]:
@@ -619,7 +651,7 @@ class Quarantine:
             report.skipped += 1
             return
         try:
-            await publish(doc["delivery"])
+            await publish(self.delivery(doc))
         except BrokerUnavailable:
             report.failed += 1
             return

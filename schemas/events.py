@@ -7,15 +7,104 @@ Each event carries its own identity (``event_id``), where it came from
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 EVENT_SCHEMA_VERSION = "1.2"
 
-Scalar = Union[str, int, float, bool, None]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_AMOUNT = Decimal(10) ** 12
+AMOUNT_PLACES = 4
+MAX_QUANTITY = 1_000_000
+MAX_USER_AGENT = 512
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def millisecond_utc(value: datetime) -> datetime:
+    """Store and compare at the precision MongoDB keeps, in UTC, so a round trip changes nothing."""
+    return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Python strings may hold surrogates that no UTF-8 (so no BSON, Redis or HTTP) can carry."""
+    return _SURROGATE.search(text) is not None
+
+
+def storable(value: Any) -> Any:
+    """``value`` if MongoDB can store it and the enrichment compute with it; a PydanticCustomError naming why not.
+
+    Strings must be valid Unicode (no lone surrogates: BSON is UTF-8), integers fit BSON's signed 64
+    bits, floats are finite. Walks dicts, lists and tuples (keys too); models check themselves.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if has_lone_surrogate(item):
+                raise PydanticCustomError("invalid_unicode", "text is not valid Unicode (a lone surrogate)")
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise PydanticCustomError("number_out_of_range", "integer outside signed 64 bits")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise PydanticCustomError("invalid_number", "number is not finite (NaN or infinity)")
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return value
+
+
+Scalar = Annotated[Union[str, int, float, bool, None], AfterValidator(storable)]
+
+
+def _amount(value: Decimal) -> Decimal:
+    """More than AMOUNT_PLACES decimals (float noise such as 59.970000000000006) are rounded half-even."""
+    return value.quantize(Decimal(1).scaleb(-AMOUNT_PLACES)) if value.as_tuple().exponent < -AMOUNT_PLACES else value
+
+
+def _text(value: Any) -> Any:
+    """Checked before ``min_length`` reads it (pydantic would name it string_unicode): one reason for all text."""
+    return storable(value) if isinstance(value, str) else value
+
+
+Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
+
+# Money as the enrichment can sum and average it exactly in Decimal's 28 digits: finite, 0 to 10^12,
+# at most 4 decimals. Lifetime sums stay exact to 10^24 (a trillion such orders); quantizing the
+# average to cents never overflows.
+Amount = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False), AfterValidator(_amount)]
+
+
+class _Checked(BaseModel):
+    """Every field of every event must be storable (see :func:`storable`), whatever its declared type."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value)
 
 
 def normalize_email(value: str | None) -> str | None:
@@ -40,10 +129,8 @@ def normalize_phone(value: str | None) -> str | None:
     return ("+" if value.strip().startswith("+") else "") + digits
 
 
-class Identity(BaseModel):
+class Identity(_Checked):
     """Who the event is about. At least one identifier is required."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     email: str | None = None
     customer_id: str | None = Field(None, description="The source's own customer id, as a string.")
@@ -70,31 +157,31 @@ class Identity(BaseModel):
         return self
 
 
-class EventContext(BaseModel):
+class EventContext(_Checked):
     """Where the event came from; used for enrichment, then dropped (since 1.1)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     ip: str | None = None
-    user_agent: str | None = None
+    user_agent: str | None = Field(None, description=f"Cut to its first {MAX_USER_AGENT} characters (since 1.2).")
+
+    @field_validator("user_agent", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        """Browsers send under 512 bytes; parsing cost grows with the length, so a longer one is cut first."""
+        return value[:MAX_USER_AGENT] if isinstance(value, str) else value
 
 
-class LineItem(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class LineItem(_Checked):
     product_id: str | None = None
     title: str | None = None
     category: str | None = None
-    price: Decimal = Decimal("0")
-    quantity: int = 1
+    price: Amount = Decimal("0")
+    quantity: int = Field(1, ge=0, le=MAX_QUANTITY)
 
 
-class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class _Event(_Checked):
     schema_version: str = EVENT_SCHEMA_VERSION
-    event_id: str = Field(min_length=1, description="Stable across re-deliveries of the same happening.")
-    source: str = Field(min_length=1)
+    event_id: Name = Field(description="Stable across re-deliveries of the same happening.")
+    source: Name
     event_time: AwareDatetime
     received_at: AwareDatetime
     identity: Identity
@@ -103,8 +190,7 @@ class _Event(BaseModel):
     @field_validator("event_time", "received_at")
     @classmethod
     def _millisecond_utc(cls, value: datetime) -> datetime:
-        """Store and compare at the precision MongoDB keeps, in UTC, so a round trip changes nothing."""
-        return value.astimezone(timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+        return millisecond_utc(value)
 
 
 class CustomerUpdated(_Event):
@@ -118,8 +204,8 @@ class OrderCompleted(_Event):
     """An order and its latest state; a cancelled or test order never counts (flags since 1.1)."""
 
     type: Literal["order.completed"] = "order.completed"
-    order_id: str = Field(min_length=1)
-    total: Decimal = Field(ge=0)
+    order_id: Name
+    total: Amount
     currency: str | None = None
     items: tuple[LineItem, ...] = ()
     cancelled: bool = False
@@ -128,9 +214,9 @@ class OrderCompleted(_Event):
 
 class CheckoutChanged(_Event):
     type: Literal["checkout.started", "checkout.updated"]
-    checkout_id: str = Field(min_length=1)
+    checkout_id: Name
     url: str | None = None
-    total: Decimal = Field(ge=0)
+    total: Amount
     currency: str | None = None
     items: tuple[LineItem, ...] = ()
     completed: bool = False
@@ -208,6 +294,9 @@ EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
+    "MAX_AMOUNT",
+    "MAX_USER_AGENT",
+    "Amount",
     "CheckoutChanged",
     "ConsentChanged",
     "CustomerErased",
@@ -222,5 +311,8 @@ __all__ = [
     "OrderCompleted",
     "ProductViewed",
     "Scalar",
+    "has_lone_surrogate",
+    "millisecond_utc",
     "normalize_email",
+    "storable",
 ]

@@ -13,9 +13,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
 
-from schemas.events import Scalar
+from schemas.events import Scalar, millisecond_utc
 
 PROFILE_SCHEMA_VERSION = "1.1"
 
@@ -31,6 +31,9 @@ DEFAULT_BLOCKED = frozenset({
 
 
 Money = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str)]
+# Every time a profile holds is UTC at MongoDB's precision, as event times are, whatever built the profile:
+# its dates are then the same in memory and after the store handed it back (BSON keeps UTC instants).
+UtcTime = Annotated[AwareDatetime, AfterValidator(millisecond_utc)]
 
 
 class Stamp(BaseModel):
@@ -38,7 +41,7 @@ class Stamp(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    event_time: AwareDatetime
+    event_time: UtcTime
     source: str
     event_id: str
 
@@ -79,7 +82,7 @@ class AbandonedCart(BaseModel):
     url: str | None = None
     value: Money
     item_count: int = 0
-    at: AwareDatetime
+    at: UtcTime
 
 
 class Computed(BaseModel):
@@ -89,12 +92,12 @@ class Computed(BaseModel):
 
     lifetime_value: Money = Decimal("0")
     order_count: int = 0
-    last_order_date: AwareDatetime | None = None
+    last_order_date: UtcTime | None = None
     loyalty_tier: str | None = None
     categories_viewed: tuple[str, ...] = ()
     average_order_value: Money = Decimal("0")
     top_categories: tuple[str, ...] = Field(default=(), description="Most ordered, then most viewed (since 1.1).")
-    last_email_open: AwareDatetime | None = None
+    last_email_open: UtcTime | None = None
     preferred_send_hour: int | None = Field(None, ge=0, le=23, description="Local hour with most opens (since 1.1).")
     abandoned_cart: AbandonedCart | None = Field(None, description="The latest checkout left open past the delay, with no order after it (since 1.1).")
 
@@ -123,8 +126,8 @@ class Profile(BaseModel):
     flags: dict[str, tuple[str, ...]] = Field(
         default_factory=dict, description="Data-quality flag -> the (latest 20) event ids that raised it (since 1.1)."
     )
-    first_seen: AwareDatetime | None = None
-    last_seen: AwareDatetime | None = None
+    first_seen: UtcTime | None = None
+    last_seen: UtcTime | None = None
     computed: Computed = Field(default_factory=Computed)
 
 

@@ -12,12 +12,21 @@ from functools import lru_cache
 from ua_parser import parse
 
 from adapters.geoip import GeoReader, geo_traits
-from schemas.events import CustomerUpdated, Event
+from schemas.events import MAX_USER_AGENT, CustomerUpdated, Event
+
+
+def device_traits(user_agent: str | None) -> tuple[tuple[str, str], ...]:
+    """Device, OS and client of a user agent, by the maintained ua-parser rules.
+
+    Bounded work: only the first MAX_USER_AGENT characters are parsed (events already hold no more),
+    by ua-parser's native resolver (ua-parser-rs) when installed: about 0.1 ms for a hostile 512-character
+    string, against several ms with the pure-Python one and seconds for a 28 KB string.
+    """
+    return _device_traits(user_agent[:MAX_USER_AGENT] if user_agent else None)
 
 
 @lru_cache(maxsize=4096)
-def device_traits(user_agent: str | None) -> tuple[tuple[str, str], ...]:
-    """Device, OS and client of a user agent, by the maintained ua-parser rules."""
+def _device_traits(user_agent: str | None) -> tuple[tuple[str, str], ...]:
     if not user_agent:
         return ()
     result = parse(user_agent)

@@ -40,12 +40,31 @@ def normalize(mapping: Mapping[str, MappingEntry | dict]) -> dict[str, FieldMapp
             for trait, entry in mapping.items()}
 
 
+def utc_date(value: datetime) -> date:
+    """The calendar date of an instant, taken in UTC (a naive time counts as UTC): the same date whether the
+    datetime came from an event in the shop's offset or back from MongoDB, which keeps UTC."""
+    return value.astimezone(timezone.utc).date() if value.tzinfo is not None else value.date()
+
+
+def _date_text(text: str) -> str | None:
+    """An ISO date, or the UTC date of an ISO datetime (``2026-03-01T22:30:00-05:00`` is ``2026-03-02``)."""
+    try:
+        return utc_date(datetime.fromisoformat(text)).isoformat()
+    except ValueError:
+        pass
+    try:
+        return date.fromisoformat(text[:10]).isoformat()
+    except ValueError:
+        return None
+
+
 def convert(value: Scalar | Decimal | datetime | date, spec: FieldMapping) -> Scalar:
-    """The value as the ESP field wants it; None when it cannot be converted (left out, never garbage)."""
+    """The value as the ESP field wants it; None when it cannot be converted (left out, never garbage).
+    Dates are taken in UTC."""
     if isinstance(value, Decimal):
         value = float(value)
     if isinstance(value, datetime):
-        value = value.date()
+        value = utc_date(value)
     if isinstance(value, date):
         value = value.isoformat()
     if spec.type == "number":
@@ -56,10 +75,7 @@ def convert(value: Scalar | Decimal | datetime | date, spec: FieldMapping) -> Sc
         except (InvalidOperation, ValueError):
             return None
     if spec.type == "date":
-        try:
-            return date.fromisoformat(str(value)[:10]).isoformat()
-        except ValueError:
-            return None
+        return _date_text(str(value))
     if spec.type == "text" or (spec.max_length and isinstance(value, str)):
         text = str(value)
         return text[: spec.max_length] if spec.max_length else text
@@ -69,8 +85,8 @@ def convert(value: Scalar | Decimal | datetime | date, spec: FieldMapping) -> Sc
 def profile_values(profile: Profile, today: date | None = None) -> dict[str, Scalar]:
     """Every trait a merge field can name: the profile's own traits, then the computed ones.
 
-    ``days_since_last_order`` and ``days_since_last_open`` are counted to ``today`` (UTC): they
-    are as fresh as the member's last sync, so map them only where a daily refresh runs.
+    Dates are UTC dates. ``days_since_last_order`` and ``days_since_last_open`` are counted to ``today``
+    (UTC): they are as fresh as the member's last sync, so map them only where a daily refresh runs.
     """
     today = today or datetime.now(timezone.utc).date()
     values: dict[str, Scalar] = {name: trait.value for name, trait in profile.traits.items()}
@@ -78,17 +94,17 @@ def profile_values(profile: Profile, today: date | None = None) -> dict[str, Sca
     values.update(
         lifetime_value=float(c.lifetime_value),
         order_count=c.order_count,
-        last_order_date=c.last_order_date.date().isoformat() if c.last_order_date else None,
+        last_order_date=utc_date(c.last_order_date).isoformat() if c.last_order_date else None,
         loyalty_tier=c.loyalty_tier,
         categories_viewed=", ".join(c.categories_viewed) or None,
         average_order_value=float(c.average_order_value),
         top_categories=", ".join(c.top_categories) or None,
         preferred_send_hour=c.preferred_send_hour,
-        last_email_open=c.last_email_open.date().isoformat() if c.last_email_open else None,
+        last_email_open=utc_date(c.last_email_open).isoformat() if c.last_email_open else None,
         abandoned_cart_url=c.abandoned_cart.url if c.abandoned_cart else None,
         abandoned_cart_value=float(c.abandoned_cart.value) if c.abandoned_cart else None,
-        days_since_last_order=(today - c.last_order_date.date()).days if c.last_order_date else None,
-        days_since_last_open=(today - c.last_email_open.date()).days if c.last_email_open else None,
+        days_since_last_order=(today - utc_date(c.last_order_date)).days if c.last_order_date else None,
+        days_since_last_open=(today - utc_date(c.last_email_open)).days if c.last_email_open else None,
     )
     return values
 
@@ -106,7 +122,7 @@ def _merge_value(value: Scalar) -> Scalar:
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, datetime):
-        return value.date().isoformat()
+        return utc_date(value).isoformat()
     return value
 
 

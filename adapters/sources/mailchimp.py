@@ -15,13 +15,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl
 
-from adapters.sources.base import Inbound, Rejected, WebhookSource, content_id, header, validate_events
+from adapters.sources.base import Inbound, Rejected, WebhookSource, content_id, header, json_value, validate_events
 from adapters.sources.mapped import as_time, context
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
@@ -52,8 +51,12 @@ class MailchimpSource(WebhookSource):
 
     def accept(self, inbound: Inbound) -> list[Delivery]:
         try:
-            params = parse_qsl(inbound.body.decode(), keep_blank_values=True, strict_parsing=bool(inbound.body))
-        except (UnicodeDecodeError, ValueError):
+            text = inbound.body.decode()
+            # Strict: an escape of bytes that are not UTF-8 (``%ED%A0%80``) is refused, not turned into U+FFFD.
+            params = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(inbound.body), errors="strict")
+        except UnicodeDecodeError:
+            raise Rejected(400, "invalid_unicode", "the form is not valid Unicode text (UTF-8)") from None
+        except ValueError:
             raise Rejected(400, "malformed_form") from None
         form = dict(params)
         if "mandrill_events" in form:
@@ -68,10 +71,7 @@ class MailchimpSource(WebhookSource):
         expected = [mandrill_signature(k, url, params).encode() for k in self._mandrill_keys]
         if not any([hmac.compare_digest(e, given.encode()) for e in expected]):
             raise Rejected(401, "invalid_signature")
-        try:
-            events = json.loads(raw)
-        except ValueError:
-            raise Rejected(400, "malformed_json") from None
+        events = json_value(raw)
         if not isinstance(events, list):
             raise Rejected(400, "invalid_payload", "mandrill_events must be a JSON array")
         # One bad item never costs the batch its good ones: it travels on and is quarantined with its reason.

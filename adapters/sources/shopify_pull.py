@@ -27,6 +27,9 @@ from schemas.errors import SourceUnavailable
 log = logging.getLogger(__name__)
 
 TOPICS = {"customers": "customers/update", "orders": "orders/updated"}
+# Shopify lists only open orders unless asked for every status: closed and cancelled ones matter too
+# (a cancellation must stop counting toward the lifetime value).
+FILTERS = {"orders": {"status": "any"}}
 LINK = re.compile(r'<([^>]+)>;\s*rel="?([a-z]+)"?')
 EPOCH = "1970-01-01T00:00:00+00:00"
 SKEW = timedelta(minutes=5)
@@ -89,7 +92,8 @@ class ShopifyPuller:
             state = {"since": since}
         start = state.get("since") or EPOCH
         began = state.get("began") or (datetime.now(timezone.utc) - SKEW).isoformat()
-        first = f"{self._base}/{resource}.json?" + urlencode({"limit": self._page_size, "updated_at_min": start})
+        first = f"{self._base}/{resource}.json?" + urlencode({"limit": self._page_size, "updated_at_min": start,
+                                                                **FILTERS.get(resource, {})})
         url = state.get("cursor") or first
         pages = records = 0
         async with aiohttp.ClientSession(headers=self._headers, timeout=aiohttp.ClientTimeout(total=30)) as session:

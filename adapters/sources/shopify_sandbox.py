@@ -1,7 +1,9 @@
 """A Shopify Admin REST sandbox: customers and orders behind Shopify's real pull contract.
 
-Enforced: ``X-Shopify-Access-Token``; ``updated_at_min`` filtering; cursor
-pagination through the ``Link`` header (``rel="next"``/``rel="previous"``), with
+Enforced: ``X-Shopify-Access-Token``; ``updated_at_min`` filtering; orders by
+``status`` as Shopify has it (``open`` by default: neither closed nor cancelled;
+``closed``, ``cancelled``, ``any``); cursor pagination through the ``Link`` header
+(``rel="next"``/``rel="previous"``), the filters kept in the cursor, with
 only ``limit`` and ``fields`` allowed next to ``page_info``; ``limit`` at most 250;
 a leaky bucket per token (40 requests, draining 2/s, both settable) reported in
 ``X-Shopify-Shop-Api-Call-Limit``, and 429 with ``Retry-After`` when it is full.
@@ -23,6 +25,12 @@ from aiohttp import web
 
 API_VERSION = "2024-10"
 RESOURCES = ("customers", "orders")
+ORDER_STATUSES = {
+    "open": lambda order: not order.get("closed_at") and not order.get("cancelled_at"),
+    "closed": lambda order: bool(order.get("closed_at")),
+    "cancelled": lambda order: bool(order.get("cancelled_at")),
+    "any": lambda order: True,
+}
 
 
 def _iso(value: datetime) -> str:
@@ -91,9 +99,15 @@ class ShopifySandbox:
             except ValueError:
                 return web.json_response({"errors": {"page_info": "Invalid value."}}, status=400, headers=limit_header)
             since, after, direction = cursor["since"], tuple(cursor["after"]) if cursor["after"] else None, cursor["dir"]
+            status = cursor.get("status")
         else:
             since, after, direction = query.get("updated_at_min"), None, "next"
+            status = query.get("status", "open") if resource == "orders" else None
+        if status is not None and status not in ORDER_STATUSES:
+            return web.json_response({"errors": {"status": "Invalid value."}}, status=400, headers=limit_header)
         rows = sorted(self.records[resource].values(), key=lambda r: (r["updated_at_sort"], r["id"]))
+        if status is not None:
+            rows = [r for r in rows if ORDER_STATUSES[status](r)]
         if since:
             try:
                 floor = _parse(since)
@@ -110,9 +124,9 @@ class ShopifySandbox:
         links = []
         base = f"{request.scheme}://{request.host}{request.path}"
         if start + limit < len(rows) and page:
-            links.append(f'<{base}?limit={limit}&page_info={self._cursor(since, page[-1], "next")}>; rel="next"')
+            links.append(f'<{base}?limit={limit}&page_info={self._cursor(since, status, page[-1], "next")}>; rel="next"')
         if start > 0 and page:
-            links.append(f'<{base}?limit={limit}&page_info={self._cursor(since, page[0], "previous")}>; rel="previous"')
+            links.append(f'<{base}?limit={limit}&page_info={self._cursor(since, status, page[0], "previous")}>; rel="previous"')
         headers = dict(limit_header)
         if links:
             headers["Link"] = ", ".join(links)
@@ -120,8 +134,8 @@ class ShopifySandbox:
         return web.json_response({resource: body}, headers=headers)
 
     @staticmethod
-    def _cursor(since: str | None, row: dict[str, Any], direction: str) -> str:
-        raw = json.dumps({"since": since, "after": [row["updated_at_sort"], row["id"]], "dir": direction})
+    def _cursor(since: str | None, status: str | None, row: dict[str, Any], direction: str) -> str:
+        raw = json.dumps({"since": since, "status": status, "after": [row["updated_at_sort"], row["id"]], "dir": direction})
         return base64.urlsafe_b64encode(raw.encode()).decode()
 
     async def add(self, request: web.Request) -> web.Response:

@@ -1,8 +1,8 @@
 """A Segment-compatible tracking API: ``/v1/identify|track|page|screen|group|alias|batch``.
 
 Write-key auth (HTTP Basic username, or ``writeKey`` in the body), gzip bodies,
-Segment's limits (32 KB per message, 500 KB per request, both 400), and one
-delivery per message de-duplicated on ``messageId``. The official Segment and
+Segment's limits (32 KB per message, 500 KB per request, 2,500 messages per batch,
+all 400), and one delivery per message de-duplicated on ``messageId``. The official Segment and
 RudderStack SDKs, pointed here with ``host=``, work unchanged.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from adapters.sources.base import Inbound, Rejected, header, validate_events
+from adapters.sources.base import Inbound, Rejected, header, json_object, validate_events
 from adapters.sources.mapped import context as event_context
 from schemas.delivery import Delivery
 from schemas.events import Event
@@ -28,6 +28,7 @@ NAME = "tracking"
 CALLS = ("identify", "track", "page", "screen", "group", "alias")
 MAX_MESSAGE = 32 * 1024
 MAX_REQUEST = 500 * 1024
+MAX_BATCH = 2_500
 
 # Segment's e-commerce spec event names -> canonical types.
 ORDER_EVENTS = {"Order Completed"}
@@ -53,6 +54,8 @@ class TrackingSource:
         messages = body.get("batch") if call == "batch" else [{**body, "type": body.get("type", call)}]
         if not isinstance(messages, list) or not messages:
             raise Rejected(400, "invalid_batch", "batch must be a non-empty list")
+        if len(messages) > MAX_BATCH:
+            raise Rejected(400, "batch_too_large", f"a batch holds at most {MAX_BATCH} messages, this one {len(messages)}")
         shared_context = body.get("context") if call == "batch" and isinstance(body.get("context"), dict) else {}
         deliveries = []
         for index, message in enumerate(messages):
@@ -79,13 +82,7 @@ class TrackingSource:
                 raise Rejected(400, "invalid_gzip") from None
         if len(raw) > MAX_REQUEST:
             raise Rejected(400, "request_too_large", f"limit is {MAX_REQUEST} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise Rejected(400, "malformed_json") from None
-        if not isinstance(body, dict):
-            raise Rejected(400, "invalid_payload", "the body must be a JSON object")
-        return body
+        return json_object(raw)
 
     def _authenticate(self, headers: Any, body: dict[str, Any]) -> None:
         key = None

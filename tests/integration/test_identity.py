@@ -79,7 +79,8 @@ async def test_merging_two_known_customers_retires_the_absorbed_esp_contact(rece
 
     await eventually(archived)
     survivor = await owner(system, f"email:{new_email}")
-    assert await owner(system, f"email:{old_email}") == survivor
+    # The same profile owns both addresses (compared by id: the sync may write its state between the two reads).
+    assert (await owner(system, f"email:{old_email}"))["_id"] == survivor["_id"]
     assert (await sandbox.member(http, new_email))["status"] != "archived"
 
 

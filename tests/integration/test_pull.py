@@ -32,9 +32,18 @@ def shop():
     process.wait(timeout=10)
 
 
-async def seed(http, shop, records):
-    async with http.post(f"{shop}/_sandbox/customers", json=records) as r:
+async def seed(http, shop, records, resource="customers"):
+    async with http.post(f"{shop}/_sandbox/{resource}", json=records) as r:
         assert r.status == 200
+
+
+def orders(start: datetime, **states: dict) -> list[dict]:
+    """One order per state (name -> its closed_at/cancelled_at fields), a minute apart, ids unique to this call."""
+    base = 5_000_000_000_000 + uuid.uuid4().int % 10**9 * 10
+    return [{"id": base + i, "admin_graphql_api_id": f"gid://shopify/Order/{base + i}", "email": f"{name}@example.com", "name": name,
+             "total_price": "10.00", "currency": "EUR", "closed_at": None, "cancelled_at": None, "line_items": [],
+             "created_at": (start + timedelta(minutes=i)).isoformat(), "updated_at": (start + timedelta(minutes=i)).isoformat(), **fields}
+            for i, (name, fields) in enumerate(states.items())]
 
 
 @pytest.fixture
@@ -90,6 +99,51 @@ async def test_sandbox_enforces_the_pagination_contract(shop, http):
         assert r.status == 400 and "page_info" in (await r.json())["errors"]
     async with http.get(url, params={"limit": 251}, headers=headers) as r:
         assert r.status == 400
+
+
+async def test_sandbox_lists_only_open_orders_unless_asked_for_any_status(shop, http):
+    start = datetime(2019, 6, 1, tzinfo=timezone.utc)
+    seeded = orders(start, open={}, closed={"closed_at": "2019-06-02T00:00:00+00:00"},
+                    cancelled={"cancelled_at": "2019-06-02T00:00:00+00:00", "cancel_reason": "customer"})
+    await seed(http, shop, seeded, "orders")
+    url, headers = f"{shop}/admin/api/{API_VERSION}/orders.json", {"X-Shopify-Access-Token": TOKEN}
+    mine = {o["id"]: o["name"] for o in seeded}
+
+    async def get(target: str, params: dict | None = None) -> tuple[int, dict, str | None]:
+        """One listing call; a 429 from the bucket (shared with the other tests) is waited out, as a client does."""
+        async def answer():
+            async with http.get(target, params=params, headers=headers) as r:
+                return None if r.status == 429 else (r.status, await r.json(), r.headers.get("Link"))
+
+        return await eventually(answer, timeout=30, interval=0.5)
+
+    async def names(**params) -> list[str]:
+        status, body, link = await get(url, {"limit": 2, "updated_at_min": start.isoformat(), **params})
+        assert status == 200
+        found = [o["name"] for o in body["orders"] if o["id"] in mine]
+        while next_link(link):  # the status is kept in the cursor, as Shopify keeps it in page_info
+            status, body, link = await get(next_link(link))
+            found += [o["name"] for o in body["orders"] if o["id"] in mine]
+        return found
+
+    assert await names() == ["open"]
+    assert await names(status="any") == ["open", "closed", "cancelled"]
+    assert await names(status="cancelled") == ["cancelled"]
+    assert (await get(url, {"status": "bogus"}))[0] == 400
+
+
+async def test_order_pulls_include_closed_and_cancelled_orders(shop, http, pull_env):
+    puller, _, queued = pull_env
+    start = datetime(2018, 3, 1, tzinfo=timezone.utc)
+    seeded = orders(start, open={}, closed={"closed_at": "2018-03-02T00:00:00+00:00"},
+                    cancelled={"cancelled_at": "2018-03-02T00:00:00+00:00", "cancel_reason": "fraud"})
+    await seed(http, shop, seeded, "orders")
+    result = await puller(shop, page_size=2).pull("orders", since=start.isoformat())
+    pulled = {m["payload"]["id"]: m for m in queued() if m["topic"] == "orders/updated"}
+    assert {o["id"] for o in seeded} <= set(pulled)
+    assert result.records >= len(seeded)
+    cancelled = next(o for o in seeded if o["name"] == "cancelled")
+    assert pulled[cancelled["id"]]["payload"]["cancelled_at"] == "2018-03-02T00:00:00+00:00"  # so the merge stops counting it
 
 
 async def test_pull_pages_through_everything_and_keeps_a_checkpoint(shop, http, pull_env):

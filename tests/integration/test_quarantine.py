@@ -179,3 +179,30 @@ async def test_redrive_all_redrives_every_quarantined_delivery_page_by_page_and_
         await client.drop_database(prefix)
         await client.close()
         admin.drop_queues(AMQP_URL, prefix)
+
+
+async def test_a_delivery_bson_cannot_encode_is_kept_whole_and_given_back_for_redrive(mongo_uri):
+    from adapters.store import Quarantine
+
+    name = "qs" + uuid.uuid4().hex[:10]
+    client = AsyncMongoClient(mongo_uri, tz_aware=True)
+    quarantine = Quarantine(client, name)
+    unstorable = {"source": "tracking", "topic": "identify", "delivery_id": "m-\ud800", "received_at": "2026-01-01T00:00:00Z",
+                  "payload": {"traits": {"first_name": "Ada\udfff", "\udc00": 1}, "big": 2**70}}
+    errors = [{"event": "customer.identified", "loc": "customer.identified.traits.\udc00", "type": "invalid_unicode", "msg": "m"}]
+    try:
+        key = await quarantine.put(unstorable, errors, "1.1")
+        assert await quarantine.put(unstorable, errors, "1.1") == key == "tracking:m-\\ud800"
+        doc = await quarantine.get(key)
+        assert doc["attempts"] == 2
+        assert Quarantine.delivery(doc) == unstorable
+        assert doc["delivery"] == {"source": "tracking", "topic": "identify", "delivery_id": "m-\\ud800",
+                                   "received_at": "2026-01-01T00:00:00Z", "kept_as": "delivery_json"}
+        assert await quarantine.counts() == {"customer.identified:customer.identified.traits.\\udc00:invalid_unicode": 1}
+
+        storable = {**unstorable, "delivery_id": "m-1", "payload": {"traits": {"first_name": "Ada"}}}
+        doc = await quarantine.get(await quarantine.put(storable, errors, "1.1"))
+        assert doc["delivery"] == storable and "delivery_json" not in doc and Quarantine.delivery(doc) == storable
+    finally:
+        await client.drop_database(name)
+        await client.close()

@@ -5,6 +5,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
+import ua_parser
 
 from adapters.geoip import build_test_database, geo_traits, open_reader
 from schemas.events import CustomerUpdated, OrderCompleted
@@ -26,6 +27,19 @@ def test_device_os_and_client_from_the_user_agent():
     assert dict(device_traits(IPHONE)) == {"device": "iPhone", "os": "iOS 17", "client": "Mobile Safari 17"}
     assert dict(device_traits(WINDOWS)) == {"os": "Windows 10", "client": "Chrome 126"}
     assert device_traits(None) == () and device_traits("curl/8") == (("client", "curl 8"),)
+
+
+def test_only_the_first_512_characters_of_a_user_agent_are_parsed():
+    # 28 KB, a bot token past the first 512 characters: parsed whole it would read as Googlebot (after
+    # seconds of regex work for the pure-Python resolver).
+    hostile = IPHONE.ljust(512) + " Googlebot/2.1 (+http://www.google.com/bot.html)" + " (Linux; " * 3_500
+    assert len(hostile) > 28_000
+    assert device_traits(hostile) == device_traits(IPHONE) == (("client", "Mobile Safari 17"), ("device", "iPhone"), ("os", "iOS 17"))
+
+
+def test_user_agents_are_parsed_by_the_native_resolver():
+    """ua-parser picks its fastest installed resolver: ua-parser-rs must be installed (pyproject's ``ua-parser[regex]``)."""
+    assert ua_parser.RegexResolver is not None and ua_parser.BestAvailableResolver is ua_parser.RegexResolver
 
 
 def test_location_and_time_zone_from_ip(geo):
