@@ -251,6 +251,12 @@ class ProfileStore:
         async with self.client.start_session() as session:
             try:
                 async with await session.start_transaction():
+                    # Pointers first: they give up the keys the tombstone takes over (the index is unique).
+                    for pointer_id, version in plan.pointers:
+                        if not await self._point(pointer_id, tomb.id, now, session, version=version):
+                            raise _Abort
+                    for absorbed_id in plan.absorbed:
+                        await self._point(absorbed_id, tomb.id, now, session)
                     if plan.version is None:
                         await self.profiles.insert_one({"_id": tomb.id, **body, "version": 1,
                                                         "esp": {esp: {"member": None, "member_hash": None, "pending": bool(plan.addresses),
@@ -261,11 +267,6 @@ class ProfileStore:
                         done = await self.profiles.update_one({"_id": tomb.id, "version": plan.version}, update, session=session)
                         if done.matched_count != 1:
                             raise _Abort
-                    for pointer_id, version in plan.pointers:
-                        if not await self._point(pointer_id, tomb.id, now, session, version=version):
-                            raise _Abort
-                    for absorbed_id in plan.absorbed:
-                        await self._point(absorbed_id, tomb.id, now, session)
                     await receipts.update_one({"_id": plan.request_id}, receipt, upsert=True, session=session)
             except (_Abort, DuplicateKeyError):
                 return False

@@ -429,3 +429,23 @@ async def test_an_erasure_removes_the_dead_letters_that_carry_the_person(receive
     letters = {d["message_id"] for d in await asyncio.to_thread(cli, system.env, "dlq", "list", "--queue", "events", "--json")}
     assert ids[0] not in letters and ids[1] in letters  # the bystander's letter stays for the operator
     assert done["profile_ids"]
+
+
+async def test_an_erasure_covers_every_profile_that_names_the_person(receiver, system, sandbox, klaviyo_sandbox, sendgrid_sandbox, http):
+    email, anonymous = unique("split"), f"anon-{uuid.uuid4().hex[:10]}"
+    assert (await post_webhook(http, receiver, "customers/create", customer(email, first_name="Sola"))).status == 202
+    await track(http, receiver, "page", {"anonymousId": anonymous, "timestamp": "2025-01-01T00:00:00Z", "context": {"timezone": "Asia/Tokyo"}})
+    for key in (f"email:{email}", f"anonymous:{anonymous}"):
+        await eventually(lambda key=key: system.db.profiles.find_one({"keys": index_key(key)}), timeout=30)
+    env = system.env
+    asked = await asyncio.to_thread(cli, env, "erase", "--email", email, "--id", f"anonymous:{anonymous}")
+
+    async def finished():
+        shown = await asyncio.to_thread(cli, env, "erase", "status", asked["id"])
+        return shown if shown["status"] == "completed" else None
+
+    shown = await eventually(finished, timeout=60)
+    assert len(shown["profiles"]) == 1  # one tombstone for the two profiles that named them
+    keys = [index_key(f"email:{email}"), index_key(f"anonymous:{anonymous}")]
+    assert await system.db.profiles.count_documents({"keys": {"$in": keys}, "erased": None}) == 0
+    assert await everything_of(system, email, anonymous, "Sola") == []
