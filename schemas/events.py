@@ -183,6 +183,8 @@ class _Event(_Checked):
     event_id: Name = Field(description="Stable across re-deliveries of the same happening.")
     source: Name
     event_time: AwareDatetime
+    timed: bool = Field(True, description="False when the sender gave no time, so event_time is when mergetag first "
+                                          "saw the delivery: such a fact never outranks one with a time of its own (since 1.2).")
     received_at: AwareDatetime
     identity: Identity
     context: EventContext | None = None

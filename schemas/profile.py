@@ -17,7 +17,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import Scalar, millisecond_utc
 
-PROFILE_SCHEMA_VERSION = "1.1"
+PROFILE_SCHEMA_VERSION = "1.2"
 
 ANONYMOUS = "anonymous"
 EMAIL = "email"
@@ -44,10 +44,11 @@ class Stamp(BaseModel):
     event_time: UtcTime
     source: str
     event_id: str
+    timed: bool = Field(True, description="False when event_time is an arrival time: such a fact ranks below every timed one (since 1.2).")
 
     @property
-    def key(self) -> tuple[datetime, str, str]:
-        return (self.event_time, self.source, self.event_id)
+    def key(self) -> tuple[bool, datetime, str, str]:
+        return (self.timed, self.event_time, self.source, self.event_id)
 
 
 class Trait(Stamp):
@@ -128,6 +129,8 @@ class Profile(BaseModel):
     )
     first_seen: UtcTime | None = None
     last_seen: UtcTime | None = None
+    arrivals: dict[str, UtcTime] = Field(
+        default_factory=dict, description="Untimed events (by id): when each first arrived, so a retry is the same fact (latest 50; since 1.2).")
     computed: Computed = Field(default_factory=Computed)
 
 

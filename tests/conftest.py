@@ -82,6 +82,11 @@ SOURCES = {
             "event_time": "data.updated_at", "event_id": "data.revision",
             "traits": {"first_name": "data.first_name", "last_name": "data.last_name"}}},
     },
+    # A CRM that sends no time of its own: its facts are stamped with their first arrival.
+    "plaincrm": {
+        "scheme": "standard-webhooks", "secrets_env": "TEST_CRM_SECRETS",
+        "mapping": {"contact.updated": {"event": "customer.updated", "email": "data.email", "traits": {"first_name": "data.first_name"}}},
+    },
     "billing": {"scheme": "stripe", "secrets": [STRIPE_SECRET], "preset": "stripe"},
     "legacy": {
         "scheme": "hmac", "secrets": ["old-legacy-secret", HMAC_SECRET], "signature_header": "X-Legacy-Signature",
@@ -119,6 +124,15 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
 
 def queue_counts(prefix: str) -> dict[str, int]:
     return admin.queue_depths(AMQP_URL, prefix)
+
+
+def queue_backlog(prefix: str) -> dict[str, int]:
+    """Messages of the prefix that are ready or being worked on (RabbitMQ's own count, unacked ones too),
+    dead letters aside: empty once everything sent to the prefix was taken and acked."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages", "--formatter", "json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return {q["name"]: q["messages"] for q in json.loads(out.stdout)
+            if q["name"].startswith(prefix + ".") and not q["name"].endswith(".XQ") and q["messages"]}
 
 
 def delete_queues(prefix: str) -> None:

@@ -49,7 +49,7 @@ def with_context(event: Event, geo: GeoReader | None) -> list[Event]:
     if not traits:
         return [event]
     derived = CustomerUpdated(
-        type="customer.updated", event_id=f"{event.event_id}#context", source=event.source, event_time=event.event_time,
+        type="customer.updated", event_id=f"{event.event_id}#context", source=event.source, event_time=event.event_time, timed=event.timed,
         received_at=event.received_at, identity=event.identity, traits=traits,
     )
     return [event, derived]

@@ -88,13 +88,31 @@ def latest(stamps: set[Stamp], keep: int) -> tuple[Stamp, ...]:
     return tuple(sorted(stamps, key=lambda s: s.key, reverse=True)[:keep])
 
 
-def _consent_key(consent: Consent) -> tuple[datetime, int, str, str]:
+def _consent_key(consent: Consent) -> tuple[bool, datetime, int, str, str]:
     """At the same instant, the more restrictive state wins: consent is never assumed."""
-    return (consent.event_time, _CONSENT_RANK[consent.state], consent.source, consent.event_id)
+    return (consent.timed, consent.event_time, _CONSENT_RANK[consent.state], consent.source, consent.event_id)
 
 
 def _stamp(event: Event) -> dict[str, object]:
-    return {"event_time": event.event_time, "source": event.source, "event_id": event.event_id}
+    return {"event_time": event.event_time, "source": event.source, "event_id": event.event_id, "timed": event.timed}
+
+
+KEPT_ARRIVALS = 50
+
+
+def arrived(profile: Profile, event: Event) -> tuple[Event, dict[str, datetime]]:
+    """An event without a time of its own takes the time its delivery first arrived, as the profile
+    remembers it: a sender's retry (same event id, later arrival) is then the very same fact and
+    changes nothing, with or without the receiver's de-duplication. Timed events pass unchanged."""
+    if event.timed:
+        return event, profile.arrivals
+    first = min(profile.arrivals.get(event.event_id, event.event_time), event.event_time)
+    arrivals = _newest({**profile.arrivals, event.event_id: first})
+    return (event if first == event.event_time else event.model_copy(update={"event_time": first})), arrivals
+
+
+def _newest(arrivals: Mapping[str, datetime]) -> dict[str, datetime]:
+    return dict(sorted(arrivals.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:KEPT_ARRIVALS])
 
 
 def _min(a: datetime | None, b: datetime) -> datetime:
@@ -111,9 +129,11 @@ def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULE
         return profile  # erased stays erased, whatever arrives later
     if isinstance(event, CustomerErased):
         raise TypeError("an erasure is not merged: workers.erasure plans it")
+    event, arrivals = arrived(profile, event)
     changes: dict[str, object] = {
         "first_seen": _min(profile.first_seen, event.event_time),
         "last_seen": _max(profile.last_seen, event.event_time),
+        "arrivals": arrivals,
     }
     identity = event.identity
     if identity.email is not None:
@@ -220,6 +240,7 @@ def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEF
         "last_email_open": newer(survivor.last_email_open, absorbed.last_email_open) if absorbed.last_email_open else survivor.last_email_open,
         "last_email_click": newer(survivor.last_email_click, absorbed.last_email_click) if absorbed.last_email_click else survivor.last_email_click,
         "email_opens": latest({*survivor.email_opens, *absorbed.email_opens}, KEPT_OPENS),
+        "arrivals": _newest({k: min(t, survivor.arrivals.get(k, t)) for k, t in {**survivor.arrivals, **absorbed.arrivals}.items()}),
         "flags": flags,
         "first_seen": min(seen) if seen else None,
         "last_seen": max(last) if last else None,

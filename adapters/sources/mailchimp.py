@@ -114,10 +114,11 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
     base = {"event_id": f"{NAME}:{delivery.delivery_id}", "source": NAME, "received_at": delivery.received_at}
     if topic.startswith("audience."):
         fired = _fired_at(p.get("fired_at"))
-        return [{**base, "event_time": fired or delivery.received_at, "identity": {"email": p.get("data[email]")},
+        return [{**base, "event_time": fired or delivery.received_at, "timed": fired is not None, "identity": {"email": p.get("data[email]")},
                  "type": "consent.changed", "channel": "email", "state": MARKETING_CONSENT[topic.split(".", 1)[1]]}]
     msg = p.get("msg") if isinstance(p.get("msg"), dict) else {}
-    base |= {"event_time": as_time(p.get("ts")) or delivery.received_at, "identity": {"email": msg.get("email")},
+    base |= {"event_time": as_time(p.get("ts")) or delivery.received_at, "timed": as_time(p.get("ts")) is not None,
+             "identity": {"email": msg.get("email")},
              "context": context(p.get("ip"), p.get("user_agent"))}
     campaign = (msg.get("metadata") or {}).get("campaign_id") if isinstance(msg.get("metadata"), dict) else None
     kind = topic.split(".", 1)[1]

@@ -81,11 +81,13 @@ def map_event(spec: EventSpec, delivery: Delivery) -> dict[str, Any]:
     """The raw canonical event (validated by the caller) that ``spec`` makes of ``delivery``. Pure."""
     p = delivery.payload
     name = _id(read(spec.event_id, p)) or delivery.dedup_key or delivery.delivery_id
+    at = as_time(read(spec.event_time, p)) or delivery.triggered_at
     return {
         "type": spec.event,
         "event_id": f"{delivery.source}:{name}:{spec.event}",
         "source": delivery.source,
-        "event_time": as_time(read(spec.event_time, p)) or delivery.triggered_at or delivery.received_at,
+        "event_time": at or delivery.received_at,
+        "timed": at is not None,
         "received_at": delivery.received_at,
         "identity": {
             "email": read(spec.email, p),

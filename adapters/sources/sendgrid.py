@@ -99,6 +99,7 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
         "event_id": f"{NAME}:{delivery.delivery_id}",
         "source": NAME,
         "event_time": as_time(e.get("timestamp")) or delivery.received_at,
+        "timed": as_time(e.get("timestamp")) is not None,
         "received_at": delivery.received_at,
         "identity": {"email": e.get("email")},
         "context": context(e.get("ip"), e.get("useragent")),

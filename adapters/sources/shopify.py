@@ -143,6 +143,7 @@ def _base(delivery: Delivery, event_id: str, event_time: Any, identity: dict[str
         "event_id": event_id,
         "source": NAME,
         "event_time": event_time or delivery.triggered_at or delivery.received_at,
+        "timed": bool(event_time or delivery.triggered_at),
         "received_at": delivery.received_at,
         "identity": identity,
     }

@@ -135,6 +135,7 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
         "event_id": f"{NAME}:{delivery.delivery_id}",
         "source": NAME,
         "event_time": m.get("timestamp") or m.get("originalTimestamp") or delivery.received_at,
+        "timed": bool(m.get("timestamp") or m.get("originalTimestamp")),
         "received_at": delivery.received_at,
         "identity": {"email": traits.get("email") or properties.get("email"), "customer_id": _str(m.get("userId")),
                      "anonymous_id": _str(m.get("anonymousId"))},

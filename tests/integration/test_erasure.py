@@ -449,3 +449,4 @@ async def test_an_erasure_covers_every_profile_that_names_the_person(receiver, s
     keys = [index_key(f"email:{email}"), index_key(f"anonymous:{anonymous}")]
     assert await system.db.profiles.count_documents({"keys": {"$in": keys}, "erased": None}) == 0
     assert await everything_of(system, email, anonymous, "Sola") == []
+

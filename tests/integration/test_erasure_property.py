@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import uuid
 from typing import Any
 
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from adapters.erasures import ErasureReceipts, request_erasure
 from broker import topology
 from broker.publisher import Publisher
-from tests.conftest import HASHER, eventually, index_key, post_webhook
+from tests.conftest import HASHER, eventually, index_key, post_webhook, queue_backlog
 from tests.integration.test_erasure import everything_of, held_anywhere, track
 from tests.samples import customer, order
 
@@ -31,14 +30,6 @@ KINDS = ("update", "order", "unsubscribe", "identify", "view")
 Step = tuple[str, int, int]
 steps = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 1), st.integers(0, 59)), min_size=2, max_size=7)
 histories = st.tuples(steps, st.data())
-
-
-def queue_backlog(prefix: str) -> dict[str, int]:
-    """Messages of the prefix that are ready or being worked on (RabbitMQ's own count), dead letters aside."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages", "--formatter", "json"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return {q["name"]: q["messages"] for q in json.loads(out.stdout)
-            if q["name"].startswith(prefix + ".") and not q["name"].endswith(".XQ") and q["messages"]}
 
 
 # No shrinking: every example costs seconds of real services; a failure reports its history as drawn.

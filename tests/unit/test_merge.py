@@ -147,3 +147,30 @@ def test_erasure_keeps_nothing_and_stays_whatever_arrives_later():
     assert "email:a@example.com" not in dumped and hasher.index_key("email:a@example.com") in dumped
     late = [update("late", 1, first_name="Z"), order("9", 20, "5.00"), consent("c9", 30, "subscribed")]
     assert merge_all(erased, late, TIERS) == erased
+
+
+def untimed(event_id, arrived_minutes, source="crm", **traits):
+    """A sender's event without a time of its own: its time is when it arrived."""
+    return CustomerUpdated(type="customer.updated", traits=traits, timed=False, **base(event_id, arrived_minutes, source))
+
+
+def test_an_event_without_a_time_of_its_own_never_outranks_one_with_a_real_time():
+    timed = update("t1", 10, first_name="Real")
+    # Arrived long after the real one happened, but says nothing of when it happened itself.
+    late = untimed("crm:d9", 500, first_name="Guess")
+    for events in ([timed, late], [late, timed]):
+        assert merge_all(fresh(), events, TIERS).traits["first_name"].value == "Real"
+    # Alone, or against other untimed facts, it counts: the later arrival wins.
+    assert merge_all(fresh(), [untimed("crm:d1", 20, first_name="Old"), untimed("crm:d2", 30, first_name="New")],
+                     TIERS).traits["first_name"].value == "New"
+
+
+def test_a_retry_of_an_older_untimed_delivery_never_changes_the_profile():
+    first, newer = untimed("crm:d1", 20, first_name="Old"), untimed("crm:d2", 30, first_name="New")
+    retried = untimed("crm:d1", 45, first_name="Old")  # the sender never saw our 2xx and sent d1 again, later
+    profile = merge_all(fresh(), [first, newer], TIERS)
+    again = merge_all(profile, [retried], TIERS)
+    assert again.traits["first_name"].value == "New" and again == profile
+    # The same after the profile went through the store (what a retry past Redis' window meets).
+    stored = Profile.model_validate(profile.model_dump(mode="json"))
+    assert merge_all(stored, [retried], TIERS) == stored
