@@ -561,7 +561,10 @@ class Quarantine:
         encoded = doc.get("delivery_json")
         return json.loads(encoded) if encoded is not None else doc["delivery"]
 
-    async def put(self, delivery: dict[str, Any], errors: list[dict[str, str]], schema_version: str) -> str:
+    async def put(self, delivery: dict[str, Any], errors: list[dict[str, str]], schema_version: str,
+                  keys: list[str] | None = None) -> str:
+        """``keys``: the index keys (keyed hashes) of the identifiers the delivery names, so an erasure
+        of that person finds it."""
         now = datetime.now(timezone.utc)
         key = self.key(delivery)
         errors = [{name: self._valid_text(str(value)) for name, value in error.items()} for error in errors]
@@ -569,7 +572,7 @@ class Quarantine:
         kept = self._storable(delivery)
         update: dict[str, Any] = {
             "$set": {**kept, "errors": errors, "reasons": reasons, "schema_version": self._valid_text(schema_version),
-                     "status": "quarantined", "last_failed_at": now},
+                     "status": "quarantined", "last_failed_at": now, "keys": sorted(keys or [])},
             "$setOnInsert": {"first_failed_at": now}, "$inc": {"attempts": 1},
         }
         if "delivery_json" not in kept:
@@ -660,6 +663,10 @@ class Quarantine:
             report.redriven.append(doc["_id"])
         else:
             report.requarantined += 1
+
+    async def forget(self, keys: list[str]) -> int:
+        """Delete every delivery that names one of ``keys`` (an erased person's); returns how many."""
+        return (await self.collection.delete_many({"keys": {"$in": keys}})).deleted_count
 
     async def counts(self) -> dict[str, int]:
         """Quarantined deliveries per reason."""

@@ -69,7 +69,8 @@ async def process_event(delivery: dict[str, Any]) -> None:
         # Mapping and enrichment are CPU work: off the event loop every other message shares.
         parsed, events = await asyncio.to_thread(_events, delivery, rt)
     except EventInvalid as exc:
-        key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")))
+        named = sorted({rt.hasher.index_key(k) for k in erasure.delivery_keys(delivery, rt.mappings)})
+        key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")), keys=named)
         log.warning("delivery %s quarantined: %s", key, exc.detail)
         return
     for erased in (e for e in events if isinstance(e, CustomerErased)):
@@ -131,8 +132,9 @@ async def erase_person(rt: Runtime, event: CustomerErased) -> None:
 
 
 async def _remove_payloads(rt: Runtime, plan: erasure.ErasurePlan) -> None:
-    """Raw payloads of the person kept elsewhere go too: dead letters that name them or their profiles.
-    (Anything left over is inert anyway: replayed, it meets the tombstone and is dropped.)"""
+    """Raw payloads of the person kept elsewhere go too: dead letters and quarantined deliveries that
+    name them or their profiles. (Anything left over is inert anyway: replayed or redriven, it meets
+    the tombstone and is dropped.)"""
     hashed = set(plan.keys)
     profiles = {plan.tombstone.id, *(pid for pid, _ in plan.pointers), *plan.absorbed}
 
@@ -146,9 +148,10 @@ async def _remove_payloads(rt: Runtime, plan: erasure.ErasurePlan) -> None:
         return False
 
     removed = await asyncio.to_thread(rt.dead_letters.purge_matching, of_person)
-    if removed:
-        await rt.receipts.removed(plan.request_id, dead_letters=len(removed))
-        log.info("erasure %s removed %d dead letter(s)", plan.request_id, len(removed))
+    quarantined = await rt.quarantine.forget(plan.keys)
+    if removed or quarantined:
+        await rt.receipts.removed(plan.request_id, dead_letters=len(removed), quarantined=quarantined)
+        log.info("erasure %s removed %d dead letter(s) and %d quarantined delivery(ies)", plan.request_id, len(removed), quarantined)
 
 
 def consent_changed(before: Profile, after: Profile) -> bool:

@@ -450,3 +450,25 @@ async def test_an_erasure_covers_every_profile_that_names_the_person(receiver, s
     assert await system.db.profiles.count_documents({"keys": {"$in": keys}, "erased": None}) == 0
     assert await everything_of(system, email, anonymous, "Sola") == []
 
+
+
+async def test_an_erasure_removes_the_quarantined_deliveries_that_name_the_person(receiver, system, http):
+    email = unique("quarantined")
+    # An order the canonical schema refuses (a total that is no amount): quarantined, kept whole, email and all.
+    await track(http, receiver, "track", {"userId": f"u-{uuid.uuid4().hex[:8]}", "event": "Order Completed",
+                                          "properties": {"order_id": "Q-1", "total": "lots", "email": email}})
+
+    async def quarantined():
+        return [d async for d in system.db.quarantine.find({"keys": index_key(f"email:{email}")})]
+
+    assert len(await eventually(quarantined, timeout=30)) == 1
+    assert (await post_webhook(http, receiver, "customers/redact", redact(email))).status == 202
+    rid = receipt_id(system, customer_gid(email))
+
+    async def removed():
+        found = await receipt(system, rid)
+        return found if found and (found.get("removed") or {}).get("quarantined") == 1 else None
+
+    await eventually(removed, timeout=45)
+    await eventually(lambda: completed(system, rid), timeout=45)
+    assert await everything_of(system, email) == []
