@@ -122,14 +122,14 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
              "context": context(p.get("ip"), p.get("user_agent"))}
     campaign = (msg.get("metadata") or {}).get("campaign_id") if isinstance(msg.get("metadata"), dict) else None
     kind = topic.split(".", 1)[1]
-    if kind in ("open", "click", "unsub", "spam") and not p.get("_id"):
+    if kind in ("open", "click", "unsub", "spam", "hard_bounce") and not p.get("_id"):
         raise EventInvalid(f"mandrill {kind}: no _id", errors=[
             {"event": kind, "loc": "_id", "type": "missing", "msg": "Mandrill events carry _id"}])
     if kind == "open":
         return [{**base, "type": "email.opened", "esp": NAME, "campaign_id": campaign}]
     if kind == "click":
         return [{**base, "type": "email.clicked", "esp": NAME, "campaign_id": campaign, "url": p.get("url")}]
-    if kind in ("unsub", "spam"):
+    if kind in ("unsub", "spam", "hard_bounce"):
         return [{**base, "type": "consent.changed", "channel": "email", "state": "unsubscribed"}]
     return []
 

@@ -30,6 +30,7 @@ NAME = "sendgrid"
 SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 UNSUBSCRIBES = {"unsubscribe", "group_unsubscribe", "spamreport"}
+# A hard bounce ("bounce" of type "bounce"; "blocked" is temporary) ends mailing the person, like an unsubscribe.
 
 
 def load_key(text: str) -> ec.EllipticCurvePublicKey:
@@ -106,14 +107,15 @@ def _raw_events(delivery: Delivery) -> list[dict[str, Any]]:
     }
     campaign = e.get("singlesend_id") or e.get("marketing_campaign_id")
     kind = delivery.topic
-    if kind in ("open", "click", *UNSUBSCRIBES) and not e.get("sg_event_id"):
+    hard_bounce = kind == "bounce" and e.get("type", "bounce") == "bounce"
+    if (kind in ("open", "click", *UNSUBSCRIBES) or hard_bounce) and not e.get("sg_event_id"):
         raise EventInvalid(f"sendgrid {kind}: no sg_event_id", errors=[
             {"event": kind, "loc": "sg_event_id", "type": "missing", "msg": "SendGrid events carry sg_event_id"}])
     if kind == "open":
         return [{**base, "type": "email.opened", "esp": NAME, "campaign_id": _str(campaign)}]
     if kind == "click":
         return [{**base, "type": "email.clicked", "esp": NAME, "campaign_id": _str(campaign), "url": e.get("url")}]
-    if kind in UNSUBSCRIBES:
+    if kind in UNSUBSCRIBES or hard_bounce:
         return [{**base, "type": "consent.changed", "channel": "email", "state": "unsubscribed"}]
     return []
 
