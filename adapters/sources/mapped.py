@@ -94,7 +94,7 @@ def map_event(spec: EventSpec, delivery: Delivery) -> dict[str, Any]:
             "customer_id": _id(read(spec.customer_id, p)),
             "anonymous_id": _id(read(spec.anonymous_id, p)),
         },
-        **({"traits": {k: read(v, p) for k, v in spec.traits.items()}} if spec.event.startswith("customer.") else {}),
+        **({"traits": {k: read(v, p) for k, v in spec.traits.items()}} if spec.event in ("customer.identified", "customer.updated") else {}),
         **{k: read(v, p) for k, v in spec.fields.items()},
     }
 

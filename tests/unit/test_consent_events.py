@@ -38,3 +38,16 @@ def test_events_without_a_time_of_their_own_say_so():
     (untimed,) = sendgrid.to_events(Delivery(source="sendgrid", topic="unsubscribe", delivery_id="sg-x", received_at=NOW,
                                              payload=untimed_payload))
     assert timed.timed and not untimed.timed and untimed.event_time == NOW
+
+
+def test_a_configured_sender_can_map_an_event_to_an_erasure():
+    from adapters.sources.configured import SourceConfig, configured_mapping
+    from schemas.events import CustomerErased
+
+    config = SourceConfig.model_validate({"scheme": "hmac", "secrets": ["s"], "mapping": {"contact.forget": {
+        "event": "customer.erased", "email": "data.email", "customer_id": "data.id", "event_time": "data.at"}}})
+    delivery = Delivery(source="crm", topic="contact.forget", delivery_id="d1", dedup_key="crm:d1", received_at=NOW,
+                        payload={"data": {"email": "A@Example.com", "id": 7, "at": "2026-01-01T00:00:00Z"}})
+    (event,) = configured_mapping("crm", config)(delivery)
+    assert isinstance(event, CustomerErased)
+    assert event.identity.email == "a@example.com" and event.identity.customer_id == "7" and event.source == "crm"
