@@ -100,8 +100,11 @@ async def _during_and_after(system, receiver, http, sandbox, klaviyo_sandbox, se
     assert (await klaviyo_profile(http, klaviyo_sandbox, urgent))["subscriptions"]["email"]["marketing"]["consent"] == "UNSUBSCRIBED"
 
     # Nothing was lost, and nothing was dead-lettered by the outage: the backlog waited in MongoDB.
-    docs = [d async for d in system.db.profiles.find({"email": {"$in": emails}})]
-    assert len(docs) == len(emails) and all(not d["esp"]["klaviyo"]["pending"] for d in docs)
+    async def recorded():  # Klaviyo holds them all; the sync's record of each send follows its answer
+        found = [d async for d in system.db.profiles.find({"email": {"$in": emails}})]
+        return found if len(found) == len(emails) and all(not d["esp"]["klaviyo"]["pending"] for d in found) else None
+
+    docs = await eventually(recorded, timeout=30)
     ids = {d["_id"] for d in docs}
     letters = await asyncio.to_thread(cli, system, "dlq", "list", "--queue", "sync", "--json")
     assert not [d for d in letters if d.get("profile_id") in ids]
