@@ -98,15 +98,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True)
 
 
-def cmd_sandbox(args: argparse.Namespace) -> int:
-    from adapters.esp import klaviyo_sandbox, mailchimp_sandbox, sendgrid_sandbox
-    from adapters.sources import shopify_sandbox
-
-    {"mailchimp": mailchimp_sandbox.main, "klaviyo": klaviyo_sandbox.main, "sendgrid": sendgrid_sandbox.main,
-     "shopify": shopify_sandbox.main}[args.esp](args.rest)
-    return 0
-
-
 async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
     """Pull now (``every`` None) or on a schedule, publishing through the receiver's confirm path."""
     from adapters.sources.shopify_pull import ShopifyPuller
@@ -458,11 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="run the background ESP sync (sync workers and the pending sweeper)")
     p.set_defaults(func=cmd_sync)
-
-    p = sub.add_parser("sandbox", help="run an ESP sandbox or the Shopify Admin sandbox (arguments pass through)")
-    p.add_argument("esp", choices=["mailchimp", "klaviyo", "sendgrid", "shopify"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_sandbox)
 
     p = sub.add_parser("pull", help="pull changed records from a REST source now")
     p.add_argument("source", choices=["shopify"])

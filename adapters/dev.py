@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 DEV_SECRET = "dev-shopify-secret"
+SOURCE_TREE = Path(__file__).resolve().parents[1]
 DEV_IDENTITY_KEY = "dev-identity-hash-key-change-me"
 
 
@@ -82,7 +83,8 @@ def run_local(receiver_port: int) -> int:
     env.setdefault("MERGETAG_SYNC_GRACE_S", "5")
     mergetag = [sys.executable, "-m", "adapters.cli"]
     for esp, port in ports.items():
-        sandbox = subprocess.Popen([*mergetag, "sandbox", esp, "--port", str(port)], env=env)
+        # The sandboxes are test equipment beside the product, not in it: run from the source tree.
+        sandbox = subprocess.Popen([sys.executable, "-m", f"sandboxes.{esp}", "--port", str(port)], env=env, cwd=SOURCE_TREE)
         processes.append(sandbox)
         wait_for_port(port, process=sandbox)
     for command in (["worker"], ["sync"], ["receiver", "--port", str(receiver_port)]):

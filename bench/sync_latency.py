@@ -137,7 +137,7 @@ async def main() -> None:
     processes = []
     for esp, port in ports.items():
         extra = ["--api-key", KEY] if esp == "mailchimp" else []
-        processes.append(subprocess.Popen([*cli, "sandbox", esp, "--port", str(port), *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+        processes.append(subprocess.Popen([sys.executable, "-m", f"sandboxes.{esp}", "--port", str(port), *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         wait_for_port(port, process=processes[-1])
     processes += [subprocess.Popen([*cli, *c], cwd=ROOT, env=env) for c in (["worker"], ["receiver", "--port", str(receiver_port)])]
     wait_for_port(receiver_port, process=processes[-1])

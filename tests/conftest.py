@@ -210,7 +210,7 @@ class EspSandbox:
 
 def start_sandbox(module: str, *flags: str) -> EspSandbox:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", f"adapters.esp.{module}", "--port", str(port), *flags],
+    process = subprocess.Popen([sys.executable, "-m", f"sandboxes.{module}", "--port", str(port), *flags],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, process=process)
     return EspSandbox(f"http://127.0.0.1:{port}", process)
@@ -223,14 +223,14 @@ def stop_sandbox(sandbox: EspSandbox) -> None:
 
 @pytest.fixture(scope="session")
 def klaviyo_sandbox() -> Iterator[EspSandbox]:
-    sandbox = start_sandbox("klaviyo_sandbox", "--api-key", KLAVIYO_KEY, "--job-delay-ms", "200")
+    sandbox = start_sandbox("klaviyo", "--api-key", KLAVIYO_KEY, "--job-delay-ms", "200")
     yield sandbox
     stop_sandbox(sandbox)
 
 
 @pytest.fixture(scope="session")
 def sendgrid_sandbox() -> Iterator[EspSandbox]:
-    sandbox = start_sandbox("sendgrid_sandbox", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "200", "--list-ids", SENDGRID_LIST_ID,
+    sandbox = start_sandbox("sendgrid", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "200", "--list-ids", SENDGRID_LIST_ID,
                             "--custom-fields", SENDGRID_CUSTOM_FIELDS)
     yield sandbox
     stop_sandbox(sandbox)
@@ -254,7 +254,7 @@ def start_mailchimp() -> Sandbox:
     """A Mailchimp sandbox process of its own, with the test audience."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "adapters.esp.mailchimp_sandbox", "--port", str(port), "--api-key", API_KEY,
+        [sys.executable, "-m", "sandboxes.mailchimp", "--port", str(port), "--api-key", API_KEY,
          "--list-id", "sandbox", "--merge-fields", SANDBOX_FIELDS],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -195,7 +195,7 @@ def _auth_header(headers: dict[str, str]) -> dict[str, str]:
 
 
 def check_recorded(spec: str, recorded: dict[str, Any]) -> list[str]:
-    """check_request for one entry of a sandbox's ``GET /_sandbox/requests`` (adapters.esp.sandbox_kit)."""
+    """check_request for one entry of a sandbox's ``GET /_sandbox/requests`` (sandboxes.kit)."""
     headers = dict(recorded.get("headers") or {})
     if recorded.get("authorization"):
         headers["Authorization"] = recorded["authorization"]

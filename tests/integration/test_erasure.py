@@ -359,7 +359,7 @@ async def test_a_target_that_refuses_an_erasure_shows_failed_and_is_retried_unti
 
 
 async def test_a_bulk_job_still_in_flight_cannot_land_after_the_erasure(mongo_uri, tmp_path, http):
-    sendgrid = start_sandbox("sendgrid_sandbox", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "200",
+    sendgrid = start_sandbox("sendgrid", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "200",
                              "--custom-fields", SENDGRID_CUSTOM_FIELDS)
     # Short timeouts, so the import job below outlives both the send's wait for it and the send's lease.
     esp_file = tmp_path / "esps.json"

@@ -176,7 +176,7 @@ async def test_errors_map_to_retryable_and_permanent(esp, http):
 async def test_klaviyo_rate_windows_are_shared_and_never_exceeded(http):
     """Two holders of one account's guard (as two sync processes) stay inside the 4/s burst window a
     sandbox of their own enforces: it never has to refuse one, and never admits more than 4 in a second."""
-    sandbox = start_sandbox("klaviyo_sandbox", "--api-key", KLAVIYO_KEY, "--import-limits", "4,1000")
+    sandbox = start_sandbox("klaviyo", "--api-key", KLAVIYO_KEY, "--import-limits", "4,1000")
     account = f"klaviyo:{uuid.uuid4().hex[:8]}"
     rates = {"import": [(4, 1.0), (1000, 60.0)], "default": [(100, 1.0)], "bulk": [(10, 1.0)]}
     guards = [EspGuard(REDIS, account, limit=10, rates=rates, prefix="ratetest", wait_s=30) for _ in range(2)]
@@ -199,7 +199,7 @@ async def test_klaviyo_rate_windows_are_shared_and_never_exceeded(http):
 async def test_sendgrid_rate_headers_pause_every_holder_instead_of_provoking_429s(http):
     """A 4-per-2-seconds budget, announced only by X-RateLimit-* headers: the adapters stop when it is
     spent and resume at the reset, so the sandbox never has to refuse one."""
-    sandbox = start_sandbox("sendgrid_sandbox", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "50", "--list-ids", SENDGRID_LIST_ID,
+    sandbox = start_sandbox("sendgrid", "--api-key", SENDGRID_API_KEY, "--job-delay-ms", "50", "--list-ids", SENDGRID_LIST_ID,
                             "--custom-fields", "ltv:Number,orders:Number,cart_url:Text,cart_value:Number",
                             "--rate-limit", "4", "--rate-window", "2", "--other-rate-limit", "1000", "--other-rate-window", "1")
     account = f"sendgrid:{uuid.uuid4().hex[:8]}"

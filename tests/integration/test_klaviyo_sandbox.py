@@ -60,7 +60,7 @@ def conforms(instance: Any, component: str) -> None:
 def start(*flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "adapters.esp.klaviyo_sandbox", "--port", str(port), "--api-key", KEY, *flags],
+        [sys.executable, "-m", "sandboxes.klaviyo", "--port", str(port), "--api-key", KEY, *flags],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wait_for_port(port, process=process)

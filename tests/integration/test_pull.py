@@ -12,10 +12,10 @@ from pymongo import AsyncMongoClient
 
 from adapters.dev import free_port, wait_for_port
 from adapters.sources.shopify_pull import ShopifyPuller, next_link
-from adapters.sources.shopify_sandbox import API_VERSION, demo_customers
 from adapters.store import Checkpoints
 from broker import admin, topology
 from broker.publisher import Publisher, publish_delivery
+from sandboxes.shopify import API_VERSION, demo_customers
 from tests.conftest import AMQP_URL, ROOT, eventually, post_webhook
 
 TOKEN = "shpat_test"
@@ -24,7 +24,7 @@ TOKEN = "shpat_test"
 @pytest.fixture(scope="module")
 def shop():
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "adapters.sources.shopify_sandbox", "--port", str(port), "--token", TOKEN,
+    process = subprocess.Popen([sys.executable, "-m", "sandboxes.shopify", "--port", str(port), "--token", TOKEN,
                                 "--capacity", "8", "--leak", "4"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, process=process)
     yield f"http://127.0.0.1:{port}"

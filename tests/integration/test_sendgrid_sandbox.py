@@ -58,7 +58,7 @@ class SG:
 
 def start(*flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "adapters.esp.sendgrid_sandbox", "--port", str(port), "--api-key", KEY, *flags],
+    process = subprocess.Popen([sys.executable, "-m", "sandboxes.sendgrid", "--port", str(port), "--api-key", KEY, *flags],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, process=process)
     return process, f"http://127.0.0.1:{port}"

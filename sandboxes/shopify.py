@@ -9,7 +9,7 @@ a leaky bucket per token (40 requests, draining 2/s, both settable) reported in
 ``X-Shopify-Shop-Api-Call-Limit``, and 429 with ``Retry-After`` when it is full.
 State lives in memory; ``POST /_sandbox/{customers|orders}`` adds records.
 
-Run: ``python -m adapters.sources.shopify_sandbox --port 8082``.
+Run: ``python -m sandboxes.shopify --port 8082``.
 """
 
 from __future__ import annotations

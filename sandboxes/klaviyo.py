@@ -42,7 +42,7 @@ Endpoints:
 Sandbox-only: ``GET /_sandbox/profiles`` (every profile with its consent and lists); the stats
 add per-endpoint limits, 429s given, and peak requests admitted and attempted per window.
 
-Run: ``python -m adapters.esp.klaviyo_sandbox --port 8083``.
+Run: ``python -m sandboxes.klaviyo --port 8083``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esp.sandbox_kit import SandboxBase, serve
+from sandboxes.kit import SandboxBase, serve
 
 DEFAULT_KEY = "pk_sandbox0000000000000000000000000000"
 JSONAPI = "application/vnd.api+json"

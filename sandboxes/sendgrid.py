@@ -25,9 +25,9 @@ A job's ``errors_url`` is a file download, as at SendGrid: a CSV (``email,error`
 ``/_sandbox/files/``, fetched without the API key (one sent anyway is refused);
 ``GET /_sandbox/contacts`` lists every contact and suppression, ``POST /_sandbox/job-delay {"ms"}`` sets how long new jobs
 stay pending; the ``/_sandbox`` controls of
-:mod:`adapters.esp.sandbox_kit`.
+:mod:`sandboxes.kit`.
 
-Run: ``python -m adapters.esp.sendgrid_sandbox --port 8082``.
+Run: ``python -m sandboxes.sendgrid --port 8082``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esp.sandbox_kit import SandboxBase, json_body, serve
+from sandboxes.kit import SandboxBase, json_body, serve
 
 DEFAULT_KEY = "SG.sandbox.0000000000000000000000"
 DEFAULT_FIELDS = "ltv:Number,orders:Number,last_order:Date,tier:Text"

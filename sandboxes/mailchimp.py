@@ -11,7 +11,7 @@ a keyless download URL.
 
 Sandbox-only controls live under ``/_sandbox`` (fault injection, statistics).
 
-Run: ``python -m adapters.esp.mailchimp_sandbox --port 8081``.
+Run: ``python -m sandboxes.mailchimp --port 8081``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esp.sandbox_kit import SandboxBase, json_body, serve
+from sandboxes.kit import SandboxBase, json_body, serve
 
 STATUSES = {"subscribed", "unsubscribed", "cleaned", "pending", "transactional"}
 TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
