@@ -23,8 +23,6 @@ from dramatiq.middleware import Middleware
 from schemas.errors import MergetagError
 
 log = logging.getLogger(__name__)
-# Refused by our own ESP guard (open circuit, no room in the shared budget): the ESP was never called.
-NOT_ATTEMPTS = frozenset({"circuit_open", "esp_busy"})
 
 TRANSIENT = (
     OSError,
@@ -90,7 +88,7 @@ class RetryOrDeadLetter(Middleware):
 
         # A call our own guard refused never reached the ESP: it waits without spending the message's
         # retries (an ESP outage, or a spent rate budget, must not dead-letter the backlog).
-        spent = 0 if reason["code"] in NOT_ATTEMPTS else 1
+        spent = 1 if getattr(exception, "counts_as_attempt", True) else 0
         if reason["retryable"] and retries + spent <= max_retries:
             message.options["retries"] = retries + spent
             delay = self._delay(actor, retries, exception)

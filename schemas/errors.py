@@ -1,7 +1,30 @@
 """The one error hierarchy: every failure is either retryable or permanent.
 
-Each error carries a machine-readable ``code`` and a ``detail`` that must never
-contain secrets or personal data: it travels into logs, dead letters and Sentry.
+::
+
+    MergetagError
+    ├── PermanentError              retrying cannot help: dead-lettered (or quarantined) at once
+    │   ├── EventInvalid            an event the canonical schema refuses (quarantined, with every error)
+    │   ├── UnsupportedEvent        a source topic or type without a mapping
+    │   ├── StoredProfileInvalid    a stored profile the model no longer reads (needs a migration)
+    │   └── EspRejected             the ESP refused this member (a 4xx other than 429)
+    └── RetryableError              transient: retried with backoff (``retry_after`` when the far side said)
+        ├── EspUnavailable          the ESP cannot take the call now: network failure, 5xx or 429
+        │   ├── EspTimeout          no answer in time: the request may still land (``may_still_land``)
+        │   ├── EspMisconfigured    the account is wrong (401/403, a field it lacks): alarmed until fixed
+        │   └── EspHeld             our own guard held the call back: the ESP was never called
+        │       ├── CircuitOpen     the account's circuit is open (or its trial found it still down)
+        │       └── EspBusy         no room in the shared budget within the wait
+        ├── SyncBusy                another send of the profile holds its lease
+        ├── SourceUnavailable       a polled source failed or did not answer
+        │   └── SourceRefused       it refused the request (a stale cursor, say)
+        ├── BrokerUnavailable       RabbitMQ unreachable, or no confirm in time
+        └── LostRace                another writer kept winning the optimistic write
+
+Control flow goes by these types and their attributes (``retryable``, ``counts_as_attempt``,
+``may_still_land``), never by comparing codes. Each error carries a machine-readable ``code``, the
+reason operators see, and a ``detail`` that must never contain secrets or personal data: both
+travel into logs, dead letters and Sentry.
 """
 
 from __future__ import annotations
@@ -12,17 +35,18 @@ class MergetagError(Exception):
 
     Parameters:
       detail: a short, PII-free explanation.
-      code: overrides the class's machine-readable reason.
     """
 
     code = "error"
     retryable = False
+    counts_as_attempt = True
+    """False when nothing was tried (our own guard held it back): the message waits without spending a retry."""
+    may_still_land = False
+    """True when the far side may still apply the request: nothing else may overtake it meanwhile."""
 
-    def __init__(self, detail: str = "", *, code: str | None = None) -> None:
+    def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.code)
         self.detail = detail
-        if code is not None:
-            self.code = code
 
     def as_reason(self) -> dict[str, object]:
         return {"code": self.code, "detail": self.detail, "retryable": self.retryable}
@@ -44,8 +68,8 @@ class RetryableError(MergetagError):
     code = "transient_failure"
     retryable = True
 
-    def __init__(self, detail: str = "", *, code: str | None = None, retry_after: float | None = None) -> None:
-        super().__init__(detail, code=code)
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
         self.retry_after = retry_after
 
 
@@ -58,48 +82,64 @@ class EventInvalid(PermanentError):
 
     code = "validation_failed"
 
-    def __init__(self, detail: str = "", *, code: str | None = None, errors: list[dict[str, str]] | None = None) -> None:
-        super().__init__(detail, code=code)
+    def __init__(self, detail: str = "", *, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail)
         self.errors = errors or []
 
 
 class UnsupportedEvent(PermanentError):
-    """A source topic or type that has no mapping."""
-
     code = "unsupported_event"
 
 
 class StoredProfileInvalid(PermanentError):
-    """A stored profile no longer validates against the model (needs a migration)."""
-
     code = "stored_profile_invalid"
 
 
 class EspRejected(PermanentError):
-    """The ESP refused the request with a 4xx other than 429."""
-
     code = "esp_rejected"
 
 
 class EspUnavailable(RetryableError):
-    """Network failure, timeout, 5xx or 429 from the ESP."""
-
     code = "esp_unavailable"
 
 
-class SyncBusy(RetryableError):
-    """Another send of the same profile is in flight; try again when its lease ends."""
+class EspTimeout(EspUnavailable):
+    code = "esp_timeout"
+    may_still_land = True
 
+
+class EspMisconfigured(EspUnavailable):
+    code = "esp_misconfigured"
+
+
+class EspHeld(EspUnavailable):
+    code = "esp_held"
+    counts_as_attempt = False
+
+
+class CircuitOpen(EspHeld):
+    code = "circuit_open"
+
+
+class EspBusy(EspHeld):
+    code = "esp_busy"
+
+
+class SyncBusy(RetryableError):
     code = "sync_in_progress"
 
 
 class SourceUnavailable(RetryableError):
-    """A polled source refused or did not answer."""
-
     code = "source_unavailable"
 
 
-class BrokerUnavailable(RetryableError):
-    """RabbitMQ is unreachable or did not confirm a publish in time."""
+class SourceRefused(SourceUnavailable):
+    code = "source_refused"
 
+
+class BrokerUnavailable(RetryableError):
     code = "broker_unavailable"
+
+
+class LostRace(RetryableError):
+    code = "write_contention"

@@ -23,7 +23,7 @@ from broker.dead_letters import DeadLetter
 from broker.middleware import as_dead_letter
 from broker.setup import create_broker
 from schemas.delivery import Delivery
-from schemas.errors import EspRejected, EspUnavailable, EventInvalid, MergetagError, SyncBusy
+from schemas.errors import CircuitOpen, EspRejected, EventInvalid, LostRace, MergetagError, SyncBusy
 from schemas.events import CheckoutChanged, CustomerErased, Event, Identity
 from schemas.profile import ANONYMOUS, Profile, identity_key, profile_keys
 from workers import erasure
@@ -50,13 +50,6 @@ broker = create_broker(settings, on_shutdown=close_runtime)
 MAX_WRITE_ATTEMPTS = 20
 TAKE_ALONG = 1_000
 TAKE_ALONG_MIN = 20
-
-
-class LostRace(MergetagError):
-    """Another worker kept winning the optimistic write; try the whole message again later."""
-
-    code = "write_contention"
-    retryable = True
 
 
 @dramatiq.actor(actor_name=topology.PROCESS_EVENT_ACTOR, queue_name=topology.events_queue(settings.queue_prefix))
@@ -291,10 +284,10 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
     try:
         refused = await client.upsert_batch([state["member"] for state in todo.values()], accepted)
     except MergetagError as exc:
-        if exc.code == "esp_timeout":
+        if exc.may_still_land:
             raise  # the job may still run: the leases run out by themselves, nothing overtakes it
         await rt.store.settle_many(esp, token, [], [], list(todo))
-        if exc.code == "circuit_open":
+        if isinstance(exc, CircuitOpen):
             await rt.store.park(list(todo), esp)
             log.info("batch of %d for %s parked: its circuit is open", len(todo), esp)
             return
@@ -342,7 +335,7 @@ async def _calls(profile_id: str, esp: str, token: str, calls: list[Callable[[],
         for call in calls:
             await call()
     except MergetagError as exc:
-        if exc.code != "esp_timeout" and not isinstance(exc, EspRejected):
+        if not exc.may_still_land and not isinstance(exc, EspRejected):
             await rt.store.release_send(profile_id, esp, token)
         raise
 
@@ -422,9 +415,7 @@ async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = F
             return
     try:
         await _send(profile_id, esp, retry_refused)
-    except (EspUnavailable, SyncBusy) as exc:
-        if not isinstance(exc, SyncBusy) and exc.code != "circuit_open":
-            raise
+    except (CircuitOpen, SyncBusy) as exc:
         await rt.store.park([profile_id], esp)
         log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from schemas.errors import EspUnavailable, MergetagError
+from schemas.errors import CircuitOpen, EspBusy, MergetagError
 
 ACQUIRE = """
 local slots, key, now, lease, token, max = KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
@@ -111,11 +111,11 @@ class EspGuard:
         opened_until, paused_until, failures = (float(v or 0) for v in state)
         now = time.time()
         if opened_until > now:
-            raise EspUnavailable(f"{self.account} circuit open", code="circuit_open", retry_after=opened_until - now)
+            raise CircuitOpen(f"{self.account} circuit open", retry_after=opened_until - now)
         trial = failures >= self.failures
         if trial and not await self._redis.set(self._trial, b"1", nx=True, px=self._lease):
             # Half-open: one trial call finds out whether the ESP is back; everyone else waits for its verdict.
-            raise EspUnavailable(f"{self.account} circuit half-open", code="circuit_open", retry_after=min(1.0, self.open_s))
+            raise CircuitOpen(f"{self.account} circuit half-open", retry_after=min(1.0, self.open_s))
         token = uuid.uuid4().hex
         try:
             await self._admit(bucket, paused_until - now, token)
@@ -124,10 +124,10 @@ class EspGuard:
             except MergetagError as exc:
                 if exc.retryable:
                     await self._failed(exc)
-                    if trial and exc.code != "esp_timeout":
+                    if trial and not exc.may_still_land:
                         # The trial confirmed the outage: for the caller this is the open circuit, not a failed
                         # attempt. (A timeout stays a timeout: that request may still land.)
-                        raise EspUnavailable(f"{self.account} still failing: {exc.code}", code="circuit_open",
+                        raise CircuitOpen(f"{self.account} still failing: {exc.code}",
                                              retry_after=self.open_s) from None
                 raise
             else:
@@ -146,13 +146,13 @@ class EspGuard:
         deadline = time.monotonic() + self._wait
         if paused_s > 0:
             if paused_s > self._wait:
-                raise EspUnavailable(f"{self.account} is paused by its rate limit", code="esp_busy", retry_after=paused_s)
+                raise EspBusy(f"{self.account} is paused by its rate limit", retry_after=paused_s)
             await asyncio.sleep(paused_s)
         await self._take_rate(bucket, deadline)
         delay = 0.01
         while not await self._acquire(keys=[self._slots, self._key], args=[int(time.time() * 1000), self._lease, token, self.limit]):
             if time.monotonic() > deadline:
-                raise EspUnavailable(f"{self.account} has no free connection", code="esp_busy", retry_after=1.0)
+                raise EspBusy(f"{self.account} has no free connection", retry_after=1.0)
             await asyncio.sleep(delay)
             delay = min(0.2, delay * 2)
 
@@ -174,7 +174,7 @@ class EspGuard:
             if not wait_ms:
                 return
             if time.monotonic() + wait_ms / 1000 > deadline:
-                raise EspUnavailable(f"{self.account} {bucket} rate spent", code="esp_busy", retry_after=wait_ms / 1000)
+                raise EspBusy(f"{self.account} {bucket} rate spent", retry_after=wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
 
     async def observe(self, remaining: int | None, reset_in_s: float | None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from adapters.esp.guard import EspGuard
-from schemas.errors import EspRejected, EspUnavailable
+from schemas.errors import EspMisconfigured, EspRejected, EspTimeout, EspUnavailable
 
 ACCOUNT_ERRORS = {401, 403}
 
@@ -77,7 +77,7 @@ class EspHttp:
                 parsed = await _json(response)
         except TimeoutError:
             # The request may still be applied late: the caller must not let another send overtake it.
-            raise EspUnavailable(f"{self.name} timed out", code="esp_timeout") from None
+            raise EspTimeout(f"{self.name} timed out") from None
         except aiohttp.ClientError as exc:
             raise EspUnavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
         if status < 300:
@@ -86,7 +86,7 @@ class EspHttp:
         if status == 429 or status >= 500:
             raise EspUnavailable(detail, retry_after=retry_after(headers_in))
         if status in account_errors:
-            raise EspUnavailable(detail, code="esp_misconfigured")
+            raise EspMisconfigured(detail)
         raise EspRejected(detail)
 
     async def close(self) -> None:
@@ -130,7 +130,7 @@ async def wait_for_job(check: Callable[[], Awaitable[bool]], timeout_s: float, n
     delay = 0.5
     while not await check():
         if time.monotonic() + delay > deadline:
-            raise EspUnavailable(f"{name} bulk job still running after {timeout_s:.0f}s", code="esp_timeout")
+            raise EspTimeout(f"{name} bulk job still running after {timeout_s:.0f}s")
         await asyncio.sleep(delay)
         delay = min(5.0, delay * 1.5)
 

@@ -25,7 +25,7 @@ from adapters.esp.base import Held, OnJob
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard, Rates
 from adapters.esp.http import EspHttp, chunks_by_size, wait_for_job
-from schemas.errors import EspUnavailable, MergetagError
+from schemas.errors import EspTimeout, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
 
@@ -158,7 +158,7 @@ class Klaviyo:
             await wait_for_job(finished, self._job_timeout, "klaviyo")
             refused = await self._import_errors(job_id, profiles) if job.get("failed_count") else {}
         except MergetagError as exc:
-            raise EspUnavailable(f"klaviyo bulk job not confirmed: {exc.code}", code="esp_timeout") from None
+            raise EspTimeout(f"klaviyo bulk job not confirmed: {exc.code}") from None
         if len(refused) < int(job.get("failed_count") or 0):
             # Never count a refusal we cannot place as a success: the whole job is sent again.
             raise EspUnavailable("klaviyo bulk job reported failures it did not name")

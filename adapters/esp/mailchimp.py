@@ -22,7 +22,7 @@ from adapters.esp.base import Held, OnJob
 from adapters.esp.fields import MappingEntry, mapped, normalize, problems
 from adapters.esp.guard import EspGuard
 from adapters.esp.http import EspHttp, download, wait_for_job
-from schemas.errors import EspUnavailable, MergetagError
+from schemas.errors import EspTimeout, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
 
@@ -136,7 +136,7 @@ class Mailchimp:
             errored = int(batch.get("errored_operations") or 0)
             refused = await self._batch_errors(str(batch.get("response_body_url") or ""), members) if errored else {}
         except MergetagError as exc:
-            raise EspUnavailable(f"mailchimp batch not confirmed: {exc.code}", code="esp_timeout") from None
+            raise EspTimeout(f"mailchimp batch not confirmed: {exc.code}") from None
         if len(refused) < errored:
             raise EspUnavailable("mailchimp batch reported errors it did not name")
         return refused

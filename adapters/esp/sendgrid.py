@@ -26,7 +26,7 @@ from adapters.esp.base import Held, OnJob
 from adapters.esp.fields import MappingEntry, mapped, normalize
 from adapters.esp.guard import EspGuard
 from adapters.esp.http import EspHttp, chunks_by_size, download, seconds_until, wait_for_job
-from schemas.errors import EspRejected, EspUnavailable, MergetagError
+from schemas.errors import EspMisconfigured, EspRejected, EspTimeout, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
 
@@ -131,7 +131,7 @@ class SendGrid:
         for name, value in contact.get("custom_fields", {}).items():
             if name not in definitions:
                 # The mapping names a field the account lacks: an operator's fix, alarmed and retried until then.
-                raise EspUnavailable(f"sendgrid custom field {name} is not defined", code="esp_misconfigured")
+                raise EspMisconfigured(f"sendgrid custom field {name} is not defined")
             custom[definitions[name][0]] = value
         if custom:
             out["custom_fields"] = custom
@@ -160,7 +160,7 @@ class SendGrid:
             errored = int(results.get("errored_count") or 0)
             refused = await self._errors(str(results.get("errors_url") or ""), contacts) if errored else {}
         except MergetagError as exc:
-            raise EspUnavailable(f"sendgrid import job not confirmed: {exc.code}", code="esp_timeout") from None
+            raise EspTimeout(f"sendgrid import job not confirmed: {exc.code}") from None
         if job.get("status") == "failed" and not errored:
             raise EspUnavailable("sendgrid import job failed")
         if len(refused) < errored:

@@ -22,7 +22,7 @@ import aiohttp
 
 from adapters.store import Checkpoints
 from schemas.delivery import Delivery
-from schemas.errors import SourceUnavailable
+from schemas.errors import SourceRefused, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ShopifyPuller:
                 try:
                     body, link = await self._get(session, url)
                 except SourceUnavailable as exc:
-                    if url == first or exc.code != "source_refused":
+                    if url == first or not isinstance(exc, SourceRefused):
                         raise
                     log.warning("stored cursor refused; restarting the pull from %s", start)
                     url = first
@@ -126,7 +126,7 @@ class ShopifyPuller:
                         await self._sleep(min(30, 2 ** attempt))
                         continue
                     if response.status >= 400:
-                        raise SourceUnavailable(f"shopify {response.status}", code="source_refused")
+                        raise SourceRefused(f"shopify {response.status}")
                     body = await response.json()
                     await self._pace(response.headers.get("X-Shopify-Shop-Api-Call-Limit"))
                     return body, response.headers.get("Link")
