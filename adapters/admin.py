@@ -16,14 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.erasures import ErasureReceipts, request_erasure, shown
 from adapters.esp.base import member_hash
 from adapters.esp.registry import build_esp
 from adapters.esp.targets import EspTarget
 from adapters.esp.templates import TemplateError, render
 from adapters.settings import Settings
 from adapters.sources import operator
-from adapters.store import ProfileStore
+from adapters.sources.operator import request_erasure
+from adapters.store.erasures import ErasureReceipts, shown
+from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher
 from schemas.errors import BrokerUnavailable, EventInvalid

@@ -32,7 +32,7 @@ def _serve(queues: list[str], sweep: bool) -> int:
     """Consume ``queues`` with a Dramatiq worker until SIGTERM/SIGINT; optionally run the sweeper."""
     import dramatiq
 
-    from adapters.store import ProfileStore
+    from adapters.store.profiles import ProfileStore
     from workers import actors, sweeper
 
     settings = actors.settings
@@ -101,7 +101,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
     """Pull now (``every`` None) or on a schedule, publishing through the receiver's confirm path."""
     from adapters.sources.shopify_pull import ShopifyPuller
-    from adapters.store import Checkpoints, ProfileStore
+    from adapters.store.checkpoints import Checkpoints
+    from adapters.store.profiles import ProfileStore
     from broker import topology
     from broker.publisher import Publisher, publish_delivery
 
@@ -212,7 +213,8 @@ def _quarantine_row(doc: dict) -> dict:
 
 
 async def _quarantine(args: argparse.Namespace) -> int:
-    from adapters.store import ProfileStore, Quarantine
+    from adapters.store.profiles import ProfileStore
+    from adapters.store.quarantine import Quarantine
     from broker import topology
     from broker.publisher import Publisher, encode_message
 
@@ -256,7 +258,7 @@ async def _quarantine(args: argparse.Namespace) -> int:
 
 async def _profile(args: argparse.Namespace) -> int:
     from adapters.admin import find
-    from adapters.store import ProfileStore
+    from adapters.store.profiles import ProfileStore
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
@@ -292,7 +294,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 async def _preview(args: argparse.Namespace) -> int:
     from adapters.admin import find, preview
     from adapters.esp.templates import TemplateError
-    from adapters.store import ProfileStore
+    from adapters.store.profiles import ProfileStore
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
@@ -356,7 +358,7 @@ def cmd_esp(args: argparse.Namespace) -> int:
 
 async def _reconcile(args: argparse.Namespace) -> int:
     from adapters.esp.registry import build_esp, build_guard
-    from adapters.store import ProfileStore
+    from adapters.store.profiles import ProfileStore
     from workers.reconcile import reconcile
 
     settings = get_settings()
@@ -386,9 +388,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 async def _erase(args: argparse.Namespace) -> int:
     import getpass
 
-    from adapters.erasures import ErasureReceipts, request_erasure, shown
     from adapters.sources import operator
-    from adapters.store import ProfileStore
+    from adapters.sources.operator import request_erasure
+    from adapters.store.erasures import ErasureReceipts, shown
+    from adapters.store.profiles import ProfileStore
     from broker import topology
     from broker.publisher import Publisher
     from schemas.errors import EventInvalid

@@ -77,7 +77,7 @@ async def main() -> None:
 
     from pymongo import AsyncMongoClient
 
-    from adapters.store import ProfileStore
+    from adapters.store.profiles import ProfileStore
     from schemas.profile import Profile
     from workers.actors import merge_into_profile
     from workers.pipeline import merge_all

@@ -17,7 +17,8 @@ import dramatiq
 
 from adapters.esp.base import Esp
 from adapters.settings import get_settings
-from adapters.store import ADDRESS_LISTS, Members, ProfileStore
+from adapters.store.outbox import ADDRESS_LISTS, Members
+from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.dead_letters import DeadLetter
 from broker.middleware import as_dead_letter
@@ -265,13 +266,13 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
     client = _target(rt, esp)
     if client is None:
         return
-    claimed, token = await rt.store.claim_sends(profile_ids, esp, rt.batch_leases[esp])
+    claimed, token = await rt.store.outbox.claim_sends(profile_ids, esp, rt.batch_leases[esp])
     # Address work (erasures, unsubscribes, retirements) goes one by one, through the single path that handles it.
     alone = [pid for pid, state in claimed.items() if any(state.get(name) for name in ADDRESS_LISTS)]
     todo = {pid: state for pid, state in claimed.items()
             if pid not in alone and state.get("member") and state.get("sent_hash") != state["member_hash"]}
     idle = [pid for pid in claimed if pid not in todo]
-    await rt.store.settle_many(esp, token, [], [], idle)
+    await rt.store.outbox.settle_many(esp, token, [], [], idle)
     await _send_alone(alone, esp)
     if not todo:
         return
@@ -279,16 +280,16 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
 
     async def accepted(job_id: str) -> None:
         jobs.append(job_id)
-        await rt.store.note_job(esp, token, job_id, list(todo))
+        await rt.store.outbox.note_job(esp, token, job_id, list(todo))
 
     try:
         refused = await client.upsert_batch([state["member"] for state in todo.values()], accepted)
     except MergetagError as exc:
         if exc.may_still_land:
             raise  # the job may still run: the leases run out by themselves, nothing overtakes it
-        await rt.store.settle_many(esp, token, [], [], list(todo))
+        await rt.store.outbox.settle_many(esp, token, [], [], list(todo))
         if isinstance(exc, CircuitOpen):
-            await rt.store.park(list(todo), esp)
+            await rt.store.outbox.park(list(todo), esp)
             log.info("batch of %d for %s parked: its circuit is open", len(todo), esp)
             return
         if isinstance(exc, EspRejected):
@@ -310,7 +311,7 @@ async def _send_batch(profile_ids: list[str], esp: str) -> None:
                                       args=(pid, esp), kwargs={"alone": True}, options={})
             letter = as_dead_letter(single, {"code": "esp_rejected", "detail": reason, "retryable": False, "exception": "EspRejected"})
             await asyncio.to_thread(broker.enqueue, letter)
-    await rt.store.settle_many(esp, token, sent, failed, idle, jobs)
+    await rt.store.outbox.settle_many(esp, token, sent, failed, idle, jobs)
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
@@ -336,7 +337,7 @@ async def _calls(profile_id: str, esp: str, token: str, calls: list[Callable[[],
             await call()
     except MergetagError as exc:
         if not exc.may_still_land and not isinstance(exc, EspRejected):
-            await rt.store.release_send(profile_id, esp, token)
+            await rt.store.outbox.release_send(profile_id, esp, token)
         raise
 
 
@@ -410,13 +411,13 @@ async def _sync(profile_id: str, esp: str, urgent: bool = False, alone: bool = F
         if client.prefers_bulk or backlog >= TAKE_ALONG_MIN:
             # Every write is a job at this ESP, or many profiles wait: take every other pending profile
             # along, so one bulk request carries them all (their own syncs then find nothing to send).
-            others = await rt.store.pending_ids(esp, limit=min(TAKE_ALONG, client.batch_limit - 1))
+            others = await rt.store.outbox.pending_ids(esp, limit=min(TAKE_ALONG, client.batch_limit - 1))
             await _send_batch([profile_id, *[pid for pid in others if pid != profile_id]], esp)
             return
     try:
         await _send(profile_id, esp, retry_refused)
     except (CircuitOpen, SyncBusy) as exc:
-        await rt.store.park([profile_id], esp)
+        await rt.store.outbox.park([profile_id], esp)
         log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
 
 
@@ -425,7 +426,7 @@ async def _send(profile_id: str, esp: str, retry_refused: bool = False) -> None:
     client = _target(rt, esp)
     if client is None:
         return
-    claim = await rt.store.claim_send(profile_id, esp, rt.leases[esp])
+    claim = await rt.store.outbox.claim_send(profile_id, esp, rt.leases[esp])
     if claim is None:
         return
     state, token = claim
@@ -437,25 +438,25 @@ async def _send(profile_id: str, esp: str, retry_refused: bool = False) -> None:
     for name, call in (("unsubscribe", client.unsubscribe), ("retire", client.retire)):
         if state.get(name):
             await _calls(profile_id, esp, token, [partial(call, email) for email in state[name] if email != current])
-            await rt.store.done(profile_id, esp, token, name, state[name])
+            await rt.store.outbox.done(profile_id, esp, token, name, state[name])
     refused = state.get("failed_hash") == state.get("member_hash") and not retry_refused
     if not state.get("member") or state.get("sent_hash") == state["member_hash"] or refused:
         # Already held, or refused exactly as it is (only a replayed dead letter asks again).
         log.debug("profile %s has nothing new to send to %s", profile_id, esp)
-        await rt.store.release_send(profile_id, esp, token)
+        await rt.store.outbox.release_send(profile_id, esp, token)
         return
     jobs: list[str] = []
 
     async def accepted(job_id: str) -> None:
         jobs.append(job_id)
-        await rt.store.note_job(esp, token, job_id, [profile_id])
+        await rt.store.outbox.note_job(esp, token, job_id, [profile_id])
 
     try:
         await _calls(profile_id, esp, token, [partial(client.upsert, state["member"], accepted)])
     except EspRejected as exc:
-        await rt.store.mark_failed(profile_id, esp, token, state["member_hash"], exc.code)
+        await rt.store.outbox.mark_failed(profile_id, esp, token, state["member_hash"], exc.code)
         raise
-    if await rt.store.mark_sent(profile_id, esp, token, state["member_hash"], jobs):
+    if await rt.store.outbox.mark_sent(profile_id, esp, token, state["member_hash"], jobs):
         log.info("profile %s synced to %s", profile_id, esp)
     else:
         log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)
@@ -475,31 +476,31 @@ async def _erase(rt: Runtime, client: Esp, profile_id: str, esp: str, state: dic
     """
     for job in state.get("jobs") or []:
         if not await client.job_done(job):
-            await rt.store.release_send(profile_id, esp, token)
+            await rt.store.outbox.release_send(profile_id, esp, token)
             raise SyncBusy(f"a bulk job to {esp} that carries this person is still running", retry_after=2.0)
-        await rt.store.job_finished(profile_id, esp, token, job)
+        await rt.store.outbox.job_finished(profile_id, esp, token, job)
     erase = list(state.get("erase") or [])
     try:
         await _calls(profile_id, esp, token, [partial(client.erase, email) for email in erase])
     except EspRejected as exc:
         await rt.receipts.mark(profile_id, esp, "failed", exc.code)
-        await rt.store.release_send(profile_id, esp, token)
+        await rt.store.outbox.release_send(profile_id, esp, token)
         log.warning("erasure at %s refused for profile %s (%s); retried by the sweeper", esp, profile_id, exc.code)
         return False
     if erase:
-        await rt.store.forget(profile_id, esp, token, erase)
+        await rt.store.outbox.forget(profile_id, esp, token, erase)
         await rt.receipts.mark(profile_id, esp, "deleted")
     checking = sorted({*(state.get("verify") or []), *erase})
     held = [email for email in checking if await client.held(email) is not None]
-    await rt.store.done(profile_id, esp, token, "verify", [email for email in checking if email not in held])
+    await rt.store.outbox.done(profile_id, esp, token, "verify", [email for email in checking if email not in held])
     if not held:
         await rt.receipts.mark(profile_id, esp, "verified")
         return True
-    checks = await rt.store.checked(profile_id, esp, token)
+    checks = await rt.store.outbox.checked(profile_id, esp, token)
     if checks >= VERIFY_CHECKS:
         # Still there after several read-backs: delete again rather than wait for ever.
-        await rt.store.redo(profile_id, esp, token, held)
-    await rt.store.release_send(profile_id, esp, token)
+        await rt.store.outbox.redo(profile_id, esp, token, held)
+    await rt.store.outbox.release_send(profile_id, esp, token)
     # Deletions are asynchronous at some ESPs (Klaviyo's privacy jobs, SendGrid's deletes): look again soon.
     await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), delay=int(VERIFY_DELAY_S * checks * 1000))
     log.info("erasure at %s: %d contact(s) of profile %s not gone yet; read back again later", esp, len(held), profile_id)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.esp.base import Esp, Held
-from adapters.store import ProfileStore
+from adapters.store.profiles import ProfileStore
 from schemas.events import Scalar
 
 
@@ -46,7 +46,7 @@ def compare(profile_id: str, sent: dict[str, Scalar], unsubscribed: bool, held: 
 
 async def reconcile(store: ProfileStore, esp: Esp, sample: int, repair: bool) -> dict[str, Any]:
     """Check ``sample`` synced profiles (0: all) against ``esp``; with ``repair``, re-send the drifted ones."""
-    docs = await store.synced_sample(esp.name, sample)
+    docs = await store.outbox.synced_sample(esp.name, sample)
     drifted = []
     for doc in docs:
         member = doc["member"]
@@ -54,6 +54,6 @@ async def reconcile(store: ProfileStore, esp: Esp, sample: int, repair: bool) ->
         if drift:
             drifted.append(drift)
     if repair and drifted:
-        await store.resend(esp.name, [d.profile_id for d in drifted])
+        await store.outbox.resend(esp.name, [d.profile_id for d in drifted])
     return {"checked": len(docs), "drifted": len(drifted), "repaired": len(drifted) if repair else 0,
             "drift": [d.summary() for d in drifted]}

@@ -8,14 +8,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from adapters.coalesce import Coalescer
-from adapters.erasures import ErasureReceipts
 from adapters.esp.base import Esp, member_hash
 from adapters.esp.guard import EspGuard
 from adapters.esp.registry import build_all
 from adapters.geoip import GeoReader, open_reader
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import EventMapping, build_mappings
-from adapters.store import Members, ProfileStore, Quarantine
+from adapters.store.erasures import ErasureReceipts
+from adapters.store.outbox import Members
+from adapters.store.profiles import ProfileStore
+from adapters.store.quarantine import Quarantine
 from broker.dead_letters import DeadLetters
 from schemas.profile import IdentityHasher, Profile
 from workers.merge import MergeRules
@@ -44,7 +46,7 @@ class Runtime:
         """Pending profiles of ``esp`` (up to the bulk threshold), counted at most once a second per process."""
         count, at = self._backlogs.get(esp, (0, 0.0))
         if time.monotonic() - at > 1.0:
-            count = await self.store.count_pending(esp, self.settings.sync_bulk_backlog)
+            count = await self.store.outbox.count_pending(esp, self.settings.sync_bulk_backlog)
             self._backlogs[esp] = (count, time.monotonic())
         return count
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from adapters.esp.guard import EspGuard
-from adapters.store import ProfileStore
+from adapters.store.profiles import ProfileStore
 from broker import topology
 
 MAX_CLAIM = 2_500
@@ -48,11 +48,11 @@ async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: tim
         if target.guard is not None and (await target.guard.state())["circuit"] == "open":
             continue
         limit = min(MAX_CLAIM, 5 * target.batch_limit)
-        urgent = await store.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
+        urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
             await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
-        heavy = await store.count_pending(esp, bulk_backlog) >= bulk_backlog
-        pending = await store.claim_pending(esp, timedelta(0) if heavy else grace, lease, limit=limit)
+        heavy = await store.outbox.count_pending(esp, bulk_backlog) >= bulk_backlog
+        pending = await store.outbox.claim_pending(esp, timedelta(0) if heavy else grace, lease, limit=limit)
         if len(pending) >= batch_min:
             for start in range(0, len(pending), target.batch_limit):
                 await asyncio.to_thread(sync_batch.send, pending[start:start + target.batch_limit], esp)

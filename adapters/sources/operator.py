@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters.store.erasures import ErasureReceipts
+from broker.publisher import Publisher, publish_delivery
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
 from schemas.events import CustomerErased, Event
@@ -52,3 +54,13 @@ def to_events(delivery: Delivery) -> list[Event]:
     p: dict[str, Any] = delivery.payload
     return [CustomerErased(event_id=f"{NAME}:{TOPIC}:{p['request_id']}", source=NAME, event_time=delivery.received_at,
                            received_at=delivery.received_at, also=tuple(p["keys"]), request_id=p["request_id"])]
+
+
+async def request_erasure(receipts: ErasureReceipts, publisher: Publisher, queue: str, hasher: IdentityHasher,
+                          keys: list[str], requested_by: str) -> str:
+    """An operator's erasure: the receipt first (so its status can be asked at once), then the
+    request, confirmed into the events queue. Returns the receipt id."""
+    request_id = new_request_id()
+    await receipts.request(request_id, hashed(keys, hasher), requested_by)
+    await publish_delivery(publisher, queue, erasure_delivery(keys, request_id, requested_by))
+    return request_id

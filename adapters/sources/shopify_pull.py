@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from adapters.store import Checkpoints
+from adapters.store.checkpoints import Checkpoints
 from schemas.delivery import Delivery
 from schemas.errors import SourceRefused, SourceUnavailable
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from adapters.sources.shopify import sign
-from adapters.store import Quarantine
+from adapters.store.quarantine import Quarantine
 from broker import topology
 from broker.publisher import Publisher, publish_delivery
 from schemas.delivery import Delivery

@@ -8,7 +8,7 @@ import uuid
 
 from adapters.esp.base import member_hash
 from adapters.esp.mailchimp import member_body
-from adapters.store import ProfileStore
+from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile

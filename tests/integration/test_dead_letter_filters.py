@@ -10,7 +10,7 @@ from unittest import mock
 
 from adapters.esp.base import member_hash
 from adapters.esp.registry import build_esp
-from adapters.store import ProfileStore
+from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message, publish_delivery
 from schemas.delivery import Delivery

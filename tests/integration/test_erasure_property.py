@@ -19,7 +19,8 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from adapters.erasures import ErasureReceipts, request_erasure
+from adapters.sources.operator import request_erasure
+from adapters.store.erasures import ErasureReceipts
 from broker import topology
 from broker.publisher import Publisher
 from tests.conftest import HASHER, eventually, index_key, post_webhook, queue_backlog

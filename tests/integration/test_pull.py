@@ -12,7 +12,7 @@ from pymongo import AsyncMongoClient
 
 from adapters.dev import free_port, wait_for_port
 from adapters.sources.shopify_pull import ShopifyPuller, next_link
-from adapters.store import Checkpoints
+from adapters.store.checkpoints import Checkpoints
 from broker import admin, topology
 from broker.publisher import Publisher, publish_delivery
 from sandboxes.shopify import API_VERSION, demo_customers

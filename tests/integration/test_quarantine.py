@@ -111,7 +111,7 @@ ERRORS = [{"event": "order.completed", "loc": "order.completed.event_time", "typ
 async def test_a_delivery_quarantined_again_while_it_is_redriven_stays_quarantined_and_listed(rabbitmq, mongo_uri):
     """The race: the redrive reads the delivery and publishes it; a worker fails it again (quarantined anew)
     before the redrive marks it. The mark must not hide it."""
-    from adapters.store import Quarantine
+    from adapters.store.quarantine import Quarantine
     from broker import topology
     from broker.publisher import Publisher, encode_message
 
@@ -151,7 +151,7 @@ async def test_a_delivery_quarantined_again_while_it_is_redriven_stays_quarantin
 
 
 async def test_redrive_all_redrives_every_quarantined_delivery_page_by_page_and_counts_them(rabbitmq, mongo_uri):
-    from adapters.store import Quarantine
+    from adapters.store.quarantine import Quarantine
     from broker import topology
 
     prefix = "a" + uuid.uuid4().hex[:10]
@@ -182,7 +182,7 @@ async def test_redrive_all_redrives_every_quarantined_delivery_page_by_page_and_
 
 
 async def test_a_delivery_bson_cannot_encode_is_kept_whole_and_given_back_for_redrive(mongo_uri):
-    from adapters.store import Quarantine
+    from adapters.store.quarantine import Quarantine
 
     name = "qs" + uuid.uuid4().hex[:10]
     client = AsyncMongoClient(mongo_uri, tz_aware=True)

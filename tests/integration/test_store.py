@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from adapters.store import ProfileStore
+from adapters.store.profiles import ProfileStore
 from schemas.errors import SyncBusy
 from schemas.profile import Profile
 from tests.conftest import HASHER
@@ -49,52 +49,52 @@ async def test_an_identifier_belongs_to_one_profile(store):
 
 async def test_sweeper_claims_a_pending_profile_once_per_lease(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
-    claim = lambda lease: store.claim_pending("mailchimp", timedelta(0), timedelta(seconds=lease))  # noqa: E731
+    claim = lambda lease: store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(seconds=lease))  # noqa: E731
     assert await claim(60) == ["p1"]
     assert await claim(60) == []  # within the lease: not again
     assert await claim(0) == ["p1"]  # lease over: again, since it is still pending
-    _, token = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
-    assert await store.mark_sent("p1", "mailchimp", token, "h1")
+    _, token = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    assert await store.outbox.mark_sent("p1", "mailchimp", token, "h1")
     assert await claim(0) == []
 
 
 async def test_refused_member_is_not_swept_until_it_changes(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
-    _, token = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
-    await store.mark_failed("p1", "mailchimp", token, "h1", "esp_rejected")
-    assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
+    _, token = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    await store.outbox.mark_failed("p1", "mailchimp", token, "h1", "esp_rejected")
+    assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
     profile, meta = await store.load("p1")
     assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
-    assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == ["p1"]
+    assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == ["p1"]
 
 
 async def test_one_send_per_profile_at_a_time(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
-    state, token = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    state, token = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert state["member_hash"] == "h1"
     with pytest.raises(SyncBusy) as busy:
-        await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+        await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert 0 < busy.value.retry_after <= 30
-    assert await store.mark_sent("p1", "mailchimp", token, "h1")
-    assert (await store.claim_send("p1", "mailchimp", timedelta(seconds=30)))[0]["sent_hash"] == "h1"
-    assert await store.claim_send("nobody", "mailchimp", timedelta(seconds=30)) is None
+    assert await store.outbox.mark_sent("p1", "mailchimp", token, "h1")
+    assert (await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30)))[0]["sent_hash"] == "h1"
+    assert await store.outbox.claim_send("nobody", "mailchimp", timedelta(seconds=30)) is None
 
 
 async def test_a_send_that_outlived_its_lease_cannot_overwrite_the_next_holders_record(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
-    _, late = await store.claim_send("p1", "mailchimp", timedelta(0))  # a lease that is over at once
+    _, late = await store.outbox.claim_send("p1", "mailchimp", timedelta(0))  # a lease that is over at once
     profile, meta = await store.load("p1")
     assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
-    state, holder = await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+    state, holder = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert state["member_hash"] == "h2"
     # The first send finishes after its lease ran out: what it sent (h1) must not be recorded, nor end the lease.
-    assert not await store.mark_sent("p1", "mailchimp", late, "h1")
-    await store.release_send("p1", "mailchimp", late)
-    await store.settle_many("mailchimp", late, [("p1", "h1")], [], [])
+    assert not await store.outbox.mark_sent("p1", "mailchimp", late, "h1")
+    await store.outbox.release_send("p1", "mailchimp", late)
+    await store.outbox.settle_many("mailchimp", late, [("p1", "h1")], [], [])
     with pytest.raises(SyncBusy):
-        await store.claim_send("p1", "mailchimp", timedelta(seconds=30))
+        await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert "sent_hash" not in (await store.load("p1"))[1]["esp"]["mailchimp"]
-    assert await store.mark_sent("p1", "mailchimp", holder, "h2")
+    assert await store.outbox.mark_sent("p1", "mailchimp", holder, "h2")
     assert (await store.load("p1"))[1]["esp"]["mailchimp"]["sent_hash"] == "h2"
 
 
@@ -104,7 +104,7 @@ async def test_bulk_claims_are_exclusive_under_concurrency(store):
     ids = [f"c{n}" for n in range(40)]
     for pid in ids:
         assert await store.save(person(pid, f"{pid}@example.com"), None, {"mailchimp": ({"m": pid}, f"h-{pid}")})
-    claims = await asyncio.gather(*(store.claim_sends(ids, "mailchimp", timedelta(seconds=30)) for _ in range(6)))
+    claims = await asyncio.gather(*(store.outbox.claim_sends(ids, "mailchimp", timedelta(seconds=30)) for _ in range(6)))
     held = [pid for claimed, _ in claims for pid in claimed]
     assert sorted(held) == sorted(ids)  # every profile claimed exactly once
 
@@ -115,7 +115,7 @@ async def test_profiles_without_a_member_are_never_pending(store):
     assert meta["esp"]["mailchimp"]["pending"] is False
     assert await store.save(profile.model_copy(update={"traits": {}}), meta["version"], {"mailchimp": (None, None)})
     assert (await store.load("p1"))[1]["esp"]["mailchimp"]["pending"] is False
-    assert await store.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
+    assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
 
 
 async def test_identifiers_are_indexed_by_keyed_hashes_and_older_profiles_are_rekeyed_once(store):

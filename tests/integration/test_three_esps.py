@@ -13,7 +13,7 @@ from typing import Any
 from unittest import mock
 
 from adapters.esp.registry import build_esp
-from adapters.store import ProfileStore
+from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile

@@ -14,10 +14,6 @@ from typing import Any
 
 from pymongo import DESCENDING, AsyncMongoClient
 
-from adapters.sources import operator
-from broker.publisher import Publisher, publish_delivery
-from schemas.profile import IdentityHasher
-
 ERASURES = "erasures"
 OPEN = ("pending", "deleted", "failed")
 
@@ -92,12 +88,3 @@ class ErasureReceipts:
         """An event for the erased person arrived and was dropped: counted on the person's receipts."""
         await self.collection.update_many({"profile_ids": profile_id}, {"$inc": {"late_events": 1}})
 
-
-async def request_erasure(receipts: ErasureReceipts, publisher: Publisher, queue: str, hasher: IdentityHasher,
-                          keys: list[str], requested_by: str) -> str:
-    """An operator's erasure: the receipt first (so its status can be asked at once), then the
-    request, confirmed into the events queue. Returns the receipt id."""
-    request_id = operator.new_request_id()
-    await receipts.request(request_id, operator.hashed(keys, hasher), requested_by)
-    await publish_delivery(publisher, queue, operator.erasure_delivery(keys, request_id, requested_by))
-    return request_id

@@ -1,0 +1,1 @@
+"""MongoDB: profiles, their per-target sync state (the outbox), quarantine, checkpoints, erasure receipts."""

@@ -1,0 +1,261 @@
+"""The outbox: every query on the per-target sync state of profiles (``profile.esp.<target>``).
+
+Each profile carries, per ESP target, the member it should hold and the bookkeeping of getting it
+there: what was last sent, what the ESP refused, whether anything is pending (and urgent), the
+send lease and its token, bulk jobs in flight, and address work (erasures and their read-back,
+unsubscribes, retirements). The profile store writes the member with the profile; everything the
+sync does afterwards goes through here. Every write after a claim names the lease's token, so a
+send that outlived its lease cannot overwrite what the next holder records.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
+
+from schemas.errors import SyncBusy
+
+PROFILES = "profiles"
+Members = dict[str, tuple[dict[str, Any] | None, str | None]]
+Work = dict[str, dict[str, list[str]]]
+
+
+# Per ESP target, addresses that wait for work other than the member itself: erasures (then their
+# read-back), unsubscribes of the person's other addresses, retirements of replaced or absorbed contacts.
+ADDRESS_LISTS = ("erase", "verify", "unsubscribe", "retire")
+
+
+def _waiting(prefix: str) -> list[dict[str, Any]]:
+    return [{"$gt": [{"$size": {"$ifNull": [f"${prefix}.{name}", []]}}, 0]} for name in ADDRESS_LISTS]
+
+
+def _pending(prefix: str) -> dict[str, Any]:
+    """Pending: the ESP does not hold exactly the profile's member yet, or addresses wait for their work."""
+    member_hash = f"${prefix}.member_hash"
+    differs = {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
+                        {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
+    return {"$or": [differs, *_waiting(prefix)]}
+
+
+def _sendable(prefix: str) -> dict[str, Any]:
+    """Pending work a sync can do: not a member the ESP refused exactly as it is, or address work."""
+    refused = {"$eq": [{"$ifNull": [f"${prefix}.member_hash", None]}, {"$ifNull": [f"${prefix}.failed_hash", None]}]}
+    return {f"{prefix}.pending": True, "merged_into": {"$exists": False}, "$expr": {"$or": [{"$not": [refused]}, *_waiting(prefix)]}}
+
+
+def _settle(prefix: str) -> list[dict[str, Any]]:
+    """Pipeline stages that recompute ``pending``; an ``urgent`` mark lasts only while something is pending."""
+    return [{"$set": {f"{prefix}.pending": _pending(prefix)}},
+            {"$set": {f"{prefix}.urgent": {"$and": [{"$ifNull": [f"${prefix}.urgent", False]}, f"${prefix}.pending"]}}}]
+
+
+def _literal(value: Any) -> dict[str, Any]:
+    """Values inside pipeline updates must not be read as expressions (a trait may start with ``$``)."""
+    return {"$literal": value}
+
+
+
+
+def _with_work(prefix: str, lists: dict[str, list[str]]) -> dict[str, Any]:
+    """Pipeline ``$set`` entries adding ``lists`` (name -> addresses) to a target's address lists."""
+    return {f"{prefix}.{name}": {"$setUnion": [{"$ifNull": [f"${prefix}.{name}", []]}, _literal(sorted(emails))]}
+            for name, emails in lists.items() if emails}
+
+
+def _owned(profile_id: str, esp: str, token: str) -> dict[str, Any]:
+    """The filter of a write that only the holder of the send lease may make."""
+    return {"_id": profile_id, f"esp.{esp}.sending_token": token}
+
+
+class Outbox:
+    """Parameters:
+      client: an ``AsyncMongoClient`` created with ``tz_aware=True``.
+      database: database name.
+    """
+
+    def __init__(self, client: AsyncMongoClient, database: str) -> None:
+        self.profiles = client[database][PROFILES]
+
+    async def forget(self, profile_id: str, esp: str, token: str, emails: list[str]) -> None:
+        """The ESP deleted these contacts: they wait for their read-back now, no longer for deletion."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_one(_owned(profile_id, esp, token),
+                                       {"$pullAll": {f"{prefix}.erase": emails}, "$addToSet": {f"{prefix}.verify": {"$each": emails}}})
+
+    async def done(self, profile_id: str, esp: str, token: str, name: str, emails: list[str]) -> None:
+        """Addresses of list ``name`` (verify, unsubscribe, retire) whose work at the ESP is done."""
+        await self.profiles.update_one(_owned(profile_id, esp, token), {"$pullAll": {f"esp.{esp}.{name}": emails}})
+
+    async def redo(self, profile_id: str, esp: str, token: str, emails: list[str]) -> None:
+        """Contacts the ESP still holds after their deletion: delete them again."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_one(_owned(profile_id, esp, token),
+                                       {"$pullAll": {f"{prefix}.verify": emails}, "$addToSet": {f"{prefix}.erase": {"$each": emails}},
+                                        "$unset": {f"{prefix}.verify_checks": ""}})
+
+    async def checked(self, profile_id: str, esp: str, token: str) -> int:
+        """Count one more read-back that still found an erased contact; returns how many so far."""
+        doc = await self.profiles.find_one_and_update(_owned(profile_id, esp, token), {"$inc": {f"esp.{esp}.verify_checks": 1}},
+                                                      projection={f"esp.{esp}.verify_checks": 1}, return_document=ReturnDocument.AFTER)
+        return int(((doc or {}).get("esp", {}).get(esp) or {}).get("verify_checks", 0))
+
+    async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> tuple[dict[str, Any], str] | None:
+        """Take the profile's send lease for ``esp``: its sync state and the lease's token.
+
+        One send per profile and ESP at a time, so an older member can never overtake a newer one;
+        every later write of this send names the token, so a send that outlived its lease cannot
+        overwrite what the lease's next holder records. Returns None when the profile does not
+        exist; raises SyncBusy while another send holds the lease.
+        """
+        prefix = f"esp.{esp}"
+        field = f"{prefix}.sending_until"
+        for _ in range(5):
+            now, token = datetime.now(timezone.utc), uuid.uuid4().hex
+            doc = await self.profiles.find_one_and_update(
+                {"_id": profile_id, "merged_into": {"$exists": False},
+                 "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
+                {"$set": {field: now + lease, f"{prefix}.sending_token": token}},
+                projection={f"esp.{esp}": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return doc.get("esp", {}).get(esp, {}), token
+            held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
+            if held is None:
+                return None
+            until = held.get("esp", {}).get(esp, {}).get("sending_until")
+            if until is not None and until > now:
+                # Sends end long before their lease: look again soon rather than at the lease's end.
+                raise SyncBusy("another send of this profile is in flight", retry_after=min(1.0, (until - now).total_seconds()))
+            # Released between the two reads: claim again.
+        raise SyncBusy("the send lease of this profile keeps changing hands", retry_after=0.5)
+
+    async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> tuple[dict[str, dict[str, Any]], str]:
+        """:meth:`claim_send` for many profiles in two round trips, under one token; profiles whose
+        lease is held are left out. Returns their sync states and the token."""
+        prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
+        free = {"$or": [{f"{prefix}.sending_until": {"$exists": False}}, {f"{prefix}.sending_until": None},
+                        {f"{prefix}.sending_until": {"$lte": now}}]}
+        await self.profiles.update_many(
+            {"_id": {"$in": profile_ids}, "merged_into": {"$exists": False}, **free},
+            {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}},
+        )
+        cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
+        return {doc["_id"]: doc["esp"][esp] async for doc in cursor}, token
+
+    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
+        """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure
+        of any of them waits for it (it could otherwise land after the deletion)."""
+        await self.profiles.update_many({"_id": {"$in": profile_ids}, f"esp.{esp}.sending_token": token},
+                                        {"$addToSet": {f"esp.{esp}.jobs": job_id}})
+
+    async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
+        await self.profiles.update_one(_owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})
+
+    async def settle_many(self, esp: str, token: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]],
+                          released: list[str], jobs: list[str] | None = None) -> None:
+        """Record a batch's outcome per profile, in one round trip; only where ``token`` still holds the lease.
+
+        ``jobs``: the batch's bulk jobs, all confirmed finished.
+        """
+        prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
+        finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
+        ops = [UpdateOne(_owned(pid, esp, token),
+                         [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
+                          {"$unset": f"{prefix}.swept_at"}, *finished, *_settle(prefix)]) for pid, h in sent]
+        ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code,
+                                                              f"{prefix}.sending_until": None}}, *finished])
+                for pid, h, code in failed]
+        ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *finished, *_settle(prefix)])
+                for pid in released]
+        if ops:
+            await self.profiles.bulk_write(ops, ordered=False)
+
+    async def park(self, profile_ids: list[str], esp: str) -> None:
+        """Leave pending profiles to the sweeper's next run (their ESP is down): they wait in MongoDB
+        rather than cycling through the queue. Send leases are not touched."""
+        await self.profiles.update_many({"_id": {"$in": profile_ids}}, {"$unset": {f"esp.{esp}.swept_at": ""}})
+
+    async def release_send(self, profile_id: str, esp: str, token: str) -> None:
+        """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_one(_owned(profile_id, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)])
+
+    async def mark_sent(self, profile_id: str, esp: str, token: str, sent_hash: str, jobs: list[str] | None = None) -> bool:
+        """Record what the ESP now holds; still pending if the profile moved on meanwhile.
+
+        ``jobs``: the send's bulk jobs, confirmed finished. Returns False when the lease was lost (it
+        ran out and another send took it): that send records its own outcome, this one must not
+        overwrite it.
+        """
+        prefix = f"esp.{esp}"
+        finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
+        done = await self.profiles.update_one(
+            _owned(profile_id, esp, token),
+            [
+                {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
+                          f"{prefix}.sending_until": None}},
+                {"$unset": f"{prefix}.swept_at"},  # sent: the next change is claimable at once
+                *finished,
+                *_settle(prefix),
+            ],
+        )
+        return done.matched_count == 1
+
+    async def mark_failed(self, profile_id: str, esp: str, token: str, failed_hash: str, code: str) -> None:
+        """Remember a member the ESP refused, so the sweeper does not resend it until it changes."""
+        await self.profiles.update_one(
+            _owned(profile_id, esp, token),
+            {"$set": {f"esp.{esp}.failed_hash": failed_hash, f"esp.{esp}.failed_code": code, f"esp.{esp}.sending_until": None}},
+        )
+
+    async def synced_sample(self, esp: str, limit: int) -> list[dict[str, Any]]:
+        """Profiles whose member the ESP should hold, as last sent (a random sample; all when ``limit`` is 0)."""
+        prefix = f"esp.{esp}"
+        match = {f"{prefix}.sent_hash": {"$exists": True}, f"{prefix}.member": {"$ne": None}, f"{prefix}.pending": False,
+                 "merged_into": {"$exists": False}}
+        project = {"$project": {"member": f"${prefix}.member"}}
+        pipeline = [{"$match": match}, *([{"$sample": {"size": limit}}] if limit else []), project]
+        return [doc async for doc in await self.profiles.aggregate(pipeline)]
+
+    async def resend(self, esp: str, profile_ids: list[str]) -> None:
+        """Forget what was sent, so the sync sends these members again."""
+        prefix = f"esp.{esp}"
+        await self.profiles.update_many({"_id": {"$in": profile_ids}},
+                                        {"$unset": {f"{prefix}.sent_hash": ""}, "$set": {f"{prefix}.pending": True,
+                                                                                       f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
+
+    async def count_pending(self, esp: str, cap: int) -> int:
+        """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
+        return await self.profiles.count_documents(_sendable(f"esp.{esp}"), limit=cap)
+
+    async def pending_ids(self, esp: str, limit: int) -> list[str]:
+        """Profiles waiting for ``esp`` (refused ones aside), oldest change first; nothing is claimed."""
+        prefix = f"esp.{esp}"
+        cursor = self.profiles.find(_sendable(prefix), {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
+        return [doc["_id"] async for doc in cursor]
+
+    async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
+                            urgent: bool = False) -> list[str]:
+        """Pending profiles, oldest change first, not refused as they are and not swept within ``lease``
+        (only those marked urgent, with ``urgent``).
+
+        Claiming stamps ``swept_at`` so a backlog or an ESP outage is not re-enqueued every sweep.
+        """
+        now = datetime.now(timezone.utc)
+        prefix = f"esp.{esp}"
+        unswept = {"$or": [{f"{prefix}.swept_at": {"$exists": False}}, {f"{prefix}.swept_at": {"$lte": now - lease}}]}
+        query = {
+            **_sendable(prefix),
+            f"{prefix}.dirty_at": {"$lte": now - older_than},
+            **unswept,
+            **({f"{prefix}.urgent": True} if urgent else {}),
+        }
+        cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
+        ids = [doc["_id"] async for doc in cursor]
+        if ids:
+            await self.profiles.update_many({"_id": {"$in": ids}, **unswept}, {"$set": {f"{prefix}.swept_at": now}})
+        return ids

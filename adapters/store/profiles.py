@@ -1,0 +1,290 @@
+"""The MongoDB profile store, through PyMongo's asyncio API.
+
+Common path per event: one indexed lookup of the identity's keys and one conditional write
+guarded by ``version`` (optimistic concurrency). A profile's write also records, per ESP target,
+the member it should become (the rest of the sync state is the outbox's, :mod:`adapters.store.outbox`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+from adapters.store.outbox import PROFILES, Members, Outbox, Work, _literal, _settle, _with_work
+from schemas.errors import StoredProfileInvalid
+from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
+
+if TYPE_CHECKING:
+    from workers.erasure import ErasurePlan
+
+ERASURES = "erasures"
+# What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
+# and absorbed ids instead), and, with everything else, from pointers.
+PERSONAL = tuple(name for name in Profile.model_fields if name not in {"id", "schema_version", "erased", "identifiers", "merged_from"})
+POINTER_DROPS = tuple(name for name in Profile.model_fields if name != "id")
+
+
+class ProfileStore:
+    """Profiles, and (through :attr:`outbox`) their per-ESP sync state.
+
+    Parameters:
+      client: an ``AsyncMongoClient`` created with ``tz_aware=True``.
+      database: database name.
+      hasher: how identity keys are indexed (keyed hashes); needed to find or write profiles by
+        identifier, not to read or sync them by id.
+    """
+
+    def __init__(self, client: AsyncMongoClient, database: str, hasher: IdentityHasher | None = None) -> None:
+        self.client = client
+        self.profiles = client[database][PROFILES]
+        self.outbox = Outbox(client, database)
+        self._hasher = hasher
+
+    @classmethod
+    def connect(cls, uri: str, database: str, hasher: IdentityHasher | None = None) -> ProfileStore:
+        return cls(AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5_000), database, hasher)
+
+    @property
+    def hasher(self) -> IdentityHasher:
+        if self._hasher is None:
+            raise ValueError("this store was opened without an identity hasher: it cannot find profiles by identifier")
+        return self._hasher
+
+    def index(self, profile: Profile) -> list[str]:
+        """The profile's keys in the unique index: the keyed hash of every identifier (a tombstone keeps
+        nothing else, so its keys are those hashes as they are)."""
+        if profile.erased is not None:
+            return list(profile.identifiers.get(ERASED, ()))
+        return sorted({self.hasher.index_key(key) for key in profile_keys(profile)})
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def flag_counts(self) -> dict[str, dict[str, int]]:
+        """Per data-quality flag: how many profiles carry it, and how many (kept) events raised it."""
+        pipeline = [
+            {"$project": {"flags": {"$objectToArray": {"$ifNull": ["$flags", {}]}}}},
+            {"$unwind": "$flags"},
+            {"$group": {"_id": "$flags.k", "profiles": {"$sum": 1}, "events": {"$sum": {"$size": "$flags.v"}}}},
+        ]
+        return {d["_id"]: {"profiles": d["profiles"], "events": d["events"]} async for d in await self.profiles.aggregate(pipeline)}
+
+    async def ensure_indexes(self, esps: tuple[str, ...] = ("mailchimp",)) -> None:
+        # Unique: one identifier belongs to one profile; a conflicting write fails instead of splitting a person.
+        await self.profiles.create_index([("keys", ASCENDING)], name="identity_keys", unique=True)
+        for esp in esps:
+            await self.profiles.create_index(
+                [(f"esp.{esp}.pending", ASCENDING), (f"esp.{esp}.dirty_at", ASCENDING)], name=f"{esp}_pending"
+            )
+
+    async def unhashed_left(self) -> bool:
+        """Whether profiles written before identifiers were indexed by keyed hashes are still indexed by
+        plain ones (they would be found by nothing): ``mergetag profile rekey`` fixes that, once."""
+        return await self.profiles.find_one({"keys": {"$regex": "^(email|phone):"}}, {"_id": 1}) is not None
+
+    async def rekey(self) -> int:
+        """Index every live profile by the keyed hashes of its identifiers (idempotent); returns how many changed."""
+        changed = 0
+        async for doc in self.profiles.find({"merged_into": {"$exists": False}, "erased": None}):
+            found = self._split(dict(doc))
+            if found is None:
+                continue
+            keys = self.index(found[0])
+            if sorted(doc.get("keys", [])) != keys:
+                await self.profiles.update_one({"_id": doc["_id"], "version": doc["version"]}, {"$set": {"keys": keys}})
+                changed += 1
+        return changed
+
+    async def load(self, profile_id: str) -> tuple[Profile, dict[str, Any]] | None:
+        """Load a profile, following the pointer an absorbed profile leaves behind."""
+        for _ in range(10):
+            doc = await self.profiles.find_one({"_id": profile_id})
+            if doc is None or "merged_into" not in doc:
+                return self._split(doc)
+            profile_id = doc["merged_into"]
+        return None
+
+    async def find_by_keys(self, keys: list[str]) -> tuple[Profile, dict[str, Any]] | None:
+        """The profile owning any of ``keys`` (the first key's owner when several do)."""
+        owners = await self.find_owners(keys)
+        return owners[0] if owners else None
+
+    async def find_owners(self, keys: list[str]) -> list[tuple[Profile, dict[str, Any]]]:
+        """Every profile owning one of identity keys ``keys`` (live ones and tombstones), ordered by the
+        strongest key each owns. One round trip."""
+        rank = {indexed: i for i, key in enumerate(keys) for indexed in self.hasher.index_keys(key)}
+        docs = [doc async for doc in self.profiles.find({"keys": {"$in": list(rank)}}).limit(len(rank))]
+        docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
+        return [split for doc in docs if (split := self._split(doc)) is not None]
+
+    async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], members: Members,
+                     work: Work, sent: dict[str, str | None]) -> bool:
+        """Merge profiles in one transaction: the absorbed become bare pointers to ``survivor``.
+
+        A pointer keeps nothing of the person (the survivor holds it all now): only its id, where it
+        points and a key of its own. Every write is version-guarded; any lost race aborts the whole
+        merge (returns False).
+        Parameters:
+          members: per ESP target, the member the survivor should become and its hash.
+          work: per ESP target, address lists to add: contacts of absorbed profiles to retire, so
+            none is left orphaned, and addresses to unsubscribe.
+          sent: per ESP target, the hash the survivor's contact was last sent.
+        """
+        body = survivor.model_dump(mode="python", exclude={"id"})
+        body["keys"] = self.index(survivor)
+        now = datetime.now(timezone.utc)
+        state: dict[str, Any] = {}
+        for esp, (member, member_hash) in members.items():
+            prefix = f"esp.{esp}"
+            state.update({f"{prefix}.member": member, f"{prefix}.member_hash": member_hash, f"{prefix}.dirty_at": now,
+                          f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or any(work.get(esp, {}).values())})
+        async with self.client.start_session() as session:
+            try:
+                async with await session.start_transaction():
+                    for absorbed_id, absorbed_version in absorbed:
+                        if not await self._point(absorbed_id, survivor.id, now, session, version=absorbed_version):
+                            raise _Abort
+                    update: dict[str, Any] = {"$set": {**body, **state}, "$inc": {"version": 1}}
+                    adding = {f"esp.{esp}.{name}": {"$each": sorted(emails)}
+                              for esp, lists in work.items() for name, emails in lists.items() if emails}
+                    if adding:
+                        update["$addToSet"] = adding
+                    done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
+                    if done.matched_count != 1:
+                        raise _Abort
+            except (_Abort, DuplicateKeyError):
+                # A lost race, or a third profile took one of the identifiers meanwhile: re-read and retry.
+                return False
+        return True
+
+    async def _point(self, profile_id: str, target: str, now: datetime, session: Any, version: int | None = None) -> bool:
+        """Turn a profile into a bare pointer to ``target``: nothing of the person stays behind."""
+        query: dict[str, Any] = {"_id": profile_id, **({"version": version} if version is not None else {})}
+        done = await self.profiles.update_one(
+            query,
+            # Not []: a unique multikey index counts every empty array as the same key.
+            {"$set": {"merged_into": target, "keys": [f"merged:{profile_id}"], "merged_at": now},
+             "$unset": {**{name: "" for name in POINTER_DROPS}, "esp": ""}, "$inc": {"version": 1}},
+            session=session,
+        )
+        return done.matched_count == 1
+
+    async def erase(self, plan: ErasurePlan, targets: tuple[str, ...], receipt: dict[str, Any]) -> bool:
+        """Make ``plan`` true in one transaction: the tombstone, pointers of the person's other profiles
+        and of every profile absorbed into them (emptied), and the erasure's receipt.
+
+        Each target's send lease is kept as it is: a send still in flight (a bulk job carrying the
+        person) keeps it, and the erasure's own sync waits for it before it deletes anything.
+        Returns False on a lost race.
+        """
+        now = datetime.now(timezone.utc)
+        tomb = plan.tombstone
+        body = {**tomb.model_dump(mode="python", exclude={"id"}), "keys": plan.keys}
+        state: dict[str, Any] = {}
+        for esp in targets:
+            prefix = f"esp.{esp}"
+            state.update({f"{prefix}.member": None, f"{prefix}.member_hash": None, f"{prefix}.pending": bool(plan.addresses),
+                          f"{prefix}.urgent": bool(plan.addresses), f"{prefix}.dirty_at": now})
+        unset = {**{name: "" for name in PERSONAL if name not in body},
+                 **{f"esp.{esp}.{name}": "" for esp in targets for name in ("sent_hash", "failed_hash", "retire", "unsubscribe")}}
+        update: dict[str, Any] = {"$set": {**body, **state}, "$unset": unset, "$inc": {"version": 1}}
+        if plan.addresses:
+            update["$addToSet"] = {f"esp.{esp}.erase": {"$each": list(plan.addresses)} for esp in targets}
+        receipts = self.profiles.database[ERASURES]
+        async with self.client.start_session() as session:
+            try:
+                async with await session.start_transaction():
+                    # Pointers first: they give up the keys the tombstone takes over (the index is unique).
+                    for pointer_id, version in plan.pointers:
+                        if not await self._point(pointer_id, tomb.id, now, session, version=version):
+                            raise _Abort
+                    for absorbed_id in plan.absorbed:
+                        await self._point(absorbed_id, tomb.id, now, session)
+                    if plan.version is None:
+                        await self.profiles.insert_one({"_id": tomb.id, **body, "version": 1,
+                                                        "esp": {esp: {"member": None, "member_hash": None, "pending": bool(plan.addresses),
+                                                                      "urgent": bool(plan.addresses), "dirty_at": now,
+                                                                      "erase": list(plan.addresses)} for esp in targets}},
+                                                       session=session)
+                    else:
+                        done = await self.profiles.update_one({"_id": tomb.id, "version": plan.version}, update, session=session)
+                        if done.matched_count != 1:
+                            raise _Abort
+                    await receipts.update_one({"_id": plan.request_id}, receipt, upsert=True, session=session)
+            except (_Abort, DuplicateKeyError):
+                return False
+        return True
+
+    async def save(self, profile: Profile, version: int | None, members: Members, urgent: bool = False,
+                   work: Work | None = None) -> bool:
+        """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
+
+        Also records, per ESP target, the member it should become (``members``: target ->
+        (member, hash)), and marks it pending where that differs from what was last sent.
+        ``work``: per target, addresses to add to its address lists (unsubscribe, retire).
+        ``urgent``: a consent change, which the sweeper sends ahead of any backlog. Returns False
+        on a lost race.
+        """
+        now = datetime.now(timezone.utc)
+        work = work or {}
+        body = profile.model_dump(mode="python", exclude={"id"})
+        body["keys"] = self.index(profile)
+        if version is None:
+            doc = {
+                "_id": profile.id,
+                **body,
+                "version": 1,
+                "esp": {esp: {"member": member, "member_hash": member_hash, "dirty_at": now,
+                              "pending": member is not None or any(work.get(esp, {}).values()),
+                              "urgent": urgent and (member is not None or any(work.get(esp, {}).values())),
+                              **{name: sorted(emails) for name, emails in work.get(esp, {}).items() if emails}}
+                        for esp, (member, member_hash) in members.items()},
+            }
+            try:
+                await self.profiles.insert_one(doc)
+            except DuplicateKeyError:
+                return False
+            return True
+        state: dict[str, Any] = {}
+        for esp, (member, member_hash) in members.items():
+            prefix = f"esp.{esp}"
+            state.update({
+                f"{prefix}.member": _literal(member),
+                f"{prefix}.member_hash": member_hash,
+                f"{prefix}.dirty_at": {"$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]},
+                **_with_work(prefix, work.get(esp, {})),
+                **({f"{prefix}.urgent": True} if urgent else {}),
+            })
+        settle = [_settle(f"esp.{esp}") for esp in members]
+        pipeline = [
+            {"$set": {**{k: _literal(v) for k, v in body.items()}, "version": {"$add": ["$version", 1]}, **state}},
+            {"$set": {k: v for stages in settle for k, v in stages[0]["$set"].items()}},
+            {"$set": {k: v for stages in settle for k, v in stages[1]["$set"].items()}},
+        ]
+        try:
+            result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)
+        except DuplicateKeyError:
+            # Another worker just gave one of these identifiers to another profile: re-read and merge.
+            return False
+        return result.matched_count == 1
+
+    @staticmethod
+    def _split(doc: dict[str, Any] | None) -> tuple[Profile, dict[str, Any]] | None:
+        if doc is None or "merged_into" in doc:
+            return None
+        meta = {"version": doc.pop("version"), "esp": doc.pop("esp", {})}
+        doc.pop("keys", None)
+        doc["id"] = doc.pop("_id")
+        try:
+            return Profile.model_validate(doc), meta
+        except ValidationError as exc:
+            locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
+            raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
+
+
+class _Abort(Exception):
+    """A lost race inside a transaction: abort it and let the caller retry."""
