@@ -17,7 +17,7 @@ test: install
 
 ## Run the whole system without Docker: local RabbitMQ/Redis, a SecantusDB it starts.
 run-local: install
-	$(BIN)/mergetag dev
+	$(BIN)/python -m sandboxes.local
 
 bench: install
 	$(BIN)/python bench/receiver_throughput.py

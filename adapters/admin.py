@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esp.base import member_hash
-from adapters.esp.registry import build_esp
-from adapters.esp.targets import EspTarget
-from adapters.esp.templates import TemplateError, render
+from adapters.esps.base import member_hash
+from adapters.esps.registry import build_esp
+from adapters.esps.targets import EspTarget
+from adapters.esps.templates import TemplateError, render
 from adapters.settings import Settings
 from adapters.sources import operator
 from adapters.sources.operator import request_erasure

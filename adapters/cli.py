@@ -47,10 +47,10 @@ def _serve(queues: list[str], sweep: bool) -> int:
     loop = asyncio.new_event_loop()
     sweep_stop = asyncio.Event()
     if sweep:
-        from adapters.esp.registry import BATCH_LIMITS, build_guard
+        from adapters.esps.registry import build_guard, descriptor
 
         store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-        targets = {name: sweeper.Target(BATCH_LIMITS[t.kind], build_guard(t, settings)) for name, t in settings.esp_targets().items()}
+        targets = {name: sweeper.Target(descriptor(t.kind).batch_limit, build_guard(t, settings)) for name, t in settings.esp_targets().items()}
         run = sweeper.run(store, targets, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
                           timedelta(seconds=settings.sync_lease_s), sweep_stop, settings.sync_bulk_backlog)
         threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
@@ -72,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def check_fields() -> dict[str, list[str]]:
     """Each ESP target's field mapping against the ESP's own field definitions."""
-    from adapters.esp.registry import clients
+    from adapters.esps.registry import clients
 
     found = {}
     for name, esp in clients(get_settings()).items():
@@ -293,7 +293,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 async def _preview(args: argparse.Namespace) -> int:
     from adapters.admin import find, preview
-    from adapters.esp.templates import TemplateError
+    from adapters.esps.templates import TemplateError
     from adapters.store.profiles import ProfileStore
 
     settings = get_settings()
@@ -334,7 +334,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 async def _esp_status() -> int:
-    from adapters.esp.registry import build_guard
+    from adapters.esps.registry import build_guard
 
     settings = get_settings()
     states = {}
@@ -357,7 +357,7 @@ def cmd_esp(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    from adapters.esp.registry import build_esp, build_guard
+    from adapters.esps.registry import build_esp, build_guard
     from adapters.store.profiles import ProfileStore
     from workers.reconcile import reconcile
 
@@ -431,12 +431,6 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return asyncio.run(_erase(args))
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
-    from adapters.dev import run_local
-
-    return run_local(args.port)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergetag", description="mergetag: events in, fresh merge fields out.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -482,10 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("admin", help="run the admin API (MERGETAG_ADMIN_TOKEN)")
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_admin)
-
-    p = sub.add_parser("dev", help="run the whole system locally, without Docker")
-    p.add_argument("--port", type=int, default=8080)
-    p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("erase", help="erase a person (every identifier named), or show erasure receipts: erase status ID | erase list")
     p.add_argument("action", nargs="?", choices=["status", "list"])

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adapters.esp.fields import MappingEntry
-from adapters.esp.targets import EspTarget, load_file
+from adapters.esps import registry
+from adapters.esps.targets import EspTarget
 from adapters.sources.configured import SourceConfig
 from schemas.profile import DEFAULT_BLOCKED, IdentityHasher
 
@@ -27,30 +27,6 @@ class AdminToken(BaseModel):
     token: SecretStr
     scopes: list[Scope]
 
-DEFAULT_MERGE_FIELDS = {
-    "first_name": "FNAME",
-    "last_name": "LNAME",
-    "lifetime_value": "LTV",
-    "order_count": "ORDERS",
-    "last_order_date": "LASTORDER",
-    "loyalty_tier": "TIER",
-}
-DEFAULT_KLAVIYO_FIELDS = {
-    "first_name": "first_name",
-    "last_name": "last_name",
-    "lifetime_value": "lifetime_value",
-    "order_count": "order_count",
-    "last_order_date": "last_order_date",
-    "loyalty_tier": "loyalty_tier",
-}
-DEFAULT_SENDGRID_FIELDS = {
-    "first_name": "first_name",
-    "last_name": "last_name",
-    "lifetime_value": "ltv",
-    "order_count": "orders",
-    "last_order_date": "last_order",
-    "loyalty_tier": "tier",
-}
 DEFAULT_LOYALTY_TIERS = {"bronze": 0.0, "silver": 250.0, "gold": 1000.0}
 
 
@@ -92,25 +68,11 @@ class Settings(BaseSettings):
     retry_max_backoff_ms: int = 300_000
     worker_threads: int = 8
 
-    mailchimp_api_key: SecretStr = SecretStr("sandbox0000000000000000000000000-us1")
-    mailchimp_base_url: str | None = None
-    mailchimp_list_id: str = "sandbox"
-    mailchimp_timeout_s: float = 10.0
-    mailchimp_max_connections: int = 10
-    klaviyo_api_key: SecretStr = SecretStr("pk_sandbox0000000000000000000000000000")
-    klaviyo_base_url: str = "https://a.klaviyo.com"
-    klaviyo_list_id: str | None = None
-    klaviyo_fields: dict[str, MappingEntry] = Field(default_factory=lambda: dict(DEFAULT_KLAVIYO_FIELDS))
-    sendgrid_api_key: SecretStr = SecretStr("SG.sandbox.0000000000000000000000")
-    sendgrid_base_url: str = "https://api.sendgrid.com"
-    sendgrid_list_id: str | None = None
-    sendgrid_fields: dict[str, MappingEntry] = Field(default_factory=lambda: dict(DEFAULT_SENDGRID_FIELDS))
     esps: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["mailchimp"])
     esp_file: str | None = None
     esp_job_timeout_s: float = 300.0
     esp_circuit_failures: int = 5
     esp_circuit_open_s: float = 30.0
-    merge_fields: dict[str, MappingEntry] = Field(default_factory=lambda: dict(DEFAULT_MERGE_FIELDS))
     loyalty_tiers: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LOYALTY_TIERS))
     trait_priority: dict[str, list[str]] = Field(default_factory=dict)
     geoip_database: str | None = None
@@ -154,7 +116,7 @@ class Settings(BaseSettings):
     def _split_plain(cls, value: Any) -> Any:
         return [s.strip().lower() for s in value.split(",")] if isinstance(value, str) else value
 
-    @field_validator("merge_fields", "klaviyo_fields", "sendgrid_fields", "loyalty_tiers", "sources", "trait_priority", "identifier_limits",
+    @field_validator("loyalty_tiers", "sources", "trait_priority", "identifier_limits",
                      "admin_tokens", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
@@ -191,32 +153,8 @@ class Settings(BaseSettings):
         return {**from_file, **self.sources}
 
     def esp_targets(self) -> dict[str, EspTarget]:
-        """Every ESP target the sync keeps up to date: from ``MERGETAG_ESP_FILE`` when set, else from
-        ``MERGETAG_ESPS`` and the per-ESP settings. Raises ValueError for an unknown ESP name."""
-        if self.esp_file:
-            return load_file(self.esp_file)
-        common = {"job_timeout_s": self.esp_job_timeout_s}
-        known = {
-            "mailchimp": lambda: EspTarget(kind="mailchimp", api_key=self.mailchimp_api_key, base_url=self.mailchimp_url,
-                                           audience=self.mailchimp_list_id, fields=self.merge_fields, timeout_s=self.mailchimp_timeout_s,
-                                           max_connections=self.mailchimp_max_connections, **common),
-            "klaviyo": lambda: EspTarget(kind="klaviyo", api_key=self.klaviyo_api_key, base_url=self.klaviyo_base_url,
-                                         audience=self.klaviyo_list_id, fields=self.klaviyo_fields, **common),
-            "sendgrid": lambda: EspTarget(kind="sendgrid", api_key=self.sendgrid_api_key, base_url=self.sendgrid_base_url,
-                                          audience=self.sendgrid_list_id, fields=self.sendgrid_fields, **common),
-        }
-        unknown = [name for name in self.esps if name not in known]
-        if unknown:
-            raise ValueError(f"unknown ESP(s) in MERGETAG_ESPS: {', '.join(unknown)} (known: {', '.join(known)})")
-        return {name: known[name]() for name in self.esps}
-
-    @property
-    def mailchimp_url(self) -> str:
-        """The API root: explicit (sandbox) or the data centre named by the key's suffix."""
-        if self.mailchimp_base_url:
-            return self.mailchimp_base_url.rstrip("/")
-        dc = self.mailchimp_api_key.get_secret_value().rsplit("-", 1)[-1]
-        return f"https://{dc}.api.mailchimp.com/3.0"
+        """Every ESP target the sync keeps up to date (see :func:`adapters.esps.registry.targets`)."""
+        return registry.targets(self)
 
 
 def reveal(secrets: list[SecretStr]) -> list[str]:

@@ -65,7 +65,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    from adapters.dev import start_secantus
+    from sandboxes.local import start_secantus
 
     process = None
     uri = os.environ.get("MONGODB_URI")

@@ -25,9 +25,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.dev import free_port, wait_for_port  # noqa: E402
 from adapters.sources.shopify import sign  # noqa: E402
 from broker import admin, topology  # noqa: E402
+from sandboxes.local import free_port, wait_for_port  # noqa: E402
 
 SECRET = "bench-secret"
 AMQP_URL = os.environ.get("MERGETAG_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

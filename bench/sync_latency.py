@@ -34,10 +34,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.dev import free_port, start_secantus, wait_for_port  # noqa: E402
-from adapters.esp.registry import BATCH_LIMITS  # noqa: E402
+from adapters.esps.registry import descriptor  # noqa: E402
 from adapters.sources.shopify import sign  # noqa: E402
 from broker import admin  # noqa: E402
+from sandboxes import klaviyo as klaviyo_sandbox  # noqa: E402
+from sandboxes import sendgrid as sendgrid_sandbox
+from sandboxes.local import free_port, start_secantus, wait_for_port  # noqa: E402
 
 SECRET = "bench-secret"
 KEY = "benchkey000000000000000000000000-us1"
@@ -126,7 +128,8 @@ async def main() -> None:
     ports = {esp: free_port() for esp in args.esps.split(",")}
     receiver_port = free_port()
     env = {**os.environ, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_MONGODB_URI": uri, "MERGETAG_MONGODB_DATABASE": prefix,
-           "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_MAILCHIMP_API_KEY": KEY,
+           "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_MAILCHIMP_API_KEY": KEY, "MERGETAG_MAILCHIMP_LIST_ID": "sandbox",
+           "MERGETAG_KLAVIYO_API_KEY": klaviyo_sandbox.DEFAULT_KEY, "MERGETAG_SENDGRID_API_KEY": sendgrid_sandbox.DEFAULT_KEY,
            "MERGETAG_LOG_LEVEL": os.environ.get("MERGETAG_LOG_LEVEL", "WARNING"),
            "MERGETAG_ESPS": args.esps, **{f"MERGETAG_{esp.upper()}_BASE_URL": f"http://127.0.0.1:{port}" + ("/3.0" if esp == "mailchimp" else "")
                                           for esp, port in ports.items()},
@@ -189,7 +192,7 @@ async def main() -> None:
             sync = subprocess.Popen([*cli, "sync"], cwd=ROOT, env=env)
             done = await bench.wait_for({e: 1 for e in backlog}, timeout=600)
             result["backlog"] = {"profiles": len(backlog), "accepted": len(bench.accepted), **{
-                esp: {"write_requests": await bench.requests(esp), "minimum_requests": math.ceil(len(backlog) / BATCH_LIMITS[esp]),
+                esp: {"write_requests": await bench.requests(esp), "minimum_requests": math.ceil(len(backlog) / descriptor(esp).batch_limit),
                       "drain_s": round(done[esp] - restarted, 1) if esp in done else None}
                 for esp in ports}}
     finally:

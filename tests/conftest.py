@@ -29,13 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pymongo import AsyncMongoClient
 
-from adapters.dev import free_port, start_secantus, wait_for_port
-from adapters.esp.mailchimp import subscriber_hash
+from adapters.esps.mailchimp import DEFAULT_FIELDS as DEFAULT_MERGE_FIELDS
+from adapters.esps.mailchimp.member import subscriber_hash
 from adapters.geoip import build_test_database
 from adapters.receiver import create_app
-from adapters.settings import DEFAULT_MERGE_FIELDS, Settings
+from adapters.settings import Settings
 from adapters.sources.shopify import sign
 from broker import admin
+from sandboxes.local import free_port, start_secantus, wait_for_port
 from schemas.profile import IdentityHasher
 
 AMQP_URL = os.environ.get("MERGETAG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

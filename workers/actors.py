@@ -15,7 +15,7 @@ from typing import Any
 
 import dramatiq
 
-from adapters.esp.base import Esp
+from adapters.esps.base import Esp
 from adapters.settings import get_settings
 from adapters.store.outbox import ADDRESS_LISTS, Members
 from adapters.store.profiles import ProfileStore

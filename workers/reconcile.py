@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.esp.base import Esp, Held
+from adapters.esps.base import Esp, Held
 from adapters.store.profiles import ProfileStore
 from schemas.events import Scalar
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from adapters.coalesce import Coalescer
-from adapters.esp.base import Esp, member_hash
-from adapters.esp.guard import EspGuard
-from adapters.esp.registry import build_all
+from adapters.esps.base import Esp, member_hash
+from adapters.esps.guard import EspGuard
+from adapters.esps.registry import build_all, descriptor
 from adapters.geoip import GeoReader, open_reader
 from adapters.settings import Settings, get_settings
 from adapters.sources.registry import EventMapping, build_mappings
@@ -86,8 +86,8 @@ async def _create() -> Runtime:
     geo = open_reader(settings.geoip_database)
     targets = settings.esp_targets()
     # A send holds its lease through every request it makes and, for bulk ESPs, the job it waits for.
-    leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + (t.job_timeout_s if t.kind == "sendgrid" else 0)) for name, t in targets.items()}
-    batch_leases = {name: timedelta(seconds=2 * t.timeout_s + 5 + t.job_timeout_s) for name, t in targets.items()}
+    leases = {name: timedelta(seconds=descriptor(t.kind).lease(t.timeout_s, t.job_timeout_s, bulk=False)) for name, t in targets.items()}
+    batch_leases = {name: timedelta(seconds=descriptor(t.kind).lease(t.timeout_s, t.job_timeout_s, bulk=True)) for name, t in targets.items()}
     return Runtime(settings, store, {n: esp for n, (esp, _) in built.items()}, build_mappings(settings), quarantine, rules, geo,
                    frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
                    {n: guard for n, (_, guard) in built.items()}, leases, batch_leases, hasher, receipts,

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from adapters.esp.guard import EspGuard
+from adapters.esps.guard import EspGuard
 from adapters.store.profiles import ProfileStore
 from broker import topology
 

@@ -6,13 +6,13 @@ import subprocess
 import sys
 import uuid
 
-from adapters.esp.base import member_hash
-from adapters.esp.mailchimp import member_body
+from adapters.esps.base import member_hash
+from adapters.esps.mailchimp.member import member_body
 from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile
-from tests.conftest import HASHER, ROOT, eventually
+from tests.conftest import HASHER, MERGE_FIELDS, ROOT, eventually
 
 
 async def test_batch_with_good_and_bad_members(system, sandbox, http):
@@ -23,7 +23,7 @@ async def test_batch_with_good_and_bad_members(system, sandbox, http):
     ids = []
     for email in good + bad:
         profile = Profile(id=f"p_batch_{uuid.uuid4().hex}", email=email)
-        member = member_body(profile, system.settings.merge_fields)
+        member = member_body(profile, MERGE_FIELDS)
         assert await store.save(profile, None, {"mailchimp": (member, member_hash(member))})
         ids.append(profile.id)
     await sandbox.control(http, "stats/reset", {})

@@ -8,8 +8,8 @@ import uuid
 from datetime import datetime, timezone
 from unittest import mock
 
-from adapters.esp.base import member_hash
-from adapters.esp.registry import build_esp
+from adapters.esps.base import member_hash
+from adapters.esps.registry import build_esp
 from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message, publish_delivery

@@ -8,7 +8,7 @@ import uuid
 
 import aiohttp
 
-from tests.conftest import ROOT, eventually, post_webhook
+from tests.conftest import API_KEY, ROOT, eventually, post_webhook
 from tests.samples import customer
 
 
@@ -50,7 +50,7 @@ async def test_esp_rejection_dead_letters_then_replays_once_after_the_fix(receiv
 
     # The fix: the audience gets the merge field (a real Mailchimp API call).
     async with http.post(f"{sandbox.api}/lists/sandbox/merge-fields", json={"name": "City", "tag": "CITY", "type": "text"},
-                         headers={"Authorization": aiohttp.encode_basic_auth("t", system.settings.mailchimp_api_key.get_secret_value())}) as r:
+                         headers={"Authorization": aiohttp.encode_basic_auth("t", API_KEY)}) as r:
         assert r.status == 200
 
     first = await asyncio.to_thread(mergetag, system, "dlq", "replay", "--queue", "sync", letter["message_id"])

@@ -19,8 +19,8 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from adapters.admin import create_admin_app
-from adapters.dev import free_port
 from adapters.settings import Settings
+from sandboxes.local import free_port
 from tests.conftest import (
     API_KEY,
     ROOT,

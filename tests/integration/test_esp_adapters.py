@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from adapters.esp.base import Esp
-from adapters.esp.guard import EspGuard
-from adapters.esp.klaviyo import Klaviyo
-from adapters.esp.sendgrid import SendGrid
+from adapters.esps.base import Esp
+from adapters.esps.guard import EspGuard
+from adapters.esps.klaviyo.client import Klaviyo
+from adapters.esps.sendgrid.client import SendGrid
 from schemas.errors import EspRejected, EspUnavailable
 from schemas.profile import AbandonedCart, Computed, Consent, Profile, Trait
 from tests.conftest import KLAVIYO_KEY, SENDGRID_API_KEY, SENDGRID_LIST_ID, EspSandbox, start_sandbox, stop_sandbox

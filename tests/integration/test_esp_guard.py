@@ -6,7 +6,7 @@ import uuid
 import aiohttp
 import pytest
 
-from adapters.esp.guard import EspGuard
+from adapters.esps.guard import EspGuard
 from broker import admin, topology
 from schemas.errors import EspRejected, EspUnavailable
 from tests.conftest import AMQP_URL, API_KEY, eventually, post_webhook, spawn, stop

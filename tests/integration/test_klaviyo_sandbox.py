@@ -18,7 +18,7 @@ import aiohttp
 import jsonschema
 import pytest
 
-from adapters.dev import free_port, wait_for_port
+from sandboxes.local import free_port, wait_for_port
 from tests.conftest import ROOT, Reply, eventually, stop
 
 KEY = "pk_test11111111111111111111111111111111"

@@ -7,7 +7,7 @@ import uuid
 import aiohttp
 import pytest
 
-from adapters.esp.mailchimp import Mailchimp
+from adapters.esps.mailchimp.client import Mailchimp
 from schemas.errors import EspRejected, EspUnavailable
 from tests.conftest import API_KEY
 

@@ -11,10 +11,10 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from adapters.dev import free_port, wait_for_port
 from adapters.receiver import create_app
 from adapters.settings import Settings
 from broker import admin
+from sandboxes.local import free_port, wait_for_port
 from tests.conftest import AMQP_URL, ROOT, source_env
 
 

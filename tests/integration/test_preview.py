@@ -11,8 +11,8 @@ from unittest import mock
 from aiohttp.test_utils import TestServer
 
 from adapters.admin import create_admin_app
-from adapters.dev import free_port
 from adapters.settings import Settings
+from sandboxes.local import free_port
 from tests.conftest import ROOT, eventually, post_webhook
 from tests.samples import customer
 

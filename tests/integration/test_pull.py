@@ -10,11 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from pymongo import AsyncMongoClient
 
-from adapters.dev import free_port, wait_for_port
 from adapters.sources.shopify_pull import ShopifyPuller, next_link
 from adapters.store.checkpoints import Checkpoints
 from broker import admin, topology
 from broker.publisher import Publisher, publish_delivery
+from sandboxes.local import free_port, wait_for_port
 from sandboxes.shopify import API_VERSION, demo_customers
 from tests.conftest import AMQP_URL, ROOT, eventually, post_webhook
 

@@ -14,11 +14,11 @@ from unittest import mock
 from aiohttp.test_utils import TestServer
 from pymongo import AsyncMongoClient
 
-from adapters.dev import free_port
 from adapters.receiver import create_app
 from adapters.settings import Settings
 from broker import admin
-from tests.conftest import AMQP_URL, ROOT, SOURCES, eventually, source_env, spawn, stop
+from sandboxes.local import free_port
+from tests.conftest import AMQP_URL, API_KEY, ROOT, SOURCES, eventually, source_env, spawn, stop
 
 
 def cli(env, *args):
@@ -37,6 +37,7 @@ async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri,
     prefix = "q" + uuid.uuid4().hex[:10]
     env = {**os.environ, **source_env(), "MERGETAG_AMQP_URL": AMQP_URL, "MERGETAG_QUEUE_PREFIX": prefix,
            "MERGETAG_MONGODB_URI": mongo_uri, "MERGETAG_MONGODB_DATABASE": prefix, "MERGETAG_MAILCHIMP_BASE_URL": "http://127.0.0.1:1/3.0",
+           "MERGETAG_MAILCHIMP_API_KEY": API_KEY, "MERGETAG_MAILCHIMP_LIST_ID": "sandbox",
            # The legacy CRM's mapping points at the wrong field for the time: every purchase fails validation.
            "MERGETAG_SOURCES": json.dumps(with_time_path("when"))}
     env.pop("MONGODB_URI", None)

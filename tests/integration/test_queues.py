@@ -14,11 +14,11 @@ import pytest
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.errors import ConnectionClosed
 
-from adapters.dev import free_port, wait_for_port
 from broker import admin, topology
 from broker.migrate import MigrationRefused, migrate, temporary_name
 from broker.publisher import Publisher
 from broker.setup import TopologyBroker
+from sandboxes.local import free_port, wait_for_port
 from tests.conftest import AMQP_URL, ROOT, SHOPIFY_SECRET, eventually, post_webhook, source_env, stop
 from tests.samples import customer
 

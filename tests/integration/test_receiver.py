@@ -10,10 +10,10 @@ import pika
 import pytest
 from aiohttp.test_utils import TestServer
 
-from adapters.dev import free_port
 from adapters.receiver import create_app
 from adapters.settings import Settings
 from broker import topology
+from sandboxes.local import free_port
 from tests.conftest import AMQP_URL, SHOPIFY_SECRET, Reply, delete_queues, post_webhook, queue_counts
 from tests.proxy import StallingProxy
 from tests.samples import customer

@@ -8,8 +8,8 @@ import uuid
 
 import aiohttp
 
-from adapters.esp.base import Held
-from adapters.esp.mailchimp import subscriber_hash
+from adapters.esps.base import Held
+from adapters.esps.mailchimp.member import subscriber_hash
 from tests.conftest import API_KEY, ROOT, eventually, post_webhook
 from tests.samples import customer
 from workers.reconcile import compare

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from adapters.dev import free_port, wait_for_port
+from sandboxes.local import free_port, wait_for_port
 from tests.conftest import ROOT, eventually, stop
 
 KEY = "SG.test.0123456789abcdefghijkl"

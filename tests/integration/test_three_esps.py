@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 from unittest import mock
 
-from adapters.esp.registry import build_esp
+from adapters.esps.registry import build_esp
 from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
@@ -142,7 +142,7 @@ async def test_backlogs_go_in_bulk_jobs_and_refused_items_are_dead_lettered_alon
 
 
 def _hash(member: dict[str, Any] | None) -> str | None:
-    from adapters.esp.base import member_hash
+    from adapters.esps.base import member_hash
 
     return member_hash(member) if member is not None else None
 

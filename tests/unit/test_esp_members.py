@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from adapters.esp.fields import FieldMapping, mapped
-from adapters.esp.klaviyo import CONTENT_TYPE, REVISION, profile_body
-from adapters.esp.sendgrid import contact_body
-from adapters.esp.targets import load_file
+from adapters.esps.fields import FieldMapping, mapped
+from adapters.esps.klaviyo.client import CONTENT_TYPE, REVISION
+from adapters.esps.klaviyo.member import profile_body
+from adapters.esps.sendgrid.member import contact_body
+from adapters.esps.targets import load_file
 from adapters.settings import Settings
 from schemas.profile import AbandonedCart, Computed, Consent, Profile, Trait
 from tests.openapi_check import check_request
@@ -86,8 +87,9 @@ def test_targets_from_a_toml_file_read_keys_from_the_environment(tmp_path, monke
         load_file(str(path))
 
 
-def test_targets_without_a_file_come_from_the_settings():
-    settings = Settings(esps="mailchimp,sendgrid", sendgrid_list_id="L1")
+def test_targets_without_a_file_come_from_the_settings(monkeypatch):
+    monkeypatch.setenv("MERGETAG_SENDGRID_LIST_ID", "L1")
+    settings = Settings(esps="mailchimp,sendgrid")
     targets = settings.esp_targets()
     assert [(n, t.kind) for n, t in targets.items()] == [("mailchimp", "mailchimp"), ("sendgrid", "sendgrid")]
     assert targets["sendgrid"].audience == "L1" and targets["sendgrid"].fields["lifetime_value"] == "ltv"

@@ -1,8 +1,8 @@
 from datetime import datetime, timezone
 from decimal import Decimal
 
-from adapters.esp.fields import FieldMapping, convert, normalize, problems
-from adapters.esp.mailchimp import member_body
+from adapters.esps.fields import FieldMapping, convert, normalize, problems
+from adapters.esps.mailchimp.member import member_body
 from schemas.profile import Profile, Trait
 
 STAMP = {"event_time": datetime(2024, 1, 1, tzinfo=timezone.utc), "source": "s", "event_id": "e"}

@@ -1,6 +1,6 @@
 import pytest
 
-from adapters.esp.templates import TemplateError, render
+from adapters.esps.templates import TemplateError, render
 
 FIELDS = {"FNAME": "Ada", "LNAME": "", "ORDERS": 3, "TIER": "gold", "CARTURL": None}
 

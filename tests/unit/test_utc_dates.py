@@ -6,7 +6,7 @@ from datetime import date, datetime, timedelta, timezone
 import bson
 from bson.codec_options import CodecOptions
 
-from adapters.esp.fields import FieldMapping, convert, mapped
+from adapters.esps.fields import FieldMapping, convert, mapped
 from adapters.sources.shopify import to_events
 from schemas.delivery import Delivery
 from schemas.profile import Profile

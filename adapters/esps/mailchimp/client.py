@@ -7,21 +7,20 @@ unsubscribe, which is pushed as ``status: unsubscribed`` (consent wins).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 import tarfile
 from collections.abc import Mapping
-from datetime import date
 from typing import Any
 
 import aiohttp
 
-from adapters.esp.base import Held, OnJob
-from adapters.esp.fields import MappingEntry, mapped, normalize, problems
-from adapters.esp.guard import EspGuard
-from adapters.esp.http import EspHttp, download, wait_for_job
+from adapters.esps.base import Held, OnJob
+from adapters.esps.fields import MappingEntry, normalize, problems
+from adapters.esps.guard import EspGuard
+from adapters.esps.http import EspHttp, download, wait_for_job
+from adapters.esps.mailchimp.member import member_body, subscriber_hash
 from schemas.errors import EspTimeout, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
@@ -30,38 +29,6 @@ KIND = "mailchimp"
 ACCOUNT_ERRORS = frozenset({401, 403, 404})
 BATCH_LIMIT = 500
 TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
-_STATUS_IF_NEW = {
-    "subscribed": "subscribed",
-    "unsubscribed": "unsubscribed",
-    "pending": "pending",
-    "not_subscribed": "transactional",
-}
-
-
-def subscriber_hash(email: str) -> str:
-    return hashlib.md5(email.lower().encode()).hexdigest()
-
-
-def member_body(profile: Profile, merge_fields: Mapping[str, MappingEntry], today: date | None = None) -> dict[str, Any] | None:
-    """The member Mailchimp should hold for ``profile``. Pure.
-
-    Parameters:
-      merge_fields: trait name -> merge tag, or a :class:`FieldMapping` (type, length, default).
-        A trait without a value is sent as its default, else left out; a computed one is blanked ("").
-    """
-    if profile.email is None:
-        return None
-    fields = {tag: "" if value is None else value for tag, value in mapped(profile, merge_fields, today).items()}
-    consent = profile.consent.get("email")
-    state = consent.state if consent else "not_subscribed"
-    body: dict[str, Any] = {
-        "email_address": profile.email,
-        "status_if_new": _STATUS_IF_NEW[state],
-        "merge_fields": fields,
-    }
-    if state == "unsubscribed":
-        body["status"] = "unsubscribed"
-    return body
 
 
 class Mailchimp:

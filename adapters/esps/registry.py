@@ -1,21 +1,46 @@
-"""Builds each configured ESP target's client and its account's shared guard."""
+"""The ESPs mergetag can sync to, and what builds each configured target's client and guard.
+
+Adding an ESP: its folder (see README.md next to this file) and one line in ``DESCRIPTORS``.
+"""
 
 from __future__ import annotations
 
-from adapters.esp import klaviyo
-from adapters.esp.base import Esp
-from adapters.esp.guard import EspGuard, account_id
-from adapters.esp.klaviyo import Klaviyo
-from adapters.esp.mailchimp import Mailchimp
-from adapters.esp.sendgrid import SendGrid
-from adapters.esp.targets import EspTarget
-from adapters.settings import Settings
+from typing import TYPE_CHECKING
+
+from adapters.esps import klaviyo, mailchimp, sendgrid
+from adapters.esps.base import Esp, EspDescriptor
+from adapters.esps.guard import EspGuard, account_id
+from adapters.esps.targets import EspTarget, load_file
+
+if TYPE_CHECKING:
+    from adapters.settings import Settings
+
+DESCRIPTORS: dict[str, EspDescriptor] = {d.kind: d for d in (mailchimp.DESCRIPTOR, klaviyo.DESCRIPTOR, sendgrid.DESCRIPTOR)}
 
 # Longer waits for room at the ESP give the message back (retried later, not counted as an attempt)
 # instead of holding a worker that other ESPs could use.
 GUARD_WAIT_S = 2.0
-DEFAULT_RATES = {"mailchimp": None, "klaviyo": klaviyo.RATES, "sendgrid": None}
-BATCH_LIMITS = {"mailchimp": Mailchimp.batch_limit, "klaviyo": Klaviyo.batch_limit, "sendgrid": SendGrid.batch_limit}
+
+
+def register(descriptor: EspDescriptor) -> None:
+    """Add an ESP kind at run time (a test's fake ESP); production ESPs are listed in ``DESCRIPTORS``."""
+    DESCRIPTORS[descriptor.kind] = descriptor
+
+
+def descriptor(kind: str) -> EspDescriptor:
+    return DESCRIPTORS[kind]
+
+
+def targets(settings: Settings) -> dict[str, EspTarget]:
+    """Every ESP target the sync keeps up to date: from ``MERGETAG_ESP_FILE`` when set, else one target
+    per name in ``MERGETAG_ESPS``, read from that kind's ``MERGETAG_<KIND>_*`` variables.
+    Raises ValueError for an unknown ESP name."""
+    if settings.esp_file:
+        return load_file(settings.esp_file)
+    unknown = [name for name in settings.esps if name not in DESCRIPTORS]
+    if unknown:
+        raise ValueError(f"unknown ESP(s) in MERGETAG_ESPS: {', '.join(unknown)} (known: {', '.join(DESCRIPTORS)})")
+    return {name: DESCRIPTORS[name].env().target(name, settings.esp_job_timeout_s) for name in settings.esps}
 
 
 def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = None) -> EspGuard:
@@ -24,7 +49,7 @@ def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = No
     ``wait_s``: how long a call may wait for room (default: briefly; a batch job like reconciliation
     can afford to wait for the rate windows instead).
     """
-    rates = target.rates if target.rates is not None else DEFAULT_RATES[target.kind]
+    rates = target.rates if target.rates is not None else DESCRIPTORS[target.kind].rates
     return EspGuard(settings.redis_url, account_id(target.kind, target.key()), target.max_connections,
                     settings.esp_circuit_failures, settings.esp_circuit_open_s, wait_s=wait_s or min(GUARD_WAIT_S, target.timeout_s),
                     lease_ms=int(2 * target.timeout_s * 1000) + 5_000, prefix=settings.queue_prefix, rates=rates)
@@ -35,15 +60,7 @@ def build_esp(name: str, target: EspTarget, guard: EspGuard | None = None, offli
 
     ``offline``: only to build members (previews), so no API key is needed.
     """
-    key = "" if offline and target.api_key is None else target.key()
-    if target.kind == "mailchimp":
-        if not target.audience:
-            raise ValueError(f"ESP target {name}: a Mailchimp target needs its audience (list id)")
-        return Mailchimp(target.base_url or "", key, target.audience, target.fields, target.timeout_s, guard, name=name,
-                         job_timeout=target.job_timeout_s)
-    cls = Klaviyo if target.kind == "klaviyo" else SendGrid
-    base = target.base_url or ("https://a.klaviyo.com" if target.kind == "klaviyo" else "https://api.sendgrid.com")
-    return cls(base, key, target.fields, target.audience, target.timeout_s, target.job_timeout_s, guard, name=name)
+    return DESCRIPTORS[target.kind].client(target, name=name, guard=guard, offline=offline)
 
 
 def build_all(settings: Settings) -> dict[str, tuple[Esp, EspGuard]]:

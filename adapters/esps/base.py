@@ -87,3 +87,33 @@ class Esp(Protocol):
 def member_hash(member: dict[str, Any]) -> str:
     """A member's fingerprint: equal members are never sent twice."""
     return hashlib.sha256(json.dumps(member, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class EspDescriptor:
+    """Everything the rest of mergetag knows of one kind of ESP: registered once in ``registry``.
+
+    The sync, the sweeper, the CLI and the settings read limits and rules from here, so a new ESP
+    is its own folder plus one registry line, never a change to them.
+    """
+
+    kind: str
+    client: Callable[..., Esp]
+    """``client(target, name=..., guard=..., offline=...)``: the target's client."""
+    env: type[Any]
+    """The :class:`~adapters.esps.targets.TargetEnv` read when targets come from ``MERGETAG_ESPS``."""
+    default_fields: dict[str, str]
+    batch_limit: int
+    """Most members per bulk request."""
+    prefers_bulk: bool = False
+    """Every write is a bulk job anyway: a sync takes other due profiles along."""
+    rates: dict[str, list[tuple[int, float]]] | None = None
+    """The ESP's published rate windows per bucket; None: only the connection limit applies."""
+    single_sends_wait_for_jobs: bool = False
+    """Even a single upsert waits for a job, so its send lease must cover the job timeout."""
+
+    def lease(self, timeout_s: float, job_timeout_s: float, bulk: bool) -> float:
+        """How long a send may hold a profile's lease (seconds): every request it makes and, where the
+        ESP answers with a job, the job it waits for."""
+        waits = bulk or self.single_sends_wait_for_jobs
+        return 2 * timeout_s + 5 + (job_timeout_s if waits else 0)

@@ -1,13 +1,15 @@
-"""``mergetag dev``: the whole system on this machine, without Docker.
+"""``make run-local`` (``python -m sandboxes.local``): the whole system on this machine, without Docker.
 
 Uses the local RabbitMQ and Redis, starts a SecantusDB (MongoDB wire protocol)
-unless ``MONGODB_URI``/``MERGETAG_MONGODB_URI`` is set, the Mailchimp, Klaviyo and
-SendGrid sandboxes (the sync keeps all three up to date), the receiver, the workers and
-the sync, each as its own process. Ctrl-C stops all.
+unless ``MONGODB_URI``/``MERGETAG_MONGODB_URI`` is set, every ESP sandbox (the sync keeps
+each of them up to date, with the sandbox's own key), the receiver, the admin API (token
+``dev-admin-token``), the workers and the sync, each as its own process. Ctrl-C stops all.
+Test equipment like the sandboxes it starts: never part of the product.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -20,6 +22,13 @@ from pathlib import Path
 DEV_SECRET = "dev-shopify-secret"
 SOURCE_TREE = Path(__file__).resolve().parents[1]
 DEV_IDENTITY_KEY = "dev-identity-hash-key-change-me"
+DEV_ADMIN_TOKEN = "dev-admin-token"
+# Each sandbox's own key, port offset from MERGETAG_SANDBOX_PORT, and API path.
+SANDBOXES = {
+    "mailchimp": ("sandbox0000000000000000000000000-us1", 0, "/3.0"),
+    "klaviyo": ("pk_sandbox0000000000000000000000000000", 3, ""),
+    "sendgrid": ("SG.sandbox.0000000000000000000000", 4, ""),
+}
 
 
 def free_port() -> int:
@@ -75,11 +84,13 @@ def run_local(receiver_port: int) -> int:
         from adapters.geoip import build_test_database
 
         env["MERGETAG_GEOIP_DATABASE"] = str(build_test_database(Path(tempfile.mkdtemp(prefix="mergetag-geo-")) / "test-city.mmdb"))
-    ports = {"mailchimp": sandbox_port, "klaviyo": sandbox_port + 3, "sendgrid": sandbox_port + 4}
-    env.setdefault("MERGETAG_MAILCHIMP_BASE_URL", f"http://127.0.0.1:{ports['mailchimp']}/3.0")
-    env.setdefault("MERGETAG_KLAVIYO_BASE_URL", f"http://127.0.0.1:{ports['klaviyo']}")
-    env.setdefault("MERGETAG_SENDGRID_BASE_URL", f"http://127.0.0.1:{ports['sendgrid']}")
-    env.setdefault("MERGETAG_ESPS", "mailchimp,klaviyo,sendgrid")
+    ports = {esp: sandbox_port + offset for esp, (_, offset, _) in SANDBOXES.items()}
+    for esp, (key, offset, path) in SANDBOXES.items():
+        env.setdefault(f"MERGETAG_{esp.upper()}_BASE_URL", f"http://127.0.0.1:{sandbox_port + offset}{path}")
+        env.setdefault(f"MERGETAG_{esp.upper()}_API_KEY", key)
+    env.setdefault("MERGETAG_MAILCHIMP_LIST_ID", "sandbox")
+    env.setdefault("MERGETAG_ESPS", ",".join(SANDBOXES))
+    env.setdefault("MERGETAG_ADMIN_TOKEN", DEV_ADMIN_TOKEN)
     env.setdefault("MERGETAG_SYNC_GRACE_S", "5")
     mergetag = [sys.executable, "-m", "adapters.cli"]
     for esp, port in ports.items():
@@ -87,13 +98,16 @@ def run_local(receiver_port: int) -> int:
         sandbox = subprocess.Popen([sys.executable, "-m", f"sandboxes.{esp}", "--port", str(port)], env=env, cwd=SOURCE_TREE)
         processes.append(sandbox)
         wait_for_port(port, process=sandbox)
-    for command in (["worker"], ["sync"], ["receiver", "--port", str(receiver_port)]):
+    admin_port = int(env.get("MERGETAG_ADMIN_PORT", "8083"))
+    for command in (["worker"], ["sync"], ["admin", "--port", str(admin_port)], ["receiver", "--port", str(receiver_port)]):
         processes.append(subprocess.Popen([*mergetag, *command], env=env))
+    wait_for_port(admin_port, process=processes[-2])
     wait_for_port(receiver_port, process=processes[-1])
     print(
-        f"mergetag is running: receiver http://127.0.0.1:{receiver_port}, "
-        f"ESP sandboxes: Mailchimp http://127.0.0.1:{ports['mailchimp']}/3.0, Klaviyo http://127.0.0.1:{ports['klaviyo']}, "
-        f"SendGrid http://127.0.0.1:{ports['sendgrid']}, MongoDB {env['MERGETAG_MONGODB_URI']}, "
+        f"mergetag is running: receiver http://127.0.0.1:{receiver_port}, admin API http://127.0.0.1:{admin_port} "
+        f"(token {env['MERGETAG_ADMIN_TOKEN']!r}), ESP sandboxes: "
+        + ", ".join(f"{esp} {env[f'MERGETAG_{esp.upper()}_BASE_URL']}" for esp in ports)
+        + f", MongoDB {env['MERGETAG_MONGODB_URI']}, "
         f"Shopify secret {env['MERGETAG_SHOPIFY_SECRETS'].split(',')[0]!r}. Ctrl-C stops.",
         flush=True,
     )
@@ -112,3 +126,9 @@ def run_local(receiver_port: int) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
     return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="run the whole system locally, without Docker")
+    parser.add_argument("--port", type=int, default=8080, help="the receiver's port")
+    raise SystemExit(run_local(parser.parse_args().port))

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import date
 from typing import Any
 from urllib.parse import quote
 
-from adapters.esp.base import Held, OnJob
-from adapters.esp.fields import MappingEntry, mapped, normalize
-from adapters.esp.guard import EspGuard, Rates
-from adapters.esp.http import EspHttp, chunks_by_size, wait_for_job
+from adapters.esps.base import Held, OnJob
+from adapters.esps.fields import MappingEntry, normalize
+from adapters.esps.guard import EspGuard, Rates
+from adapters.esps.http import EspHttp, chunks_by_size, wait_for_job
+from adapters.esps.klaviyo.member import LOCATION, STANDARD, flatten, profile_body
 from schemas.errors import EspTimeout, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
@@ -35,43 +35,10 @@ CONTENT_TYPE = "application/vnd.api+json"
 BATCH_LIMIT = 10_000
 MAX_JOB_BYTES = 4_500_000  # under the 5 MB request limit, with room for the envelope
 UNSUBSCRIBE_CHUNK = 100
-STANDARD = frozenset({"first_name", "last_name", "organization", "title", "image", "locale", "phone_number", "external_id"})
-LOCATION = frozenset({"address1", "address2", "city", "country", "region", "zip", "timezone", "latitude", "longitude"})
 # Klaviyo's published limits per endpoint: (requests, window seconds), burst then steady.
 RATES: Rates = {"import": [(75, 1.0), (750, 60.0)], "bulk": [(10, 1.0), (150, 60.0)], "privacy": [(3, 1.0), (60, 60.0)],
                 "default": [(10, 1.0), (150, 60.0)]}
 _POINTER = re.compile(r"/profiles/data/(\d+)")
-
-
-def profile_body(profile: Profile, fields: Mapping[str, MappingEntry], today: date | None = None) -> dict[str, Any] | None:
-    """The profile resource Klaviyo should hold for ``profile``, plus ``unsubscribe`` when due. Pure."""
-    if profile.email is None:
-        return None
-    attributes: dict[str, Any] = {"email": profile.email}
-    properties: dict[str, Any] = {}
-    for tag, value in mapped(profile, fields, today).items():
-        if tag in STANDARD:
-            attributes[tag] = None if value is None else str(value)
-        elif tag.startswith("location.") and tag[9:] in LOCATION:
-            if value is not None or tag[9:] not in ("latitude", "longitude"):  # coordinates cannot be cleared
-                attributes.setdefault("location", {})[tag[9:]] = None if value is None else str(value)
-        else:
-            properties[tag] = value
-    if properties:
-        attributes["properties"] = properties
-    member: dict[str, Any] = {"profile": {"type": "profile", "attributes": attributes}}
-    consent = profile.consent.get("email")
-    if consent is not None and consent.state == "unsubscribed":
-        member["unsubscribe"] = True
-    return member
-
-
-def flatten(attributes: Mapping[str, Any]) -> dict[str, Scalar]:
-    """Attributes by mapping tag: standard ones by name, ``location.x``, custom properties by name."""
-    out: dict[str, Scalar] = {k: v for k, v in attributes.items() if k in STANDARD}
-    out.update({f"location.{k}": v for k, v in (attributes.get("location") or {}).items()})
-    out.update(attributes.get("properties") or {})
-    return out
 
 
 class Klaviyo:

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from adapters.esp.guard import EspGuard
+from adapters.esps.guard import EspGuard
 from schemas.errors import EspMisconfigured, EspRejected, EspTimeout, EspUnavailable
 
 ACCOUNT_ERRORS = {401, 403}

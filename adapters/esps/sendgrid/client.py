@@ -18,14 +18,14 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping
-from datetime import date
 from typing import Any
 from urllib.parse import quote
 
-from adapters.esp.base import Held, OnJob
-from adapters.esp.fields import MappingEntry, mapped, normalize
-from adapters.esp.guard import EspGuard
-from adapters.esp.http import EspHttp, chunks_by_size, download, seconds_until, wait_for_job
+from adapters.esps.base import Held, OnJob
+from adapters.esps.fields import MappingEntry, normalize
+from adapters.esps.guard import EspGuard
+from adapters.esps.http import EspHttp, chunks_by_size, download, seconds_until, wait_for_job
+from adapters.esps.sendgrid.member import RESERVED, contact_body
 from schemas.errors import EspMisconfigured, EspRejected, EspTimeout, EspUnavailable, MergetagError
 from schemas.events import Scalar
 from schemas.profile import Profile
@@ -33,31 +33,8 @@ from schemas.profile import Profile
 KIND = "sendgrid"
 BATCH_LIMIT = 30_000
 MAX_JOB_BYTES = 5_500_000  # under the 6 MB request limit
-RESERVED = frozenset({"first_name", "last_name", "address_line_1", "address_line_2", "city", "state_province_region",
-                      "postal_code", "country"})
 _TYPES = {"Text": "text", "Number": "number", "Date": "date"}
 _FINISHED = {"completed", "errored", "failed"}
-
-
-def contact_body(profile: Profile, fields: Mapping[str, MappingEntry], today: date | None = None) -> dict[str, Any] | None:
-    """The contact SendGrid should hold (custom fields by name), plus ``unsubscribe`` when due. Pure."""
-    if profile.email is None:
-        return None
-    contact: dict[str, Any] = {"email": profile.email.lower()}
-    custom: dict[str, Any] = {}
-    for tag, value in mapped(profile, fields, today).items():
-        # A blank computed value is sent as "", which SendGrid takes as "no value" for every field type.
-        if tag in RESERVED:
-            contact[tag] = "" if value is None else str(value)
-        else:
-            custom[tag] = "" if value is None else value
-    if custom:
-        contact["custom_fields"] = custom
-    member: dict[str, Any] = {"contact": contact}
-    consent = profile.consent.get("email")
-    if consent is not None and consent.state == "unsubscribed":
-        member["unsubscribe"] = True
-    return member
 
 
 class SendGrid:
