@@ -16,10 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esps.base import member_hash
-from adapters.esps.registry import build_esp
-from adapters.esps.targets import EspTarget
-from adapters.esps.templates import TemplateError, render
+from adapters.esps.templates import TemplateError
 from adapters.settings import Settings
 from adapters.sources import operator
 from adapters.sources.operator import request_erasure
@@ -30,6 +27,8 @@ from broker.publisher import Publisher
 from schemas.errors import BrokerUnavailable, EventInvalid
 from schemas.events import normalize_email
 from schemas.profile import Profile, identity_key
+from schemas.sync import Stored
+from workers.sync.preview import preview
 
 STORE = web.AppKey("store", ProfileStore)
 PUBLISHER = web.AppKey("publisher", Publisher)
@@ -38,32 +37,10 @@ CALLER = web.RequestKey("caller", str)
 NEEDS = {"erasure_request": "erase"}
 
 
-async def find(store: ProfileStore, ref: str) -> tuple[Profile, dict[str, Any]] | None:
+async def find(store: ProfileStore, ref: str) -> tuple[Profile, Stored] | None:
     if ref.startswith("p_"):
         return await store.load(ref)
     return await store.find_by_keys([identity_key("email", normalize_email(ref) or "")])
-
-
-def preview(profile: Profile, meta: dict[str, Any], targets: dict[str, EspTarget], esp: str = "mailchimp",
-            template: str | None = None) -> dict[str, Any]:
-    """What the sync would send to the ESP target ``esp`` for ``profile`` now, whether it would send it,
-    and ``template`` rendered with it. No I/O. Raises ValueError for a target not configured."""
-    if esp not in targets:
-        raise ValueError(f"unknown ESP target {esp!r} (configured: {', '.join(targets)})")
-    client = build_esp(esp, targets[esp], offline=True)
-    member = client.member(profile)
-    state = meta.get("esp", {}).get(esp, {})
-    digest = member_hash(member) if member else None
-    result: dict[str, Any] = {
-        "esp": esp,
-        "profile_id": profile.id,
-        "member": member,
-        "would_send": member is not None and digest != state.get("sent_hash"),
-        "last_sent_at": state.get("sent_at"),
-    }
-    if template is not None:
-        result["rendered"] = render(template, client.fields(member) if member else {})
-    return result
 
 
 def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> web.Application:
@@ -89,7 +66,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> w
         if found is None:
             return web.json_response({"error": "not_found"}, status=404)
         p, meta = found
-        return web.json_response({**p.model_dump(mode="json"), "version": meta["version"]})
+        return web.json_response({**p.model_dump(mode="json"), "version": meta.version})
 
     async def show_preview(request: web.Request) -> web.Response:
         found = await find(request.app[STORE], request.match_info["ref"])

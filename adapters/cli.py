@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import threading
-from datetime import timedelta
 
 from adapters import logs
 from adapters.settings import get_settings
@@ -28,16 +27,16 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(queues: list[str], sweep: bool) -> int:
+def _serve(queues: list[str], sweep: bool, component: str) -> int:
     """Consume ``queues`` with a Dramatiq worker until SIGTERM/SIGINT; optionally run the sweeper."""
     import dramatiq
 
-    from adapters.store.profiles import ProfileStore
-    from workers import actors, sweeper
+    from workers import app
 
-    settings = actors.settings
+    settings = get_settings()
+    workers = app.build(settings, component=component)
     # A short poll: delayed messages (coalesced syncs, abandonment checks) run close to their time.
-    worker = dramatiq.Worker(actors.broker, queues=set(queues), worker_threads=settings.worker_threads, worker_timeout=100)
+    worker = dramatiq.Worker(workers.broker, queues=set(queues), worker_threads=settings.worker_threads, worker_timeout=100)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -47,18 +46,12 @@ def _serve(queues: list[str], sweep: bool) -> int:
     loop = asyncio.new_event_loop()
     sweep_stop = asyncio.Event()
     if sweep:
-        from adapters.esps.registry import build_guard, descriptor
-
-        store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
-        targets = {name: sweeper.Target(descriptor(t.kind).batch_limit, build_guard(t, settings)) for name, t in settings.esp_targets().items()}
-        run = sweeper.run(store, targets, settings.sync_sweep_interval_s, timedelta(seconds=settings.sync_grace_s),
-                          timedelta(seconds=settings.sync_lease_s), sweep_stop, settings.sync_bulk_backlog)
-        threading.Thread(target=loop.run_until_complete, args=(run,), daemon=True, name="sweeper").start()
+        threading.Thread(target=loop.run_until_complete, args=(workers.sweeper(sweep_stop),), daemon=True, name="sweeper").start()
     stop.wait()
     if sweep:
         loop.call_soon_threadsafe(sweep_stop.set)
     worker.stop(timeout=10_000)
-    actors.broker.close()
+    workers.broker.close()
     return 0
 
 
@@ -67,7 +60,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     prefix = get_settings().queue_prefix
     queues = {"events": [topology.events_queue(prefix)], "sync": [topology.sync_queue(prefix)], "all": topology.all_queues(prefix)}
-    return _serve(queues[args.queues], sweep=False)
+    return _serve(queues[args.queues], sweep=False, component="worker")
 
 
 async def check_fields() -> dict[str, list[str]]:
@@ -95,7 +88,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 log.error("field mapping does not fit ESP target %s: %s", esp, problem)
     except MergetagError as exc:
         log.error("could not check the field mappings against the ESPs: %s", exc.code)
-    return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True)
+    return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True, component="sync")
 
 
 async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
@@ -276,8 +269,8 @@ async def _profile(args: argparse.Namespace) -> int:
         profile, meta = found
         doc = profile.model_dump(mode="json")
         # Lineage first: every trait with the source, event and time it came from.
-        print(json.dumps({"id": doc.pop("id"), "email": doc.pop("email"), "version": meta["version"],
-                          "traits": doc.pop("traits"), **doc, "esp": meta["esp"]}, indent=2, default=str))
+        print(json.dumps({"id": doc.pop("id"), "email": doc.pop("email"), "version": meta.version,
+                          "traits": doc.pop("traits"), **doc, "esp": {esp: state.model_dump(exclude_unset=True) for esp, state in meta.esp.items()}}, indent=2, default=str))
         return 0
     finally:
         await store.close()
@@ -292,9 +285,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 async def _preview(args: argparse.Namespace) -> int:
-    from adapters.admin import find, preview
+    from adapters.admin import find
     from adapters.esps.templates import TemplateError
     from adapters.store.profiles import ProfileStore
+    from workers.sync.preview import preview
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
@@ -359,7 +353,7 @@ def cmd_esp(args: argparse.Namespace) -> int:
 async def _reconcile(args: argparse.Namespace) -> int:
     from adapters.esps.registry import build_esp, build_guard
     from adapters.store.profiles import ProfileStore
-    from workers.reconcile import reconcile
+    from workers.sync.reconcile import reconcile
 
     settings = get_settings()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)

@@ -74,13 +74,18 @@ async def main() -> None:
     database = "bench" + uuid.uuid4().hex[:8]
     os.environ.update(MERGETAG_MONGODB_URI=uri, MERGETAG_MONGODB_DATABASE=database, MERGETAG_QUEUE_PREFIX=database)
     os.environ.setdefault("MERGETAG_IDENTITY_HASH_KEYS", "bench-identity-hash-key-0123456789")
+    # The merge builds each target's member; nothing is sent, so any key will do.
+    os.environ.setdefault("MERGETAG_MAILCHIMP_API_KEY", "bench0000000000000000000000000000-us1")
+    os.environ.setdefault("MERGETAG_MAILCHIMP_LIST_ID", "bench")
 
     from pymongo import AsyncMongoClient
 
+    from adapters.settings import Settings
     from adapters.store.profiles import ProfileStore
     from schemas.profile import Profile
-    from workers.actors import merge_into_profile
-    from workers.pipeline import merge_all
+    from workers.profiles.merge import merge_all
+    from workers.profiles.resolve import merge_into_profile
+    from workers.runtime import create_runtime
 
     events = workload(args.events, args.profiles)
 
@@ -94,6 +99,8 @@ async def main() -> None:
     trips = RoundTrips()
     store = ProfileStore(AsyncMongoClient(uri, tz_aware=True, event_listeners=[trips]), database)
     await store.ensure_indexes()
+    rt = await create_runtime(Settings())
+    rt.store = store  # counted round trips
     trips.counts.clear()
     queue: asyncio.Queue = asyncio.Queue()
     for event in events:
@@ -102,7 +109,7 @@ async def main() -> None:
     async def worker() -> None:
         while not queue.empty():
             event = queue.get_nowait()
-            await merge_into_profile(store, event.identity, [event])
+            await merge_into_profile(rt, event.identity, [event])
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 
-from adapters import logs
-from adapters.sentry import init_sentry
-from adapters.settings import Settings
 from broker import topology
 from broker.middleware import CloseOnShutdown, RetryOrDeadLetter
 
@@ -40,18 +36,16 @@ class TopologyBroker(RabbitmqBroker):
         return self._declare(xq_name(queue_name))
 
 
-def create_broker(
-    settings: Settings, component: str = "worker", on_shutdown: Callable[[], Awaitable[None]] | None = None
-) -> TopologyBroker:
-    """Build and install the global broker. Sentry is initialised first: its integration patches the broker.
+def create_broker(url: str, *, retry_max: int, min_backoff_ms: int, max_backoff_ms: int,
+                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> TopologyBroker:
+    """Build the broker with mergetag's middleware (the caller installs it, after initialising Sentry:
+    its integration patches the broker).
 
     Parameters:
       on_shutdown: coroutine function run on the worker's event loop when the worker stops.
     """
-    logs.install()
-    init_sentry(settings, component)
-    broker = TopologyBroker(
-        url=settings.amqp_url,
+    return TopologyBroker(
+        url=url,
         confirm_delivery=True,
         middleware=[
             AgeLimit(),
@@ -62,12 +56,6 @@ def create_broker(
             CurrentMessage(),
             AsyncIO(),
             *([CloseOnShutdown(on_shutdown)] if on_shutdown else []),
-            RetryOrDeadLetter(
-                max_retries=settings.retry_max,
-                min_backoff=settings.retry_min_backoff_ms,
-                max_backoff=settings.retry_max_backoff_ms,
-            ),
+            RetryOrDeadLetter(max_retries=retry_max, min_backoff=min_backoff_ms, max_backoff=max_backoff_ms),
         ],
     )
-    dramatiq.set_broker(broker)
-    return broker

@@ -1,8 +1,10 @@
-"""Per-process resources of the workers, created lazily inside the worker's event loop."""
+"""The workers' per-process resources: connections, ESP clients, rules, all built from Settings.
+
+Created inside the worker's event loop (the MongoDB client and the ESP clients belong to it), once per
+process, by the composition root (``workers/app.py``); tests build one with fakes instead."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -12,7 +14,7 @@ from adapters.esps.base import Esp, member_hash
 from adapters.esps.guard import EspGuard
 from adapters.esps.registry import build_all, descriptor
 from adapters.geoip import GeoReader, open_reader
-from adapters.settings import Settings, get_settings
+from adapters.settings import Settings
 from adapters.sources.registry import EventMapping, build_mappings
 from adapters.store.erasures import ErasureReceipts
 from adapters.store.outbox import Members
@@ -20,10 +22,11 @@ from adapters.store.profiles import ProfileStore
 from adapters.store.quarantine import Quarantine
 from broker.dead_letters import DeadLetters
 from schemas.profile import IdentityHasher, Profile
-from workers.merge import MergeRules
+from workers.profiles.merge import MergeRules
+from workers.sync import policy
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
     settings: Settings
     store: ProfileStore
@@ -45,7 +48,7 @@ class Runtime:
     async def backlog(self, esp: str) -> int:
         """Pending profiles of ``esp`` (up to the bulk threshold), counted at most once a second per process."""
         count, at = self._backlogs.get(esp, (0, 0.0))
-        if time.monotonic() - at > 1.0:
+        if time.monotonic() - at > policy.BACKLOG_TTL_S:
             count = await self.store.outbox.count_pending(esp, self.settings.sync_bulk_backlog)
             self._backlogs[esp] = (count, time.monotonic())
         return count
@@ -55,24 +58,8 @@ class Runtime:
         return {name: (m := esp.member(profile), member_hash(m) if m is not None else None) for name, esp in self.esps.items()}
 
 
-_runtime: Runtime | None = None
-_lock: asyncio.Lock | None = None
-
-
-async def runtime() -> Runtime:
-    """The process's store and ESP client; created once (under a lock), indexes ensured on first use."""
-    global _runtime, _lock
-    if _runtime is not None:
-        return _runtime
-    _lock = _lock or asyncio.Lock()
-    async with _lock:
-        if _runtime is None:
-            _runtime = await _create()
-    return _runtime
-
-
-async def _create() -> Runtime:
-    settings = get_settings()
+async def create_runtime(settings: Settings) -> Runtime:
+    """Every resource of one worker process; indexes ensured, refusing to start on plaintext-keyed profiles."""
     hasher = settings.hasher()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, hasher)
     built = build_all(settings)
@@ -88,20 +75,18 @@ async def _create() -> Runtime:
     # A send holds its lease through every request it makes and, for bulk ESPs, the job it waits for.
     leases = {name: timedelta(seconds=descriptor(t.kind).lease(t.timeout_s, t.job_timeout_s, bulk=False)) for name, t in targets.items()}
     batch_leases = {name: timedelta(seconds=descriptor(t.kind).lease(t.timeout_s, t.job_timeout_s, bulk=True)) for name, t in targets.items()}
-    return Runtime(settings, store, {n: esp for n, (esp, _) in built.items()}, build_mappings(settings), quarantine, rules, geo,
-                   frozenset(settings.blocked_identifiers), Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
-                   {n: guard for n, (_, guard) in built.items()}, leases, batch_leases, hasher, receipts,
-                   DeadLetters(settings.amqp_url, settings.queue_prefix))
+    return Runtime(settings=settings, store=store, esps={n: esp for n, (esp, _) in built.items()}, mappings=build_mappings(settings),
+                   quarantine=quarantine, rules=rules, geo=geo, blocked=frozenset(settings.blocked_identifiers),
+                   coalescer=Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
+                   guards={n: guard for n, (_, guard) in built.items()}, leases=leases, batch_leases=batch_leases, hasher=hasher,
+                   receipts=receipts, dead_letters=DeadLetters(settings.amqp_url, settings.queue_prefix))
 
 
-async def close_runtime() -> None:
-    """Close the process's connections (called on worker shutdown, inside the event loop)."""
-    global _runtime
-    if _runtime is not None:
-        rt, _runtime = _runtime, None
-        for esp in rt.esps.values():
-            await esp.close()
-        for guard in rt.guards.values():
-            await guard.close()
-        await rt.store.close()
-        await rt.coalescer.close()
+async def close_runtime(rt: Runtime) -> None:
+    """Close the process's connections (on worker shutdown, inside the event loop)."""
+    for esp in rt.esps.values():
+        await esp.close()
+    for guard in rt.guards.values():
+        await guard.close()
+    await rt.store.close()
+    await rt.coalescer.close()

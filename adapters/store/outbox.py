@@ -17,15 +17,13 @@ from typing import Any
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 
 from schemas.errors import SyncBusy
+from schemas.sync import ADDRESS_LISTS, SyncState
 
 PROFILES = "profiles"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
 Work = dict[str, dict[str, list[str]]]
 
 
-# Per ESP target, addresses that wait for work other than the member itself: erasures (then their
-# read-back), unsubscribes of the person's other addresses, retirements of replaced or absorbed contacts.
-ADDRESS_LISTS = ("erase", "verify", "unsubscribe", "retire")
 
 
 def _waiting(prefix: str) -> list[dict[str, Any]]:
@@ -55,8 +53,6 @@ def _settle(prefix: str) -> list[dict[str, Any]]:
 def _literal(value: Any) -> dict[str, Any]:
     """Values inside pipeline updates must not be read as expressions (a trait may start with ``$``)."""
     return {"$literal": value}
-
-
 
 
 def _with_work(prefix: str, lists: dict[str, list[str]]) -> dict[str, Any]:
@@ -102,7 +98,7 @@ class Outbox:
                                                       projection={f"esp.{esp}.verify_checks": 1}, return_document=ReturnDocument.AFTER)
         return int(((doc or {}).get("esp", {}).get(esp) or {}).get("verify_checks", 0))
 
-    async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> tuple[dict[str, Any], str] | None:
+    async def claim_send(self, profile_id: str, esp: str, lease: timedelta) -> tuple[SyncState, str] | None:
         """Take the profile's send lease for ``esp``: its sync state and the lease's token.
 
         One send per profile and ESP at a time, so an older member can never overtake a newer one;
@@ -122,7 +118,7 @@ class Outbox:
                 return_document=ReturnDocument.AFTER,
             )
             if doc is not None:
-                return doc.get("esp", {}).get(esp, {}), token
+                return SyncState.model_validate(doc.get("esp", {}).get(esp, {})), token
             held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
             if held is None:
                 return None
@@ -133,7 +129,7 @@ class Outbox:
             # Released between the two reads: claim again.
         raise SyncBusy("the send lease of this profile keeps changing hands", retry_after=0.5)
 
-    async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> tuple[dict[str, dict[str, Any]], str]:
+    async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> tuple[dict[str, SyncState], str]:
         """:meth:`claim_send` for many profiles in two round trips, under one token; profiles whose
         lease is held are left out. Returns their sync states and the token."""
         prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
@@ -144,7 +140,7 @@ class Outbox:
             {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}},
         )
         cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
-        return {doc["_id"]: doc["esp"][esp] async for doc in cursor}, token
+        return {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}, token
 
     async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
         """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure

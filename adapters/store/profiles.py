@@ -17,9 +17,10 @@ from pymongo.errors import DuplicateKeyError
 from adapters.store.outbox import PROFILES, Members, Outbox, Work, _literal, _settle, _with_work
 from schemas.errors import StoredProfileInvalid
 from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
+from schemas.sync import Stored
 
 if TYPE_CHECKING:
-    from workers.erasure import ErasurePlan
+    from workers.profiles.erasure import ErasurePlan
 
 ERASURES = "erasures"
 # What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
@@ -99,7 +100,7 @@ class ProfileStore:
                 changed += 1
         return changed
 
-    async def load(self, profile_id: str) -> tuple[Profile, dict[str, Any]] | None:
+    async def load(self, profile_id: str) -> tuple[Profile, Stored] | None:
         """Load a profile, following the pointer an absorbed profile leaves behind."""
         for _ in range(10):
             doc = await self.profiles.find_one({"_id": profile_id})
@@ -108,12 +109,12 @@ class ProfileStore:
             profile_id = doc["merged_into"]
         return None
 
-    async def find_by_keys(self, keys: list[str]) -> tuple[Profile, dict[str, Any]] | None:
+    async def find_by_keys(self, keys: list[str]) -> tuple[Profile, Stored] | None:
         """The profile owning any of ``keys`` (the first key's owner when several do)."""
         owners = await self.find_owners(keys)
         return owners[0] if owners else None
 
-    async def find_owners(self, keys: list[str]) -> list[tuple[Profile, dict[str, Any]]]:
+    async def find_owners(self, keys: list[str]) -> list[tuple[Profile, Stored]]:
         """Every profile owning one of identity keys ``keys`` (live ones and tombstones), ordered by the
         strongest key each owns. One round trip."""
         rank = {indexed: i for i, key in enumerate(keys) for indexed in self.hasher.index_keys(key)}
@@ -273,10 +274,10 @@ class ProfileStore:
         return result.matched_count == 1
 
     @staticmethod
-    def _split(doc: dict[str, Any] | None) -> tuple[Profile, dict[str, Any]] | None:
+    def _split(doc: dict[str, Any] | None) -> tuple[Profile, Stored] | None:
         if doc is None or "merged_into" in doc:
             return None
-        meta = {"version": doc.pop("version"), "esp": doc.pop("esp", {})}
+        meta = Stored(version=doc.pop("version"), esp=doc.pop("esp", None) or {})
         doc.pop("keys", None)
         doc["id"] = doc.pop("_id")
         try:

@@ -12,7 +12,7 @@ from adapters.esps.base import Held
 from adapters.esps.mailchimp.member import subscriber_hash
 from tests.conftest import API_KEY, ROOT, eventually, post_webhook
 from tests.samples import customer
-from workers.reconcile import compare
+from workers.sync.reconcile import compare
 
 
 def test_compare_reports_fields_missing_members_and_consent():

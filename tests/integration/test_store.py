@@ -30,10 +30,10 @@ async def test_version_guard_rejects_a_lost_race(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     assert not await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})  # already exists
     profile, meta = await store.load("p1")
-    assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
-    assert not await store.save(profile, meta["version"], {"mailchimp": ({"m": 3}, "h3")})  # stale version
+    assert await store.save(profile, meta.version, {"mailchimp": ({"m": 2}, "h2")})
+    assert not await store.save(profile, meta.version, {"mailchimp": ({"m": 3}, "h3")})  # stale version
     _, meta = await store.load("p1")
-    assert meta["version"] == 2 and meta["esp"]["mailchimp"]["member_hash"] == "h2"
+    assert meta.version == 2 and meta.esp["mailchimp"].member_hash == "h2"
 
 
 async def test_an_identifier_belongs_to_one_profile(store):
@@ -43,8 +43,8 @@ async def test_an_identifier_belongs_to_one_profile(store):
     assert found.id == "p1"
     other, meta = await store.load("p2")
     # Taking an identifier another profile owns fails like a lost race: the caller re-reads both owners and merges.
-    assert not await store.save(other.model_copy(update={"identifiers": {"shopify": ("1",)}}), meta["version"], {"mailchimp": (None, None)})
-    assert (await store.load("p2"))[1]["version"] == meta["version"]
+    assert not await store.save(other.model_copy(update={"identifiers": {"shopify": ("1",)}}), meta.version, {"mailchimp": (None, None)})
+    assert (await store.load("p2"))[1].version == meta.version
 
 
 async def test_sweeper_claims_a_pending_profile_once_per_lease(store):
@@ -64,19 +64,19 @@ async def test_refused_member_is_not_swept_until_it_changes(store):
     await store.outbox.mark_failed("p1", "mailchimp", token, "h1", "esp_rejected")
     assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
     profile, meta = await store.load("p1")
-    assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
+    assert await store.save(profile, meta.version, {"mailchimp": ({"m": 2}, "h2")})
     assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == ["p1"]
 
 
 async def test_one_send_per_profile_at_a_time(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     state, token = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
-    assert state["member_hash"] == "h1"
+    assert state.member_hash == "h1"
     with pytest.raises(SyncBusy) as busy:
         await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
     assert 0 < busy.value.retry_after <= 30
     assert await store.outbox.mark_sent("p1", "mailchimp", token, "h1")
-    assert (await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30)))[0]["sent_hash"] == "h1"
+    assert (await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30)))[0].sent_hash == "h1"
     assert await store.outbox.claim_send("nobody", "mailchimp", timedelta(seconds=30)) is None
 
 
@@ -84,18 +84,18 @@ async def test_a_send_that_outlived_its_lease_cannot_overwrite_the_next_holders_
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     _, late = await store.outbox.claim_send("p1", "mailchimp", timedelta(0))  # a lease that is over at once
     profile, meta = await store.load("p1")
-    assert await store.save(profile, meta["version"], {"mailchimp": ({"m": 2}, "h2")})
+    assert await store.save(profile, meta.version, {"mailchimp": ({"m": 2}, "h2")})
     state, holder = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
-    assert state["member_hash"] == "h2"
+    assert state.member_hash == "h2"
     # The first send finishes after its lease ran out: what it sent (h1) must not be recorded, nor end the lease.
     assert not await store.outbox.mark_sent("p1", "mailchimp", late, "h1")
     await store.outbox.release_send("p1", "mailchimp", late)
     await store.outbox.settle_many("mailchimp", late, [("p1", "h1")], [], [])
     with pytest.raises(SyncBusy):
         await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
-    assert "sent_hash" not in (await store.load("p1"))[1]["esp"]["mailchimp"]
+    assert (await store.load("p1"))[1].esp["mailchimp"].sent_hash is None
     assert await store.outbox.mark_sent("p1", "mailchimp", holder, "h2")
-    assert (await store.load("p1"))[1]["esp"]["mailchimp"]["sent_hash"] == "h2"
+    assert (await store.load("p1"))[1].esp["mailchimp"].sent_hash == "h2"
 
 
 async def test_bulk_claims_are_exclusive_under_concurrency(store):
@@ -112,9 +112,9 @@ async def test_bulk_claims_are_exclusive_under_concurrency(store):
 async def test_profiles_without_a_member_are_never_pending(store):
     assert await store.save(person("p1", None, anonymous="a1"), None, {"mailchimp": (None, None)})
     profile, meta = await store.load("p1")
-    assert meta["esp"]["mailchimp"]["pending"] is False
-    assert await store.save(profile.model_copy(update={"traits": {}}), meta["version"], {"mailchimp": (None, None)})
-    assert (await store.load("p1"))[1]["esp"]["mailchimp"]["pending"] is False
+    assert meta.esp["mailchimp"].pending is False
+    assert await store.save(profile.model_copy(update={"traits": {}}), meta.version, {"mailchimp": (None, None)})
+    assert (await store.load("p1"))[1].esp["mailchimp"].pending is False
     assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == []
 
 

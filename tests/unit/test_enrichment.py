@@ -10,8 +10,8 @@ import ua_parser
 from adapters.geoip import build_test_database, geo_traits, open_reader
 from schemas.events import CustomerUpdated, OrderCompleted
 from schemas.profile import OrderFact
-from workers.derive import device_traits, with_context
-from workers.enrich import preferred_send_hour, top_categories
+from workers.profiles.context import device_traits, with_context
+from workers.profiles.enrich import preferred_send_hour, top_categories
 
 T = datetime(2024, 1, 1, tzinfo=timezone.utc)
 IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
@@ -84,8 +84,8 @@ def test_top_categories_weigh_orders_over_views():
 
 def test_quality_flags_mark_without_rejecting():
     from schemas.profile import Profile
-    from workers.pipeline import merge_all
-    from workers.quality import quality_flags
+    from workers.profiles.merge import merge_all
+    from workers.profiles.quality import quality_flags
 
     base = {"source": "s", "received_at": T, "identity": {"email": "a@example.com"}}
     future = CustomerUpdated(type="customer.updated", event_id="f", event_time=T + timedelta(hours=2), **base)
@@ -106,8 +106,8 @@ def test_quality_flags_mark_without_rejecting():
 def test_cart_abandonment_is_derived_from_facts_and_cleared_by_an_order():
     from schemas.events import CheckoutChanged
     from schemas.profile import Profile
-    from workers.enrich import enrich, expire_checkout
-    from workers.pipeline import merge_all
+    from workers.profiles.enrich import enrich, expire_checkout
+    from workers.profiles.merge import merge_all
 
     base = {"source": "shopify", "received_at": T, "identity": {"email": "a@example.com"}}
     started = CheckoutChanged(type="checkout.started", checkout_id="c1", url="https://shop/c1", total=Decimal("40"),

@@ -13,7 +13,7 @@ from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
 from schemas.events import MAX_AMOUNT, MAX_USER_AGENT, EventAdapter
 from schemas.profile import Profile
-from workers.pipeline import merge_all
+from workers.profiles.merge import merge_all
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 BASE = {"event_id": "e", "source": "s", "event_time": NOW, "received_at": NOW, "identity": {"email": "a@example.com"}}

@@ -2,8 +2,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from adapters.esps.base import member_hash
-from adapters.esps.mailchimp.member import member_body, subscriber_hash
 from adapters.esps.mailchimp import DEFAULT_FIELDS as DEFAULT_MERGE_FIELDS
+from adapters.esps.mailchimp.member import member_body, subscriber_hash
 from schemas.profile import Computed, Consent, Profile, Trait
 
 T = datetime(2024, 3, 4, 5, 6, tzinfo=timezone.utc)

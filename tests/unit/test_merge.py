@@ -7,8 +7,8 @@ from decimal import Decimal
 
 from schemas.events import ConsentChanged, CustomerUpdated, EventAdapter, OrderCompleted, ProductViewed
 from schemas.profile import Profile
-from workers.enrich import enrich, loyalty_tier
-from workers.pipeline import merge_all
+from workers.profiles.enrich import enrich, loyalty_tier
+from workers.profiles.merge import merge_all
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 TIERS = {"bronze": 0, "silver": 250, "gold": 1000}
@@ -135,11 +135,12 @@ def test_event_times_are_normalised_to_utc_milliseconds():
 def test_erasure_keeps_nothing_and_stays_whatever_arrives_later():
     from schemas.events import CustomerErased
     from schemas.profile import IdentityHasher
-    from workers.erasure import plan
+    from schemas.sync import Stored
+    from workers.profiles.erasure import plan
 
     hasher = IdentityHasher((b"unit-test-secret-0123456789",))
     profile = merge_all(fresh(), EVENTS, TIERS)
-    erased = plan([(profile, {"version": 3})], CustomerErased(**base("x", 10)), hasher).tombstone
+    erased = plan([(profile, Stored(version=3))], CustomerErased(**base("x", 10)), hasher).tombstone
     assert erased.erased is not None and erased.email is None and erased.traits == {} and erased.orders == {}
     assert erased.computed.order_count == 0
     dumped = erased.model_dump_json()

@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 from schemas.events import CheckoutChanged, ConsentChanged, CustomerUpdated, EmailOpened, OrderCompleted, ProductViewed
 from schemas.profile import Profile
-from workers.enrich import enrich
-from workers.merge import MergeRules, merge_profiles
-from workers.pipeline import merge_all
+from workers.profiles.enrich import enrich
+from workers.profiles.merge import MergeRules, merge_all, merge_profiles
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 TIERS = {"bronze": 0, "silver": 100, "gold": 500}

@@ -10,7 +10,7 @@ from adapters.esps.fields import FieldMapping, convert, mapped
 from adapters.sources.shopify import to_events
 from schemas.delivery import Delivery
 from schemas.profile import Profile
-from workers.pipeline import merge_all
+from workers.profiles.merge import merge_all
 
 # 22:30 in the shop's time zone (-05:00) on March 1st is 03:30 UTC on March 2nd.
 LATE_LOCAL = "2026-03-01T22:30:00-05:00"

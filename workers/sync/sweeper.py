@@ -15,8 +15,8 @@ from datetime import timedelta
 from adapters.esps.guard import EspGuard
 from adapters.store.profiles import ProfileStore
 from broker import topology
-
-MAX_CLAIM = 2_500
+from workers.sync import policy
+from workers.sync.actors import SyncActors
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Target:
     guard: EspGuard | None = None
 
 
-async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: timedelta, lease: timedelta, batch_min: int = 20,
+async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, grace: timedelta, lease: timedelta,
                      bulk_backlog: int = 200) -> int:
     """Re-enqueue pending profiles of every ESP target: consent changes and erasures first, each on
     its own and at high priority; then the rest, one by one when few, in bulk batches when a backlog
@@ -41,32 +41,30 @@ async def sweep_once(store: ProfileStore, targets: dict[str, Target], grace: tim
       bulk_backlog: from this many pending profiles on, the sync leaves them to the sweeper, which
         sends them in bulk at once (no grace): efficient when heavy, fresh when light.
     """
-    from workers.actors import sync_batch, sync_profile, sync_urgent
 
     total = 0
     for esp, target in targets.items():
         if target.guard is not None and (await target.guard.state())["circuit"] == "open":
             continue
-        limit = min(MAX_CLAIM, 5 * target.batch_limit)
+        limit = policy.sweep_limit(target.batch_limit)
         urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
-            await asyncio.to_thread(sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
+            await asyncio.to_thread(actors.sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
         heavy = await store.outbox.count_pending(esp, bulk_backlog) >= bulk_backlog
         pending = await store.outbox.claim_pending(esp, timedelta(0) if heavy else grace, lease, limit=limit)
-        if len(pending) >= batch_min:
+        if policy.sweep_in_bulk(len(pending)):
             for start in range(0, len(pending), target.batch_limit):
-                await asyncio.to_thread(sync_batch.send, pending[start:start + target.batch_limit], esp)
+                await asyncio.to_thread(actors.sync_batch.send, pending[start:start + target.batch_limit], esp)
         else:
-            for profile_id in pending:
-                await asyncio.to_thread(sync_profile.send_with_options, args=(profile_id, esp), kwargs={"alone": True})
+            await actors.alone(pending, esp)
         if urgent or pending:
             log.info("sweeper re-enqueued %d urgent and %d pending profile(s) for %s", len(urgent), len(pending), esp)
         total += len(urgent) + len(pending)
     return total
 
 
-async def run(store: ProfileStore, targets: dict[str, Target], interval: float, grace: timedelta, lease: timedelta,
-              stop: asyncio.Event, bulk_backlog: int = 200) -> None:
+async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, interval: float, grace: timedelta,
+              lease: timedelta, stop: asyncio.Event, bulk_backlog: int = 200) -> None:
     """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages.
 
     Parameters:
@@ -74,7 +72,7 @@ async def run(store: ProfileStore, targets: dict[str, Target], interval: float, 
       lease: how long before the same profile may be re-enqueued by a sweep.
     """
     try:
-        await _loop(store, targets, interval, grace, lease, stop, bulk_backlog)
+        await _loop(store, actors, targets, interval=interval, grace=grace, lease=lease, stop=stop, bulk_backlog=bulk_backlog)
     finally:
         await store.close()
         for target in targets.values():
@@ -82,11 +80,11 @@ async def run(store: ProfileStore, targets: dict[str, Target], interval: float, 
                 await target.guard.close()
 
 
-async def _loop(store: ProfileStore, targets: dict[str, Target], interval: float, grace: timedelta, lease: timedelta,
-                stop: asyncio.Event, bulk_backlog: int) -> None:
+async def _loop(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, interval: float, grace: timedelta,
+                lease: timedelta, stop: asyncio.Event, bulk_backlog: int) -> None:
     while not stop.is_set():
         try:
-            await sweep_once(store, targets, grace, lease, bulk_backlog=bulk_backlog)
+            await sweep_once(store, actors, targets, grace=grace, lease=lease, bulk_backlog=bulk_backlog)
         except Exception:  # the loop must outlive any single failure; Sentry and the log see it
             log.exception("sweep failed; retrying in %.1fs", interval)
         try:

@@ -20,11 +20,13 @@ from typing import Any
 from schemas.errors import MergetagError
 from schemas.events import CustomerErased
 from schemas.profile import EMAIL, ERASED, IdentityHasher, Profile, Stamp, identity_key, profile_keys
-from workers.pipeline import addresses, events_for, lookup_keys, parse_delivery
+from schemas.sync import Stored
+from workers.profiles.deliveries import events_for, parse_delivery
+from workers.profiles.identity import addresses, lookup_keys
 
 EMAILS = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 
-Owner = tuple[Profile, dict[str, Any]]
+Owner = tuple[Profile, Stored]
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher) -> 
                         merged_from=tuple(sorted(absorbed - {tomb_id})))
     return ErasurePlan(
         tombstone=tombstone,
-        version=base[1]["version"] if base else None,
-        pointers=tuple((p.id, m["version"]) for p, m in live if p.id != tomb_id),
+        version=base[1].version if base else None,
+        pointers=tuple((p.id, m.version) for p, m in live if p.id != tomb_id),
         absorbed=tuple(sorted(absorbed - {p.id for p, _ in live} - {tomb_id})),
         addresses=tuple(sorted(emails)),
         request_id=rid,

@@ -1,4 +1,4 @@
-"""The pure pipeline: delivery -> validated canonical events -> merged, enriched profile."""
+"""From a delivery to the events it carries: validated, mapped by its sender, attributable to a person. Pure."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from adapters.sources.registry import EventMapping
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid, MergetagError, UnsupportedEvent
 from schemas.events import Event, Identity
-from schemas.profile import ANONYMOUS, DEFAULT_BLOCKED, EMAIL, PHONE, IdentityHasher, Profile, identity_key
-from workers.enrich import enrich
-from workers.merge import DEFAULT_RULES, MergeRules, apply_event
+from schemas.profile import DEFAULT_BLOCKED
 
 
 def parse_delivery(data: Mapping[str, object]) -> Delivery:
@@ -74,57 +72,3 @@ def attributable(events: list[Event], blocked: frozenset[str]) -> list[Event]:
     if problems:
         raise EventInvalid("identity: only blocked identifiers", errors=problems)
     return kept
-
-
-def lookup_keys(identity: Identity, source: str) -> list[str]:
-    """The identity's keys, strongest first: email, phone, the source's customer id, anonymous id."""
-    pairs = ((EMAIL, identity.email), (PHONE, identity.phone), (source, identity.customer_id), (ANONYMOUS, identity.anonymous_id))
-    return [identity_key(kind, value) for kind, value in pairs if value is not None]
-
-
-def addresses(profile: Profile) -> set[str]:
-    """Every email address a live profile knows: the current one, earlier ones, those of absorbed profiles."""
-    return {*profile.identifiers.get(EMAIL, ()), *([profile.email] if profile.email else [])}
-
-
-def unsubscribed(profile: Profile) -> bool:
-    consent = profile.consent.get("email")
-    return consent is not None and consent.state == "unsubscribed"
-
-
-def address_work(before: Profile | None, after: Profile, sent: Mapping[str, bool]) -> dict[str, dict[str, list[str]]]:
-    """Per ESP target, what the person's other addresses need now that ``before`` became ``after``. Pure.
-
-    - An unsubscribe reaches every address the person had (earlier ones, those of absorbed profiles),
-      not only the current one, which the member itself carries; an address that joins later while
-      the person is unsubscribed is unsubscribed too.
-    - An email change retires the old address at every target that holds it (``sent``: the target
-      was sent this profile's member), the way each ESP allows.
-    """
-    former_after = addresses(after) - {after.email}
-    former_before = addresses(before) - {before.email} if before is not None else set()
-    unsubscribe = sorted(former_after - (former_before if before is not None and unsubscribed(before) else set())) \
-        if unsubscribed(after) else []
-    replaced = before.email if before is not None and before.email and before.email != after.email else None
-    work: dict[str, dict[str, list[str]]] = {}
-    for esp, was_sent in sent.items():
-        lists = {**({"unsubscribe": unsubscribe} if unsubscribe else {}), **({"retire": [replaced]} if replaced and was_sent else {})}
-        if lists:
-            work[esp] = lists
-    return work
-
-
-def over_limits(profile: Profile, limits: dict[str, int], default: int) -> list[str]:
-    """Identifier kinds holding more values than allowed: a merge that produces these is refused."""
-    return sorted(kind for kind, values in profile.identifiers.items() if len(values) > limits.get(kind, default))
-
-
-def new_profile(keys: list[str], hasher: IdentityHasher) -> Profile:
-    """A fresh profile, its id derived from the strongest key so concurrent creators collide, not duplicate."""
-    return Profile(id=hasher.profile_id(keys[0]))
-
-
-def merge_all(profile: Profile, events: Iterable[Event], tiers: dict[str, float], rules: MergeRules = DEFAULT_RULES) -> Profile:
-    for event in events:
-        profile = apply_event(profile, event, rules)
-    return enrich(profile, tiers)

@@ -12,7 +12,7 @@ any number of times, yields the same profile:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
@@ -39,7 +39,8 @@ from schemas.profile import (
     Stamp,
     Trait,
 )
-from workers.quality import quality_flags
+from workers.profiles.enrich import enrich
+from workers.profiles.quality import quality_flags
 
 S = TypeVar("S", bound=Stamp)
 
@@ -128,7 +129,7 @@ def apply_event(profile: Profile, event: Event, rules: MergeRules = DEFAULT_RULE
     if profile.erased is not None:
         return profile  # erased stays erased, whatever arrives later
     if isinstance(event, CustomerErased):
-        raise TypeError("an erasure is not merged: workers.erasure plans it")
+        raise TypeError("an erasure is not merged: workers.profiles.erasure plans it")
     event, arrivals = arrived(profile, event)
     changes: dict[str, object] = {
         "first_seen": _min(profile.first_seen, event.event_time),
@@ -245,3 +246,9 @@ def merge_profiles(survivor: Profile, absorbed: Profile, rules: MergeRules = DEF
         "first_seen": min(seen) if seen else None,
         "last_seen": max(last) if last else None,
     })
+
+
+def merge_all(profile: Profile, events: Iterable[Event], tiers: dict[str, float], rules: MergeRules = DEFAULT_RULES) -> Profile:
+    for event in events:
+        profile = apply_event(profile, event, rules)
+    return enrich(profile, tiers)

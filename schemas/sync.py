@@ -1,0 +1,84 @@
+"""The sync state: per profile and ESP target, what the ESP should hold and how far getting it there is.
+
+Stored under ``profile.esp.<target>`` and written only through the outbox (``adapters/store/outbox``);
+the sync reads it as this model. The state machine, per target:
+
+- ``member``/``member_hash``: what the ESP should hold (written with the profile).
+- ``sent_hash``: what it was last sent; ``failed_hash``/``failed_code``: a member it refused as it is.
+- ``pending``: the ESP does not hold ``member`` yet, or addresses wait for work; ``urgent``: a consent
+  change or an erasure, first out of the queue.
+- the send lease (``sending_until``, ``sending_token``): one send at a time, every later write fenced by the token.
+- ``jobs``: bulk jobs carrying the profile that may still run (an erasure waits for them).
+- address lists: ``erase`` (then ``verify``, read back ``verify_checks`` times), ``unsubscribe``, ``retire``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ADDRESS_LISTS = ("erase", "verify", "unsubscribe", "retire")
+"""Addresses that wait for work other than the member itself: erasures (then their read-back),
+unsubscribes of the person's other addresses, retirements of replaced or absorbed contacts."""
+
+
+class SyncState(BaseModel):
+    """One target's sync state of one profile, as stored (unknown stored keys are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    member: dict[str, Any] | None = None
+    member_hash: str | None = None
+    sent_hash: str | None = None
+    sent_at: datetime | None = None
+    failed_hash: str | None = None
+    failed_code: str | None = None
+    pending: bool = False
+    urgent: bool = False
+    dirty_at: datetime | None = None
+    swept_at: datetime | None = None
+    sending_until: datetime | None = None
+    sending_token: str | None = None
+    jobs: list[str] = Field(default_factory=list)
+    erase: list[str] = Field(default_factory=list)
+    verify: list[str] = Field(default_factory=list)
+    unsubscribe: list[str] = Field(default_factory=list)
+    retire: list[str] = Field(default_factory=list)
+    verify_checks: int = 0
+
+    @property
+    def has_address_work(self) -> bool:
+        return any(getattr(self, name) for name in ADDRESS_LISTS)
+
+    @property
+    def held(self) -> bool:
+        """The ESP holds exactly the member (or there is none to hold)."""
+        return self.member is None or self.sent_hash == self.member_hash
+
+    @property
+    def refused(self) -> bool:
+        """The ESP refused this very member: only a replayed dead letter asks again."""
+        return self.failed_hash is not None and self.failed_hash == self.member_hash
+
+    def may_hold_contact(self, now: datetime) -> bool:
+        """The target may hold this profile's contact (so has one to retire): it was sent the member,
+        or a send of it is in flight right now."""
+        return bool(self.sent_hash) or (self.sending_until is not None and self.sending_until > now)
+
+
+class Stored(BaseModel):
+    """What the store keeps beside a profile: its write version and its sync state per target."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int | None = None
+    esp: dict[str, SyncState] = Field(default_factory=dict)
+
+    def state(self, target: str) -> SyncState:
+        return self.esp.get(target) or SyncState()
+
+
+NEW = Stored()
+"""A profile not stored yet."""

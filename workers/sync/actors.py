@@ -1,0 +1,85 @@
+"""The sync's actors: thin. They route each message to the sender (``sender.py``), which the policy
+(``policy.py``) steers; this module only declares them on a broker and puts work back on the queue.
+
+- ``sync_profile``: one profile to one ESP target, coalesced per window; ``alone`` when the sweeper
+  or a refused batch sends it, ``retry_refused`` for a replayed dead letter.
+- ``sync_urgent``: the same for consent changes and erasures, ahead of any backlog.
+- ``sync_batch``: a backlog to one target in one bulk request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import dramatiq
+
+from broker import topology
+from broker.middleware import as_dead_letter
+from schemas.errors import EspRejected
+from workers.runtime import Runtime
+from workers.sync import sender
+
+GetRuntime = Callable[[], Awaitable[Runtime]]
+
+
+@dataclass(frozen=True)
+class SyncActors:
+    broker: dramatiq.Broker
+    queue: str
+    sync_profile: dramatiq.Actor
+    sync_urgent: dramatiq.Actor
+    sync_batch: dramatiq.Actor
+
+    async def schedule(self, rt: Runtime, profile_id: str, targets: list[str], urgent: bool = False) -> None:
+        """Per ESP target, one delayed sync per profile per coalescing window; it sends whatever the
+        profile is by then. Consent changes and erasures are urgent: they skip the window and jump the queue."""
+        for esp in targets:
+            if urgent:
+                await asyncio.to_thread(self.sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
+            elif await rt.coalescer.first_in_window(esp, profile_id):
+                await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, esp), delay=rt.coalescer.window_ms or None)
+
+    async def alone(self, profile_ids: list[str], esp: str) -> None:
+        for pid in profile_ids:
+            await asyncio.to_thread(self.sync_profile.send_with_options, args=(pid, esp), kwargs={"alone": True})
+
+    async def read_back(self, profile_id: str, esp: str, delay_ms: int) -> None:
+        await asyncio.to_thread(self.sync_urgent.send_with_options, args=(profile_id, esp), delay=delay_ms)
+
+    async def refused(self, profile_id: str, esp: str, reason: str) -> None:
+        single = dramatiq.Message(queue_name=self.queue, actor_name=topology.SYNC_PROFILE_ACTOR, args=(profile_id, esp),
+                                  kwargs={"alone": True}, options={})
+        letter = as_dead_letter(single, {"code": EspRejected.code, "detail": reason, "retryable": False, "exception": EspRejected.__name__})
+        await asyncio.to_thread(self.broker.enqueue, letter)
+
+
+def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncActors:
+    """The sync actors on ``broker``, each fetching the process's runtime when it runs."""
+    queue = topology.sync_queue(prefix)
+    actors: list[SyncActors] = []
+
+    async def sync_profile(profile_id: str, esp: str, alone: bool = False, retry_refused: bool = False) -> None:
+        """Parameters:
+          alone: send it now even in a backlog (sent by the sweeper, or split out of a refused batch).
+          retry_refused: send it even if the ESP refused this very member before (a replayed dead letter).
+        """
+        await sender.sync(await runtime(), actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused)
+
+    async def sync_urgent(profile_id: str, esp: str) -> None:
+        """First out of RabbitMQ (message priority) and first in the worker's own queue (actor priority)."""
+        await sender.sync(await runtime(), actors[0], profile_id, esp, urgent=True)
+
+    async def sync_batch(profile_ids: list[str], esp: str) -> None:
+        await sender.send_batch(await runtime(), actors[0], profile_ids, esp)
+
+    declared = SyncActors(
+        broker=broker,
+        queue=queue,
+        sync_profile=dramatiq.actor(sync_profile, broker=broker, actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=queue, priority=10),
+        sync_urgent=dramatiq.actor(sync_urgent, broker=broker, actor_name=topology.SYNC_URGENT_ACTOR, queue_name=queue, priority=0),
+        sync_batch=dramatiq.actor(sync_batch, broker=broker, actor_name=topology.SYNC_BATCH_ACTOR, queue_name=queue),
+    )
+    actors.append(declared)
+    return declared

@@ -1,0 +1,204 @@
+"""The sender: what one sync does at the ESP and records in the outbox, for one profile or a batch.
+
+Every write after a claim names the lease's token, so a send that outlived its lease cannot
+overwrite what the next holder records. What goes back to the queue (members split out of a batch,
+a later read-back, a refused member's dead letter) goes through :class:`Requeue`, so this module
+knows no broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
+
+from adapters.esps.base import Esp
+from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
+from schemas.sync import SyncState
+from workers.runtime import Runtime
+from workers.sync import policy
+
+log = logging.getLogger(__name__)
+
+
+class Requeue(Protocol):
+    async def alone(self, profile_ids: list[str], esp: str) -> None:
+        """Send each profile on its own, now."""
+
+    async def read_back(self, profile_id: str, esp: str, delay_ms: int) -> None:
+        """Look again, urgently, after ``delay_ms``, whether the ESP still holds an erased contact."""
+
+    async def refused(self, profile_id: str, esp: str, reason: str) -> None:
+        """Dead-letter one member the ESP refused in a batch, replayable on its own."""
+
+
+def target(rt: Runtime, esp: str) -> Esp | None:
+    client = rt.esps.get(esp)
+    if client is None:
+        # The target was removed from the configuration since this sync was scheduled: nothing to send it to.
+        log.warning("sync for ESP target %s skipped: not configured", esp)
+    return client
+
+
+async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp: str) -> None:
+    """Send a backlog to one target in one bulk request (an asynchronous job is polled to its end
+    first); each refused member is recorded and dead-lettered on its own, the rest recorded as sent."""
+    client = target(rt, esp)
+    if client is None:
+        return
+    claimed, token = await rt.store.outbox.claim_sends(profile_ids, esp, rt.batch_leases[esp])
+    batch = policy.plan_batch(claimed)
+    await rt.store.outbox.settle_many(esp, token, [], [], batch.idle)
+    await requeue.alone(batch.alone, esp)
+    todo = batch.sent
+    if not todo:
+        return
+    jobs: list[str] = []
+
+    async def accepted(job_id: str) -> None:
+        jobs.append(job_id)
+        await rt.store.outbox.note_job(esp, token, job_id, list(todo))
+
+    try:
+        refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
+    except MergetagError as exc:
+        if exc.may_still_land:
+            raise  # the job may still run: the leases run out by themselves, nothing overtakes it
+        await rt.store.outbox.settle_many(esp, token, [], [], list(todo))
+        if isinstance(exc, CircuitOpen):
+            await rt.store.outbox.park(list(todo), esp)
+            log.info("batch of %d for %s parked: its circuit is open", len(todo), esp)
+            return
+        if isinstance(exc, EspRejected):
+            # The ESP refused the whole request, perhaps for one member: each goes alone, so only the
+            # bad one is refused and dead-lettered and the good ones are not held hostage.
+            log.warning("batch of %d refused by %s (%s); sending them one by one", len(todo), esp, exc.code)
+            await requeue.alone(list(todo), esp)
+            return
+        raise
+    sent, failed = [], []
+    for pid, state in todo.items():
+        reason = refused.get(client.key(state.member))
+        if reason is None:
+            sent.append((pid, state.member_hash))
+        else:
+            failed.append((pid, state.member_hash, EspRejected.code))
+            await requeue.refused(pid, esp, reason)
+    await rt.store.outbox.settle_many(esp, token, sent, failed, batch.idle, jobs)
+    log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
+
+
+async def _calls(rt: Runtime, profile_id: str, esp: str, token: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Run ESP calls in order; on failure end the send lease, unless a timed-out call may still land
+    (then the lease runs out by itself, so no other send overtakes it)."""
+    try:
+        for call in calls:
+            await call()
+    except MergetagError as exc:
+        if not exc.may_still_land and not isinstance(exc, EspRejected):
+            await rt.store.outbox.release_send(profile_id, esp, token)
+        raise
+
+
+async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False) -> None:
+    """Send one profile's pending work to one target: erasures and their read-back, the person's other
+    addresses, then the member. Idempotent: what the target already holds is skipped without a request."""
+    client = target(rt, esp)
+    if client is None:
+        return
+    claim = await rt.store.outbox.claim_send(profile_id, esp, rt.leases[esp])
+    if claim is None:
+        return
+    state, token = claim
+    if state.erase or state.verify:
+        if not await erase(rt, requeue, client, profile_id, esp, state, token):
+            return
+    # The person's other addresses: unsubscribed where they are, retired where they were replaced.
+    current = client.key(state.member) if state.member else None
+    for name, call in (("unsubscribe", client.unsubscribe), ("retire", client.retire)):
+        emails = getattr(state, name)
+        if emails:
+            await _calls(rt, profile_id, esp, token, [partial(call, email) for email in emails if email != current])
+            await rt.store.outbox.done(profile_id, esp, token, name, emails)
+    if not policy.needs_send(state, retry_refused):
+        log.debug("profile %s has nothing new to send to %s", profile_id, esp)
+        await rt.store.outbox.release_send(profile_id, esp, token)
+        return
+    jobs: list[str] = []
+
+    async def accepted(job_id: str) -> None:
+        jobs.append(job_id)
+        await rt.store.outbox.note_job(esp, token, job_id, [profile_id])
+
+    try:
+        await _calls(rt, profile_id, esp, token, [partial(client.upsert, state.member, accepted)])
+    except EspRejected as exc:
+        await rt.store.outbox.mark_failed(profile_id, esp, token, state.member_hash, exc.code)
+        raise
+    if await rt.store.outbox.mark_sent(profile_id, esp, token, state.member_hash, jobs):
+        log.info("profile %s synced to %s", profile_id, esp)
+    else:
+        log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)
+
+
+async def erase(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp: str, state: SyncState, token: str) -> bool:
+    """Delete every address of an erased person at ``esp``, then read back that the ESP holds none.
+
+    Fence: a bulk job that carried the person and may still run is waited for first (its id was
+    recorded on the profile when the ESP accepted it), or it could recreate the contact after the
+    deletion. A refusal is recorded on the receipts as failed and retried by the sweeper, never
+    dead-lettered away. Returns False when the send must stop here (waiting or refused).
+    """
+    for job in state.jobs:
+        if not await client.job_done(job):
+            await rt.store.outbox.release_send(profile_id, esp, token)
+            raise SyncBusy(f"a bulk job to {esp} that carries this person is still running", retry_after=2.0)
+        await rt.store.outbox.job_finished(profile_id, esp, token, job)
+    try:
+        await _calls(rt, profile_id, esp, token, [partial(client.erase, email) for email in state.erase])
+    except EspRejected as exc:
+        await rt.receipts.mark(profile_id, esp, "failed", exc.code)
+        await rt.store.outbox.release_send(profile_id, esp, token)
+        log.warning("erasure at %s refused for profile %s (%s); retried by the sweeper", esp, profile_id, exc.code)
+        return False
+    if state.erase:
+        await rt.store.outbox.forget(profile_id, esp, token, state.erase)
+        await rt.receipts.mark(profile_id, esp, "deleted")
+    checking = sorted({*state.verify, *state.erase})
+    held = [email for email in checking if await client.held(email) is not None]
+    await rt.store.outbox.done(profile_id, esp, token, "verify", [email for email in checking if email not in held])
+    if not held:
+        await rt.receipts.mark(profile_id, esp, "verified")
+        return True
+    checks = await rt.store.outbox.checked(profile_id, esp, token)
+    if policy.delete_again(checks):
+        await rt.store.outbox.redo(profile_id, esp, token, held)
+    await rt.store.outbox.release_send(profile_id, esp, token)
+    await requeue.read_back(profile_id, esp, policy.verify_delay_ms(checks))
+    log.info("erasure at %s: %d contact(s) of profile %s not gone yet; read back again later", esp, len(held), profile_id)
+    return False
+
+
+async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent: bool = False, alone: bool = False,
+               retry_refused: bool = False) -> None:
+    """One scheduled sync of a profile, routed by the policy. Left pending in MongoDB for the sweeper
+    rather than sent: while the target's circuit is open, while another send of the profile is in
+    flight (the sweeper sends what is left after it), and when the policy leaves it to the sweeper."""
+    client = rt.esps.get(esp)
+    if client is not None:
+        backlog = 0 if (urgent or alone) else await rt.backlog(esp)
+        chosen = policy.route(urgent=urgent, alone=alone, backlog=backlog, bulk_backlog=rt.settings.sync_bulk_backlog,
+                              prefers_bulk=client.prefers_bulk)
+        if chosen is policy.Route.LEAVE:
+            return  # still pending: the sweeper sends it with the backlog, in bulk
+        if chosen is policy.Route.TAKE_ALONG:
+            # One bulk request carries them all (their own syncs then find nothing to send).
+            others = await rt.store.outbox.pending_ids(esp, limit=policy.take_along_limit(client.batch_limit))
+            await send_batch(rt, requeue, [profile_id, *[pid for pid in others if pid != profile_id]], esp)
+            return
+    try:
+        await send(rt, requeue, profile_id, esp, retry_refused)
+    except (CircuitOpen, SyncBusy) as exc:
+        await rt.store.outbox.park([profile_id], esp)
+        log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
