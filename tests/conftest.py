@@ -32,7 +32,7 @@ from pymongo import AsyncMongoClient
 from adapters.esps.mailchimp import DEFAULT_FIELDS as DEFAULT_MERGE_FIELDS
 from adapters.esps.mailchimp.member import subscriber_hash
 from adapters.geoip import build_test_database
-from adapters.receiver import create_app
+from adapters.http.receiver import create_app
 from adapters.settings import Settings
 from adapters.sources.shopify import sign
 from broker import admin

@@ -9,11 +9,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from adapters.coalesce import Coalescer
 from adapters.esps.base import Esp, member_hash
 from adapters.esps.guard import EspGuard
 from adapters.esps.registry import build_all, descriptor
 from adapters.geoip import GeoReader, open_reader
+from adapters.redis.coalesce import Coalescer
 from adapters.settings import Settings
 from adapters.sources.registry import EventMapping, build_mappings
 from adapters.store.erasures import ErasureReceipts

@@ -1,4 +1,4 @@
-"""What every ESP adapter provides. A new ESP is one module implementing :class:`Esp`, plus its sandbox.
+"""What every ESP adapter provides. A new ESP is one folder (descriptor, client, member builder), one registry line and its sandbox (README.md).
 
 The sync only ever talks to this Protocol: it builds members (pure), sends them one by
 one or in bulk, erases and retires contacts, and reads back what the ESP holds for
@@ -32,7 +32,7 @@ class Esp(Protocol):
     name: str
     """The target's name: the key of its sync state, its coalescing and its guard."""
     kind: str
-    """mailchimp, klaviyo or sendgrid."""
+    """Its registered kind (``registry.DESCRIPTORS``)."""
     batch_limit: int
     """Most members per bulk request."""
     prefers_bulk: bool

@@ -4,7 +4,7 @@
   distributed semaphore of leased slots, so a crashed process cannot leak one.
   It adapts: a 429 halves the usable slots, each success gives one back, up to the
   configured limit (additive increase, multiplicative decrease).
-- Rate windows (Klaviyo: a 1 s burst and a 60 s steady window per endpoint): sliding-window
+- Rate windows (e.g. a 1 s burst and a 60 s steady window per endpoint): sliding-window
   logs per bucket, checked and counted atomically for every window at once, so no stretch
   of a window's length holds more than its limit, whatever the ESP's own alignment. A 429
   halves the usable rate as well; successes win it back.

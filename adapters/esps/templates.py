@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from schemas.events import Scalar
 
-# Tags as the target names them: Mailchimp's FNAME, Klaviyo's first_name or location.city, SendGrid's ltv.
+# Tags as the target names them: FNAME, first_name, location.city, ltv…
 TOKEN = re.compile(r"\*\|(IF|IFNOT|ELSE|END):?([A-Za-z0-9_.]*)\|\*|\*\|([A-Za-z0-9_.]+)\|\*")
 
 

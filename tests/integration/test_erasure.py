@@ -18,7 +18,7 @@ from unittest import mock
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from adapters.admin import create_admin_app
+from adapters.http.admin import create_admin_app
 from adapters.settings import Settings
 from sandboxes.local import free_port
 from tests.conftest import (

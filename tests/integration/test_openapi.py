@@ -11,7 +11,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from adapters.receiver import create_app
+from adapters.http.receiver import create_app
 from adapters.settings import Settings
 from broker import admin
 from sandboxes.local import free_port, wait_for_port

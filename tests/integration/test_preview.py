@@ -10,7 +10,7 @@ from unittest import mock
 
 from aiohttp.test_utils import TestServer
 
-from adapters.admin import create_admin_app
+from adapters.http.admin import create_admin_app
 from adapters.settings import Settings
 from sandboxes.local import free_port
 from tests.conftest import ROOT, eventually, post_webhook

@@ -14,7 +14,7 @@ from unittest import mock
 from aiohttp.test_utils import TestServer
 from pymongo import AsyncMongoClient
 
-from adapters.receiver import create_app
+from adapters.http.receiver import create_app
 from adapters.settings import Settings
 from broker import admin
 from sandboxes.local import free_port

@@ -10,7 +10,7 @@ import pika
 import pytest
 from aiohttp.test_utils import TestServer
 
-from adapters.receiver import create_app
+from adapters.http.receiver import create_app
 from adapters.settings import Settings
 from broker import topology
 from sandboxes.local import free_port

@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from adapters.dedup import Dedup
-from adapters.metrics import DeliveryCounters
-from adapters.openapi import document
+from adapters.http.metrics import DeliveryCounters
+from adapters.http.openapi import document
+from adapters.redis.dedup import Dedup
 from adapters.settings import Settings
 from adapters.sources.base import Inbound, Rejected, Source, check_names
 from adapters.sources.registry import build_sources

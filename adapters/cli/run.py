@@ -1,0 +1,149 @@
+"""The long-running processes: receiver, workers, sync, pollers and the admin API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import threading
+
+from adapters.settings import get_settings
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from adapters.http.receiver import create_app
+    from adapters.sentry import init_sentry
+
+    settings = get_settings()
+    init_sentry(settings, "receiver")
+    host, port = args.host or settings.receiver_host, args.port or settings.receiver_port
+    web.run_app(create_app(settings), host=host, port=port, access_log=None,
+                print=lambda *_: logging.getLogger("mergetag").info("receiver on %s:%s", host, port))
+    return 0
+
+
+def _serve(queues: list[str], sweep: bool, component: str) -> int:
+    """Consume ``queues`` with a Dramatiq worker until SIGTERM/SIGINT; optionally run the sweeper."""
+    import dramatiq
+
+    from workers import app
+
+    settings = get_settings()
+    workers = app.build(settings, component=component)
+    # A short poll: delayed messages (coalesced syncs, abandonment checks) run close to their time.
+    worker = dramatiq.Worker(workers.broker, queues=set(queues), worker_threads=settings.worker_threads, worker_timeout=100)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    logging.getLogger("mergetag").info("consuming %s", ", ".join(queues))
+
+    loop = asyncio.new_event_loop()
+    sweep_stop = asyncio.Event()
+    if sweep:
+        threading.Thread(target=loop.run_until_complete, args=(workers.sweeper(sweep_stop),), daemon=True, name="sweeper").start()
+    stop.wait()
+    if sweep:
+        loop.call_soon_threadsafe(sweep_stop.set)
+    worker.stop(timeout=10_000)
+    workers.broker.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from broker import topology
+
+    prefix = get_settings().queue_prefix
+    queues = {"events": [topology.events_queue(prefix)], "sync": [topology.sync_queue(prefix)], "all": topology.all_queues(prefix)}
+    return _serve(queues[args.queues], sweep=False, component="worker")
+
+
+async def check_fields() -> dict[str, list[str]]:
+    """Each ESP target's field mapping against the ESP's own field definitions."""
+    from adapters.esps.registry import clients
+
+    found = {}
+    for name, esp in clients(get_settings()).items():
+        try:
+            found[name] = await esp.field_problems()
+        finally:
+            await esp.close()
+    return found
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from broker import topology
+    from schemas.errors import MergetagError
+
+    log = logging.getLogger("mergetag")
+    try:
+        for esp, problems in asyncio.run(check_fields()).items():
+            for problem in problems:
+                # Loud, not fatal: members without the field still sync; those with it are refused and dead-lettered.
+                log.error("field mapping does not fit ESP target %s: %s", esp, problem)
+    except MergetagError as exc:
+        log.error("could not check the field mappings against the ESPs: %s", exc.code)
+    return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True, component="sync")
+
+
+async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
+    """Pull now (``every`` None) or on a schedule, publishing through the receiver's confirm path."""
+    from adapters.sources.shopify_pull import ShopifyPuller
+    from adapters.store.checkpoints import Checkpoints
+    from adapters.store.profiles import ProfileStore
+    from broker import topology
+    from broker.publisher import Publisher, publish_delivery
+
+    settings = get_settings()
+    if not settings.shopify_admin_url or settings.shopify_admin_token is None:
+        raise SystemExit("set MERGETAG_SHOPIFY_ADMIN_URL and MERGETAG_SHOPIFY_ADMIN_TOKEN")
+    queue = topology.events_queue(settings.queue_prefix)
+    publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    puller = ShopifyPuller(settings.shopify_admin_url, settings.shopify_admin_token.get_secret_value(),
+                           lambda d: publish_delivery(publisher, queue, d),
+                           Checkpoints(store.client, settings.mongodb_database), settings.shopify_pull_page_size)
+    try:
+        while True:
+            for resource in resources:
+                try:
+                    result = await puller.pull(resource, since)
+                    print(json.dumps({"resource": result.resource, "pages": result.pages, "records": result.records,
+                                      "checkpoint": result.since}), flush=True)
+                except Exception:  # a scheduled poller outlives one failed pull; the next run resumes from the checkpoint
+                    if every is None:
+                        raise
+                    logging.getLogger("mergetag").exception("pull of %s failed", resource)
+            if every is None:
+                return
+            since = None
+            await asyncio.sleep(every)
+    finally:
+        await publisher.close()
+        await store.close()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    resources = ["customers", "orders"] if args.resource == "all" else [args.resource]
+    asyncio.run(_pull(resources, args.since, None))
+    return 0
+
+
+def cmd_poller(args: argparse.Namespace) -> int:
+    asyncio.run(_pull(["customers", "orders"], None, get_settings().shopify_pull_interval_s))
+    return 0
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from adapters.http.admin import create_admin_app
+
+    settings = get_settings()
+    web.run_app(create_admin_app(settings), host=settings.admin_host, port=args.port or settings.admin_port,
+                access_log=None, print=lambda *_: None)
+    return 0
