@@ -92,7 +92,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
     """Pull now (``every`` None) or on a schedule, publishing through the receiver's confirm path."""
-    from adapters.sources.shopify_pull import ShopifyPuller
+    from adapters.sources.shopify.pull import ShopifyPuller
     from adapters.store.checkpoints import Checkpoints
     from adapters.store.profiles import ProfileStore
     from broker import topology

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from pymongo import AsyncMongoClient
 
-from adapters.sources.shopify_pull import ShopifyPuller, next_link
+from adapters.sources.shopify.pull import ShopifyPuller, next_link
 from adapters.store.checkpoints import Checkpoints
 from broker import admin, topology
 from broker.publisher import Publisher, publish_delivery
