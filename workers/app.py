@@ -20,6 +20,7 @@ from adapters.esps.registry import build_guard, descriptor
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
 from adapters.store.profiles import ProfileStore
+from broker.middleware import CloseOnShutdown
 from broker.setup import create_broker
 from workers.profiles import actors as profile_actors
 from workers.runtime import Runtime, close_runtime, create_runtime
@@ -70,7 +71,8 @@ class Workers:
 def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Broker | None = None,
           runtime: Callable[[], Awaitable[Runtime]] | None = None) -> Workers:
     """Every actor of the pipeline on one broker (default: RabbitMQ, from ``settings``, installed as
-    Dramatiq's global broker); ``runtime`` (default: from ``settings``) creates the process's resources."""
+    Dramatiq's global broker; a given one, e.g. a test's stub, needs the AsyncIO middleware);
+    ``runtime`` (default: from ``settings``) creates the process's resources, closed on worker shutdown."""
     lazy = Lazy(runtime or (lambda: create_runtime(settings)))
     if broker is None:
         logs.install()
@@ -78,6 +80,8 @@ def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Bro
         broker = create_broker(settings.amqp_url, retry_max=settings.retry_max, min_backoff_ms=settings.retry_min_backoff_ms,
                                max_backoff_ms=settings.retry_max_backoff_ms, on_shutdown=lazy.close)
         dramatiq.set_broker(broker)
+    else:
+        broker.add_middleware(CloseOnShutdown(lazy.close))
     sync = sync_actors.declare(broker, lazy.get, settings.queue_prefix)
     profiles = profile_actors.declare(broker, lazy.get, sync, settings.queue_prefix)
     return Workers(settings=settings, broker=broker, runtime=lazy, profiles=profiles, sync=sync)

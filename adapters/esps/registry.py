@@ -40,7 +40,8 @@ def targets(settings: Settings) -> dict[str, EspTarget]:
     unknown = [name for name in settings.esps if name not in DESCRIPTORS]
     if unknown:
         raise ValueError(f"unknown ESP(s) in MERGETAG_ESPS: {', '.join(unknown)} (known: {', '.join(DESCRIPTORS)})")
-    return {name: DESCRIPTORS[name].env().target(name, settings.esp_job_timeout_s) for name in settings.esps}
+    return {name: DESCRIPTORS[name].env().target(name, settings.esp_job_timeout_s, DESCRIPTORS[name].default_fields)
+            for name in settings.esps}
 
 
 def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = None) -> EspGuard:

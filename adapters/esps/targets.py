@@ -72,7 +72,7 @@ class EspTarget(BaseModel):
 class TargetEnv(BaseSettings):
     """One target of a kind from the environment, ``MERGETAG_<KIND>_API_KEY``, ``_BASE_URL``,
     ``_LIST_ID``, ``_FIELDS`` (JSON), ``_TIMEOUT_S``, ``_MAX_CONNECTIONS``. Each ESP subclasses it
-    with its prefix and default fields. There is no default key: a target without one fails at start-up."""
+    with its prefix. There is no default key: a target without one fails at start-up."""
 
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -86,8 +86,10 @@ class TargetEnv(BaseSettings):
     def _json_object(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
-    def target(self, kind: str, job_timeout_s: float) -> EspTarget:
-        return EspTarget(kind=kind, api_key=self.api_key, base_url=self.base_url, audience=self.list_id, fields=self.fields,
+    def target(self, kind: str, job_timeout_s: float, default_fields: dict[str, str]) -> EspTarget:
+        """The target these variables describe; without ``_FIELDS``, the ESP's default fields."""
+        fields = self.fields if "fields" in self.model_fields_set else dict(default_fields)
+        return EspTarget(kind=kind, api_key=self.api_key, base_url=self.base_url, audience=self.list_id, fields=fields,
                          timeout_s=self.timeout_s, max_connections=self.max_connections, job_timeout_s=job_timeout_s)
 
 

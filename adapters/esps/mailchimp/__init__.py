@@ -27,8 +27,7 @@ class MailchimpEnv(TargetEnv):
     model_config = SettingsConfigDict(env_prefix="MERGETAG_MAILCHIMP_", extra="ignore")
 
     fields: Annotated[dict[str, MappingEntry], NoDecode] = Field(
-        default_factory=lambda: dict(DEFAULT_FIELDS),
-        validation_alias=AliasChoices("MERGETAG_MAILCHIMP_FIELDS", "MERGETAG_MERGE_FIELDS"))
+        default_factory=dict, validation_alias=AliasChoices("MERGETAG_MAILCHIMP_FIELDS", "MERGETAG_MERGE_FIELDS"))
 
 
 def api_root(target: EspTarget) -> str:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import Field
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from adapters.esps.base import Esp, EspDescriptor
-from adapters.esps.fields import MappingEntry
 from adapters.esps.guard import EspGuard
 from adapters.esps.sendgrid.client import BATCH_LIMIT, KIND, SendGrid
 from adapters.esps.targets import EspTarget, TargetEnv
@@ -26,8 +22,6 @@ DEFAULT_FIELDS = {
 
 class SendGridEnv(TargetEnv):
     model_config = SettingsConfigDict(env_prefix="MERGETAG_SENDGRID_", extra="ignore")
-
-    fields: Annotated[dict[str, MappingEntry], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_FIELDS))
 
 
 def client(target: EspTarget, name: str = KIND, guard: EspGuard | None = None, offline: bool = False) -> Esp:

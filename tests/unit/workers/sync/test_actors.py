@@ -1,0 +1,143 @@
+"""The sync's actors in-process: a stub broker, a fake ESP (a fourth ESP added as one folder plus one
+registry line, ``tests/support/fake_esp``) and an in-memory outbox. Milliseconds, no service; the
+same paths run against RabbitMQ, MongoDB and the vendor sandboxes in ``tests/integration``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import xq_name
+from dramatiq.middleware import AsyncIO
+
+from adapters.esps import registry
+from adapters.settings import Settings
+from tests.support import fake_esp
+from tests.support.fake_esp import FakeEsp
+from tests.support.outbox import FakeOutbox, FakeReceipts, FakeStore
+from workers import app
+from workers.runtime import Runtime
+
+TARGET = "fake"
+
+
+@pytest.fixture
+def fake() -> Iterator[type[FakeEsp]]:
+    registry.register(fake_esp.DESCRIPTOR)
+    FakeEsp.contacts, FakeEsp.requests, FakeEsp.refuse = {}, [], set()
+    yield FakeEsp
+    registry.DESCRIPTORS.pop(fake_esp.KIND)
+
+
+class Broker(StubBroker):
+    """The stub broker, keeping what goes to a dead-letter queue (``.XQ``) aside, as RabbitMQ does."""
+
+    def __init__(self) -> None:
+        super().__init__(middleware=[AsyncIO()])
+        self.dead_lettered: list[dramatiq.Message] = []
+
+    def enqueue(self, message: dramatiq.Message, *, delay: int | None = None) -> dramatiq.Message:
+        if message.queue_name.endswith(".XQ"):
+            self.dead_lettered.append(message)
+            return message
+        return super().enqueue(message, delay=delay)
+
+
+class Harness:
+    """The composition root's actors on a stub broker, with a runtime of fakes, and a worker to drain them."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = Settings(esps=[TARGET], identity_hash_keys="unit-test-secret-0123456789", **settings)
+        self.outbox = FakeOutbox()
+        self.receipts = FakeReceipts()
+        self.broker = Broker()
+        self.broker.emit_after("process_boot")
+        self.workers = app.build(self.settings, broker=self.broker, runtime=self._runtime)
+
+    async def _runtime(self) -> Runtime:
+        lease = timedelta(seconds=30)
+        return Runtime(settings=self.settings, store=FakeStore(self.outbox), esps=registry.clients(self.settings), mappings={},
+                       quarantine=None, rules=None, geo=None, blocked=frozenset(), coalescer=None, guards={},
+                       leases={TARGET: lease}, batch_leases={TARGET: lease}, hasher=self.settings.hasher(),
+                       receipts=self.receipts, dead_letters=None)
+
+    def run(self, send: Any) -> None:
+        """Send one message and drain the sync queue (and what the actors put back on it)."""
+        send()
+        worker = dramatiq.Worker(self.broker, queues={self.workers.sync.queue}, worker_timeout=10)
+        worker.start()
+        try:
+            self.broker.join(self.workers.sync.queue, fail_fast=True)
+            worker.join()
+        finally:
+            worker.stop()
+
+    def dead_letters(self) -> list[dramatiq.Message]:
+        assert {m.queue_name for m in self.broker.dead_lettered} <= {xq_name(self.workers.sync.queue)}
+        return self.broker.dead_lettered
+
+
+def member(n: int) -> dict[str, Any]:
+    return {"email": f"p{n}@example.com", "fields": {"first_name": f"P{n}"}, "unsubscribed": False}
+
+
+def test_a_change_is_sent_once_and_recorded_and_a_second_sync_finds_nothing_to_send(fake):
+    h = Harness()
+    h.outbox.put("p1", TARGET, member(1))
+    h.run(lambda: h.workers.sync.sync_profile.send("p1", TARGET))
+    h.run(lambda: h.workers.sync.sync_profile.send("p1", TARGET))
+    assert fake.contacts == {"p1@example.com": member(1)} and fake.requests == ["upsert"]
+    state = h.outbox.state("p1", TARGET)
+    assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
+
+
+def test_a_backlog_rides_along_in_one_bulk_request(fake):
+    h = Harness()
+    for n in range(25):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
+    assert fake.requests == ["batch"] and len(fake.contacts) == 25
+    assert not any(h.outbox.state(f"p{n}", TARGET).pending for n in range(25))
+
+
+def test_at_the_bulk_threshold_a_sync_leaves_its_profile_to_the_sweeper(fake):
+    h = Harness(sync_bulk_backlog=10)
+    for n in range(12):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
+    assert fake.requests == [] and h.outbox.state("p0", TARGET).pending
+    h.run(lambda: h.workers.sync.sync_batch.send([f"p{n}" for n in range(12)], TARGET))
+    assert fake.requests == ["batch"] and len(fake.contacts) == 12
+
+
+def test_a_member_refused_in_a_batch_is_recorded_and_dead_lettered_alone(fake):
+    h = Harness()
+    for n in range(25):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    fake.refuse = {"p7@example.com"}
+    h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
+    assert len(fake.contacts) == 24 and h.outbox.state("p7", TARGET).failed_code == "esp_rejected"
+    letters = h.dead_letters()
+    assert [(m.actor_name, m.args, m.kwargs) for m in letters] == [("sync_profile", ("p7", TARGET), {"alone": True})]
+    assert letters[0].options["dead_letter"]["code"] == "esp_rejected"
+
+
+def test_an_erasure_deletes_every_address_then_reads_back_that_none_is_left(fake):
+    h = Harness()
+    fake.contacts = {"old@example.com": member(0), "new@example.com": member(1)}
+    h.outbox.put("p1", TARGET, None, erase=["new@example.com", "old@example.com"])
+    h.run(lambda: h.workers.sync.sync_urgent.send("p1", TARGET))
+    assert fake.contacts == {}
+    assert [status for _, _, status in h.receipts.marks] == ["deleted", "verified"]
+    state = h.outbox.state("p1", TARGET)
+    assert state.erase == [] and state.verify == [] and not state.pending
+
+
+def test_the_fourth_esp_is_one_folder_and_one_registry_line(fake):
+    targets = Settings(esps=[TARGET]).esp_targets()
+    assert targets[TARGET].kind == fake_esp.KIND and targets[TARGET].fields == fake_esp.DEFAULT_FIELDS
+    assert registry.descriptor(TARGET).lease(10, 300, bulk=True) == 2 * 10 + 5 + 300
