@@ -4,10 +4,11 @@ Marketing API v3 contract mergetag relies on. State lives in memory.
 Enforced: Basic auth with the API key as password; the MD5 member path; member
 body validation (status enums, ``status_if_new`` for new members, merge tags
 defined on the audience, number and date types); the compliance rule that an
-unsubscribed member cannot be resubscribed through the API; problem+json errors;
-429 beyond 10 simultaneous connections per key. Batch operations (``POST /batches``): run
-in the background, polled with ``GET /batches/{id}``, results as a gzipped tar of JSON behind
-a keyless download URL.
+unsubscribed member cannot be resubscribed through the API; problem+json errors, each with
+an ``instance`` of its own (unknown routes and methods too); 429 beyond 10 simultaneous
+connections per key. Batch operations (``POST /batches``): run in the background,
+polled with ``GET /batches/{id}``, results as a gzipped tar of JSON behind a keyless
+download URL.
 
 Sandbox-only controls live under ``/_sandbox`` (fault injection, statistics).
 
@@ -38,21 +39,25 @@ TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
 MAX_MERGE_FIELDS = 30
 MAX_CONNECTIONS = 10
 DEFAULT_FIELDS = {"FNAME": "text", "LNAME": "text", "LTV": "number", "ORDERS": "number", "LASTORDER": "date", "TIER": "text"}
+NOT_FOUND = ("Resource Not Found", "The requested resource could not be found.")
 
 
-
-
-def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> web.Response:
+def problem_body(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A problem document; ``instance`` names this one occurrence, as Mailchimp's support asks for it."""
     body: dict[str, Any] = {
         "type": "https://mailchimp.com/developer/marketing/docs/errors/",
         "title": title,
         "status": status,
         "detail": detail,
-        "instance": hashlib.md5(detail.encode()).hexdigest(),
+        "instance": str(uuid.uuid4()),
     }
     if errors:
         body["errors"] = errors
-    return web.json_response(body, status=status, content_type="application/problem+json")
+    return body
+
+
+def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> web.Response:
+    return web.json_response(problem_body(status, title, detail, errors), status=status, content_type="application/problem+json")
 
 
 class Sandbox(SandboxBase):
@@ -96,6 +101,11 @@ class Sandbox(SandboxBase):
             return problem(401, "API Key Invalid", "Your API key may be invalid, or you've attempted to access the wrong datacenter.")
         if self.in_flight >= MAX_CONNECTIONS:
             return problem(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
+        missing = request.match_info.http_exception
+        if missing is not None:
+            if missing.status == 405:
+                return problem(405, "Method Not Allowed", "The requested method and resource are not compatible.")
+            return problem(404, *NOT_FOUND)
         return None
 
     def _authorized(self, header: str) -> bool:
@@ -111,11 +121,7 @@ class Sandbox(SandboxBase):
     def _list(self, request: web.Request) -> str:
         list_id = request.match_info["list_id"]
         if list_id not in self.members:
-            raise web.HTTPNotFound(
-                text=json.dumps({"type": "about:blank", "title": "Resource Not Found", "status": 404,
-                                 "detail": "The requested resource could not be found.", "instance": ""}),
-                content_type="application/problem+json",
-            )
+            raise web.HTTPNotFound(text=json.dumps(problem_body(404, *NOT_FOUND)), content_type="application/problem+json")
         return list_id
 
     async def ping(self, request: web.Request) -> web.Response:
@@ -152,7 +158,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         return web.json_response(member)
 
     async def batch_members(self, request: web.Request) -> web.Response:
@@ -225,7 +231,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         body = await json_body(request)
         if not isinstance(body, dict):
             return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
@@ -244,7 +250,7 @@ class Sandbox(SandboxBase):
     def _put(self, list_id: str, member_hash_in_path: str, body: Any) -> tuple[int, dict[str, Any]]:
         """One member upsert, as ``PUT .../members/{hash}`` answers it (for the route and for batch operations)."""
         def fail(title: str, detail: str, errors: list[dict[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
-            return 400, json.loads(problem(400, title, detail, errors).text)
+            return 400, problem_body(400, title, detail, errors)
 
         if not isinstance(body, dict):
             return fail("Invalid Resource", "The resource submitted could not be validated.")
@@ -287,7 +293,7 @@ class Sandbox(SandboxBase):
         for op in operations:
             match = re.fullmatch(r"/?lists/([^/]+)/members/([0-9a-fA-F]{32})", op["path"])
             if op["method"] != "PUT" or match is None or match.group(1) not in self.members:
-                status, body = 404, {"type": "about:blank", "title": "Resource Not Found", "status": 404, "detail": "The requested resource could not be found."}
+                status, body = 404, problem_body(404, *NOT_FOUND)
             else:
                 try:
                     parsed = json.loads(op.get("body") or "null")
@@ -304,7 +310,7 @@ class Sandbox(SandboxBase):
     async def get_batch(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         return web.json_response(batch)
 
     async def batch_file(self, request: web.Request) -> web.Response:
@@ -340,7 +346,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member_hash = _hash(request.match_info["hash"])
         if self.members[list_id].pop(member_hash, None) is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         self.forgotten.add(member_hash)
         return web.Response(status=204)
 
@@ -348,7 +354,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         member["status"] = "archived"
         return web.Response(status=204)
 

@@ -6,6 +6,7 @@ import uuid
 
 import aiohttp
 import pytest
+import yarl
 
 from adapters.esps.mailchimp.client import Mailchimp
 from schemas.errors import EspRejected, EspUnavailable
@@ -123,3 +124,29 @@ async def test_batch_operations_upsert_consent_safely_and_name_each_refusal(sand
     assert unsubscribed["status"] == "unsubscribed" and unsubscribed["merge_fields"]["FNAME"] == "Bo"
     requests = (await sandbox.control(http, "stats"))["requests"]
     assert requests["POST /3.0/batches"] == 1 and "POST /3.0/lists/{list_id}" not in requests
+
+
+async def call(http, sandbox, method, member_path, body=None):
+    """One API call on a path below ``/3.0``; ``member_path`` is sent as given (already percent-encoded)."""
+    url = yarl.URL(sandbox.api + member_path, encoded=True)
+    async with http.request(method, url, json=body, headers=auth()) as r:
+        return r.status, r.content_type, None if r.status == 204 else await r.json()
+
+
+async def test_every_problem_names_an_instance_of_its_own(sandbox, http):
+    """Mailchimp support traces one failed request by its ``instance``: two equal failures get two."""
+    bad = {"email_address": "i@example.com", "status_if_new": "subscribed", "merge_fields": {"NOPE": "x"}}
+    problems = [
+        (await put(http, sandbox, "i@example.com", bad))[2],
+        (await put(http, sandbox, "i@example.com", bad))[2],
+        (await put(http, sandbox, "i@example.com", {}, key="wrong-us1"))[2],
+        (await call(http, sandbox, "GET", path(f"absent-{uuid.uuid4().hex[:6]}@example.com")))[2],
+        (await call(http, sandbox, "GET", "/lists/no-such-list/members"))[2],
+        (await call(http, sandbox, "GET", "/no-such-resource"))[2],
+        (await call(http, sandbox, "DELETE", "/batches"))[2],
+    ]
+    assert [p["status"] for p in problems] == [400, 400, 401, 404, 404, 404, 405]
+    instances = [p["instance"] for p in problems]
+    assert len(set(instances)) == len(instances)
+    assert all(str(uuid.UUID(i)) == i for i in instances)
+    assert all(set(p) >= {"type", "title", "status", "detail", "instance"} for p in problems)
