@@ -1,12 +1,14 @@
 """A Mailchimp sandbox: a real HTTP server that enforces the parts of the Mailchimp
 Marketing API v3 contract mergetag relies on. State lives in memory.
 
-Enforced: Basic auth with the API key as password; the MD5 member path; member
+Enforced: Basic auth with the API key as password; the member path (the MD5 of the
+lowercased email, or the email address itself, which Mailchimp takes in its place); member
 body validation (status enums, ``status_if_new`` for new members, merge tags
 defined on the audience, number and date types); the compliance rule that an
 unsubscribed member cannot be resubscribed through the API; problem+json errors, each with
 an ``instance`` of its own (unknown routes and methods too); 429 beyond 10 simultaneous
-connections per key. Batch operations (``POST /batches``): run in the background,
+connections per key. ``PATCH`` on a member updates only what it names and never creates one.
+Batch operations (``POST /batches``, member ``PUT`` and ``PATCH``): run in the background,
 polled with ``GET /batches/{id}``, results as a gzipped tar of JSON behind a keyless
 download URL.
 
@@ -29,6 +31,7 @@ import time
 import uuid
 from datetime import date
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -39,6 +42,7 @@ TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
 MAX_MERGE_FIELDS = 30
 MAX_CONNECTIONS = 10
 DEFAULT_FIELDS = {"FNAME": "text", "LNAME": "text", "LTV": "number", "ORDERS": "number", "LASTORDER": "date", "TIER": "text"}
+MEMBER_PATH = re.compile(r"/?lists/([^/]+)/members/([^/]+)")
 NOT_FOUND = ("Resource Not Found", "The requested resource could not be found.")
 
 
@@ -227,25 +231,41 @@ class Sandbox(SandboxBase):
         return web.json_response(body)
 
     async def patch_member(self, request: web.Request) -> web.Response:
-        """``PATCH .../members/{hash}``: updates a member Mailchimp holds (archived ones too); never creates one."""
         list_id = self._list(request)
-        member = self.members[list_id].get(_hash(request.match_info["hash"]))
+        status, body = self._patch(list_id, _hash(request.match_info["hash"]), await json_body(request))
+        if status >= 400:
+            return web.json_response(body, status=status, content_type="application/problem+json")
+        return web.json_response(body)
+
+    def _patch(self, list_id: str, member_hash: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """``PATCH .../members/{hash}``: changes only what the body names, on a member Mailchimp holds
+        (archived ones too); never creates one. A new ``email_address`` moves the member to its hash."""
+        members = self.members[list_id]
+        member = members.get(member_hash)
         if member is None:
-            return problem(404, *NOT_FOUND)
-        body = await json_body(request)
+            return 404, problem_body(404, *NOT_FOUND)
         if not isinstance(body, dict):
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+            return 400, problem_body(400, "Invalid Resource", "The resource submitted could not be validated.")
         errors = self._validate_member(list_id, {"email_address": member["email_address"], **body})
         if errors:
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
+            return 400, problem_body(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
         if body.get("status") == "subscribed" and member["status"] in {"unsubscribed", "cleaned"}:
-            return problem(400, "Member In Compliance State", "The member is in a compliance state and cannot be subscribed.")
+            return 400, problem_body(400, "Member In Compliance State", "The member is in a compliance state and cannot be subscribed.")
+        email = body.get("email_address", member["email_address"])
+        new_hash = hashlib.md5(email.lower().encode()).hexdigest()
+        if new_hash != member_hash and new_hash in members:
+            return 400, problem_body(400, "Member Exists", "The new email address is already a list member.")
+        if new_hash != member_hash and new_hash in self.forgotten:
+            return 400, problem_body(400, "Forgotten Email Not Subscribed", "The new email address was permanently deleted and cannot be re-added.")
+        updated = {**member, "email_address": email, "id": new_hash, "update_count": member["update_count"] + 1,
+                   "merge_fields": {**member["merge_fields"], **body.get("merge_fields", {})}}
         if body.get("status"):
-            member["status"] = body["status"]
-        member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
-        member["update_count"] += 1
-        self.record_write(member["email_address"], member["merge_fields"])
-        return web.json_response(member)
+            updated["status"] = body["status"]
+        if new_hash != member_hash:
+            members.pop(member_hash)
+        members[new_hash] = updated
+        self.record_write(email, updated["merge_fields"])
+        return 200, updated
 
     def _put(self, list_id: str, member_hash_in_path: str, body: Any) -> tuple[int, dict[str, Any]]:
         """One member upsert, as ``PUT .../members/{hash}`` answers it (for the route and for batch operations)."""
@@ -291,15 +311,16 @@ class Sandbox(SandboxBase):
         batch["status"] = "started"
         results = []
         for op in operations:
-            match = re.fullmatch(r"/?lists/([^/]+)/members/([0-9a-fA-F]{32})", op["path"])
-            if op["method"] != "PUT" or match is None or match.group(1) not in self.members:
+            match = MEMBER_PATH.fullmatch(op["path"])
+            if op["method"] not in {"PUT", "PATCH"} or match is None or match.group(1) not in self.members:
                 status, body = 404, problem_body(404, *NOT_FOUND)
             else:
                 try:
                     parsed = json.loads(op.get("body") or "null")
                 except ValueError:
                     parsed = None
-                status, body = self._put(match.group(1), match.group(2), parsed)
+                run = self._put if op["method"] == "PUT" else self._patch
+                status, body = run(match.group(1), _hash(unquote(match.group(2))), parsed)
             results.append({"status_code": status, "operation_id": op.get("operation_id"), "response": json.dumps(body)})
             batch["finished_operations"] += 1
             batch["errored_operations"] += status >= 400
