@@ -9,7 +9,8 @@ unsubscribed member cannot be resubscribed through the API; problem+json errors,
 an ``instance`` of its own (unknown routes and methods too); 429 beyond 10 simultaneous
 connections per key. ``PATCH`` on a member updates only what it names and never creates one.
 Batch operations (``POST /batches``, member ``PUT`` and ``PATCH``): run in the background,
-polled with ``GET /batches/{id}``, results as a gzipped tar of JSON behind a keyless
+polled with ``GET /batches/{id}``, listed by ``GET /batches`` (``count`` 1..1000, default 10,
+and ``offset``; in submission order), results as a gzipped tar of JSON behind a keyless
 download URL.
 
 Sandbox-only controls live under ``/_sandbox`` (fault injection, statistics).
@@ -42,6 +43,7 @@ TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
 MAX_MERGE_FIELDS = 30
 MAX_CONNECTIONS = 10
 DEFAULT_FIELDS = {"FNAME": "text", "LNAME": "text", "LTV": "number", "ORDERS": "number", "LASTORDER": "date", "TIER": "text"}
+MAX_COUNT, DEFAULT_COUNT = 1000, 10
 MEMBER_PATH = re.compile(r"/?lists/([^/]+)/members/([^/]+)")
 NOT_FOUND = ("Resource Not Found", "The requested resource could not be found.")
 
@@ -94,6 +96,7 @@ class Sandbox(SandboxBase):
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self.delete_permanent)
         app.router.add_post("/3.0/batches", self.create_batch)
+        app.router.add_get("/3.0/batches", self.list_batches)
         app.router.add_get("/3.0/batches/{batch_id}", self.get_batch)
         app.router.add_get("/_sandbox/files/batches/{batch_id}.tar.gz", self.batch_file)
 
@@ -328,6 +331,19 @@ class Sandbox(SandboxBase):
         self.batch_results[batch_id] = _tarball(results)
         batch.update(status="finished", completed_at=_now(), response_body_url=f"{base}/_sandbox/files/batches/{batch_id}.tar.gz")
 
+    async def list_batches(self, request: web.Request) -> web.Response:
+        """``GET /batches``: a page of the batch requests made, and how many there are in all."""
+        count = _integer(request.query.get("count", str(DEFAULT_COUNT)))
+        offset = _integer(request.query.get("offset", "0"))
+        if count is None or not 1 <= count <= MAX_COUNT:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.",
+                           [{"field": "count", "message": f"count must be an integer from 1 to {MAX_COUNT}."}])
+        if offset is None or offset < 0:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.",
+                           [{"field": "offset", "message": "offset must be an integer, 0 or more."}])
+        batches = list(self.batches.values())
+        return web.json_response({"batches": batches[offset:offset + count], "total_items": len(batches)})
+
     async def get_batch(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
@@ -383,6 +399,13 @@ class Sandbox(SandboxBase):
 def _hash(given: str) -> str:
     """The subscriber hash from the path: Mailchimp takes the email address in its place too."""
     return hashlib.md5(given.lower().encode()).hexdigest() if "@" in given else given.lower()
+
+
+def _integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _now() -> str:

@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import uuid
+from collections.abc import Iterator
 from urllib.parse import quote
 
 import aiohttp
@@ -14,7 +15,7 @@ import yarl
 
 from adapters.esps.mailchimp.client import Mailchimp
 from schemas.errors import EspRejected, EspUnavailable
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, Sandbox, eventually, start_mailchimp, stop_sandbox
 
 
 def auth(key: str = API_KEY) -> dict[str, str]:
@@ -205,6 +206,43 @@ async def test_patch_with_a_new_email_address_moves_the_member(sandbox, http):
     assert status == 200 and moved["id"] == hashlib.md5(new.encode()).hexdigest() and moved["merge_fields"] == {"FNAME": "Di"}
     assert await sandbox.member(http, old) is None
     assert (await sandbox.member(http, new))["email_address"] == new
+
+
+@pytest.fixture(scope="module")
+def quiet_sandbox() -> Iterator[Sandbox]:
+    """A Mailchimp sandbox of this module's own, so that counts of batches are exact."""
+    started = start_mailchimp()
+    yield started
+    stop_sandbox(started)
+
+
+async def test_get_batches_lists_every_batch_request_a_page_at_a_time(quiet_sandbox, http):
+    sandbox = quiet_sandbox
+    ids = []
+    for n in range(3):
+        email = f"listed{n}-{uuid.uuid4().hex[:6]}@example.com"
+        operation = {"method": "PUT", "path": path(email), "operation_id": str(n),
+                     "body": json.dumps({"email_address": email, "status_if_new": "subscribed"})}
+        async with http.post(f"{sandbox.api}/batches", json={"operations": [operation]}, headers=auth()) as r:
+            assert r.status == 200
+            ids.append((await r.json())["id"])
+    status, _, listed = await call(http, sandbox, "GET", "/batches")
+    assert status == 200 and listed["total_items"] == 3 and [b["id"] for b in listed["batches"]] == ids
+    assert all(b["total_operations"] == 1 for b in listed["batches"])
+    status, _, first = await call(http, sandbox, "GET", "/batches?count=2")
+    status, _, rest = await call(http, sandbox, "GET", "/batches?count=2&offset=2")
+    assert [b["id"] for b in first["batches"]] == ids[:2] and [b["id"] for b in rest["batches"]] == ids[2:]
+    assert first["total_items"] == rest["total_items"] == 3
+    assert (await call(http, sandbox, "GET", "/batches?offset=3"))[2] == {"batches": [], "total_items": 3}
+
+    async def all_finished():
+        batches = (await call(http, sandbox, "GET", "/batches"))[2]["batches"]
+        return all(b["status"] == "finished" and b["finished_operations"] == 1 for b in batches)
+
+    await eventually(all_finished)
+    for query, field in (("count=0", "count"), ("count=1001", "count"), ("count=ten", "count"), ("offset=-1", "offset")):
+        status, content_type, problem = await call(http, sandbox, "GET", f"/batches?{query}")
+        assert (status, content_type) == (400, "application/problem+json") and problem["errors"][0]["field"] == field, query
 
 
 async def test_batch_operations_take_the_email_address_and_patch_too(sandbox, http):
