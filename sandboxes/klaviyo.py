@@ -26,6 +26,7 @@ Endpoints:
     (the import's attributes less ``_kx``; no ``id``, no ``meta``); 201 with the profile resource,
     or 409 ``duplicate_profile`` (pointer ``/data/attributes``, ``meta.duplicate_profile_id``)
     when its email, external_id or phone_number already names a profile, as Klaviyo answers.
+  - ``GET /api/profiles/{id}`` (and ``additional-fields[profile]``): the profile, else 404.
   - ``POST /api/profile-bulk-import-jobs``: 1..10,000 profiles, body at most 5 MiB (413);
     202 with the job ``queued``; ``--job-delay-ms`` later it is ``processing`` (items applied
     as in profile-import, bad ones, and any over 100 KiB, become import errors), and after
@@ -83,6 +84,7 @@ SPEC_LIMITS: dict[str, tuple[int, int]] = {
     "POST /api/data-privacy-deletion-jobs": (3, 60),
     "GET /api/profiles": (75, 750),
     "POST /api/profiles": (75, 750),
+    "GET /api/profiles/{id}": (75, 750),
 }
 BURST_S, STEADY_S = 1.0, 60.0
 MAX_JOB_PROFILES = 10_000
@@ -404,6 +406,7 @@ class Sandbox(SandboxBase):
             ("POST", "/api/data-privacy-deletion-jobs", self.delete_profile),
             ("GET", "/api/profiles", self.get_profiles),
             ("POST", "/api/profiles", self.create_profile),
+            ("GET", "/api/profiles/{id}", self.get_profile),
         ):
             app.router.add_route(method, path, self._guarded(handler))
         app.router.add_get("/_sandbox/profiles", self.all_profiles)
@@ -651,6 +654,14 @@ class Sandbox(SandboxBase):
         profile = self._create(check_new_profile(data, "/data"))
         resource = self._resource(profile, self._base(request), extra)
         return web.json_response({"data": resource, "links": {"self": resource["links"]["self"]}}, status=201, content_type=JSONAPI)
+
+    async def get_profile(self, request: web.Request) -> web.Response:
+        extra = self._additional_fields(request)
+        profile = self.profiles.get(request.match_info["id"])
+        if profile is None:
+            raise Problem("No profile with this id.", None, status=404, title="Not found.")
+        resource = self._resource(profile, self._base(request), extra)
+        return web.json_response({"data": resource, "links": {"self": resource["links"]["self"]}}, content_type=JSONAPI)
 
     async def create_job(self, request: web.Request) -> web.Response:
         data = typed(await self._data(request, MAX_JOB_BYTES), "profile-bulk-import-job")

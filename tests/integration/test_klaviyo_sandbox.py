@@ -475,6 +475,15 @@ async def test_steady_window_throttles_after_the_burst_window_reopens(limited, h
     assert other.status == 200 and other.headers["RateLimit-Limit"] == "750"
 
 
+def conforms_as_one_profile(document: Any) -> None:
+    """``GET /api/profiles/{id}``'s document. The vendor spec defines its ``data`` exactly as an item of the
+    profile collection, which is what the trimmed copy keeps."""
+    collection = _spec()["components"]["schemas"]["GetProfileResponsePluralConversationsCollectionCompoundDocument"]
+    jsonschema.validate(document["data"], _json_schema(collection["properties"]["data"]["items"]))
+    conforms(document["links"], "schemas/ObjectLinks")
+    assert set(document) == {"data", "links"}
+
+
 async def create(http, base, item: dict[str, Any], query: str = "") -> Reply:
     """``POST /api/profiles``. A ProfileCreateQuery is the spec's ProfileUpsertQuery less id, meta and ``_kx``."""
     document = {"data": item}
@@ -544,3 +553,33 @@ async def test_create_profile_refuses_what_a_create_query_does_not_hold(klaviyo,
     assert (await call(http, "POST", f"{klaviyo}/api/profiles", oversized)).status == 413
     assert (await call(http, "POST", f"{klaviyo}/api/profiles?additional-fields[profile]=everything", {"data": profile(address)})).status == 400
     assert await find(http, klaviyo, address) == []
+
+
+async def test_get_profile_by_id_and_404_once_absent(klaviyo, http):
+    address = email()
+    profile_id = (await create(http, klaviyo, profile(address, first_name="Grace"))).json()["data"]["id"]
+    await upsert(http, klaviyo, profile(address, last_name="Hopper"))
+    reply = await call(http, "GET", f"{klaviyo}/api/profiles/{profile_id}")
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith(JSONAPI)
+    conforms_as_one_profile(reply.json())
+    found = reply.json()["data"]
+    assert found["id"] == profile_id and reply.json()["links"]["self"] == found["links"]["self"]
+    assert (found["attributes"]["first_name"], found["attributes"]["last_name"]) == ("Grace", "Hopper")
+    assert "subscriptions" not in found["attributes"]
+    assert reply.headers["RateLimit-Limit"] == "750"
+    with_consent = await call(http, "GET", f"{klaviyo}/api/profiles/{profile_id}?additional-fields[profile]=subscriptions")
+    conforms_as_one_profile(with_consent.json())
+    assert with_consent.json()["data"]["attributes"]["subscriptions"]["email"]["marketing"]["consent"] == "NEVER_SUBSCRIBED"
+
+    absent = await call(http, "GET", f"{klaviyo}/api/profiles/01NOSUCHPROFILE00000000000")
+    assert absent.status == 404
+    conforms(absent.json(), "responses/ClientError")
+    assert absent.json()["errors"][0]["code"] == "not_found"
+
+    document = {"data": {"type": "data-privacy-deletion-job", "attributes": {"profile": {"data": {"type": "profile", "id": profile_id}}}}}
+    assert (await call(http, "POST", f"{klaviyo}/api/data-privacy-deletion-jobs", document)).status == 202
+
+    async def gone() -> bool:
+        return (await call(http, "GET", f"{klaviyo}/api/profiles/{profile_id}")).status == 404
+
+    await eventually(gone)
