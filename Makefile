@@ -13,10 +13,12 @@ install: $(BIN)/python
 
 ## Run the whole test suite against local RabbitMQ, Redis and a SecantusDB it starts.
 test: install
+	./.ci/services
 	$(BIN)/python -m pytest
 
 ## Run the whole system without Docker: local RabbitMQ/Redis, a SecantusDB it starts.
 run-local: install
+	./.ci/services
 	$(BIN)/python -m sandboxes.local
 
 bench: install

@@ -22,6 +22,11 @@ Endpoints:
     identifiers name two profiles); 201 created / 200 updated with the profile resource.
     ``null`` clears an attribute, an omitted one is kept; ``location`` and ``properties`` merge
     key by key (a ``null`` value deletes that key); ``meta.patch_properties`` is applied.
+  - ``POST /api/profiles`` (body at most 100 KB): creates a profile from a ProfileCreateQuery
+    (the import's attributes less ``_kx``; no ``id``, no ``meta``); 201 with the profile resource,
+    or 409 ``duplicate_profile`` (pointer ``/data/attributes``, ``meta.duplicate_profile_id``)
+    when its email, external_id or phone_number already names a profile, as Klaviyo answers.
+  - ``GET /api/profiles/{id}`` (and ``additional-fields[profile]``): the profile, else 404.
   - ``POST /api/profile-bulk-import-jobs``: 1..10,000 profiles, body at most 5 MiB (413);
     202 with the job ``queued``; ``--job-delay-ms`` later it is ``processing`` (items applied
     as in profile-import, bad ones, and any over 100 KiB, become import errors), and after
@@ -78,6 +83,8 @@ SPEC_LIMITS: dict[str, tuple[int, int]] = {
     "POST /api/profile-subscription-bulk-delete-jobs": (75, 750),
     "POST /api/data-privacy-deletion-jobs": (3, 60),
     "GET /api/profiles": (75, 750),
+    "POST /api/profiles": (75, 750),
+    "GET /api/profiles/{id}": (75, 750),
 }
 BURST_S, STEADY_S = 1.0, 60.0
 MAX_JOB_PROFILES = 10_000
@@ -90,6 +97,8 @@ JOB_TTL = timedelta(days=7)
 STRING_ATTRIBUTES = ("email", "phone_number", "external_id", "_kx", "first_name", "last_name",
                      "organization", "locale", "title", "image")
 SHOWN_ATTRIBUTES = tuple(a for a in STRING_ATTRIBUTES if a != "_kx")
+# ProfileCreateQuery takes the import's string attributes less _kx.
+CREATE_STRING_ATTRIBUTES = SHOWN_ATTRIBUTES
 IDENTIFIERS = ("email", "external_id", "phone_number")
 LOCATION_KEYS = ("address1", "address2", "city", "country", "latitude", "longitude", "region", "zip", "timezone", "ip")
 FILTER_FIELDS = ("id", "email", "phone_number", "external_id")
@@ -179,10 +188,23 @@ def check_profile(item: Any, at: str) -> tuple[str | None, dict[str, Any], dict[
     item = typed(item, "profile", at)
     only(item, ("type", "id", "attributes", "meta"), at, "profile")
     profile_id = string(item.get("id"), f"{at}/id")
-    attributes = obj(item.get("attributes"), f"{at}/attributes")
+    attributes = check_attributes(item.get("attributes"), f"{at}/attributes", STRING_ATTRIBUTES, profile_id is not None)
+    return profile_id, attributes, check_meta(item.get("meta"), f"{at}/meta")
+
+
+def check_new_profile(item: Any, at: str) -> dict[str, Any]:
+    """A ProfileCreateQueryResourceObject (no id, no meta, no ``_kx``): its attributes, or a Problem."""
+    item = typed(item, "profile", at)
+    only(item, ("type", "attributes"), at, "profile")
+    return check_attributes(item.get("attributes"), f"{at}/attributes", CREATE_STRING_ATTRIBUTES, False)
+
+
+def check_attributes(value: Any, at: str, strings: tuple[str, ...], has_id: bool) -> dict[str, Any]:
+    """A profile's attributes: known keys only, typed, email and phone well formed, an identifier unless ``has_id``."""
+    attributes = obj(value, at)
     for key, value in attributes.items():
-        where = f"{at}/attributes/{key}"
-        if key in STRING_ATTRIBUTES:
+        where = f"{at}/{key}"
+        if key in strings:
             string(value, where)
         elif key == "location":
             location = maybe_obj(value, where)
@@ -196,11 +218,11 @@ def check_profile(item: Any, at: str) -> tuple[str | None, dict[str, Any], dict[
             maybe_obj(value, where)
         else:
             raise Problem(f"'{key}' is not a valid field for the resource 'profile'.", where)
-    check_email(attributes.get("email"), f"{at}/attributes/email")
-    check_phone(attributes.get("phone_number"), f"{at}/attributes/phone_number")
-    if profile_id is None and not any(attributes.get(key) for key in IDENTIFIERS):
-        raise Problem("One of email, phone_number or external_id is required.", f"{at}/attributes")
-    return profile_id, attributes, check_meta(item.get("meta"), f"{at}/meta")
+    check_email(attributes.get("email"), f"{at}/email")
+    check_phone(attributes.get("phone_number"), f"{at}/phone_number")
+    if not has_id and not any(attributes.get(key) for key in IDENTIFIERS):
+        raise Problem("One of email, phone_number or external_id is required.", at)
+    return attributes
 
 
 def check_meta(meta: Any, at: str) -> dict[str, Any]:
@@ -383,6 +405,8 @@ class Sandbox(SandboxBase):
             ("POST", "/api/profile-subscription-bulk-delete-jobs", self.unsubscribe),
             ("POST", "/api/data-privacy-deletion-jobs", self.delete_profile),
             ("GET", "/api/profiles", self.get_profiles),
+            ("POST", "/api/profiles", self.create_profile),
+            ("GET", "/api/profiles/{id}", self.get_profile),
         ):
             app.router.add_route(method, path, self._guarded(handler))
         app.router.add_get("/_sandbox/profiles", self.all_profiles)
@@ -514,8 +538,24 @@ class Sandbox(SandboxBase):
 
     def _upsert(self, profile_id: str | None, attributes: dict[str, Any], patch: dict[str, Any], at: str) -> tuple[dict[str, Any], bool]:
         target = self._resolve(profile_id, attributes, at)
-        created = target is None
         profile = self._new_profile() if target is None else target
+        self._apply(profile, attributes, patch)
+        return profile, target is None
+
+    def _create(self, attributes: dict[str, Any]) -> dict[str, Any]:
+        """A new profile, unless one of its identifiers already names a profile (409, as Klaviyo answers)."""
+        for key in IDENTIFIERS:
+            value = attributes.get(key)
+            owner = self.index[key].get(norm(key, value)) if value else None
+            if owner:
+                raise Problem("A profile already exists with one of these identifiers.", "/data/attributes",
+                              status=409, title="Conflict.", meta={"duplicate_profile_id": owner})
+        profile = self._new_profile()
+        self._apply(profile, attributes, {})
+        return profile
+
+    def _apply(self, profile: dict[str, Any], attributes: dict[str, Any], patch: dict[str, Any]) -> None:
+        """Write the given attributes: ``null`` clears, an omitted one is kept, location and properties merge."""
         for key in STRING_ATTRIBUTES:
             if key in attributes:
                 if key in IDENTIFIERS:
@@ -529,7 +569,6 @@ class Sandbox(SandboxBase):
         patch_properties(profile["properties"], patch)
         profile["updated"] = now()
         self.record_write(profile["email"] or "", self._fields(profile))
-        return profile, created
 
     @staticmethod
     def _fields(profile: dict[str, Any]) -> dict[str, Any]:
@@ -608,6 +647,21 @@ class Sandbox(SandboxBase):
         resource = self._resource(profile, self._base(request), extra)
         return web.json_response({"data": resource, "links": {"self": resource["links"]["self"]}},
                                  status=201 if created else 200, content_type=JSONAPI)
+
+    async def create_profile(self, request: web.Request) -> web.Response:
+        data = await self._data(request, MAX_PROFILE_BYTES)
+        extra = self._additional_fields(request)
+        profile = self._create(check_new_profile(data, "/data"))
+        resource = self._resource(profile, self._base(request), extra)
+        return web.json_response({"data": resource, "links": {"self": resource["links"]["self"]}}, status=201, content_type=JSONAPI)
+
+    async def get_profile(self, request: web.Request) -> web.Response:
+        extra = self._additional_fields(request)
+        profile = self.profiles.get(request.match_info["id"])
+        if profile is None:
+            raise Problem("No profile with this id.", None, status=404, title="Not found.")
+        resource = self._resource(profile, self._base(request), extra)
+        return web.json_response({"data": resource, "links": {"self": resource["links"]["self"]}}, content_type=JSONAPI)
 
     async def create_job(self, request: web.Request) -> web.Response:
         data = typed(await self._data(request, MAX_JOB_BYTES), "profile-bulk-import-job")

@@ -1,13 +1,17 @@
 """A Mailchimp sandbox: a real HTTP server that enforces the parts of the Mailchimp
 Marketing API v3 contract mergetag relies on. State lives in memory.
 
-Enforced: Basic auth with the API key as password; the MD5 member path; member
+Enforced: Basic auth with the API key as password; the member path (the MD5 of the
+lowercased email, or the email address itself, which Mailchimp takes in its place); member
 body validation (status enums, ``status_if_new`` for new members, merge tags
 defined on the audience, number and date types); the compliance rule that an
-unsubscribed member cannot be resubscribed through the API; problem+json errors;
-429 beyond 10 simultaneous connections per key. Batch operations (``POST /batches``): run
-in the background, polled with ``GET /batches/{id}``, results as a gzipped tar of JSON behind
-a keyless download URL.
+unsubscribed member cannot be resubscribed through the API; problem+json errors, each with
+an ``instance`` of its own (unknown routes and methods too); 429 beyond 10 simultaneous
+connections per key. ``PATCH`` on a member updates only what it names and never creates one.
+Batch operations (``POST /batches``, member ``PUT`` and ``PATCH``): run in the background,
+polled with ``GET /batches/{id}``, listed by ``GET /batches`` (``count`` 1..1000, default 10,
+and ``offset``; in submission order), results as a gzipped tar of JSON behind a keyless
+download URL.
 
 Sandbox-only controls live under ``/_sandbox`` (fault injection, statistics).
 
@@ -28,6 +32,7 @@ import time
 import uuid
 from datetime import date
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -38,21 +43,27 @@ TAG = re.compile(r"^[A-Z0-9_]{1,10}$")
 MAX_MERGE_FIELDS = 30
 MAX_CONNECTIONS = 10
 DEFAULT_FIELDS = {"FNAME": "text", "LNAME": "text", "LTV": "number", "ORDERS": "number", "LASTORDER": "date", "TIER": "text"}
+MAX_COUNT, DEFAULT_COUNT = 1000, 10
+MEMBER_PATH = re.compile(r"/?lists/([^/]+)/members/([^/]+)")
+NOT_FOUND = ("Resource Not Found", "The requested resource could not be found.")
 
 
-
-
-def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> web.Response:
+def problem_body(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A problem document; ``instance`` names this one occurrence, as Mailchimp's support asks for it."""
     body: dict[str, Any] = {
         "type": "https://mailchimp.com/developer/marketing/docs/errors/",
         "title": title,
         "status": status,
         "detail": detail,
-        "instance": hashlib.md5(detail.encode()).hexdigest(),
+        "instance": str(uuid.uuid4()),
     }
     if errors:
         body["errors"] = errors
-    return web.json_response(body, status=status, content_type="application/problem+json")
+    return body
+
+
+def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None) -> web.Response:
+    return web.json_response(problem_body(status, title, detail, errors), status=status, content_type="application/problem+json")
 
 
 class Sandbox(SandboxBase):
@@ -85,6 +96,7 @@ class Sandbox(SandboxBase):
         app.router.add_delete("/3.0/lists/{list_id}/members/{hash}", self.archive_member)
         app.router.add_post("/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent", self.delete_permanent)
         app.router.add_post("/3.0/batches", self.create_batch)
+        app.router.add_get("/3.0/batches", self.list_batches)
         app.router.add_get("/3.0/batches/{batch_id}", self.get_batch)
         app.router.add_get("/_sandbox/files/batches/{batch_id}.tar.gz", self.batch_file)
 
@@ -96,6 +108,11 @@ class Sandbox(SandboxBase):
             return problem(401, "API Key Invalid", "Your API key may be invalid, or you've attempted to access the wrong datacenter.")
         if self.in_flight >= MAX_CONNECTIONS:
             return problem(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
+        missing = request.match_info.http_exception
+        if missing is not None:
+            if missing.status == 405:
+                return problem(405, "Method Not Allowed", "The requested method and resource are not compatible.")
+            return problem(404, *NOT_FOUND)
         return None
 
     def _authorized(self, header: str) -> bool:
@@ -111,11 +128,7 @@ class Sandbox(SandboxBase):
     def _list(self, request: web.Request) -> str:
         list_id = request.match_info["list_id"]
         if list_id not in self.members:
-            raise web.HTTPNotFound(
-                text=json.dumps({"type": "about:blank", "title": "Resource Not Found", "status": 404,
-                                 "detail": "The requested resource could not be found.", "instance": ""}),
-                content_type="application/problem+json",
-            )
+            raise web.HTTPNotFound(text=json.dumps(problem_body(404, *NOT_FOUND)), content_type="application/problem+json")
         return list_id
 
     async def ping(self, request: web.Request) -> web.Response:
@@ -152,7 +165,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         return web.json_response(member)
 
     async def batch_members(self, request: web.Request) -> web.Response:
@@ -221,30 +234,46 @@ class Sandbox(SandboxBase):
         return web.json_response(body)
 
     async def patch_member(self, request: web.Request) -> web.Response:
-        """``PATCH .../members/{hash}``: updates a member Mailchimp holds (archived ones too); never creates one."""
         list_id = self._list(request)
-        member = self.members[list_id].get(_hash(request.match_info["hash"]))
+        status, body = self._patch(list_id, _hash(request.match_info["hash"]), await json_body(request))
+        if status >= 400:
+            return web.json_response(body, status=status, content_type="application/problem+json")
+        return web.json_response(body)
+
+    def _patch(self, list_id: str, member_hash: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """``PATCH .../members/{hash}``: changes only what the body names, on a member Mailchimp holds
+        (archived ones too); never creates one. A new ``email_address`` moves the member to its hash."""
+        members = self.members[list_id]
+        member = members.get(member_hash)
         if member is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
-        body = await json_body(request)
+            return 404, problem_body(404, *NOT_FOUND)
         if not isinstance(body, dict):
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+            return 400, problem_body(400, "Invalid Resource", "The resource submitted could not be validated.")
         errors = self._validate_member(list_id, {"email_address": member["email_address"], **body})
         if errors:
-            return problem(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
+            return 400, problem_body(400, "Invalid Resource", "The resource submitted could not be validated.", errors)
         if body.get("status") == "subscribed" and member["status"] in {"unsubscribed", "cleaned"}:
-            return problem(400, "Member In Compliance State", "The member is in a compliance state and cannot be subscribed.")
+            return 400, problem_body(400, "Member In Compliance State", "The member is in a compliance state and cannot be subscribed.")
+        email = body.get("email_address", member["email_address"])
+        new_hash = hashlib.md5(email.lower().encode()).hexdigest()
+        if new_hash != member_hash and new_hash in members:
+            return 400, problem_body(400, "Member Exists", "The new email address is already a list member.")
+        if new_hash != member_hash and new_hash in self.forgotten:
+            return 400, problem_body(400, "Forgotten Email Not Subscribed", "The new email address was permanently deleted and cannot be re-added.")
+        updated = {**member, "email_address": email, "id": new_hash, "update_count": member["update_count"] + 1,
+                   "merge_fields": {**member["merge_fields"], **body.get("merge_fields", {})}}
         if body.get("status"):
-            member["status"] = body["status"]
-        member["merge_fields"] = {**member["merge_fields"], **body.get("merge_fields", {})}
-        member["update_count"] += 1
-        self.record_write(member["email_address"], member["merge_fields"])
-        return web.json_response(member)
+            updated["status"] = body["status"]
+        if new_hash != member_hash:
+            members.pop(member_hash)
+        members[new_hash] = updated
+        self.record_write(email, updated["merge_fields"])
+        return 200, updated
 
     def _put(self, list_id: str, member_hash_in_path: str, body: Any) -> tuple[int, dict[str, Any]]:
         """One member upsert, as ``PUT .../members/{hash}`` answers it (for the route and for batch operations)."""
         def fail(title: str, detail: str, errors: list[dict[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
-            return 400, json.loads(problem(400, title, detail, errors).text)
+            return 400, problem_body(400, title, detail, errors)
 
         if not isinstance(body, dict):
             return fail("Invalid Resource", "The resource submitted could not be validated.")
@@ -285,15 +314,16 @@ class Sandbox(SandboxBase):
         batch["status"] = "started"
         results = []
         for op in operations:
-            match = re.fullmatch(r"/?lists/([^/]+)/members/([0-9a-fA-F]{32})", op["path"])
-            if op["method"] != "PUT" or match is None or match.group(1) not in self.members:
-                status, body = 404, {"type": "about:blank", "title": "Resource Not Found", "status": 404, "detail": "The requested resource could not be found."}
+            match = MEMBER_PATH.fullmatch(op["path"])
+            if op["method"] not in {"PUT", "PATCH"} or match is None or match.group(1) not in self.members:
+                status, body = 404, problem_body(404, *NOT_FOUND)
             else:
                 try:
                     parsed = json.loads(op.get("body") or "null")
                 except ValueError:
                     parsed = None
-                status, body = self._put(match.group(1), match.group(2), parsed)
+                run = self._put if op["method"] == "PUT" else self._patch
+                status, body = run(match.group(1), _hash(unquote(match.group(2))), parsed)
             results.append({"status_code": status, "operation_id": op.get("operation_id"), "response": json.dumps(body)})
             batch["finished_operations"] += 1
             batch["errored_operations"] += status >= 400
@@ -301,10 +331,23 @@ class Sandbox(SandboxBase):
         self.batch_results[batch_id] = _tarball(results)
         batch.update(status="finished", completed_at=_now(), response_body_url=f"{base}/_sandbox/files/batches/{batch_id}.tar.gz")
 
+    async def list_batches(self, request: web.Request) -> web.Response:
+        """``GET /batches``: a page of the batch requests made, and how many there are in all."""
+        count = _integer(request.query.get("count", str(DEFAULT_COUNT)))
+        offset = _integer(request.query.get("offset", "0"))
+        if count is None or not 1 <= count <= MAX_COUNT:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.",
+                           [{"field": "count", "message": f"count must be an integer from 1 to {MAX_COUNT}."}])
+        if offset is None or offset < 0:
+            return problem(400, "Invalid Resource", "The resource submitted could not be validated.",
+                           [{"field": "offset", "message": "offset must be an integer, 0 or more."}])
+        batches = list(self.batches.values())
+        return web.json_response({"batches": batches[offset:offset + count], "total_items": len(batches)})
+
     async def get_batch(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         return web.json_response(batch)
 
     async def batch_file(self, request: web.Request) -> web.Response:
@@ -340,7 +383,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member_hash = _hash(request.match_info["hash"])
         if self.members[list_id].pop(member_hash, None) is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         self.forgotten.add(member_hash)
         return web.Response(status=204)
 
@@ -348,7 +391,7 @@ class Sandbox(SandboxBase):
         list_id = self._list(request)
         member = self.members[list_id].get(_hash(request.match_info["hash"]))
         if member is None:
-            return problem(404, "Resource Not Found", "The requested resource could not be found.")
+            return problem(404, *NOT_FOUND)
         member["status"] = "archived"
         return web.Response(status=204)
 
@@ -356,6 +399,13 @@ class Sandbox(SandboxBase):
 def _hash(given: str) -> str:
     """The subscriber hash from the path: Mailchimp takes the email address in its place too."""
     return hashlib.md5(given.lower().encode()).hexdigest() if "@" in given else given.lower()
+
+
+def _integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _now() -> str:

@@ -473,3 +473,113 @@ async def test_steady_window_throttles_after_the_burst_window_reopens(limited, h
     assert stats["throttled"] >= 2
     other = await call(http, "GET", f"{limited}/api/profiles")
     assert other.status == 200 and other.headers["RateLimit-Limit"] == "750"
+
+
+def conforms_as_one_profile(document: Any) -> None:
+    """``GET /api/profiles/{id}``'s document. The vendor spec defines its ``data`` exactly as an item of the
+    profile collection, which is what the trimmed copy keeps."""
+    collection = _spec()["components"]["schemas"]["GetProfileResponsePluralConversationsCollectionCompoundDocument"]
+    jsonschema.validate(document["data"], _json_schema(collection["properties"]["data"]["items"]))
+    conforms(document["links"], "schemas/ObjectLinks")
+    assert set(document) == {"data", "links"}
+
+
+async def create(http, base, item: dict[str, Any], query: str = "") -> Reply:
+    """``POST /api/profiles``. A ProfileCreateQuery is the spec's ProfileUpsertQuery less id, meta and ``_kx``."""
+    document = {"data": item}
+    conforms(document, "schemas/ProfileUpsertQuery")
+    assert set(item) <= {"type", "attributes"} and "_kx" not in item.get("attributes", {})
+    return await call(http, "POST", f"{base}/api/profiles{query}", document)
+
+
+def phone() -> str:
+    return "+1" + str(uuid.uuid4().int)[:10]
+
+
+async def test_create_profile_answers_201_with_the_new_profile(klaviyo, http):
+    address, external_id, number = email(), f"crm-{uuid.uuid4().hex[:8]}", phone()
+    reply = await create(http, klaviyo, profile(address, external_id=external_id, phone_number=number, first_name="Ada",
+                                                location={"city": "London"}, properties={"tier": "gold"}),
+                         query="?additional-fields[profile]=subscriptions")
+    assert reply.status == 201 and reply.headers["Content-Type"].startswith(JSONAPI), reply.body
+    conforms(reply.json(), "schemas/PostProfileResponse")
+    created = reply.json()["data"]
+    assert re.fullmatch(r"[0-9A-Z]{26}", created["id"]) and created["links"]["self"].endswith(f"/api/profiles/{created['id']}")
+    attributes = created["attributes"]
+    assert (attributes["email"], attributes["external_id"], attributes["phone_number"]) == (address, external_id, number)
+    assert attributes["first_name"] == "Ada" and attributes["location"]["city"] == "London" and attributes["properties"] == {"tier": "gold"}
+    assert attributes["subscriptions"]["email"]["marketing"]["consent"] == "NEVER_SUBSCRIBED"
+    assert reply.headers["RateLimit-Limit"] == "750"
+    assert [p["id"] for p in await find(http, klaviyo, address)] == [created["id"]]
+
+
+async def test_create_profile_with_a_known_identifier_is_409_duplicate_profile(klaviyo, http):
+    address, external_id, number = email(), f"crm-{uuid.uuid4().hex[:8]}", phone()
+    existing = (await create(http, klaviyo, profile(address, external_id=external_id, phone_number=number))).json()["data"]["id"]
+    before = (await control(http, klaviyo, "stats"))["profiles"]
+    for attributes in ({"email": address.upper()}, {"email": email(), "external_id": external_id}, {"phone_number": number}):
+        reply = await create(http, klaviyo, {"type": "profile", "attributes": {"first_name": "Twin", **attributes}})
+        assert reply.status == 409, (attributes, reply.body)
+        conforms(reply.json(), "responses/ClientError")
+        error = reply.json()["errors"][0]
+        assert (error["status"], error["code"], error["title"]) == (409, "duplicate_profile", "Conflict.")
+        assert error["meta"] == {"duplicate_profile_id": existing} and error["source"] == {"pointer": "/data/attributes"}
+        assert address not in json.dumps(reply.json())
+    assert (await control(http, klaviyo, "stats"))["profiles"] == before
+    assert (await find(http, klaviyo, address))[0]["attributes"]["first_name"] is None
+
+
+async def test_create_profile_refuses_what_a_create_query_does_not_hold(klaviyo, http):
+    address = email()
+    cases = [
+        ({"type": "profile", "id": "01ABCDEFGHJKMNPQRSTVWXYZ00", "attributes": {"email": address}}, "/data/id"),
+        ({"type": "profile", "attributes": {"email": address}, "meta": {"patch_properties": {"unset": "a"}}}, "/data/meta"),
+        (profile(address, _kx="opaque"), "/data/attributes/_kx"),
+        (profile(address, nickname="Ace"), "/data/attributes/nickname"),
+        (profile("not-an-email"), "/data/attributes/email"),
+        (profile(None, phone_number="0123"), "/data/attributes/phone_number"),
+        (profile(None, first_name="Nobody"), "/data/attributes"),
+        ({"type": "person", "attributes": {"email": address}}, "/data/type"),
+    ]
+    for item, pointer in cases:
+        reply = await call(http, "POST", f"{klaviyo}/api/profiles", {"data": item})
+        assert reply.status == 400, (item, reply.body)
+        conforms(reply.json(), "responses/ClientError")
+        error = reply.json()["errors"][0]
+        assert error["code"] == "invalid" and error["source"] == {"pointer": pointer}, item
+    reply = await call(http, "POST", f"{klaviyo}/api/profiles", {"data": profile(address)}, content_type="application/json")
+    assert reply.status == 415
+    oversized = {"data": profile(address, properties={"blob": "x" * 110_000})}
+    assert (await call(http, "POST", f"{klaviyo}/api/profiles", oversized)).status == 413
+    assert (await call(http, "POST", f"{klaviyo}/api/profiles?additional-fields[profile]=everything", {"data": profile(address)})).status == 400
+    assert await find(http, klaviyo, address) == []
+
+
+async def test_get_profile_by_id_and_404_once_absent(klaviyo, http):
+    address = email()
+    profile_id = (await create(http, klaviyo, profile(address, first_name="Grace"))).json()["data"]["id"]
+    await upsert(http, klaviyo, profile(address, last_name="Hopper"))
+    reply = await call(http, "GET", f"{klaviyo}/api/profiles/{profile_id}")
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith(JSONAPI)
+    conforms_as_one_profile(reply.json())
+    found = reply.json()["data"]
+    assert found["id"] == profile_id and reply.json()["links"]["self"] == found["links"]["self"]
+    assert (found["attributes"]["first_name"], found["attributes"]["last_name"]) == ("Grace", "Hopper")
+    assert "subscriptions" not in found["attributes"]
+    assert reply.headers["RateLimit-Limit"] == "750"
+    with_consent = await call(http, "GET", f"{klaviyo}/api/profiles/{profile_id}?additional-fields[profile]=subscriptions")
+    conforms_as_one_profile(with_consent.json())
+    assert with_consent.json()["data"]["attributes"]["subscriptions"]["email"]["marketing"]["consent"] == "NEVER_SUBSCRIBED"
+
+    absent = await call(http, "GET", f"{klaviyo}/api/profiles/01NOSUCHPROFILE00000000000")
+    assert absent.status == 404
+    conforms(absent.json(), "responses/ClientError")
+    assert absent.json()["errors"][0]["code"] == "not_found"
+
+    document = {"data": {"type": "data-privacy-deletion-job", "attributes": {"profile": {"data": {"type": "profile", "id": profile_id}}}}}
+    assert (await call(http, "POST", f"{klaviyo}/api/data-privacy-deletion-jobs", document)).status == 202
+
+    async def gone() -> bool:
+        return (await call(http, "GET", f"{klaviyo}/api/profiles/{profile_id}")).status == 404
+
+    await eventually(gone)
