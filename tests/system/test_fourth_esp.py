@@ -1,6 +1,6 @@
 """A fourth ESP, added as one folder plus one registry line, synced to by the real composition root:
 the runtime built from Settings on MongoDB (SecantusDB or ``MONGODB_URI``) and Redis, the actors on a
-stub broker in this process. The three vendor ESPs run the same path over RabbitMQ in tests/integration."""
+stub broker in this process. The three vendor ESPs run the same path over RabbitMQ in the other tests here."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pymongo import MongoClient
 from adapters.esps import registry
 from adapters.settings import Settings
 from schemas.delivery import Delivery
-from tests.samples import customer
 from tests.support import fake_esp
 from tests.support.fake_esp import FakeEsp
+from tests.support.samples import customer
 from workers import app
 
 

@@ -1,6 +1,6 @@
 """The sync's actors in-process: a stub broker, a fake ESP (a fourth ESP added as one folder plus one
 registry line, ``tests/support/fake_esp``) and an in-memory outbox. Milliseconds, no service; the
-same paths run against RabbitMQ, MongoDB and the vendor sandboxes in ``tests/integration``."""
+same paths run against RabbitMQ, MongoDB and the vendor sandboxes in ``tests/system``."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import time
 import uuid
 
 from tests.conftest import ROOT, eventually, post_webhook
-from tests.integration.test_three_esps import klaviyo_profile, sendgrid_contact
-from tests.samples import customer, customer_gid
+from tests.support.samples import customer, customer_gid
+from tests.system.test_three_esps import klaviyo_profile, sendgrid_contact
 
 OUTAGE_S = 60
 

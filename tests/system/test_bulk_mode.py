@@ -3,7 +3,7 @@
 import uuid
 
 from tests.conftest import eventually, own_pipeline, post_webhook
-from tests.samples import customer
+from tests.support.samples import customer
 
 
 async def test_a_backlog_goes_in_bulk(rabbitmq, mongo_uri, sandbox, http, tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.openapi_check import check_recorded, check_request, load_spec, spec_path
 from tests.specs import trim
+from tests.support.openapi_check import check_recorded, check_request, load_spec, spec_path
 
 ORIGINALS = Path("/work/shared/specs")
 

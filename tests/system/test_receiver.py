@@ -15,8 +15,8 @@ from adapters.settings import Settings
 from broker import topology
 from sandboxes.local import free_port
 from tests.conftest import AMQP_URL, SHOPIFY_SECRET, Reply, delete_queues, post_webhook, queue_counts
-from tests.proxy import StallingProxy
-from tests.samples import customer
+from tests.support.proxy import StallingProxy
+from tests.support.samples import customer
 
 LIMIT = 64 * 1024
 

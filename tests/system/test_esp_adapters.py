@@ -18,7 +18,7 @@ from adapters.esps.sendgrid.client import SendGrid
 from schemas.errors import EspRejected, EspUnavailable
 from schemas.profile import AbandonedCart, Computed, Consent, Profile, Trait
 from tests.conftest import KLAVIYO_KEY, SENDGRID_API_KEY, SENDGRID_LIST_ID, EspSandbox, start_sandbox, stop_sandbox
-from tests.openapi_check import check_recorded
+from tests.support.openapi_check import check_recorded
 from workers.sync.reconcile import compare
 
 T = datetime(2026, 3, 4, 5, 6, tzinfo=timezone.utc)

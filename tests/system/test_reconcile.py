@@ -11,7 +11,7 @@ import aiohttp
 from adapters.esps.base import Held
 from adapters.esps.mailchimp.member import subscriber_hash
 from tests.conftest import API_KEY, ROOT, eventually, post_webhook
-from tests.samples import customer
+from tests.support.samples import customer
 from workers.sync.reconcile import compare
 
 

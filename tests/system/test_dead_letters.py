@@ -9,7 +9,7 @@ import uuid
 import aiohttp
 
 from tests.conftest import API_KEY, ROOT, eventually, post_webhook
-from tests.samples import customer
+from tests.support.samples import customer
 
 
 def mergetag(system, *args: str) -> dict | list:

@@ -7,7 +7,7 @@ from adapters.sources.base import Rejected
 from adapters.sources.shopify import ShopifySource, sign, to_events
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
-from tests.samples import sample
+from tests.support.samples import sample
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -18,7 +18,7 @@ from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile
 from tests.conftest import ESP_KEYS, HASHER, ROOT, SENDGRID_LIST_ID, eventually, post_webhook
-from tests.samples import customer, customer_gid, order
+from tests.support.samples import customer, customer_gid, order
 
 
 async def klaviyo_profile(http, klaviyo_sandbox, email: str) -> dict[str, Any] | None:

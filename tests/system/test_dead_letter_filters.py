@@ -16,7 +16,7 @@ from broker.publisher import Publisher, encode_message, publish_delivery
 from schemas.delivery import Delivery
 from schemas.profile import Profile
 from tests.conftest import ESP_KEYS, HASHER, ROOT, eventually
-from tests.integration.test_dead_letters import mergetag
+from tests.system.test_dead_letters import mergetag
 
 
 async def dlq(system, *args: str):

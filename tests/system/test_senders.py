@@ -201,7 +201,7 @@ def _sendgrid_headers(body: bytes, at: int | None = None) -> dict[str, str]:
 async def test_sendgrid_opens_give_a_preferred_send_hour_and_unsubscribes_win(receiver, system, sandbox, http):
     email = fresh_email("sendgrid")
     from tests.conftest import post_webhook
-    from tests.samples import customer
+    from tests.support.samples import customer
 
     assert (await post_webhook(http, receiver, "customers/create", customer(email))).status == 202
     member = await eventually(lambda: sandbox.member(http, email))

@@ -35,7 +35,7 @@ from tests.conftest import (
     start_sandbox,
     stop_sandbox,
 )
-from tests.samples import customer, customer_gid, order
+from tests.support.samples import customer, customer_gid, order
 
 TARGETS = ("mailchimp", "klaviyo", "sendgrid")
 

@@ -11,7 +11,7 @@ FIXTURES = Path(__file__).with_name("fixtures") / "shopify"
 
 
 def sample(name: str) -> dict[str, Any]:
-    """A sample by file stem, copied from ../shared/samples/shopify into tests/fixtures."""
+    """A sample by file stem, copied from ../shared/samples/shopify into tests/support/fixtures."""
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 

@@ -20,7 +20,7 @@ from broker.publisher import Publisher
 from broker.setup import TopologyBroker
 from sandboxes.local import free_port, wait_for_port
 from tests.conftest import AMQP_URL, ROOT, SHOPIFY_SECRET, eventually, post_webhook, source_env, stop
-from tests.samples import customer
+from tests.support.samples import customer
 
 # Arguments that make RabbitMQ drop a message without an operator doing anything.
 EXPIRING = {"x-message-ttl", "x-expires", "x-max-length", "x-max-length-bytes"}

@@ -18,7 +18,7 @@ from broker import topology
 from broker.publisher import Publisher, publish_delivery
 from schemas.delivery import Delivery
 from tests.conftest import HMAC_SECRET, ROOT, SHOPIFY_SECRET, WRITE_KEY, eventually
-from tests.samples import customer
+from tests.support.samples import customer
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}
 IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 "

@@ -24,8 +24,8 @@ from adapters.store.erasures import ErasureReceipts
 from broker import topology
 from broker.publisher import Publisher
 from tests.conftest import HASHER, eventually, index_key, post_webhook, queue_backlog
-from tests.integration.test_erasure import everything_of, held_anywhere, track
-from tests.samples import customer, order
+from tests.support.samples import customer, order
+from tests.system.test_erasure import everything_of, held_anywhere, track
 
 KINDS = ("update", "order", "unsubscribe", "identify", "view")
 Step = tuple[str, int, int]

@@ -14,7 +14,7 @@ from adapters.http.admin import create_admin_app
 from adapters.settings import Settings
 from sandboxes.local import free_port
 from tests.conftest import ROOT, eventually, post_webhook
-from tests.samples import customer
+from tests.support.samples import customer
 
 TEMPLATE = "*|IF:FNAME|*Hi *|FNAME|**|ELSE:|*Hi there*|END:IF|*, you are *|TIER|*."
 

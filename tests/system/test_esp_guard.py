@@ -10,7 +10,7 @@ from adapters.esps.guard import EspGuard
 from broker import admin, topology
 from schemas.errors import EspRejected, EspUnavailable
 from tests.conftest import AMQP_URL, API_KEY, eventually, post_webhook, spawn, stop
-from tests.samples import customer
+from tests.support.samples import customer
 
 REDIS = "redis://127.0.0.1:6379/0"
 

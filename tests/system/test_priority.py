@@ -3,7 +3,7 @@
 import uuid
 
 from tests.conftest import eventually, own_pipeline, post_webhook
-from tests.samples import customer
+from tests.support.samples import customer
 
 
 async def test_consent_changes_drain_before_the_bulk_backlog(rabbitmq, mongo_uri, sandbox, http, tmp_path):

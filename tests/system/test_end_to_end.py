@@ -3,7 +3,7 @@
 import uuid
 
 from tests.conftest import eventually, index_key, post_webhook
-from tests.samples import customer, order
+from tests.support.samples import customer, order
 
 
 def unique_email() -> str:
@@ -171,7 +171,7 @@ async def test_profile_show_prints_lineage_and_quality_counts(receiver, system, 
 
 
 async def test_abandoned_cart_is_marked_after_the_delay_and_cleared_by_the_order(receiver, sandbox, system, http):
-    from tests.samples import sample
+    from tests.support.samples import sample
 
     email = unique_email()
     checkout = sample("CheckoutsCreate")

@@ -16,11 +16,11 @@ from adapters.esps.sendgrid.member import contact_body
 from adapters.esps.targets import load_file
 from adapters.settings import Settings
 from schemas.profile import AbandonedCart, Computed, Consent, Profile, Trait
-from tests.openapi_check import check_request
+from tests.support.openapi_check import check_request
 
 T = datetime(2026, 3, 4, 5, 6, tzinfo=timezone.utc)
 STAMP = {"event_time": T, "source": "shopify", "event_id": "e"}
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[4] / "README.md"
 
 
 def profile(**changes) -> Profile:

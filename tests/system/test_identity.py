@@ -7,7 +7,7 @@ import uuid
 import aiohttp
 
 from tests.conftest import WRITE_KEY, eventually, index_key, post_webhook, spawn, stop
-from tests.samples import customer, order
+from tests.support.samples import customer, order
 
 
 def tracking_auth() -> dict[str, str]:
