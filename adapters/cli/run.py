@@ -105,8 +105,8 @@ async def _pull(resources: list[str], since: str | None, every: float | None) ->
     publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
     puller = ShopifyPuller(settings.shopify_admin_url, settings.shopify_admin_token.get_secret_value(),
-                           lambda d: publish_delivery(publisher, queue, d),
-                           Checkpoints(store.client, settings.mongodb_database), settings.shopify_pull_page_size)
+                           publish=lambda d: publish_delivery(publisher, queue, d),
+                           checkpoints=Checkpoints(store.client, settings.mongodb_database), page_size=settings.shopify_pull_page_size)
     try:
         while True:
             for resource in resources:

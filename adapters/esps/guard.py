@@ -87,7 +87,7 @@ class EspGuard:
       rates: bucket -> [(requests, window seconds), ...]; a bucket not listed has no rate limit.
     """
 
-    def __init__(self, url: str, account: str, limit: int = 10, failures: int = 5, open_s: float = 30.0,
+    def __init__(self, url: str, account: str, *, limit: int = 10, failures: int = 5, open_s: float = 30.0,
                  wait_s: float = 10.0, lease_ms: int = 60_000, prefix: str = "mergetag", rates: Rates | None = None) -> None:
         self._redis = redis.Redis.from_url(url)
         self._base = f"{prefix}:esp:{account}"

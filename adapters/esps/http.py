@@ -30,7 +30,7 @@ class EspHttp:
       rate: response headers -> (remaining, seconds until reset), when the ESP sends them.
     """
 
-    def __init__(self, name: str, base_url: str, headers: Mapping[str, str], timeout: float, guard: EspGuard | None,
+    def __init__(self, name: str, base_url: str, headers: Mapping[str, str], *, timeout: float, guard: EspGuard | None,
                  describe: Callable[[int, dict[str, Any]], str],
                  rate: Callable[[Mapping[str, str]], tuple[int | None, float | None]] | None = None) -> None:
         self.name = name

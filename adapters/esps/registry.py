@@ -51,8 +51,9 @@ def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = No
     can afford to wait for the rate windows instead).
     """
     rates = target.rates if target.rates is not None else DESCRIPTORS[target.kind].rates
-    return EspGuard(settings.redis_url, account_id(target.kind, target.key()), target.max_connections,
-                    settings.esp_circuit_failures, settings.esp_circuit_open_s, wait_s=wait_s or min(GUARD_WAIT_S, target.timeout_s),
+    return EspGuard(settings.redis_url, account_id(target.kind, target.key()), limit=target.max_connections,
+                    failures=settings.esp_circuit_failures, open_s=settings.esp_circuit_open_s,
+                    wait_s=wait_s or min(GUARD_WAIT_S, target.timeout_s),
                     lease_ms=int(2 * target.timeout_s * 1000) + 5_000, prefix=settings.queue_prefix, rates=rates)
 
 

@@ -55,7 +55,8 @@ async def pull_env(rabbitmq, mongo_uri):
     checkpoints = Checkpoints(client, prefix)
 
     def puller(shop, page_size=25):
-        return ShopifyPuller(f"{shop}/admin/api/{API_VERSION}", TOKEN, lambda d: publish_delivery(publisher, queue, d), checkpoints, page_size)
+        return ShopifyPuller(f"{shop}/admin/api/{API_VERSION}", TOKEN, publish=lambda d: publish_delivery(publisher, queue, d),
+                             checkpoints=checkpoints, page_size=page_size)
 
     def queued() -> list[dict]:
         import dramatiq

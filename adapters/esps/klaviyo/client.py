@@ -59,14 +59,14 @@ class Klaviyo:
     batch_limit = BATCH_LIMIT
     prefers_bulk = False
 
-    def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
+    def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], *, list_id: str | None = None,
                  timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
         self.name = name
         self._fields = normalize(fields)
         self._list = list_id
         self._job_timeout = job_timeout
         headers = {"Authorization": f"Klaviyo-API-Key {api_key}", "revision": REVISION, "Accept": CONTENT_TYPE}
-        self.http = EspHttp("klaviyo", base_url, headers, timeout, guard, _describe, _rate)
+        self.http = EspHttp("klaviyo", base_url, headers, timeout=timeout, guard=guard, describe=_describe, rate=_rate)
 
     def member(self, profile: Profile) -> dict[str, Any] | None:
         return profile_body(profile, self._fields)

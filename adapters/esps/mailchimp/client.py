@@ -49,14 +49,14 @@ class Mailchimp:
     batch_limit = BATCH_LIMIT
     prefers_bulk = False
 
-    def __init__(self, base_url: str, api_key: str, list_id: str, merge_fields: Mapping[str, MappingEntry],
+    def __init__(self, base_url: str, api_key: str, list_id: str, merge_fields: Mapping[str, MappingEntry], *,
                  timeout: float = 10.0, guard: EspGuard | None = None, name: str = KIND, job_timeout: float = 300.0) -> None:
         self.name = name
         self._job_timeout = job_timeout
         self._list = list_id
         self._fields = normalize(merge_fields)
         self.http = EspHttp("mailchimp", base_url, {"Authorization": aiohttp.encode_basic_auth("mergetag", api_key)},
-                            timeout, guard, _describe)
+                            timeout=timeout, guard=guard, describe=_describe)
 
     def member(self, profile: Profile) -> dict[str, Any] | None:
         return member_body(profile, self._fields)

@@ -55,14 +55,15 @@ class SendGrid:
     batch_limit = BATCH_LIMIT
     prefers_bulk = True
 
-    def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], list_id: str | None = None,
+    def __init__(self, base_url: str, api_key: str, fields: Mapping[str, MappingEntry], *, list_id: str | None = None,
                  timeout: float = 10.0, job_timeout: float = 300.0, guard: EspGuard | None = None, name: str = KIND) -> None:
         self.name = name
         self._fields = normalize(fields)
         self._list = list_id
         self._job_timeout = job_timeout
         self._definitions: dict[str, tuple[str, str]] | None = None
-        self.http = EspHttp("sendgrid", base_url, {"Authorization": f"Bearer {api_key}"}, timeout, guard, _describe, _rate)
+        self.http = EspHttp("sendgrid", base_url, {"Authorization": f"Bearer {api_key}"}, timeout=timeout, guard=guard,
+                            describe=_describe, rate=_rate)
 
     def member(self, profile: Profile) -> dict[str, Any] | None:
         return contact_body(profile, self._fields)

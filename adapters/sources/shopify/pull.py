@@ -69,7 +69,7 @@ class ShopifyPuller:
       headroom: fraction of the leaky bucket left free for other API clients of the shop.
     """
 
-    def __init__(self, admin_url: str, token: str, publish: Callable[[Delivery], Awaitable[Any]], checkpoints: Checkpoints,
+    def __init__(self, admin_url: str, token: str, *, publish: Callable[[Delivery], Awaitable[Any]], checkpoints: Checkpoints,
                  page_size: int = 250, headroom: float = 0.5, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._base = admin_url.rstrip("/")
         self._headers = {"X-Shopify-Access-Token": token, "Accept": "application/json"}
