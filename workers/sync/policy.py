@@ -8,12 +8,16 @@ A change is, per target:
   write is a job anyway (SendGrid), or when at least ``TAKE_ALONG_MIN`` profiles wait;
 - left pending for the sweeper (``LEAVE``): while the target's backlog has reached the bulk
   threshold (``MERGETAG_SYNC_BULK_BACKLOG``); the sweeper sends it with the backlog, in bulk.
+
+The sweeper, the safety net, claims urgent profiles first, then the rest after a grace (none when
+heavy), and sends what it claimed in bulk batches when many, one by one when few.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import timedelta
 
 from schemas.sync import SyncState
 
@@ -61,8 +65,18 @@ def sweep_limit(batch_limit: int) -> int:
     return min(MAX_CLAIM, CLAIMS_PER_BATCH * batch_limit)
 
 
+def sweep_grace(backlog: int, bulk_backlog: int, grace: timedelta) -> timedelta:
+    """How long a change may wait for its own sync before the sweeper takes it: ``grace`` when light;
+    none once the backlog reached the bulk threshold (the syncs leave it to the sweeper then)."""
+    return timedelta(0) if backlog >= bulk_backlog else grace
+
+
 def sweep_in_bulk(claimed: int) -> bool:
     return claimed >= BATCH_MIN
+
+
+def batches(profile_ids: list[str], batch_limit: int) -> list[list[str]]:
+    return [profile_ids[start:start + batch_limit] for start in range(0, len(profile_ids), batch_limit)]
 
 
 @dataclass(frozen=True)

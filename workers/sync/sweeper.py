@@ -41,7 +41,6 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
       bulk_backlog: from this many pending profiles on, the sync leaves them to the sweeper, which
         sends them in bulk at once (no grace): efficient when heavy, fresh when light.
     """
-
     total = 0
     for esp, target in targets.items():
         if target.guard is not None and (await target.guard.state())["circuit"] == "open":
@@ -50,11 +49,11 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
         urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
             await asyncio.to_thread(actors.sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
-        heavy = await store.outbox.count_pending(esp, bulk_backlog) >= bulk_backlog
-        pending = await store.outbox.claim_pending(esp, timedelta(0) if heavy else grace, lease, limit=limit)
+        backlog = await store.outbox.count_pending(esp, bulk_backlog)
+        pending = await store.outbox.claim_pending(esp, policy.sweep_grace(backlog, bulk_backlog, grace), lease, limit=limit)
         if policy.sweep_in_bulk(len(pending)):
-            for start in range(0, len(pending), target.batch_limit):
-                await asyncio.to_thread(actors.sync_batch.send, pending[start:start + target.batch_limit], esp)
+            for batch in policy.batches(pending, target.batch_limit):
+                await asyncio.to_thread(actors.sync_batch.send, batch, esp)
         else:
             await actors.alone(pending, esp)
         if urgent or pending:

@@ -1,5 +1,7 @@
 """The sync policy alone decides how a change goes to a target; these are its rules, without I/O."""
 
+from datetime import timedelta
+
 from schemas.sync import SyncState
 from workers.sync import policy
 from workers.sync.policy import Route
@@ -44,6 +46,13 @@ def test_a_refused_member_is_sent_again_only_for_a_replayed_dead_letter():
     changed = refused.model_copy(update={"member_hash": "h2"})
     assert policy.needs_send(changed, retry_refused=False)
     assert not policy.needs_send(SyncState(member={"e": 1}, member_hash="h1", sent_hash="h1"), retry_refused=True)
+
+
+def test_the_sweeper_takes_a_heavy_backlog_at_once_and_in_batches():
+    grace = timedelta(seconds=10)
+    assert policy.sweep_grace(199, 200, grace) == grace and policy.sweep_grace(200, 200, grace) == timedelta(0)
+    assert not policy.sweep_in_bulk(policy.BATCH_MIN - 1) and policy.sweep_in_bulk(policy.BATCH_MIN)
+    assert [len(b) for b in policy.batches([str(n) for n in range(1_201)], 500)] == [500, 500, 201]
 
 
 def test_read_backs_back_off_and_delete_again_after_enough_of_them():
