@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from schemas.delivery import DELIVERY_SCHEMA_VERSION, Delivery
 from schemas.events import EVENT_SCHEMA_VERSION, Event
 from schemas.profile import PROFILE_SCHEMA_VERSION, Profile
+from schemas.sync import SYNC_STATE_SCHEMA_VERSION, SyncState
 
 DIRECTORY = Path(__file__).with_name("json")
 
@@ -26,6 +27,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         f"event.v{EVENT_SCHEMA_VERSION}.json": ("mergetag canonical event", TypeAdapter(Event).json_schema()),
         f"profile.v{PROFILE_SCHEMA_VERSION}.json": ("mergetag profile", Profile.model_json_schema()),
         f"delivery.v{DELIVERY_SCHEMA_VERSION}.json": ("mergetag delivery", Delivery.model_json_schema()),
+        f"sync-state.v{SYNC_STATE_SCHEMA_VERSION}.json": ("mergetag sync state of one profile at one ESP target", SyncState.model_json_schema()),
     }
     return {
         name: {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"https://mergetag.dev/schemas/{name}", "title": title, **schema}

@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+SYNC_STATE_SCHEMA_VERSION = "1.0"
+
 ADDRESS_LISTS = ("erase", "verify", "unsubscribe", "retire")
 """Addresses that wait for work other than the member itself: erasures (then their read-back),
 unsubscribes of the person's other addresses, retirements of replaced or absorbed contacts."""
