@@ -8,12 +8,15 @@ the sync reads it as this model. The state machine, per target:
 - ``pending``: the ESP does not hold ``member`` yet, or addresses wait for work; ``urgent``: a consent
   change or an erasure, first out of the queue.
 - the send lease (``sending_until``, ``sending_token``): one send at a time, every later write fenced by the token.
-- ``jobs``: bulk jobs carrying the profile that may still run (an erasure waits for them).
+- ``jobs``: bulk jobs carrying the profile that may still run (an erasure waits for them);
+  ``fence_until``: a send of a profile merged into this one (or erased with it) may still be in
+  flight until then; its jobs are carried over into ``jobs``. Address work waits for both.
 - address lists: ``erase`` (then ``verify``, read back ``verify_checks`` times), ``unsubscribe``, ``retire``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +47,7 @@ class SyncState(BaseModel):
     sending_until: datetime | None = None
     sending_token: str | None = None
     jobs: list[str] = Field(default_factory=list)
+    fence_until: datetime | None = None
     erase: list[str] = Field(default_factory=list)
     verify: list[str] = Field(default_factory=list)
     unsubscribe: list[str] = Field(default_factory=list)
@@ -68,6 +72,28 @@ class SyncState(BaseModel):
         """The target may hold this profile's contact (so has one to retire): it was sent the member,
         or a send of it is in flight right now."""
         return bool(self.sent_hash) or (self.sending_until is not None and self.sending_until > now)
+
+
+class InFlight(BaseModel):
+    """What other profiles' sends may still do at one target: their bulk jobs, and until when a send
+    not yet accepted as a job may still land. Carried into the profile that takes them over."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jobs: tuple[str, ...] = ()
+    until: datetime | None = None
+
+
+def in_flight(stored: Iterable[Stored], targets: Iterable[str]) -> dict[str, InFlight]:
+    """Per target, the in-flight sends of ``stored`` profiles (those that had any)."""
+    states = list(stored)
+    found = {}
+    for esp in targets:
+        jobs = sorted({job for s in states for job in s.state(esp).jobs})
+        leases = [t for s in states for t in (s.state(esp).sending_until, s.state(esp).fence_until) if t is not None]
+        if jobs or leases:
+            found[esp] = InFlight(jobs=tuple(jobs), until=max(leases) if leases else None)
+    return found
 
 
 class Stored(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 
 from schemas.errors import SyncBusy
-from schemas.sync import ADDRESS_LISTS, SyncState
+from schemas.sync import ADDRESS_LISTS, InFlight, SyncState
 
 PROFILES = "profiles"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
@@ -59,6 +59,13 @@ def _with_work(prefix: str, lists: dict[str, list[str]]) -> dict[str, Any]:
     """Pipeline ``$set`` entries adding ``lists`` (name -> addresses) to a target's address lists."""
     return {f"{prefix}.{name}": {"$setUnion": [{"$ifNull": [f"${prefix}.{name}", []]}, _literal(sorted(emails))]}
             for name, emails in lists.items() if emails}
+
+
+def carry(carried: dict[str, InFlight]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``$addToSet`` and ``$max`` entries that make another profile's in-flight sends this one's to wait for."""
+    jobs = {f"esp.{esp}.jobs": {"$each": list(f.jobs)} for esp, f in carried.items() if f.jobs}
+    until = {f"esp.{esp}.fence_until": f.until for esp, f in carried.items() if f.until is not None}
+    return jobs, until
 
 
 def _owned(profile_id: str, esp: str, token: str) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
-from adapters.store.outbox import PROFILES, Members, Outbox, Work, _literal, _settle, _with_work
+from adapters.store.outbox import PROFILES, Members, Outbox, Work, _literal, _settle, _with_work, carry
 from schemas.errors import StoredProfileInvalid
 from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
-from schemas.sync import Stored
+from schemas.sync import InFlight, Stored
 
 if TYPE_CHECKING:
     from workers.profiles.erasure import ErasurePlan
@@ -123,7 +123,7 @@ class ProfileStore:
         return [split for doc in docs if (split := self._split(doc)) is not None]
 
     async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], members: Members,
-                     work: Work, sent: dict[str, str | None]) -> bool:
+                     work: Work, sent: dict[str, str | None], carried: dict[str, InFlight] | None = None) -> bool:
         """Merge profiles in one transaction: the absorbed become bare pointers to ``survivor``.
 
         A pointer keeps nothing of the person (the survivor holds it all now): only its id, where it
@@ -134,6 +134,8 @@ class ProfileStore:
           work: per ESP target, address lists to add: contacts of absorbed profiles to retire, so
             none is left orphaned, and addresses to unsubscribe.
           sent: per ESP target, the hash the survivor's contact was last sent.
+          carried: per ESP target, the absorbed profiles' sends that may still be in flight: the
+            survivor's address work (retiring their contacts, an erasure) waits for them.
         """
         body = survivor.model_dump(mode="python", exclude={"id"})
         body["keys"] = self.index(survivor)
@@ -150,10 +152,13 @@ class ProfileStore:
                         if not await self._point(absorbed_id, survivor.id, now, session, version=absorbed_version):
                             raise _Abort
                     update: dict[str, Any] = {"$set": {**body, **state}, "$inc": {"version": 1}}
+                    jobs, until = carry(carried or {})
                     adding = {f"esp.{esp}.{name}": {"$each": sorted(emails)}
                               for esp, lists in work.items() for name, emails in lists.items() if emails}
-                    if adding:
-                        update["$addToSet"] = adding
+                    if adding or jobs:
+                        update["$addToSet"] = {**adding, **jobs}
+                    if until:
+                        update["$max"] = until
                     done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
                     if done.matched_count != 1:
                         raise _Abort
@@ -193,8 +198,12 @@ class ProfileStore:
         unset = {**{name: "" for name in PERSONAL if name not in body},
                  **{f"esp.{esp}.{name}": "" for esp in targets for name in ("sent_hash", "failed_hash", "retire", "unsubscribe")}}
         update: dict[str, Any] = {"$set": {**body, **state}, "$unset": unset, "$inc": {"version": 1}}
-        if plan.addresses:
-            update["$addToSet"] = {f"esp.{esp}.erase": {"$each": list(plan.addresses)} for esp in targets}
+        jobs, until = carry(plan.carried)
+        erase = {f"esp.{esp}.erase": {"$each": list(plan.addresses)} for esp in targets} if plan.addresses else {}
+        if erase or jobs:
+            update["$addToSet"] = {**erase, **jobs}
+        if until:
+            update["$max"] = until
         receipts = self.profiles.database[ERASURES]
         async with self.client.start_session() as session:
             try:
@@ -206,11 +215,11 @@ class ProfileStore:
                     for absorbed_id in plan.absorbed:
                         await self._point(absorbed_id, tomb.id, now, session)
                     if plan.version is None:
-                        await self.profiles.insert_one({"_id": tomb.id, **body, "version": 1,
-                                                        "esp": {esp: {"member": None, "member_hash": None, "pending": bool(plan.addresses),
-                                                                      "urgent": bool(plan.addresses), "dirty_at": now,
-                                                                      "erase": list(plan.addresses)} for esp in targets}},
-                                                       session=session)
+                        fresh = {esp: {"member": None, "member_hash": None, "pending": bool(plan.addresses), "urgent": bool(plan.addresses),
+                                       "dirty_at": now, "erase": list(plan.addresses)} for esp in targets}
+                        for esp, f in plan.carried.items():
+                            fresh.setdefault(esp, {}).update(jobs=list(f.jobs), fence_until=f.until)
+                        await self.profiles.insert_one({"_id": tomb.id, **body, "version": 1, "esp": fresh}, session=session)
                     else:
                         done = await self.profiles.update_one({"_id": tomb.id, "version": plan.version}, update, session=session)
                         if done.matched_count != 1:

@@ -77,7 +77,7 @@ async def test_merging_two_known_customers_retires_the_absorbed_esp_contact(rece
         m = await sandbox.member(http, old_email)
         return m if m["status"] == "archived" else None
 
-    await eventually(archived)
+    await eventually(archived, timeout=60)  # a merge may wait for an absorbed profile's send in flight
     survivor = await owner(system, f"email:{new_email}")
     # The same profile owns both addresses (compared by id: the sync may write its state between the two reads).
     assert (await owner(system, f"email:{old_email}"))["_id"] == survivor["_id"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.errors import MergetagError
 from schemas.events import CustomerErased
 from schemas.profile import EMAIL, ERASED, IdentityHasher, Profile, Stamp, identity_key, profile_keys
-from schemas.sync import Stored
+from schemas.sync import InFlight, Stored, in_flight
 from workers.profiles.deliveries import events_for, parse_delivery
 from workers.profiles.identity import addresses, lookup_keys
 
@@ -40,6 +40,8 @@ class ErasurePlan:
       absorbed: profiles absorbed earlier, already pointers: whatever they still hold is removed.
       addresses: every email address of the person, to delete at every ESP target.
       request_id: the receipt this erasure reports to.
+      carried: per ESP target, sends of the other profiles that may still be in flight: the
+        tombstone's deletions wait for them, or one could bring a contact back afterwards.
     """
 
     tombstone: Profile
@@ -48,6 +50,7 @@ class ErasurePlan:
     absorbed: tuple[str, ...]
     addresses: tuple[str, ...]
     request_id: str
+    carried: dict[str, InFlight] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -66,7 +69,7 @@ def request_id(event: CustomerErased, hasher: IdentityHasher) -> str:
     return event.request_id or hasher.erasure_id(event.event_id)
 
 
-def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher) -> ErasurePlan:
+def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher, targets: tuple[str, ...] = ()) -> ErasurePlan:
     """The erasure of everyone in ``owners`` (every stored profile one of the request's keys found,
     tombstones included) as one tombstone. Pure."""
     keys = request_keys(event)
@@ -89,6 +92,7 @@ def plan(owners: list[Owner], event: CustomerErased, hasher: IdentityHasher) -> 
         absorbed=tuple(sorted(absorbed - {p.id for p, _ in live} - {tomb_id})),
         addresses=tuple(sorted(emails)),
         request_id=rid,
+        carried=in_flight((m for p, m in live if p.id != tomb_id), targets),
     )
 
 

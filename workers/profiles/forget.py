@@ -27,7 +27,7 @@ async def erase_person(rt: Runtime, event: CustomerErased) -> erasure.ErasurePla
     targets = tuple(rt.esps)
     for _ in range(MAX_WRITE_ATTEMPTS):
         owners = await rt.store.find_owners(keys)
-        plan = erasure.plan(owners, event, rt.hasher)
+        plan = erasure.plan(owners, event, rt.hasher, targets)
         tomb = next((p for p, _ in owners if p.erased is not None), None)
         replay = len(owners) == 1 and tomb is not None and tomb.identifiers == plan.tombstone.identifiers
         if replay and ((await rt.receipts.get(plan.request_id)) or {}).get("targets"):

@@ -16,7 +16,7 @@ from adapters.store.outbox import Members, Work
 from schemas.errors import LostRace
 from schemas.events import Event, Identity
 from schemas.profile import Profile, identity_key, profile_keys
-from schemas.sync import NEW, Stored
+from schemas.sync import NEW, Stored, in_flight
 from workers.profiles.consent import address_work, consent_changed, contacts_held
 from workers.profiles.enrich import enrich, expire_checkout
 from workers.profiles.identity import lookup_keys, new_profile, over_limits, without
@@ -110,7 +110,8 @@ async def _merge_owners(rt: Runtime, owners: list[tuple[Profile, Stored]], event
             lists["retire"] = sorted(retire | set(lists.get("retire", [])))
     absorbed = [(p.id, stored.version) for p, stored in others]
     sent = {esp: survivor_stored.state(esp).sent_hash for esp in rt.esps}
-    if not await rt.store.absorb(combined, survivor_stored.version, absorbed, rt.members(combined), work, sent):
+    carried = in_flight((stored for _, stored in others), rt.esps)
+    if not await rt.store.absorb(combined, survivor_stored.version, absorbed, rt.members(combined), work, sent, carried):
         raise _Lost
     log.info("merged %s into %s", [p.id for p, _ in others], survivor.id)
     return combined.id

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Protocol
 
@@ -111,6 +112,8 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     if claim is None:
         return
     state, token = claim
+    if state.has_address_work:
+        await fence(rt, client, profile_id, esp, state, token)
     if state.erase or state.verify:
         if not await erase(rt, requeue, client, profile_id, esp, state, token):
             return
@@ -142,19 +145,28 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
         log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)
 
 
-async def erase(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp: str, state: SyncState, token: str) -> bool:
-    """Delete every address of an erased person at ``esp``, then read back that the ESP holds none.
-
-    Fence: a bulk job that carried the person and may still run is waited for first (its id was
-    recorded on the profile when the ESP accepted it), or it could recreate the contact after the
-    deletion. A refusal is recorded on the receipts as failed and retried by the sweeper, never
-    dead-lettered away. Returns False when the send must stop here (waiting or refused).
-    """
+async def fence(rt: Runtime, client: Esp, profile_id: str, esp: str, state: SyncState, token: str) -> None:
+    """Before address work (deleting, retiring, unsubscribing contacts): wait for every send that may
+    still write one of them — a bulk job that carried the person (its id was recorded when the ESP
+    accepted it), or a send of a profile merged into this one that may still be in flight — or it
+    could bring the contact back afterwards. Raises SyncBusy (the send lease released) while one may."""
     for job in state.jobs:
         if not await client.job_done(job):
             await rt.store.outbox.release_send(profile_id, esp, token)
             raise SyncBusy(f"a bulk job to {esp} that carries this person is still running", retry_after=2.0)
         await rt.store.outbox.job_finished(profile_id, esp, token, job)
+    now = datetime.now(timezone.utc)
+    if state.fence_until is not None and state.fence_until > now:
+        await rt.store.outbox.release_send(profile_id, esp, token)
+        raise SyncBusy(f"a send to {esp} of a profile merged into this one may still be in flight",
+                       retry_after=min(2.0, (state.fence_until - now).total_seconds()))
+
+
+async def erase(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp: str, state: SyncState, token: str) -> bool:
+    """Delete every address of an erased person at ``esp``, then read back that the ESP holds none
+    (after :func:`fence`). A refusal is recorded on the receipts as failed and retried by the
+    sweeper, never dead-lettered away. Returns False when the send must stop here (waiting or refused).
+    """
     try:
         await _calls(rt, profile_id, esp, token, [partial(client.erase, email) for email in state.erase])
     except EspRejected as exc:

@@ -31,6 +31,8 @@ class FakeEsp:
     contacts: ClassVar[dict[str, dict[str, Any]]] = {}
     requests: ClassVar[list[str]] = []
     refuse: ClassVar[set[str]] = set()
+    running: ClassVar[set[str]] = set()
+    """Bulk jobs still running at the fake ESP."""
 
     def __init__(self, name: str, fields: dict[str, Any]) -> None:
         self.name = name
@@ -64,7 +66,7 @@ class FakeEsp:
         return refused
 
     async def job_done(self, job_id: str) -> bool:
-        return True
+        return job_id not in self.running
 
     async def erase(self, email: str) -> None:
         self.contacts.pop(email.lower(), None)

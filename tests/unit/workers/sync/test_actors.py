@@ -5,7 +5,7 @@ same paths run against RabbitMQ, MongoDB and the vendor sandboxes in ``tests/sys
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dramatiq
@@ -28,7 +28,7 @@ TARGET = "fake"
 @pytest.fixture
 def fake() -> Iterator[type[FakeEsp]]:
     registry.register(fake_esp.DESCRIPTOR)
-    FakeEsp.contacts, FakeEsp.requests, FakeEsp.refuse = {}, [], set()
+    FakeEsp.contacts, FakeEsp.requests, FakeEsp.refuse, FakeEsp.running = {}, [], set(), set()
     yield FakeEsp
     registry.DESCRIPTORS.pop(fake_esp.KIND)
 
@@ -135,6 +135,25 @@ def test_an_erasure_deletes_every_address_then_reads_back_that_none_is_left(fake
     assert [status for _, _, status in h.receipts.marks] == ["deleted", "verified"]
     state = h.outbox.state("p1", TARGET)
     assert state.erase == [] and state.verify == [] and not state.pending
+
+
+def test_address_work_waits_for_every_send_that_may_still_write_a_contact(fake):
+    h = Harness()
+    fake.contacts = {"old@example.com": member(0)}
+    h.outbox.put("p1", TARGET, None, erase=["old@example.com"])
+    # A profile merged into this one was mid-send: its lease is carried over as a fence.
+    h.outbox.states[("p1", TARGET)]["fence_until"] = datetime.now(timezone.utc) + timedelta(seconds=30)
+    h.run(lambda: h.workers.sync.sync_urgent.send("p1", TARGET))
+    assert "old@example.com" in fake.contacts and h.outbox.parked == ["p1"] and h.receipts.marks == []
+    # Then only its bulk job, still running at the ESP.
+    h.outbox.states[("p1", TARGET)].update(fence_until=None, jobs=["job-1"])
+    fake.running = {"job-1"}
+    h.run(lambda: h.workers.sync.sync_urgent.send("p1", TARGET))
+    assert "old@example.com" in fake.contacts and h.outbox.parked == ["p1", "p1"]
+    fake.running = set()
+    h.run(lambda: h.workers.sync.sync_urgent.send("p1", TARGET))
+    assert fake.contacts == {} and h.outbox.state("p1", TARGET).jobs == []
+    assert [status for _, _, status in h.receipts.marks] == ["deleted", "verified"]
 
 
 def test_the_fourth_esp_is_one_folder_and_one_registry_line(fake):
