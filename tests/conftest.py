@@ -111,8 +111,11 @@ def source_env() -> dict[str, str]:
     }
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with its last value after ``timeout``."""
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 60.0, interval: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with its last value after ``timeout``.
+
+    Deadlines are generous: they cost nothing when the machine is fast and keep a busy one honest.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -412,7 +415,7 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, klaviyo_sandbo
         settings = Settings()
     client = AsyncMongoClient(mongo_uri, tz_aware=True)
     try:
-        await eventually(lambda: asyncio.to_thread(_consumers, prefix), timeout=30)
+        await eventually(lambda: asyncio.to_thread(_consumers, prefix), timeout=90)  # process start-up on a busy machine
         yield System(settings, env, logs, client[prefix])
     finally:
         stop(processes)

@@ -37,7 +37,7 @@ def dead_letter_ids(system) -> set[str]:
 
 
 async def quarantined(system, key: str) -> dict:
-    return await eventually(lambda: system.db.quarantine.find_one({"_id": key}), timeout=30)
+    return await eventually(lambda: system.db.quarantine.find_one({"_id": key}), timeout=60)
 
 
 async def test_a_lone_surrogate_message_id_is_a_400_with_its_code(receiver, http):
@@ -141,6 +141,6 @@ async def test_a_28kb_user_agent_is_cut_before_parsing(receiver, system, http):
         doc = await system.db.profiles.find_one({"identifiers.tracking": user})
         return doc if doc and "device" in doc["traits"] else None
 
-    doc = await eventually(derived, timeout=30)
+    doc = await eventually(derived, timeout=60)
     assert {name: doc["traits"][name]["value"] for name in ("device", "os", "client")} == \
         {"device": "iPhone", "os": "iOS 17", "client": "Mobile Safari 17"}

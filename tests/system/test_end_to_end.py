@@ -213,12 +213,21 @@ async def test_a_burst_of_changes_is_coalesced_into_few_esp_updates(receiver, sa
         m = await sandbox.member(http, email)
         return m if m and m["merge_fields"]["FNAME"] == "V29" else None
 
-    member = await eventually(final)
-    await asyncio.sleep(1.0)
+    await eventually(final)
+
+    async def settled():
+        doc = await system.db.profiles.find_one({"email": email})
+        return doc if doc and doc["esp"]["mailchimp"].get("pending") is False else None
+
+    await eventually(settled)
     member = await sandbox.member(http, email)
     assert member["merge_fields"]["FNAME"] == "V29"
-    # 30 changes, one coalescing window (250 ms) after another: a handful of PUTs, not 30.
-    assert member["update_count"] <= 6, member["update_count"]
+    async with http.get(f"{sandbox.url}/_sandbox/history") as r:
+        writes = sorted(at for at, who, _ in await r.json() if who == email)
+    assert len(writes) == member["update_count"]
+    # 30 changes: at most one PUT per coalescing window (250 ms) while they keep coming, far fewer than
+    # 30 (how many windows the burst spans depends on how fast this machine merges it).
+    assert len(writes) <= 15, len(writes)
 
 
 async def test_an_erased_person_stays_erased_even_when_late_events_arrive(receiver, sandbox, system, http):
@@ -226,6 +235,7 @@ async def test_an_erased_person_stays_erased_even_when_late_events_arrive(receiv
     body = customer(email, first_name="Erin")
     assert (await post_webhook(http, receiver, "customers/create", body)).status == 202
     await eventually(lambda: sandbox.member(http, email))
+    profile_id = (await system.db.profiles.find_one({"email": email}))["_id"]
     gid = body["admin_graphql_api_id"].rsplit("/", 1)[1]
     redact = {"shop_id": 1, "shop_domain": "test.myshopify.com", "customer": {"id": int(gid), "email": email, "phone": None},
               "orders_to_redact": []}
@@ -247,9 +257,12 @@ async def test_an_erased_person_stays_erased_even_when_late_events_arrive(receiv
     late_order = order(email, total="99.00", processed_at="2020-01-01T00:00:00Z")
     assert (await post_webhook(http, receiver, "orders/create", late_order)).status == 202
     assert (await post_webhook(http, receiver, "customers/update", customer(email, first_name="Back", updated_at="2030-01-01T00:00:00Z"))).status == 202
-    import asyncio
 
-    await asyncio.sleep(2.0)
+    async def both_dropped():  # the workers have seen both, and counted them on the erasure's receipt
+        receipt = await system.db.erasures.find_one({"profile_ids": profile_id})
+        return receipt if receipt and receipt.get("late_events", 0) >= 2 else None
+
+    await eventually(both_dropped)
     assert await system.db.profiles.count_documents({"email": email}) == 0
     assert await sandbox.member(http, email) is None
     assert email not in str([d async for d in system.db.profiles.find({"erased": {"$ne": None}})])

@@ -54,7 +54,7 @@ async def test_429s_halve_the_connections_and_successes_win_them_back():
 
 
 async def test_circuit_opens_fails_fast_and_recovers():
-    (g,) = guards(1, failures=3, open_s=0.5)
+    (g,) = guards(1, failures=3, open_s=2.0)  # long enough that a busy machine still checks it while open
     with pytest.raises(EspRejected):  # a member-level refusal says nothing about the account's health
         async with g.call():
             raise EspRejected("mailchimp 400")
@@ -66,8 +66,8 @@ async def test_circuit_opens_fails_fast_and_recovers():
     with pytest.raises(EspUnavailable) as fast:
         async with g.call():
             pytest.fail("an open circuit must not call the ESP")
-    assert fast.value.code == "circuit_open" and 0 < fast.value.retry_after <= 0.5
-    await asyncio.sleep(0.6)
+    assert fast.value.code == "circuit_open" and 0 < fast.value.retry_after <= 2.0
+    await asyncio.sleep(2.1)
     assert (await g.state())["circuit"] == "half-open"
     async with g.call():
         pass
@@ -78,12 +78,12 @@ async def test_circuit_opens_fails_fast_and_recovers():
 async def test_half_open_lets_one_trial_through_and_a_failed_trial_reopens_without_counting():
     """After the open period exactly one caller tries the ESP; the rest fail fast. A failed trial is
     reported as the open circuit (the retry middleware does not count it as the message's attempt)."""
-    (g,) = guards(1, failures=2, open_s=0.3)
+    (g,) = guards(1, failures=2, open_s=1.5)
     for _ in range(2):
         with pytest.raises(EspUnavailable):
             async with g.call():
                 raise EspUnavailable("klaviyo 503")
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.6)
     entered = asyncio.Event()
     release = asyncio.Event()
 
@@ -115,9 +115,10 @@ async def test_two_sync_processes_share_one_connection_limit(receiver, system, s
         counts = await asyncio.to_thread(admin.consumer_counts, AMQP_URL, prefix)
         return counts.get(topology.sync_queue(prefix), 0) >= 2
 
-    await eventually(both_consuming, timeout=30)
+    await eventually(both_consuming, timeout=90)
     auth = aiohttp.encode_basic_auth("t", API_KEY)
-    await sandbox.control(http, "latency", {"ms": 150})
+    # Slow enough that the sends overlap however spread out a busy machine merges them.
+    await sandbox.control(http, "latency", {"ms": 600})
     await sandbox.control(http, "stats/reset", {})
     try:
         # Fewer than the take-along threshold: each profile goes in its own PUT, so connections are what is measured.
@@ -135,8 +136,12 @@ async def test_two_sync_processes_share_one_connection_limit(receiver, system, s
         # The account allows 3 connections in these tests: reached, never exceeded, across both processes,
         # and both did part of the work.
         assert stats["max_writes_in_flight"] == 3
-        assert "synced to mailchimp" in (tmp_path / "sync-2.log").read_text()
-        assert "synced to mailchimp" in (system.logs / "sync.log").read_text()
+
+        async def both_worked():  # each logs its sends once the ESP answered them
+            logs = [(tmp_path / "sync-2.log").read_text(), (system.logs / "sync.log").read_text()]
+            return all("synced to mailchimp" in log for log in logs)
+
+        await eventually(both_worked)
     finally:
         await sandbox.control(http, "latency", {"ms": 0})
         stop([second])

@@ -104,7 +104,7 @@ async def _during_and_after(system, receiver, http, sandbox, klaviyo_sandbox, se
         found = [d async for d in system.db.profiles.find({"email": {"$in": emails}})]
         return found if len(found) == len(emails) and all(not d["esp"]["klaviyo"]["pending"] for d in found) else None
 
-    docs = await eventually(recorded, timeout=30)
+    docs = await eventually(recorded, timeout=60)
     ids = {d["_id"] for d in docs}
     letters = await asyncio.to_thread(cli, system, "dlq", "list", "--queue", "sync", "--json")
     assert not [d for d in letters if d.get("profile_id") in ids]

@@ -49,7 +49,7 @@ async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri,
     client = AsyncMongoClient(mongo_uri, tz_aware=True)
     db = client[prefix]
     try:
-        await eventually(consumers_ready_events(prefix), timeout=30)
+        await eventually(consumers_ready_events(prefix), timeout=60)
         email = f"q-{uuid.uuid4().hex[:8]}@example.com"
         body = json.dumps({"kind": "purchase", "uid": "P-1", "at": "2025-04-01T09:30:00Z", "when": "yesterday",
                            "amount_cents": 1000, "buyer": {"email": email}}).encode()
@@ -74,7 +74,7 @@ async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri,
         stop([worker])
         env["MERGETAG_SOURCES"] = json.dumps(with_time_path("at"))
         worker = spawn(env, tmp_path / "worker-2.log", "worker")
-        await eventually(consumers_ready_events(prefix), timeout=30)
+        await eventually(consumers_ready_events(prefix), timeout=60)
         assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1")) == {
             "redriven": ["legacy:P-1"], "count": 1, "requarantined": 0, "skipped": 0, "failed": 0}
 

@@ -14,7 +14,7 @@ from adapters.http.receiver import create_app
 from adapters.settings import Settings
 from broker import topology
 from sandboxes.local import free_port
-from tests.conftest import AMQP_URL, SHOPIFY_SECRET, Reply, delete_queues, post_webhook, queue_counts
+from tests.conftest import AMQP_URL, SHOPIFY_SECRET, Reply, delete_queues, eventually, post_webhook, queue_counts
 from tests.support.proxy import StallingProxy
 from tests.support.samples import customer
 
@@ -23,7 +23,7 @@ LIMIT = 64 * 1024
 
 def settings_for(prefix: str, amqp_url: str = AMQP_URL, **extra: str) -> Settings:
     env = {"MERGETAG_AMQP_URL": amqp_url, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_SHOPIFY_SECRETS": f"rotated,{SHOPIFY_SECRET}",
-           "MERGETAG_MAX_BODY_BYTES": str(LIMIT), "MERGETAG_PUBLISH_TIMEOUT_S": "1", **extra}
+           "MERGETAG_MAX_BODY_BYTES": str(LIMIT), "MERGETAG_PUBLISH_TIMEOUT_S": "3", **extra}
     with mock.patch.dict(os.environ, env, clear=True):
         return Settings()
 
@@ -144,8 +144,11 @@ async def test_broker_that_stops_confirming_gets_503_not_202(rabbitmq, http):
         assert response.status == 503
         assert response.headers["Retry-After"] == "5"
         proxy.resume()
-        # After the stall the receiver reconnects and accepts again.
-        assert (await post_webhook(http, url, "customers/update", customer("c@example.com"))).status == 202
+
+        async def accepted():  # after the stall the receiver reconnects and accepts again (a sender retries a 503)
+            return (await post_webhook(http, url, "customers/update", customer("c@example.com"))).status == 202
+
+        await eventually(accepted, timeout=60)
     finally:
         await server.close()
         await proxy.close()

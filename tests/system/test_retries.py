@@ -45,6 +45,6 @@ async def test_a_retried_delivery_without_a_time_never_changes_the_profile_even_
     async def worked_off():  # RabbitMQ holds nothing of the prefix, ready or unacked: the retry was taken and acked
         return not await asyncio.to_thread(queue_backlog, system.settings.queue_prefix)
 
-    await eventually(worked_off, timeout=30)
+    await eventually(worked_off, timeout=60)
     doc = await system.db.profiles.find_one({"_id": settled["_id"]})
     assert doc["traits"]["first_name"]["value"] == "New" and doc["version"] == settled["version"]

@@ -96,9 +96,13 @@ async def test_mixed_put_is_a_job_that_errors_only_the_bad_contacts(sg, http):
     status, headers, body = await sg.call(http, "PUT", "/v3/marketing/contacts", {"list_ids": ["vip"], "contacts": contacts})
     assert status == 202 and set(body) == {"job_id"}
     assert int(headers["X-RateLimit-Remaining"]) < int(headers["X-RateLimit-Limit"])
+    early = await sg.stored(http, alice.lower())
     pending = await sg.job(http, body["job_id"])
-    assert pending["status"] == "pending" and pending["job_type"] == "upsert" and "finished_at" not in pending
-    assert await sg.stored(http, alice.lower()) is None, "the job must not be applied before its delay"
+    assert pending["job_type"] == "upsert"
+    # While the job is pending nothing of it is applied (a slow machine may only look once it ran).
+    if pending["status"] == "pending":
+        assert "finished_at" not in pending
+    assert early is None or pending["status"] != "pending", "the job must not be applied before its delay"
 
     job = await sg.finished(http, body["job_id"])
     assert job["status"] == "errored" and job["id"] == body["job_id"] and job["finished_at"]
