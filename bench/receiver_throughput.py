@@ -45,7 +45,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 
 
 def payload(i: int) -> bytes:
-    sample = json.loads((ROOT / "tests/fixtures/shopify/CustomersCreate.json").read_text())
+    sample = json.loads((ROOT / "tests/support/fixtures/shopify/CustomersCreate.json").read_text())
     sample.update(email=f"bench-{i}@example.com", updated_at="2026-01-01T00:00:00Z")
     return json.dumps(sample).encode()
 

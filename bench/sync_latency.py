@@ -53,7 +53,7 @@ WRITES = {
 
 
 def body(email: str, version: int) -> bytes:
-    sample = json.loads((ROOT / "tests/fixtures/shopify/CustomersCreate.json").read_text())
+    sample = json.loads((ROOT / "tests/support/fixtures/shopify/CustomersCreate.json").read_text())
     sample.update(email=email, first_name=f"v{version}", updated_at=f"2026-01-01T{version // 3600:02d}:{version // 60 % 60:02d}:{version % 60:02d}Z",
                   admin_graphql_api_id=f"gid://shopify/Customer/{abs(hash(email)) % 10**12}")
     return json.dumps(sample).encode()
