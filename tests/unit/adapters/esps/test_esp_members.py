@@ -107,3 +107,19 @@ def test_the_readme_esp_file_example_loads(tmp_path, monkeypatch):
     targets = load_file(str(path))
     assert {t.kind for t in targets.values()} == {"mailchimp", "klaviyo", "sendgrid"}
     assert all(t.key() == "k" and t.fields for t in targets.values())
+
+
+def test_a_target_without_its_key_or_audience_fails_loudly_at_start_up(monkeypatch):
+    from adapters.esps import registry
+
+    for name in ("MERGETAG_MAILCHIMP_API_KEY", "MERGETAG_MAILCHIMP_LIST_ID", "MERGETAG_KLAVIYO_API_KEY", "MERGETAG_SENDGRID_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for kind in ("mailchimp", "klaviyo", "sendgrid"):
+        with pytest.raises(ValueError, match="API key|audience"):
+            registry.build_all(Settings(esps=kind))
+    monkeypatch.setenv("MERGETAG_MAILCHIMP_API_KEY", "0123456789abcdef0123456789abcdef-us6")
+    with pytest.raises(ValueError, match="audience"):
+        registry.build_all(Settings(esps="mailchimp"))
+    monkeypatch.setenv("MERGETAG_MAILCHIMP_LIST_ID", "a1b2c3")
+    [(client, guard)] = registry.build_all(Settings(esps="mailchimp")).values()
+    assert client.http.base == "https://us6.api.mailchimp.com/3.0"  # the data centre named by the key
