@@ -1,10 +1,17 @@
 """Events per second through the merge (lookup, pure merge + enrich, guarded write) and MongoDB
-round trips per event, next to the pure merge alone measured in the same run. Prints one JSON object.
+round trips per event, next to the pure merge alone and the store's own bulk-upsert rate, all
+measured in the same run. Prints one JSON object.
+
+- live: events one at a time (a quiet system): each is a round of its own, the single path.
+- backlog: ``--backlog-events`` over ``--backlog-profiles`` with ``--backlog-concurrency`` merges in
+  flight (what the worker's threads hold under a backlog), merged in rounds (``workers/profiles/batch``).
+- the store: unordered bulk upserts of profile-sized documents, ``--store-batch`` a request.
 
 Uses ``MONGODB_URI`` when set, else a SecantusDB process of its own (a functional stand-in: its
-absolute speed says nothing about MongoDB's; the round-trip count is what carries over).
+absolute speed says nothing about MongoDB's; the ratios and round-trip counts are what carry over).
 
     python bench/merge_throughput.py [--events 2000] [--profiles 200] [--concurrency 8]
+        [--backlog-events 20000] [--backlog-profiles 2000] [--backlog-concurrency 512]
 """
 
 from __future__ import annotations
@@ -63,6 +70,12 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--profiles", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--live-events", type=int, default=300)
+    parser.add_argument("--backlog-events", type=int, default=20_000)
+    parser.add_argument("--backlog-profiles", type=int, default=2_000)
+    parser.add_argument("--backlog-concurrency", type=int, default=512)
+    parser.add_argument("--store-docs", type=int, default=10_000)
+    parser.add_argument("--store-batch", type=int, default=500)
     args = parser.parse_args()
 
     from sandboxes.local import start_secantus
@@ -83,6 +96,7 @@ async def main() -> None:
     from adapters.settings import Settings
     from adapters.store.profiles import ProfileStore
     from schemas.profile import Profile
+    from workers.profiles.batch import MergeBatcher
     from workers.profiles.merge import merge_all
     from workers.profiles.resolve import merge_into_profile
     from workers.runtime import create_runtime
@@ -97,10 +111,12 @@ async def main() -> None:
     pure_eps = len(events) / (time.perf_counter() - start)
 
     trips = RoundTrips()
-    store = ProfileStore(AsyncMongoClient(uri, tz_aware=True, event_listeners=[trips]), database)
+    settings = Settings()
+    store = ProfileStore(AsyncMongoClient(uri, tz_aware=True, event_listeners=[trips]), database, settings.hasher())
     await store.ensure_indexes()
-    rt = await create_runtime(Settings())
+    rt = await create_runtime(settings)
     rt.store = store  # counted round trips
+    store_bulk = await bulk_upserts(store, args.store_docs, args.store_batch, by_profile["bench-0@example.com"])
     trips.counts.clear()
     queue: asyncio.Queue = asyncio.Queue()
     for event in events:
@@ -117,6 +133,38 @@ async def main() -> None:
     stored_eps = len(events) / elapsed
     total = sum(trips.counts.values())
     sample = await store.load((await store.find_by_keys(["email:bench-0@example.com"]))[0].id)
+
+    # Live: one event at a time, each a round of its own.
+    live = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"live-{e.identity.email}"})})
+            for e in workload(args.live_events, args.live_events // 3 or 1)]
+    batcher = MergeBatcher(rt, settings.merge_batch_max)
+    trips.counts.clear()
+    for event in live:
+        await batcher.merge(event.identity, [event])
+    live_trips = sum(trips.counts.values()) / len(live)
+
+    # A backlog: many merges in flight, merged in rounds.
+    backlog = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"b-{e.identity.email}",
+                                                                               "customer_id": f"b{e.identity.customer_id}"})})
+               for e in workload(args.backlog_events, args.backlog_profiles)]
+    pending: asyncio.Queue = asyncio.Queue()
+    for event in backlog:
+        pending.put_nowait(event)
+
+    async def in_flight() -> None:
+        while not pending.empty():
+            event = pending.get_nowait()
+            await batcher.merge(event.identity, [event])
+
+    trips.counts.clear()
+    rounds = batcher.rounds
+    start = time.perf_counter()
+    await asyncio.gather(*(in_flight() for _ in range(args.backlog_concurrency)))
+    backlog_eps = len(backlog) / (time.perf_counter() - start)
+    backlog_trips = sum(trips.counts.values()) / len(backlog)
+    backlog_by_command = dict(trips.counts)
+    backlog_rounds = batcher.rounds - rounds
+    check = await store.load((await store.find_by_keys(["email:b-bench-0@example.com"]))[0].id)
     await store.client.drop_database(database)
     await store.close()
     if process:
@@ -132,7 +180,31 @@ async def main() -> None:
         "round_trips_per_event": round(total / len(events), 3),
         "round_trips_by_command": dict(trips.counts),
         "orders_of_profile_0": sample[0].computed.order_count,
+        "store_bulk_upserts_per_s": round(store_bulk, 1),
+        "backlog_events": len(backlog),
+        "backlog_profiles": args.backlog_profiles,
+        "backlog_concurrency": args.backlog_concurrency,
+        "backlog_events_per_s": round(backlog_eps, 1),
+        "ratio_to_store_bulk": round(backlog_eps / store_bulk, 3),
+        "round_trips_per_event_backlog": round(backlog_trips, 4),
+        "round_trips_by_command_backlog": backlog_by_command,
+        "merges_per_round_backlog": round(len(backlog) / max(backlog_rounds, 1), 1),
+        "round_trips_per_event_live": round(live_trips, 3),
+        "orders_of_backlog_profile_0": check[0].computed.order_count,
     }))
+
+
+async def bulk_upserts(store, n: int, batch: int, profile) -> float:  # noqa: ANN001
+    """The store's own rate: unordered bulk upserts of documents the size of a merged profile."""
+    from pymongo import UpdateOne
+
+    body = profile.model_dump(mode="python", exclude={"id"})
+    raw = store.profiles.database["bench_raw_upserts"]
+    start = time.perf_counter()
+    for first in range(0, n, batch):
+        await raw.bulk_write([UpdateOne({"_id": f"raw-{i}"}, {"$set": {**body, "n": i}}, upsert=True)
+                              for i in range(first, min(n, first + batch))], ordered=False)
+    return n / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(queues: list[str], sweep: bool, component: str) -> int:
-    """Consume ``queues`` with a Dramatiq worker until SIGTERM/SIGINT; optionally run the sweeper."""
+def _serve(queues: list[str], sweep: bool, component: str, threads: int) -> int:
+    """Consume ``queues`` with a Dramatiq worker of ``threads`` threads until SIGTERM/SIGINT; optionally
+    run the sweeper."""
     import dramatiq
 
     from workers import app
@@ -35,7 +36,7 @@ def _serve(queues: list[str], sweep: bool, component: str) -> int:
     settings = get_settings()
     workers = app.build(settings, component=component)
     # A short poll: delayed messages (coalesced syncs, abandonment checks) run close to their time.
-    worker = dramatiq.Worker(workers.broker, queues=set(queues), worker_threads=settings.worker_threads, worker_timeout=100)
+    worker = dramatiq.Worker(workers.broker, queues=set(queues), worker_threads=threads, worker_timeout=100)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -57,9 +58,12 @@ def _serve(queues: list[str], sweep: bool, component: str) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from broker import topology
 
-    prefix = get_settings().queue_prefix
+    settings = get_settings()
+    prefix = settings.queue_prefix
     queues = {"events": [topology.events_queue(prefix)], "sync": [topology.sync_queue(prefix)], "all": topology.all_queues(prefix)}
-    return _serve(queues[args.queues], sweep=False, component="worker")
+    # The merge's threads mostly wait for their round's write: many in flight make big rounds.
+    threads = settings.events_worker_threads if args.queues == "events" else settings.worker_threads
+    return _serve(queues[args.queues], sweep=False, component="worker", threads=threads)
 
 
 async def check_fields() -> dict[str, list[str]]:
@@ -87,7 +91,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 log.error("field mapping does not fit ESP target %s: %s", esp, problem)
     except MergetagError as exc:
         log.error("could not check the field mappings against the ESPs: %s", exc.code)
-    return _serve([topology.sync_queue(get_settings().queue_prefix)], sweep=True, component="sync")
+    settings = get_settings()
+    return _serve([topology.sync_queue(settings.queue_prefix)], sweep=True, component="sync", threads=settings.worker_threads)
 
 
 async def _pull(resources: list[str], since: str | None, every: float | None) -> None:

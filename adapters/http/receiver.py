@@ -86,7 +86,7 @@ def create_app(
         pub = request.app[PUBLISHER]
         results = await asyncio.gather(*(publish_delivery(pub, queue, d) for d in fresh), return_exceptions=True)
         confirmed = [(d, r) for d, r in zip(fresh, results, strict=True) if isinstance(r, str)]
-        await request.app[DEDUP].remember([d.dedup_key for d, _ in confirmed if d.dedup_key])
+        request.app[DEDUP].remember([d.dedup_key for d, _ in confirmed if d.dedup_key])
         if len(confirmed) < len(fresh):
             failure = next(r for r in results if not isinstance(r, str))
             if not isinstance(failure, BrokerUnavailable):

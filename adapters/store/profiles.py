@@ -7,12 +7,14 @@ the member it should become (the rest of the sync state is the outbox's, :mod:`a
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from pymongo import ASCENDING, AsyncMongoClient
-from pymongo.errors import DuplicateKeyError
+from pymongo import ASCENDING, AsyncMongoClient, InsertOne, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from adapters.store.outbox import PROFILES, Members, Outbox, Work, _literal, _settle, _with_work, carry
 from schemas.errors import StoredProfileInvalid
@@ -121,6 +123,17 @@ class ProfileStore:
         docs = [doc async for doc in self.profiles.find({"keys": {"$in": list(rank)}}).limit(len(rank))]
         docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
         return [split for doc in docs if (split := self._split(doc)) is not None]
+
+    async def owners_by_key(self, keys: list[str]) -> dict[str, tuple[Profile, Stored]]:
+        """The live profile or tombstone owning each of identity keys ``keys`` (those owned), for a whole
+        batch of identities in one round trip."""
+        plain = {indexed: key for key in keys for indexed in self.hasher.index_keys(key)}
+        owners: dict[str, tuple[Profile, Stored]] = {}
+        async for doc in self.profiles.find({"keys": {"$in": list(plain)}}):
+            held = [plain[k] for k in doc.get("keys", []) if k in plain]
+            if (split := self._split(doc)) is not None:
+                owners.update({key: split for key in held})
+        return owners
 
     async def absorb(self, survivor: Profile, version: int, absorbed: list[tuple[str, int]], members: Members,
                      work: Work, sent: dict[str, str | None], carried: dict[str, InFlight] | None = None) -> bool:
@@ -239,10 +252,53 @@ class ProfileStore:
         ``urgent``: a consent change, which the sweeper sends ahead of any backlog. Returns False
         on a lost race.
         """
+        guard, write = self._write(Save(profile, version, members, urgent, work or {}))
+        try:
+            if guard is None:
+                await self.profiles.insert_one(write)
+                return True
+            result = await self.profiles.update_one(guard, write)
+        except DuplicateKeyError:
+            # Another worker just gave one of these identifiers to another profile: re-read and merge.
+            return False
+        return result.matched_count == 1
+
+    async def save_many(self, saves: list[Save]) -> list[bool]:
+        """:meth:`save` for many profiles in one unordered bulk write (plus one read when some lost a race).
+
+        Returns, per save, whether it was written. An update is known to be ours by the batch's token,
+        written with it: one that nobody else overwrote since is certainly ours; one overwritten since
+        counts as lost, and its merge is simply done again (merges are idempotent).
+        """
+        if not saves:
+            return []
+        token = uuid.uuid4().hex
+        writes = [self._write(save, token) for save in saves]
+        updates = [guard is not None for guard, _ in writes]
+        failed: set[int] = set()
+        try:
+            result = await self.profiles.bulk_write([InsertOne(doc) if guard is None else UpdateOne(guard, doc) for guard, doc in writes],
+                                                    ordered=False)
+            if result.matched_count == sum(updates):
+                return [True] * len(saves)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != 11000 for e in errors):
+                raise
+            failed = {e["index"] for e in errors}
+        updated = [save.profile.id for i, save in enumerate(saves) if updates[i] and i not in failed]
+        ours = {doc["_id"] async for doc in self.profiles.find({"_id": {"$in": updated}, "written_by": token}, {"_id": 1})} if updated else set()
+        return [i not in failed and (not updates[i] or save.profile.id in ours) for i, save in enumerate(saves)]
+
+    def _write(self, save: Save, token: str | None = None) -> tuple[dict[str, Any] | None, Any]:
+        """The write of one :class:`Save`: ``(None, document)`` for a new profile, else the version guard
+        and the pipeline update."""
+        profile, version, members, urgent, work = save.profile, save.version, save.members, save.urgent, save.work
         now = datetime.now(timezone.utc)
-        work = work or {}
         body = profile.model_dump(mode="python", exclude={"id"})
         body["keys"] = self.index(profile)
+        if token is not None:
+            body["written_by"] = token
         if version is None:
             doc = {
                 "_id": profile.id,
@@ -254,11 +310,7 @@ class ProfileStore:
                               **{name: sorted(emails) for name, emails in work.get(esp, {}).items() if emails}}
                         for esp, (member, member_hash) in members.items()},
             }
-            try:
-                await self.profiles.insert_one(doc)
-            except DuplicateKeyError:
-                return False
-            return True
+            return None, doc
         state: dict[str, Any] = {}
         for esp, (member, member_hash) in members.items():
             prefix = f"esp.{esp}"
@@ -275,12 +327,7 @@ class ProfileStore:
             {"$set": {k: v for stages in settle for k, v in stages[0]["$set"].items()}},
             {"$set": {k: v for stages in settle for k, v in stages[1]["$set"].items()}},
         ]
-        try:
-            result = await self.profiles.update_one({"_id": profile.id, "version": version}, pipeline)
-        except DuplicateKeyError:
-            # Another worker just gave one of these identifiers to another profile: re-read and merge.
-            return False
-        return result.matched_count == 1
+        return {"_id": profile.id, "version": version}, pipeline
 
     @staticmethod
     def _split(doc: dict[str, Any] | None) -> tuple[Profile, Stored] | None:
@@ -288,12 +335,24 @@ class ProfileStore:
             return None
         meta = Stored(version=doc.pop("version"), esp=doc.pop("esp", None) or {})
         doc.pop("keys", None)
+        doc.pop("written_by", None)
         doc["id"] = doc.pop("_id")
         try:
             return Profile.model_validate(doc), meta
         except ValidationError as exc:
             locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
             raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
+
+
+@dataclass(frozen=True)
+class Save:
+    """One profile write of a batch: see :meth:`ProfileStore.save`."""
+
+    profile: Profile
+    version: int | None
+    members: Members
+    urgent: bool = False
+    work: Work = field(default_factory=dict)
 
 
 class _Abort(Exception):

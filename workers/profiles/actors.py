@@ -1,6 +1,7 @@
 """The profile stage's actors: thin. Each moves a message through the pure core and the store.
 
-``process_event``: validate -> map -> context -> merge (+ enrich) into MongoDB -> schedule the sync.
+``process_event``: validate -> map -> context -> merge (+ enrich) into MongoDB, together with the other
+messages in flight (``batch.py``) -> schedule the sync.
 ``check_abandonment``: a delayed message; an open checkout still untouched becomes an abandoned cart.
 """
 
@@ -20,10 +21,11 @@ from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
 from schemas.events import CheckoutChanged, CustomerErased, Event
 from workers.profiles import erasure
+from workers.profiles.batch import MergeBatcher
 from workers.profiles.context import with_context
 from workers.profiles.deliveries import attributable, by_identity, events_for, parse_delivery
 from workers.profiles.forget import erase_person, remove_payloads
-from workers.profiles.resolve import expire_cart, merge_into_profile
+from workers.profiles.resolve import expire_cart
 from workers.runtime import Runtime
 from workers.sync.actors import SyncActors
 
@@ -49,6 +51,13 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
     """The profile actors on ``broker``; changed profiles are handed to ``sync``."""
     queue = topology.events_queue(prefix)
     later: list[dramatiq.Actor] = []
+    batchers: dict[int, MergeBatcher] = {}
+
+    def batcher(rt: Runtime) -> MergeBatcher:
+        """The process's merge rounds (one per runtime, so per event loop)."""
+        if id(rt) not in batchers:
+            batchers[id(rt)] = MergeBatcher(rt, rt.settings.merge_batch_max, rt.settings.merge_batch_window_ms / 1000)
+        return batchers[id(rt)]
 
     async def process_event(delivery: dict[str, Any]) -> None:
         """Invalid input goes to quarantine (kept, not retried); UnsupportedEvent is dead-lettered;
@@ -70,7 +79,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
                 await remove_payloads(rt, plan)
         merged, to_check = [], []
         for identity, group in by_identity(e for e in events if not isinstance(e, CustomerErased)).items():
-            result = await merge_into_profile(rt, identity, group)
+            result = await batcher(rt).merge(identity, group)
             if result.targets:
                 merged.append(result)
             to_check += [(result.profile_id, e.checkout_id, e.event_time.isoformat())
