@@ -16,10 +16,10 @@ from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, InsertOne, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from adapters.store.outbox import PROFILES, Members, Outbox, Work, _literal, _settle, _with_work, carry
+from adapters.store.outbox import PROFILES, Members, Outbox, Work, carry
 from schemas.errors import StoredProfileInvalid
 from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
-from schemas.sync import InFlight, Stored
+from schemas.sync import NEW, InFlight, Stored
 
 if TYPE_CHECKING:
     from workers.profiles.erasure import ErasurePlan
@@ -243,16 +243,16 @@ class ProfileStore:
         return True
 
     async def save(self, profile: Profile, version: int | None, members: Members, urgent: bool = False,
-                   work: Work | None = None) -> bool:
+                   work: Work | None = None, stored: Stored = NEW) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
 
         Also records, per ESP target, the member it should become (``members``: target ->
         (member, hash)), and marks it pending where that differs from what was last sent.
         ``work``: per target, addresses to add to its address lists (unsubscribe, retire).
-        ``urgent``: a consent change, which the sweeper sends ahead of any backlog. Returns False
-        on a lost race.
+        ``urgent``: a consent change, which the sweeper sends ahead of any backlog. ``stored``: the
+        sync state read with ``version``. Returns False on a lost race.
         """
-        guard, write = self._write(Save(profile, version, members, urgent, work or {}))
+        guard, write = self._write(Save(profile, version, members, urgent, work or {}, stored))
         try:
             if guard is None:
                 await self.profiles.insert_one(write)
@@ -292,7 +292,7 @@ class ProfileStore:
 
     def _write(self, save: Save, token: str | None = None) -> tuple[dict[str, Any] | None, Any]:
         """The write of one :class:`Save`: ``(None, document)`` for a new profile, else the version guard
-        and the pipeline update."""
+        and the update."""
         profile, version, members, urgent, work = save.profile, save.version, save.members, save.urgent, save.work
         now = datetime.now(timezone.utc)
         body = profile.model_dump(mode="python", exclude={"id"})
@@ -311,23 +311,25 @@ class ProfileStore:
                         for esp, (member, member_hash) in members.items()},
             }
             return None, doc
-        state: dict[str, Any] = {}
+        # A plain update, computed from the state read with ``version``: the member hash only changes
+        # with the version, so it is exact; ``pending`` is only ever raised here (the sync lowers it),
+        # so a send the sync records meanwhile can at worst leave a no-op pending behind, never lose one.
+        sets: dict[str, Any] = dict(body)
+        adds: dict[str, Any] = {}
         for esp, (member, member_hash) in members.items():
-            prefix = f"esp.{esp}"
-            state.update({
-                f"{prefix}.member": _literal(member),
-                f"{prefix}.member_hash": member_hash,
-                f"{prefix}.dirty_at": {"$cond": [{"$eq": [f"${prefix}.member_hash", member_hash]}, f"${prefix}.dirty_at", now]},
-                **_with_work(prefix, work.get(esp, {})),
-                **({f"{prefix}.urgent": True} if urgent else {}),
-            })
-        settle = [_settle(f"esp.{esp}") for esp in members]
-        pipeline = [
-            {"$set": {**{k: _literal(v) for k, v in body.items()}, "version": {"$add": ["$version", 1]}, **state}},
-            {"$set": {k: v for stages in settle for k, v in stages[0]["$set"].items()}},
-            {"$set": {k: v for stages in settle for k, v in stages[1]["$set"].items()}},
-        ]
-        return {"_id": profile.id, "version": version}, pipeline
+            prefix, before, lists = f"esp.{esp}", save.stored.state(esp), work.get(esp, {})
+            sets[f"{prefix}.member"], sets[f"{prefix}.member_hash"] = member, member_hash
+            if member_hash != before.member_hash:
+                sets[f"{prefix}.dirty_at"] = now
+            adds.update({f"{prefix}.{name}": {"$each": sorted(emails)} for name, emails in lists.items() if emails})
+            if (member is not None and member_hash != before.sent_hash) or any(lists.values()):
+                sets[f"{prefix}.pending"] = True
+                if urgent:
+                    sets[f"{prefix}.urgent"] = True
+        update: dict[str, Any] = {"$set": sets, "$inc": {"version": 1}}
+        if adds:
+            update["$addToSet"] = adds
+        return {"_id": profile.id, "version": version}, update
 
     @staticmethod
     def _split(doc: dict[str, Any] | None) -> tuple[Profile, Stored] | None:
@@ -353,6 +355,7 @@ class Save:
     members: Members
     urgent: bool = False
     work: Work = field(default_factory=dict)
+    stored: Stored = NEW
 
 
 class _Abort(Exception):
