@@ -132,6 +132,7 @@ async def main() -> None:
     elapsed = time.perf_counter() - start
     stored_eps = len(events) / elapsed
     total = sum(trips.counts.values())
+    by_command = dict(trips.counts)
     sample = await store.load((await store.find_by_keys(["email:bench-0@example.com"]))[0].id)
 
     # Live: one event at a time, each a round of its own.
@@ -178,7 +179,7 @@ async def main() -> None:
         "pure_merge_events_per_s": round(pure_eps, 1),
         "ratio": round(stored_eps / pure_eps, 4),
         "round_trips_per_event": round(total / len(events), 3),
-        "round_trips_by_command": dict(trips.counts),
+        "round_trips_by_command": by_command,
         "orders_of_profile_0": sample[0].computed.order_count,
         "store_bulk_upserts_per_s": round(store_bulk, 1),
         "backlog_events": len(backlog),
