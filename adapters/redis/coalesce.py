@@ -1,9 +1,11 @@
 """Coalescing of ESP syncs: many changes to one profile within a window become one update.
 
-The first change in a window schedules one delayed sync; later changes in the
-same window find the marker and rely on it, since the sync reads the profile's
-latest state when it runs. The freshness bound is the window. Without Redis every
-change schedules its own sync (correct, just not coalesced).
+The first change schedules one delayed sync (the window is its delay); later changes find the
+marker and rely on it, since the sync reads the profile's latest state when it runs. The marker
+stays until that sync starts, so however long the sync queue is, it holds at most one coalesced
+message per profile and target (a marker whose message was lost expires after ``HOLD_MS``; the
+sweeper covers the gap). The freshness bound is the window. Without Redis every change schedules
+its own sync (correct, just not coalesced).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
+
+HOLD_MS = 600_000
 
 
 class Coalescer:
@@ -33,10 +37,19 @@ class Coalescer:
         if self.window_ms <= 0:
             return True
         try:
-            return bool(await self._redis.set(f"{self._prefix}{esp}:{profile_id}", b"1", nx=True, px=self.window_ms))
+            return bool(await self._redis.set(f"{self._prefix}{esp}:{profile_id}", b"1", nx=True, px=max(self.window_ms, HOLD_MS)))
         except (RedisError, OSError) as exc:
             log.warning("coalescing skipped, Redis unavailable: %s", type(exc).__name__)
             return True
+
+    async def started(self, esp: str, profile_id: str) -> None:
+        """The scheduled sync runs now: the next change schedules another."""
+        if self.window_ms <= 0:
+            return
+        try:
+            await self._redis.delete(f"{self._prefix}{esp}:{profile_id}")
+        except (RedisError, OSError) as exc:
+            log.warning("coalescing marker not cleared, Redis unavailable: %s", type(exc).__name__)
 
     async def close(self) -> None:
         await self._redis.aclose()

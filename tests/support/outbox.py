@@ -137,6 +137,23 @@ class FakeStore:
 
 
 @dataclass
+class FakeCoalescer:
+    """Coalescing off (every change schedules its own sync), as without Redis."""
+
+    window_ms: int = 0
+    started_syncs: list[tuple[str, str]] = field(default_factory=list)
+
+    async def first_in_window(self, esp: str, profile_id: str) -> bool:
+        return True
+
+    async def started(self, esp: str, profile_id: str) -> None:
+        self.started_syncs.append((esp, profile_id))
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
 class FakeReceipts:
     marks: list[tuple[str, str, str]] = field(default_factory=list)
 

@@ -65,7 +65,10 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
           alone: send it now even in a backlog (sent by the sweeper, or split out of a refused batch).
           retry_refused: send it even if the ESP refused this very member before (a replayed dead letter).
         """
-        await sender.sync(await runtime(), actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused)
+        rt = await runtime()
+        if not (alone or retry_refused):
+            await rt.coalescer.started(esp, profile_id)  # scheduled by a change: the next change schedules another
+        await sender.sync(rt, actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused)
 
     async def sync_urgent(profile_id: str, esp: str) -> None:
         """First out of RabbitMQ (message priority) and first in the worker's own queue (actor priority)."""

@@ -18,7 +18,7 @@ from adapters.esps import registry
 from adapters.settings import Settings
 from tests.support import fake_esp
 from tests.support.fake_esp import FakeEsp
-from tests.support.outbox import FakeOutbox, FakeReceipts, FakeStore
+from tests.support.outbox import FakeCoalescer, FakeOutbox, FakeReceipts, FakeStore
 from workers import app
 from workers.runtime import Runtime
 
@@ -54,6 +54,7 @@ class Harness:
         self.settings = Settings(esps=[TARGET], identity_hash_keys="unit-test-secret-0123456789", **settings)
         self.outbox = FakeOutbox()
         self.receipts = FakeReceipts()
+        self.coalescer = FakeCoalescer()
         self.broker = Broker()
         self.broker.emit_after("process_boot")
         self.workers = app.build(self.settings, broker=self.broker, runtime=self._runtime)
@@ -61,7 +62,7 @@ class Harness:
     async def _runtime(self) -> Runtime:
         lease = timedelta(seconds=30)
         return Runtime(settings=self.settings, store=FakeStore(self.outbox), esps=registry.clients(self.settings), mappings={},
-                       quarantine=None, rules=None, geo=None, blocked=frozenset(), coalescer=None, guards={},
+                       quarantine=None, rules=None, geo=None, blocked=frozenset(), coalescer=self.coalescer, guards={},
                        leases={TARGET: lease}, batch_leases={TARGET: lease}, hasher=self.settings.hasher(),
                        receipts=self.receipts, dead_letters=None)
 
