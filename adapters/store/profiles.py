@@ -29,6 +29,9 @@ ERASURES = "erasures"
 # and absorbed ids instead), and, with everything else, from pointers.
 PERSONAL = tuple(name for name in Profile.model_fields if name not in {"id", "schema_version", "erased", "identifiers", "merged_from"})
 POINTER_DROPS = tuple(name for name in Profile.model_fields if name != "id")
+BOOKKEEPING = ("written_by",)
+"""What a batch write leaves on a profile besides the profile: gone with the profile when it becomes
+a pointer or a tombstone."""
 
 
 class ProfileStore:
@@ -187,7 +190,7 @@ class ProfileStore:
             query,
             # Not []: a unique multikey index counts every empty array as the same key.
             {"$set": {"merged_into": target, "keys": [f"merged:{profile_id}"], "merged_at": now},
-             "$unset": {**{name: "" for name in POINTER_DROPS}, "esp": ""}, "$inc": {"version": 1}},
+             "$unset": {**{name: "" for name in (*POINTER_DROPS, *BOOKKEEPING)}, "esp": ""}, "$inc": {"version": 1}},
             session=session,
         )
         return done.matched_count == 1
@@ -208,7 +211,7 @@ class ProfileStore:
             prefix = f"esp.{esp}"
             state.update({f"{prefix}.member": None, f"{prefix}.member_hash": None, f"{prefix}.pending": bool(plan.addresses),
                           f"{prefix}.urgent": bool(plan.addresses), f"{prefix}.dirty_at": now})
-        unset = {**{name: "" for name in PERSONAL if name not in body},
+        unset = {**{name: "" for name in (*PERSONAL, *BOOKKEEPING) if name not in body},
                  **{f"esp.{esp}.{name}": "" for esp in targets for name in ("sent_hash", "failed_hash", "retire", "unsubscribe")}}
         update: dict[str, Any] = {"$set": {**body, **state}, "$unset": unset, "$inc": {"version": 1}}
         jobs, until = carry(plan.carried)

@@ -131,3 +131,22 @@ async def test_identifiers_are_indexed_by_keyed_hashes_and_older_profiles_are_re
     assert await store.rekey() == 1 and await store.rekey() == 0
     assert not await store.unhashed_left()
     assert [p.id for p, _ in await store.find_owners(["email:b@example.com"])] == ["p2"]
+
+
+async def test_batch_writes_know_their_own_and_leave_nothing_behind_in_a_pointer(store):
+    from adapters.store.profiles import Save
+
+    a, b = person("pa", "pa@example.com"), person("pb", "pb@example.com")
+    assert await store.save_many([Save(a, None, {"mailchimp": ({"m": 1}, "h1")}), Save(b, None, {"mailchimp": ({"m": 2}, "h2")})]) == [True, True]
+    (_, stored_a), (_, stored_b) = await store.load("pa"), await store.load("pb")
+    renamed = a.model_copy(update={"traits": {}})
+    # A stale version loses (and says so), the current one wins, in the same bulk write.
+    results = await store.save_many([Save(renamed, stored_a.version, {"mailchimp": ({"m": 3}, "h3")}, stored=stored_a),
+                                     Save(b, stored_b.version + 5, {"mailchimp": ({"m": 4}, "h4")}, stored=stored_b)])
+    assert results == [True, False]
+    assert "written_by" in await store.profiles.find_one({"_id": "pa"})
+    (survivor, stored_b), (_, stored_a) = await store.load("pb"), await store.load("pa")
+    both = survivor.model_copy(update={"merged_from": ("pa",)})
+    assert await store.absorb(both, stored_b.version, [("pa", stored_a.version)], {"mailchimp": ({"m": 5}, "h5")}, {}, {})
+    pointer = await store.profiles.find_one({"_id": "pa"})
+    assert set(pointer) == {"_id", "merged_into", "keys", "merged_at", "version"}
