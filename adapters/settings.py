@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     retry_min_backoff_ms: int = 1_000
     retry_max_backoff_ms: int = 300_000
     worker_threads: int = 8
-    events_worker_threads: int = 64
+    events_worker_threads: int = 8
     merge_batch_max: int = 500
     merge_batch_window_ms: float = 0.0
 
