@@ -138,7 +138,7 @@ async def main() -> None:
     # Live: one event at a time, each a round of its own.
     live = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"live-{e.identity.email}"})})
             for e in workload(args.live_events, args.live_events // 3 or 1)]
-    batcher = MergeBatcher(rt, settings.merge_batch_max)
+    batcher = MergeBatcher(rt, max_merges=500)
     trips.counts.clear()
     for event in live:
         await batcher.merge(event.identity, [event])

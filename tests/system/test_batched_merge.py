@@ -60,14 +60,15 @@ async def test_a_burst_merged_in_rounds_equals_one_at_a_time(rabbitmq, mongo_uri
     deliveries = burst(tag)
     (tmp_path / "rounds").mkdir()
     (tmp_path / "single").mkdir()
-    async with own_pipeline(mongo_uri, sandbox, tmp_path / "rounds", MERGETAG_EVENTS_WORKER_THREADS="64") as rounds:
+    async with own_pipeline(mongo_uri, sandbox, tmp_path / "rounds", MERGETAG_EVENTS_WORKER_THREADS="64", MERGETAG_MERGE_BATCH_MAX="500") as rounds:
         rounds.processes.append(spawn(rounds.env, tmp_path / "rounds" / "worker-2.log", "worker"))
         rounds.start_sync()
         batched = await run(deliveries, rounds, http)
         members = {email: await sandbox.member(http, email) for email in batched}
     alone_sandbox = start_mailchimp()
     try:
-        async with own_pipeline(mongo_uri, alone_sandbox, tmp_path / "single", MERGETAG_EVENTS_WORKER_THREADS="1") as single:
+        async with own_pipeline(mongo_uri, alone_sandbox, tmp_path / "single", MERGETAG_EVENTS_WORKER_THREADS="1",
+                                MERGETAG_MERGE_BATCH_MAX="1") as single:
             single.start_sync()
             one_at_a_time = await run(deliveries, single, http)
     finally:

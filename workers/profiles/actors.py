@@ -1,7 +1,7 @@
 """The profile stage's actors: thin. Each moves a message through the pure core and the store.
 
-``process_event``: validate -> map -> context -> merge (+ enrich) into MongoDB, together with the other
-messages in flight (``batch.py``) -> schedule the sync.
+``process_event``: validate -> map -> context -> merge (+ enrich) into MongoDB (in rounds with the other
+messages in flight, ``batch.py``, when ``MERGETAG_MERGE_BATCH_MAX`` > 1) -> schedule the sync.
 ``check_abandonment``: a delayed message; an open checkout still untouched becomes an abandoned cart.
 """
 
@@ -25,7 +25,7 @@ from workers.profiles.batch import MergeBatcher
 from workers.profiles.context import with_context
 from workers.profiles.deliveries import attributable, by_identity, events_for, parse_delivery
 from workers.profiles.forget import erase_person, remove_payloads
-from workers.profiles.resolve import expire_cart
+from workers.profiles.resolve import expire_cart, merge_into_profile
 from workers.runtime import Runtime
 from workers.sync.actors import SyncActors
 
@@ -79,7 +79,10 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
                 await remove_payloads(rt, plan)
         merged, to_check = [], []
         for identity, group in by_identity(e for e in events if not isinstance(e, CustomerErased)).items():
-            result = await batcher(rt).merge(identity, group)
+            if rt.settings.merge_batch_max > 1:
+                result = await batcher(rt).merge(identity, group)
+            else:
+                result = await merge_into_profile(rt, identity, group)
             if result.targets:
                 merged.append(result)
             to_check += [(result.profile_id, e.checkout_id, e.event_time.isoformat())
