@@ -32,6 +32,8 @@ TRANSIENT = (
     pymongo.errors.ConnectionFailure,
     pymongo.errors.ServerSelectionTimeoutError,
     pymongo.errors.NetworkTimeout,
+    pymongo.errors.ExecutionTimeout,
+    pymongo.errors.WTimeoutError,
 )
 
 

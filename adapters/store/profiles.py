@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from workers.profiles.erasure import ErasurePlan
 
 ERASURES = "erasures"
+OPERATION_TIMEOUT_MS = 30_000
+"""How long one store operation (one round trip, one batch of a cursor) may take before it fails."""
 # What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
 # and absorbed ids instead), and, with everything else, from pointers.
 PERSONAL = tuple(name for name in Profile.model_fields if name not in {"id", "schema_version", "erased", "identifiers", "merged_from"})
@@ -52,7 +54,15 @@ class ProfileStore:
 
     @classmethod
     def connect(cls, uri: str, database: str, hasher: IdentityHasher | None = None) -> ProfileStore:
-        return cls(AsyncMongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=5_000), database, hasher)
+        """A store on its own client; every operation has a time limit (the URI's ``timeoutMS`` if it sets one).
+
+        Without one, an operation the server never answers (a write conflict it retries without end, a
+        lost connection it does not notice) holds its message forever; with one it fails, retryably.
+        """
+        options: dict[str, Any] = {"tz_aware": True, "serverSelectionTimeoutMS": 5_000}
+        if "timeoutms=" not in uri.lower():
+            options["timeoutMS"] = OPERATION_TIMEOUT_MS
+        return cls(AsyncMongoClient(uri, **options), database, hasher)
 
     @property
     def hasher(self) -> IdentityHasher:
