@@ -12,14 +12,19 @@ from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
 from schemas.profile import Profile
-from tests.conftest import AMQP_URL, HASHER, MERGE_FIELDS, ROOT, eventually, own_pipeline
+from tests.conftest import AMQP_URL, HASHER, MERGE_FIELDS, ROOT, eventually, own_pipeline, start_mailchimp, stop_sandbox
 
 
-async def test_batch_with_good_and_bad_members(rabbitmq, mongo_uri, sandbox, http, tmp_path):
-    # A pipeline of its own with a long grace: the sweeper cannot step in before the batch runs.
-    async with own_pipeline(mongo_uri, sandbox, tmp_path, MERGETAG_SYNC_GRACE_S="30") as pipeline:
-        pipeline.start_sync()
-        await batch_with_good_and_bad_members(pipeline, sandbox, http)
+async def test_batch_with_good_and_bad_members(rabbitmq, mongo_uri, http, tmp_path):
+    # A pipeline and a sandbox of its own (other tests' syncs would add to the request counts), with a
+    # long grace: the sweeper cannot step in before the batch runs.
+    sandbox = start_mailchimp()
+    try:
+        async with own_pipeline(mongo_uri, sandbox, tmp_path, MERGETAG_SYNC_GRACE_S="30") as pipeline:
+            pipeline.start_sync()
+            await batch_with_good_and_bad_members(pipeline, sandbox, http)
+    finally:
+        stop_sandbox(sandbox)
 
 
 async def batch_with_good_and_bad_members(pipeline, sandbox, http):
