@@ -42,5 +42,5 @@ def install(level: str | None = None) -> None:
         level=level or os.environ.get("MERGETAG_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("aio_pika", "aiormq", "pika"):
+    for noisy in ("aiormq", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

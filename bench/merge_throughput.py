@@ -5,7 +5,11 @@ measured in the same run. Prints one JSON object.
 - live: events one at a time (a quiet system): each is a round of its own, the single path.
 - backlog: ``--backlog-events`` over ``--backlog-profiles`` with ``--backlog-concurrency`` merges in
   flight (what the worker's threads hold under a backlog), merged in rounds (``workers/profiles/batch``).
-- the store: unordered bulk upserts of profile-sized documents, ``--store-batch`` a request.
+- the store: unordered bulk upserts of profile-sized documents, ``--store-batch`` a request, doing the
+  backlog's work: as many upserts per document as the backlog has events per profile (the first
+  inserts, the rest change it), into a collection with the profile collection's indexes
+  (``store_bulk_upserts_per_s``); and, for comparison with runs before 2026-12-01, inserts of new
+  documents into an unindexed collection (``store_bulk_inserts_unindexed_per_s``).
 
 Uses ``MONGODB_URI`` when set, else a SecantusDB process of its own (a functional stand-in: its
 absolute speed says nothing about MongoDB's; the ratios and round-trip counts are what carry over).
@@ -116,7 +120,12 @@ async def main() -> None:
     await store.ensure_indexes()
     rt = await create_runtime(settings)
     rt.store = store  # counted round trips
-    store_bulk = await bulk_upserts(store, args.store_docs, args.store_batch, by_profile["bench-0@example.com"])
+    # The same work as the backlog's writes: as many upserts per id, into a collection indexed like profiles.
+    per_profile = max(1, args.backlog_events // args.backlog_profiles)
+    sized = by_profile["bench-0@example.com"]
+    store_bulk = await bulk_upserts(store, args.store_docs, args.store_batch, sized, rt.members(sized),
+                                    distinct=max(1, args.store_docs // per_profile))
+    store_inserts_unindexed = await bulk_upserts(store, args.store_docs, args.store_batch, sized, rt.members(sized), indexed=False)
     trips.counts.clear()
     queue: asyncio.Queue = asyncio.Queue()
     for event in events:
@@ -187,6 +196,8 @@ async def main() -> None:
         "backlog_concurrency": args.backlog_concurrency,
         "backlog_events_per_s": round(backlog_eps, 1),
         "ratio_to_store_bulk": round(backlog_eps / store_bulk, 3),
+        "store_bulk_inserts_unindexed_per_s": round(store_inserts_unindexed, 1),
+        "ratio_to_unindexed_inserts": round(backlog_eps / store_inserts_unindexed, 3),
         "round_trips_per_event_backlog": round(backlog_trips, 4),
         "round_trips_by_command_backlog": backlog_by_command,
         "merges_per_round_backlog": round(len(backlog) / max(backlog_rounds, 1), 1),
@@ -195,17 +206,29 @@ async def main() -> None:
     }))
 
 
-async def bulk_upserts(store, n: int, batch: int, profile) -> float:  # noqa: ANN001
-    """The store's own rate: unordered bulk upserts of documents the size of a merged profile."""
-    from pymongo import UpdateOne
+async def bulk_upserts(store, n: int, batch: int, profile, members, distinct: int | None = None, indexed: bool = True) -> float:  # noqa: ANN001
+    """The store's own rate: unordered bulk upserts of documents the size of a merged profile, ``batch``
+    a request, over ``distinct`` ids (the first upsert of an id inserts it, the later ones change it),
+    into a collection with the profile collection's indexes (``indexed``) or none."""
+    from pymongo import ASCENDING, UpdateOne
 
     body = profile.model_dump(mode="python", exclude={"id"})
-    raw = store.profiles.database["bench_raw_upserts"]
+    body["esp"] = {esp: {"member": member, "member_hash": member_hash, "dirty_at": datetime.now(timezone.utc), "pending": True}
+                   for esp, (member, member_hash) in members.items()}
+    raw = store.profiles.database["bench_raw_" + uuid.uuid4().hex[:6]]
+    if indexed:
+        async for index in await store.profiles.list_indexes():
+            if index["name"] != "_id_":
+                await raw.create_index([(k, ASCENDING) for k in index["key"]], name=index["name"], unique=index.get("unique", False))
+    distinct = distinct or n
     start = time.perf_counter()
     for first in range(0, n, batch):
-        await raw.bulk_write([UpdateOne({"_id": f"raw-{i}"}, {"$set": {**body, "n": i}}, upsert=True)
+        await raw.bulk_write([UpdateOne({"_id": f"raw-{i % distinct}"},
+                                        {"$set": {**body, "keys": [f"k{i % distinct}a", f"k{i % distinct}b"], "n": i}}, upsert=True)
                               for i in range(first, min(n, first + batch))], ordered=False)
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    await raw.drop()
+    return rate
 
 
 if __name__ == "__main__":

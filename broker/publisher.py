@@ -3,6 +3,11 @@
 ``publish`` returns only after RabbitMQ has confirmed the message into a durable
 queue; anything else (unreachable broker, nack, unroutable, no confirm before
 the deadline) raises :class:`BrokerUnavailable`, and the receiver answers 503.
+
+Group commit: the requests in flight share the channel. A publish does not wait for its frames to
+be written, only for its confirm, so the publishes of one event-loop turn leave in one socket write
+(:class:`_CoalescingWriter`) and RabbitMQ confirms them together (``multiple`` acks): one write and
+one confirm wait per batch, not per request, and no added delay.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import logging
 import uuid
 from typing import Any
 
-import aio_pika
+import aiormq
 import dramatiq
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import AbstractChannel, AbstractConnection
+from aiormq.connection import TransportFactory
+from pamqp import commands as spec
+from yarl import URL
 
 from broker import topology
 from schemas.delivery import Delivery
@@ -34,6 +42,56 @@ def encode_message(queue: str, actor: str, args: tuple[Any, ...], message_id: st
         message_id=message_id or str(uuid.uuid4()),
     )
     return message.message_id, message.encode()
+
+
+class _CoalescingWriter(asyncio.StreamWriter):
+    """A stream writer that joins the writes of one event-loop turn into one socket write.
+
+    aiormq writes each publish's frames on their own; on these machines a write is a system call
+    that costs as much as the rest of a publish. ``drain`` and ``close`` write what is held first.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._held: list[bytes] = []
+        self._flush_at: asyncio.Handle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._held.append(bytes(data))
+        if self._flush_at is None:
+            self._flush_at = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        if self._held and not self.transport.is_closing():
+            data, self._held = b"".join(self._held), []
+            super().write(data)
+        self._held.clear()
+
+    async def drain(self) -> None:
+        self._flush()
+        await super().drain()
+
+    def write_eof(self) -> None:
+        self._flush()
+        super().write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        super().close()
+
+
+class _CoalescingTCP(TransportFactory):
+    async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        kwargs.pop("ssl_context_provider", None)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=kwargs.pop("limit", 2**16), loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.create_connection(lambda: protocol, url.host, url.port, **kwargs)
+        except OSError as e:
+            raise aiormq.exceptions.AMQPConnectionError(*e.args) from e
+        return reader, _CoalescingWriter(transport, protocol, reader, loop)
 
 
 class Publisher:
@@ -63,34 +121,34 @@ class Publisher:
             if self.ready:
                 return
             await self._reset()
+            url = URL(self._url)
             try:
                 async with asyncio.timeout(self._timeout):
-                    connection = await aio_pika.connect(self._url, timeout=self._timeout)
+                    connection = await aiormq.connect(url, transport_factory=_CoalescingTCP() if url.scheme == "amqp" else None)
                     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                     for queue in self._queues:
                         for name, arguments in topology.declarations(queue):
-                            await channel.declare_queue(name, durable=True, arguments=arguments)
-            except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+                            await channel.queue_declare(name, durable=True, arguments=arguments)
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
                 raise BrokerUnavailable(f"cannot connect to RabbitMQ: {type(exc).__name__}") from None
             self._connection, self._channel = connection, channel
 
     async def publish(self, queue: str, body: bytes, message_id: str) -> None:
-        """Publish persistently and wait for the broker's confirm."""
+        """Publish persistently and wait for the broker's confirm (not for the write: see the module)."""
         try:
             async with asyncio.timeout(self._timeout):
                 if not self.ready:
                     await self.connect()
                 assert self._channel is not None
-                await self._channel.default_exchange.publish(
-                    aio_pika.Message(
-                        body,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=message_id,
-                        content_type="application/json",
-                    ),
+                confirm = await self._channel.basic_publish(
+                    body,
                     routing_key=queue,
+                    properties=spec.Basic.Properties(delivery_mode=2, message_id=message_id, content_type="application/json"),
                     mandatory=True,
+                    wait=False,
                 )
+            if not isinstance(confirm, spec.Basic.Ack):
+                raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(confirm).__name__}")
         except BrokerUnavailable:
             raise
         except asyncio.CancelledError:
@@ -99,7 +157,7 @@ class Publisher:
                 raise  # we are being cancelled ourselves
             # Another publish reset the shared connection under this one: no confirm, so no 2xx.
             raise BrokerUnavailable("RabbitMQ connection reset before the confirm") from None
-        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             log.warning("publish to %s failed: %s", queue, type(exc).__name__)
             await self._reset()
             raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(exc).__name__}") from None

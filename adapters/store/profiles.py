@@ -7,6 +7,7 @@ the member it should become (the rest of the sync state is the outbox's, :mod:`a
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 ERASURES = "erasures"
 OPERATION_TIMEOUT_MS = 30_000
 """How long one store operation (one round trip, one batch of a cursor) may take before it fails."""
+LOOKUP_SLICE = 128
+"""Identity keys per lookup of a merge round."""
 # What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
 # and absorbed ids instead), and, with everything else, from pointers.
 PERSONAL = tuple(name for name in Profile.model_fields if name not in {"id", "schema_version", "erased", "identifiers", "merged_from"})
@@ -141,8 +144,13 @@ class ProfileStore:
         """The live profile or tombstone owning each of identity keys ``keys`` (those owned), for a whole
         batch of identities in one round trip."""
         plain = {indexed: key for key in keys for indexed in self.hasher.index_keys(key)}
+        indexed = list(plain)
+        # In slices, side by side: a server may match each document against the whole ``$in`` list
+        # (SecantusDB does), so one list of thousands costs far more than a few short ones.
+        found = await asyncio.gather(*(self.profiles.find({"keys": {"$in": indexed[i:i + LOOKUP_SLICE]}}, batch_size=LOOKUP_SLICE).to_list()
+                                       for i in range(0, len(indexed), LOOKUP_SLICE)))
         owners: dict[str, tuple[Profile, Stored]] = {}
-        async for doc in self.profiles.find({"keys": {"$in": list(plain)}}):
+        for doc in {doc["_id"]: doc for docs in found for doc in docs}.values():
             held = [plain[k] for k in doc.get("keys", []) if k in plain]
             if (split := self._split(doc)) is not None:
                 owners.update({key: split for key in held})
@@ -256,16 +264,17 @@ class ProfileStore:
         return True
 
     async def save(self, profile: Profile, version: int | None, members: Members, urgent: bool = False,
-                   work: Work | None = None, stored: Stored = NEW) -> bool:
+                   work: Work | None = None, stored: Stored = NEW, before: Profile | None = None) -> bool:
         """Write ``profile`` if nobody else has since ``version`` (None: it must be new).
 
         Also records, per ESP target, the member it should become (``members``: target ->
         (member, hash)), and marks it pending where that differs from what was last sent.
         ``work``: per target, addresses to add to its address lists (unsubscribe, retire).
         ``urgent``: a consent change, which the sweeper sends ahead of any backlog. ``stored``: the
-        sync state read with ``version``. Returns False on a lost race.
+        sync state read with ``version``, ``before`` the profile (then only what changed is written).
+        Returns False on a lost race.
         """
-        guard, write = self._write(Save(profile, version, members, urgent, work or {}, stored))
+        guard, write = self._write(Save(profile, version, members, urgent, work or {}, stored, before))
         try:
             if guard is None:
                 await self.profiles.insert_one(write)
@@ -324,14 +333,16 @@ class ProfileStore:
                         for esp, (member, member_hash) in members.items()},
             }
             return None, doc
-        # A plain update, computed from the state read with ``version``: the member hash only changes
-        # with the version, so it is exact; ``pending`` is only ever raised here (the sync lowers it),
-        # so a send the sync records meanwhile can at worst leave a no-op pending behind, never lose one.
-        sets: dict[str, Any] = dict(body)
+        # A plain update, computed from the state read with ``version`` (which every write of the profile
+        # raises): only the fields that changed since, and a member only when its hash changed. The member
+        # hash only changes with the version, so it is exact; ``pending`` is only ever raised here (the
+        # sync lowers it), so a send the sync records meanwhile can at worst leave a no-op pending behind.
+        sets: dict[str, Any] = _changed(body, save.before)
         adds: dict[str, Any] = {}
         for esp, (member, member_hash) in members.items():
             prefix, before, lists = f"esp.{esp}", save.stored.state(esp), work.get(esp, {})
-            sets[f"{prefix}.member"], sets[f"{prefix}.member_hash"] = member, member_hash
+            if member_hash != before.member_hash or save.before is None:
+                sets[f"{prefix}.member"], sets[f"{prefix}.member_hash"] = member, member_hash
             if member_hash != before.member_hash:
                 sets[f"{prefix}.dirty_at"] = now
             adds.update({f"{prefix}.{name}": {"$each": sorted(emails)} for name, emails in lists.items() if emails})
@@ -359,6 +370,15 @@ class ProfileStore:
             raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
 
 
+def _changed(body: dict[str, Any], before: Profile | None) -> dict[str, Any]:
+    """The top-level fields of ``body`` that differ from ``before`` (all without it); the index keys
+    and the write token always (a rekey changes keys without a new version)."""
+    if before is None:
+        return dict(body)
+    old = before.model_dump(mode="python", exclude={"id"})
+    return {k: v for k, v in body.items() if k in ("keys", "written_by") or k not in old or old[k] != v}
+
+
 @dataclass(frozen=True)
 class Save:
     """One profile write of a batch: see :meth:`ProfileStore.save`."""
@@ -369,6 +389,8 @@ class Save:
     urgent: bool = False
     work: Work = field(default_factory=dict)
     stored: Stored = NEW
+    before: Profile | None = None
+    """The profile as read with ``version``: only what changed since is written."""
 
 
 class _Abort(Exception):

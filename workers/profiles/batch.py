@@ -114,7 +114,8 @@ class MergeBatcher:
             members = rt.members(merged)
             work = address_work(profile if stored.version is not None else None, merged, contacts_held(stored, rt.esps))
             urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
-            saves.append((Save(merged, stored.version, members, urgent, work, stored), person.merges, stored))
+            before = profile if stored.version is not None else None
+            saves.append((Save(merged, stored.version, members, urgent, work, stored, before), person.merges, stored))
         written = await rt.store.save_many([save for save, _, _ in saves])
         for (save, merges, stored), ok in zip(saves, written, strict=True):
             if not ok:

@@ -80,7 +80,8 @@ async def merge_into_profile(rt: Runtime, identity: Identity, events: list[Event
         members = rt.members(merged)
         work = address_work(profile if stored.version is not None else None, merged, contacts_held(stored, rt.esps))
         urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
-        if await rt.store.save(merged, stored.version, members, urgent=urgent, work=work, stored=stored):
+        if await rt.store.save(merged, stored.version, members, urgent=urgent, work=work, stored=stored,
+                                before=profile if stored.version is not None else None):
             return Merged(merged.id, changed(members, stored, work), urgent)
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
@@ -129,6 +130,6 @@ async def expire_cart(rt: Runtime, profile_id: str, checkout_id: str, at: dateti
         if expired == profile:
             return None
         members = rt.members(expired)
-        if await rt.store.save(expired, stored.version, members, stored=stored):
+        if await rt.store.save(expired, stored.version, members, stored=stored, before=profile):
             return Merged(expired.id, changed(members, stored))
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
