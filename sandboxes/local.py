@@ -50,14 +50,16 @@ def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_secantus(storage: str = ":memory:") -> tuple[subprocess.Popen, str]:
-    """Start SecantusDB on a free port; returns the process and its MongoDB URI."""
+def start_secantus(storage: str = ":memory:", log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start SecantusDB on a free port; returns the process and its MongoDB URI. ``log``: where its
+    own log goes (it warns there about writes that keep conflicting, for one)."""
     port = free_port()
     binary = Path(sys.executable).with_name("secantusd-py")
+    output = log.open("ab") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(
         [str(binary), "--host", "127.0.0.1", "--port", str(port), "--storage-path", storage],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
     )
     wait_for_port(port, process=process)
     return process, f"mongodb://127.0.0.1:{port}/?directConnection=true"

@@ -187,13 +187,14 @@ def rabbitmq() -> str:
 
 
 @pytest.fixture(scope="session")
-def mongo_uri() -> Iterator[str]:
-    """``MONGODB_URI`` when set (a real replica set); otherwise a SecantusDB process of our own."""
+def mongo_uri(tmp_path_factory) -> Iterator[str]:
+    """``MONGODB_URI`` when set (a real replica set); otherwise a SecantusDB process of our own, its log
+    in the session's temporary directory."""
     uri = os.environ.get("MONGODB_URI")
     if uri:
         yield uri
         return
-    process, uri = start_secantus()
+    process, uri = start_secantus(log=tmp_path_factory.mktemp("secantus") / "secantus.log")
     yield uri
     process.terminate()
     process.wait(timeout=10)
