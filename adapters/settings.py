@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     retry_min_backoff_ms: int = 1_000
     retry_max_backoff_ms: int = 300_000
     worker_threads: int = 8
-    events_worker_threads: int = 8
-    merge_batch_max: int = 1
+    events_worker_threads: int = 32
+    merge_batch_max: int = 100
     merge_batch_window_ms: float = 0.0
 
     esps: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["mailchimp"])

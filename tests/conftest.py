@@ -197,7 +197,11 @@ def mongo_uri(tmp_path_factory) -> Iterator[str]:
     process, uri = start_secantus(log=tmp_path_factory.mktemp("secantus") / "secantus.log")
     yield uri
     process.terminate()
-    process.wait(timeout=10)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # busy in a long operation: it must not outlive the session
+        process.kill()
+        process.wait(timeout=10)
 
 
 @dataclass

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import pymongo
 from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, InsertOne, UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from adapters.store.outbox import PROFILES, Members, Outbox, Work, carry
+from adapters.store.writes import Save, profile_write
 from schemas.errors import StoredProfileInvalid
 from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
 from schemas.sync import NEW, InFlight, Stored
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 ERASURES = "erasures"
 OPERATION_TIMEOUT_MS = 30_000
 """How long one store operation (one round trip, one batch of a cursor) may take before it fails."""
+TRANSACTION_TIMEOUT_S = 10.0
+"""A transaction is a few writes: one that takes longer is stuck behind conflicting writes (SecantusDB
+retries a plain write that conflicts with an open transaction without end), so it aborts, its message
+retries, and the writes it held up go on."""
 LOOKUP_SLICE = 128
 """Identity keys per lookup of a merge round."""
 # What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
@@ -181,7 +189,7 @@ class ProfileStore:
                           f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or any(work.get(esp, {}).values())})
         async with self.client.start_session() as session:
             try:
-                async with await session.start_transaction():
+                async with _transaction(session):
                     for absorbed_id, absorbed_version in absorbed:
                         if not await self._point(absorbed_id, survivor.id, now, session, version=absorbed_version):
                             raise _Abort
@@ -241,7 +249,7 @@ class ProfileStore:
         receipts = self.profiles.database[ERASURES]
         async with self.client.start_session() as session:
             try:
-                async with await session.start_transaction():
+                async with _transaction(session):
                     # Pointers first: they give up the keys the tombstone takes over (the index is unique).
                     for pointer_id, version in plan.pointers:
                         if not await self._point(pointer_id, tomb.id, now, session, version=version):
@@ -274,7 +282,7 @@ class ProfileStore:
         sync state read with ``version``, ``before`` the profile (then only what changed is written).
         Returns False on a lost race.
         """
-        guard, write = self._write(Save(profile, version, members, urgent, work or {}, stored, before))
+        guard, write = profile_write(Save(profile, version, members, urgent, work or {}, stored, before), self.index(profile))
         try:
             if guard is None:
                 await self.profiles.insert_one(write)
@@ -295,7 +303,7 @@ class ProfileStore:
         if not saves:
             return []
         token = uuid.uuid4().hex
-        writes = [self._write(save, token) for save in saves]
+        writes = [profile_write(save, self.index(save.profile), token) for save in saves]
         updates = [guard is not None for guard, _ in writes]
         failed: set[int] = set()
         try:
@@ -312,48 +320,6 @@ class ProfileStore:
         ours = {doc["_id"] async for doc in self.profiles.find({"_id": {"$in": updated}, "written_by": token}, {"_id": 1})} if updated else set()
         return [i not in failed and (not updates[i] or save.profile.id in ours) for i, save in enumerate(saves)]
 
-    def _write(self, save: Save, token: str | None = None) -> tuple[dict[str, Any] | None, Any]:
-        """The write of one :class:`Save`: ``(None, document)`` for a new profile, else the version guard
-        and the update."""
-        profile, version, members, urgent, work = save.profile, save.version, save.members, save.urgent, save.work
-        now = datetime.now(timezone.utc)
-        body = profile.model_dump(mode="python", exclude={"id"})
-        body["keys"] = self.index(profile)
-        if token is not None:
-            body["written_by"] = token
-        if version is None:
-            doc = {
-                "_id": profile.id,
-                **body,
-                "version": 1,
-                "esp": {esp: {"member": member, "member_hash": member_hash, "dirty_at": now,
-                              "pending": member is not None or any(work.get(esp, {}).values()),
-                              "urgent": urgent and (member is not None or any(work.get(esp, {}).values())),
-                              **{name: sorted(emails) for name, emails in work.get(esp, {}).items() if emails}}
-                        for esp, (member, member_hash) in members.items()},
-            }
-            return None, doc
-        # A plain update, computed from the state read with ``version`` (which every write of the profile
-        # raises): only the fields that changed since, and a member only when its hash changed. The member
-        # hash only changes with the version, so it is exact; ``pending`` is only ever raised here (the
-        # sync lowers it), so a send the sync records meanwhile can at worst leave a no-op pending behind.
-        sets: dict[str, Any] = _changed(body, save.before)
-        adds: dict[str, Any] = {}
-        for esp, (member, member_hash) in members.items():
-            prefix, before, lists = f"esp.{esp}", save.stored.state(esp), work.get(esp, {})
-            if member_hash != before.member_hash or save.before is None:
-                sets[f"{prefix}.member"], sets[f"{prefix}.member_hash"] = member, member_hash
-            if member_hash != before.member_hash:
-                sets[f"{prefix}.dirty_at"] = now
-            adds.update({f"{prefix}.{name}": {"$each": sorted(emails)} for name, emails in lists.items() if emails})
-            if (member is not None and member_hash != before.sent_hash) or any(lists.values()):
-                sets[f"{prefix}.pending"] = True
-                if urgent:
-                    sets[f"{prefix}.urgent"] = True
-        update: dict[str, Any] = {"$set": sets, "$inc": {"version": 1}}
-        if adds:
-            update["$addToSet"] = adds
-        return {"_id": profile.id, "version": version}, update
 
     @staticmethod
     def _split(doc: dict[str, Any] | None) -> tuple[Profile, Stored] | None:
@@ -370,27 +336,14 @@ class ProfileStore:
             raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
 
 
-def _changed(body: dict[str, Any], before: Profile | None) -> dict[str, Any]:
-    """The top-level fields of ``body`` that differ from ``before`` (all without it); the index keys
-    and the write token always (a rekey changes keys without a new version)."""
-    if before is None:
-        return dict(body)
-    old = before.model_dump(mode="python", exclude={"id"})
-    return {k: v for k, v in body.items() if k in ("keys", "written_by") or k not in old or old[k] != v}
+@asynccontextmanager
+async def _transaction(session: AsyncClientSession) -> AsyncIterator[None]:
+    """A transaction within :data:`TRANSACTION_TIMEOUT_S`."""
+    with pymongo.timeout(TRANSACTION_TIMEOUT_S):
+        async with await session.start_transaction():
+            yield
 
 
-@dataclass(frozen=True)
-class Save:
-    """One profile write of a batch: see :meth:`ProfileStore.save`."""
-
-    profile: Profile
-    version: int | None
-    members: Members
-    urgent: bool = False
-    work: Work = field(default_factory=dict)
-    stored: Stored = NEW
-    before: Profile | None = None
-    """The profile as read with ``version``: only what changed since is written."""
 
 
 class _Abort(Exception):

@@ -134,7 +134,7 @@ async def test_identifiers_are_indexed_by_keyed_hashes_and_older_profiles_are_re
 
 
 async def test_batch_writes_know_their_own_and_leave_nothing_behind_in_a_pointer(store):
-    from adapters.store.profiles import Save
+    from adapters.store.writes import Save
 
     a, b = person("pa", "pa@example.com"), person("pb", "pb@example.com")
     assert await store.save_many([Save(a, None, {"mailchimp": ({"m": 1}, "h1")}), Save(b, None, {"mailchimp": ({"m": 2}, "h2")})]) == [True, True]

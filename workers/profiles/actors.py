@@ -1,7 +1,7 @@
 """The profile stage's actors: thin. Each moves a message through the pure core and the store.
 
 ``process_event``: validate -> map -> context -> merge (+ enrich) into MongoDB (in rounds with the other
-messages in flight, ``batch.py``, when ``MERGETAG_MERGE_BATCH_MAX`` > 1) -> schedule the sync.
+messages in flight, ``batch.py``, unless ``MERGETAG_MERGE_BATCH_MAX`` is 1) -> schedule the sync.
 ``check_abandonment``: a delayed message; an open checkout still untouched becomes an abandoned cart.
 """
 

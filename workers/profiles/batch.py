@@ -15,7 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from adapters.store.profiles import Save
+from adapters.store.writes import Save
 from schemas.events import Event, Identity
 from schemas.profile import Profile
 from schemas.sync import NEW, Stored
