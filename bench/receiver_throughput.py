@@ -2,7 +2,9 @@
 
 Both servers run as their own processes on this machine and are measured in the
 same run, alternating, by the same load generator; the ratio is what to compare
-across runs (the machines are shared and noisy). Prints one JSON object.
+across runs (the machines are shared and noisy). ``p50_ms``/``p99_ms``: the receiver's
+time from request to answer (a 202 only after RabbitMQ's confirm) at ``--concurrency``
+connections. Prints one JSON object.
 
     python bench/receiver_throughput.py [--requests 4000] [--concurrency 64] [--rounds 2]
 """
@@ -50,8 +52,9 @@ def payload(i: int) -> bytes:
     return json.dumps(sample).encode()
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, int]:
-    """Send every body once with ``concurrency`` in flight; returns (requests/s, accepted)."""
+async def load(url: str, bodies: list[bytes], concurrency: int, latencies: list[float] | None = None) -> tuple[float, int]:
+    """Send every body once with ``concurrency`` in flight; returns (requests/s, accepted). Each
+    request's time to its answer goes into ``latencies`` (seconds)."""
     accepted = 0
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
@@ -63,9 +66,12 @@ async def load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, 
             body = queue.get_nowait()
             headers = {"X-Shopify-Topic": "customers/update", "X-Shopify-Hmac-Sha256": sign(body, SECRET),
                        "X-Shopify-Webhook-Id": str(uuid.uuid4()), "Content-Type": "application/json"}
+            sent = time.perf_counter()
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 accepted += response.status == 202
+            if latencies is not None:
+                latencies.append(time.perf_counter() - sent)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         start = time.perf_counter()
@@ -94,9 +100,9 @@ async def main() -> None:
         bodies = [payload(i) for i in range(args.requests)]
         await load(f"http://127.0.0.1:{receiver_port}/webhooks/shopify", bodies[:200], args.concurrency)  # warm-up
         await load(f"http://127.0.0.1:{bare_port}/webhooks/shopify", bodies[:200], args.concurrency)
-        receiver_runs, bare_runs, accepted_total = [], [], 0
+        receiver_runs, bare_runs, accepted_total, latencies = [], [], 0, []
         for _ in range(args.rounds):
-            rps, accepted = await load(f"http://127.0.0.1:{receiver_port}/webhooks/shopify", bodies, args.concurrency)
+            rps, accepted = await load(f"http://127.0.0.1:{receiver_port}/webhooks/shopify", bodies, args.concurrency, latencies)
             receiver_runs.append(rps)
             accepted_total += accepted
             bare_runs.append((await load(f"http://127.0.0.1:{bare_port}/webhooks/shopify", bodies, args.concurrency))[0])
@@ -109,6 +115,7 @@ async def main() -> None:
         admin.drop_queues(AMQP_URL, prefix)
 
     receiver_rps, bare_rps = statistics.median(receiver_runs), statistics.median(bare_runs)
+    cuts = statistics.quantiles(latencies, n=100)
     print(json.dumps({
         "receiver_rps": round(receiver_rps, 1),
         "bare_rps": round(bare_rps, 1),
@@ -116,6 +123,8 @@ async def main() -> None:
         "requests_per_round": args.requests,
         "rounds": args.rounds,
         "concurrency": args.concurrency,
+        "p50_ms": round(cuts[49] * 1000, 2),
+        "p99_ms": round(cuts[98] * 1000, 2),
         "accepted": accepted_total,
         "confirmed_in_queue": in_queue - 200,
     }))

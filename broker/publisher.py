@@ -94,6 +94,14 @@ class _CoalescingTCP(TransportFactory):
         return reader, _CoalescingWriter(transport, protocol, reader, loop)
 
 
+class _Connection(aiormq.Connection):
+    """aiormq's connection with room for the frames of every request in flight: with its default of
+    10, publishers wait for the writer one at a time, holding the channel, and a write leaves per
+    publish again. Backpressure stays: past this many frames a publish waits for the socket."""
+
+    FRAME_BUFFER_SIZE = 1024
+
+
 class Publisher:
     """One AMQP connection and confirm-mode channel, re-opened on demand.
 
@@ -124,7 +132,8 @@ class Publisher:
             url = URL(self._url)
             try:
                 async with asyncio.timeout(self._timeout):
-                    connection = await aiormq.connect(url, transport_factory=_CoalescingTCP() if url.scheme == "amqp" else None)
+                    connection = _Connection(url, transport_factory=_CoalescingTCP() if url.scheme == "amqp" else None)
+                    await connection.connect()
                     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                     for queue in self._queues:
                         for name, arguments in topology.declarations(queue):
