@@ -14,6 +14,8 @@ from typing import Any
 
 from pymongo import DESCENDING, AsyncMongoClient
 
+from adapters.store.outbox import each
+
 ERASURES = "erasures"
 OPEN = ("pending", "deleted", "failed")
 
@@ -78,7 +80,8 @@ class ErasureReceipts:
         """Every open receipt of the erased profile ``profile_id`` reaches ``state`` at ``target``."""
         at = f"targets.{target}"
         update = {f"{at}.status": state, f"{at}.at": datetime.now(timezone.utc), f"{at}.reason": reason}
-        await self.collection.update_many({"profile_ids": profile_id, f"{at}.status": {"$in": list(OPEN)}}, {"$set": update})
+        where = {"profile_ids": profile_id, f"{at}.status": {"$in": list(OPEN)}}
+        await each(self.collection, await self._ids(where), where, {"$set": update})
 
     async def removed(self, receipt_id: str, **counts: int) -> None:
         """Raw payloads of the person the erasure removed (dead letters, quarantined deliveries)."""
@@ -86,5 +89,9 @@ class ErasureReceipts:
 
     async def late_event(self, profile_id: str) -> None:
         """An event for the erased person arrived and was dropped: counted on the person's receipts."""
-        await self.collection.update_many({"profile_ids": profile_id}, {"$inc": {"late_events": 1}})
+        where = {"profile_ids": profile_id}
+        await each(self.collection, await self._ids(where), where, {"$inc": {"late_events": 1}})
+
+    async def _ids(self, where: dict[str, Any]) -> list[str]:
+        return [doc["_id"] async for doc in self.collection.find(where, {"_id": 1})]
 

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 
 from schemas.errors import SyncBusy
 from schemas.sync import ADDRESS_LISTS, InFlight, SyncState
@@ -142,18 +143,15 @@ class Outbox:
         prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
         free = {"$or": [{f"{prefix}.sending_until": {"$exists": False}}, {f"{prefix}.sending_until": None},
                         {f"{prefix}.sending_until": {"$lte": now}}]}
-        await self.profiles.update_many(
-            {"_id": {"$in": profile_ids}, "merged_into": {"$exists": False}, **free},
-            {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}},
-        )
+        await each(self.profiles, profile_ids, {"merged_into": {"$exists": False}, **free},
+                   {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}})
         cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
         return {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}, token
 
     async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
         """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure
         of any of them waits for it (it could otherwise land after the deletion)."""
-        await self.profiles.update_many({"_id": {"$in": profile_ids}, f"esp.{esp}.sending_token": token},
-                                        {"$addToSet": {f"esp.{esp}.jobs": job_id}})
+        await each(self.profiles, profile_ids, {f"esp.{esp}.sending_token": token}, {"$addToSet": {f"esp.{esp}.jobs": job_id}})
 
     async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
         await self.profiles.update_one(_owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})
@@ -180,7 +178,7 @@ class Outbox:
     async def park(self, profile_ids: list[str], esp: str) -> None:
         """Leave pending profiles to the sweeper's next run (their ESP is down): they wait in MongoDB
         rather than cycling through the queue. Send leases are not touched."""
-        await self.profiles.update_many({"_id": {"$in": profile_ids}}, {"$unset": {f"esp.{esp}.swept_at": ""}})
+        await each(self.profiles, profile_ids, {}, {"$unset": {f"esp.{esp}.swept_at": ""}})
 
     async def release_send(self, profile_id: str, esp: str, token: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
@@ -227,9 +225,8 @@ class Outbox:
     async def resend(self, esp: str, profile_ids: list[str]) -> None:
         """Forget what was sent, so the sync sends these members again."""
         prefix = f"esp.{esp}"
-        await self.profiles.update_many({"_id": {"$in": profile_ids}},
-                                        {"$unset": {f"{prefix}.sent_hash": ""}, "$set": {f"{prefix}.pending": True,
-                                                                                       f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
+        await each(self.profiles, profile_ids, {}, {"$unset": {f"{prefix}.sent_hash": ""},
+                                                    "$set": {f"{prefix}.pending": True, f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
 
     async def count_pending(self, esp: str, cap: int) -> int:
         """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
@@ -260,5 +257,14 @@ class Outbox:
         cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
         ids = [doc["_id"] async for doc in cursor]
         if ids:
-            await self.profiles.update_many({"_id": {"$in": ids}, **unswept}, {"$set": {f"{prefix}.swept_at": now}})
+            await each(self.profiles, ids, unswept, {"$set": {f"{prefix}.swept_at": now}})
         return ids
+
+
+async def each(collection: AsyncCollection, ids: list[str], where: dict[str, Any], update: dict[str, Any]) -> None:
+    """``update`` each document of ``ids`` that matches ``where``: one unordered bulk write of
+    single-document updates, never a multi-document update. (SecantusDB runs a multi-document update
+    holding the collection's lock while it retries a conflict with an open transaction, and that
+    transaction's next statement waits for the lock: neither moves until the transaction expires.)"""
+    if ids:
+        await collection.bulk_write([UpdateOne({"_id": i, **where}, update) for i in ids], ordered=False)

@@ -51,7 +51,7 @@ async def batch_with_good_and_bad_members(pipeline, sandbox, http):
         docs = [d async for d in pipeline.db.profiles.find({"_id": {"$in": ids}})]
         return docs if all(not d["esp"]["mailchimp"]["pending"] or d["esp"]["mailchimp"].get("failed_code") for d in docs) else None
 
-    docs = await eventually(settled, timeout=60)
+    docs = await eventually(settled, timeout=180)
     by_email = {d["email"]: d["esp"]["mailchimp"] for d in docs}
     assert all(by_email[e]["sent_hash"] == by_email[e]["member_hash"] for e in good)
     assert all(by_email[e]["failed_code"] == "esp_rejected" and "sent_hash" not in by_email[e] for e in bad)
