@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from pymongo import monitoring  # noqa: E402
 
+from bench._store import bulk_upserts  # noqa: E402
+
 
 class RoundTrips(monitoring.CommandListener):
     def __init__(self) -> None:
@@ -204,31 +206,6 @@ async def main() -> None:
         "round_trips_per_event_live": round(live_trips, 3),
         "orders_of_backlog_profile_0": check[0].computed.order_count,
     }))
-
-
-async def bulk_upserts(store, n: int, batch: int, profile, members, distinct: int | None = None, indexed: bool = True) -> float:  # noqa: ANN001
-    """The store's own rate: unordered bulk upserts of documents the size of a merged profile, ``batch``
-    a request, over ``distinct`` ids (the first upsert of an id inserts it, the later ones change it),
-    into a collection with the profile collection's indexes (``indexed``) or none."""
-    from pymongo import ASCENDING, UpdateOne
-
-    body = profile.model_dump(mode="python", exclude={"id"})
-    body["esp"] = {esp: {"member": member, "member_hash": member_hash, "dirty_at": datetime.now(timezone.utc), "pending": True}
-                   for esp, (member, member_hash) in members.items()}
-    raw = store.profiles.database["bench_raw_" + uuid.uuid4().hex[:6]]
-    if indexed:
-        async for index in await store.profiles.list_indexes():
-            if index["name"] != "_id_":
-                await raw.create_index([(k, ASCENDING) for k in index["key"]], name=index["name"], unique=index.get("unique", False))
-    distinct = distinct or n
-    start = time.perf_counter()
-    for first in range(0, n, batch):
-        await raw.bulk_write([UpdateOne({"_id": f"raw-{i % distinct}"},
-                                        {"$set": {**body, "keys": [f"k{i % distinct}a", f"k{i % distinct}b"], "n": i}}, upsert=True)
-                              for i in range(first, min(n, first + batch))], ordered=False)
-    rate = n / (time.perf_counter() - start)
-    await raw.drop()
-    return rate
 
 
 if __name__ == "__main__":
