@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -118,6 +119,7 @@ class Publisher:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        self._confirmed_at = 0.0
 
     @property
     def ready(self) -> bool:
@@ -143,7 +145,12 @@ class Publisher:
             self._connection, self._channel = connection, channel
 
     async def publish(self, queue: str, body: bytes, message_id: str) -> None:
-        """Publish persistently and wait for the broker's confirm (not for the write: see the module)."""
+        """Publish persistently and wait for the broker's confirm (not for the write: see the module).
+
+        A publish that times out resets the connection only when nothing was confirmed since it began
+        (the connection looks dead); a broker that is merely slow keeps it, and the requests in flight
+        with their confirms."""
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._timeout):
                 if not self.ready:
@@ -158,6 +165,7 @@ class Publisher:
                 )
             if not isinstance(confirm, spec.Basic.Ack):
                 raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(confirm).__name__}")
+            self._confirmed_at = time.monotonic()
         except BrokerUnavailable:
             raise
         except asyncio.CancelledError:
@@ -168,7 +176,8 @@ class Publisher:
             raise BrokerUnavailable("RabbitMQ connection reset before the confirm") from None
         except (OSError, TimeoutError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             log.warning("publish to %s failed: %s", queue, type(exc).__name__)
-            await self._reset()
+            if not isinstance(exc, TimeoutError) or self._confirmed_at < started:
+                await self._reset()
             raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(exc).__name__}") from None
 
     async def close(self) -> None:

@@ -174,6 +174,18 @@ async def post_webhook(
         return Reply(response.status, dict(response.headers), await response.read())
 
 
+async def deliver_webhook(session: aiohttp.ClientSession, base_url: str, topic: str, payload: dict[str, Any] | bytes,
+                          *, deadline_s: float = 120.0, **options: Any) -> Reply:
+    """:func:`post_webhook` as a sender does it: a 503 (no confirm from a busy broker) is retried after a
+    short pause, until ``deadline_s``; returns the last answer."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        reply = await post_webhook(session, base_url, topic, payload, **options)
+        if reply.status != 503 or time.monotonic() > deadline:
+            return reply
+        await asyncio.sleep(0.5)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Every process the tests start hashes identifiers with the tests' own key."""
     os.environ.setdefault("MERGETAG_IDENTITY_HASH_KEYS", IDENTITY_HASH_KEY)

@@ -8,7 +8,7 @@ import random
 import uuid
 from typing import Any
 
-from tests.conftest import eventually, own_pipeline, post_webhook, spawn, start_mailchimp, stop_sandbox
+from tests.conftest import deliver_webhook, eventually, own_pipeline, spawn, start_mailchimp, stop_sandbox
 from tests.support.samples import customer, order
 
 PEOPLE = 40
@@ -42,7 +42,7 @@ async def run(deliveries, pipeline, http) -> dict[str, dict[str, Any]]:
 
     async def send(topic: str, body: dict[str, Any]) -> None:
         async with gate:
-            assert (await post_webhook(http, pipeline.url, topic, body, webhook_id=uuid.uuid4().hex)).status == 202
+            assert (await deliver_webhook(http, pipeline.url, topic, body, webhook_id=uuid.uuid4().hex)).status == 202
 
     await asyncio.gather(*(send(topic, body) for topic, body in deliveries))
 

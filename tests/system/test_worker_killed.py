@@ -9,7 +9,7 @@ import signal
 import uuid
 from decimal import Decimal
 
-from tests.conftest import eventually, own_pipeline, post_webhook, queue_counts, spawn
+from tests.conftest import deliver_webhook, eventually, own_pipeline, queue_counts, spawn
 from tests.system.test_batched_merge import EVENTS_PER_PERSON, PEOPLE, burst
 
 ORDERS = [n for n in range(EVENTS_PER_PERSON) if n % 3 == 2]
@@ -28,7 +28,7 @@ async def test_a_worker_killed_mid_round_loses_nothing_and_doubles_nothing(rabbi
 
         async def send(topic, body):
             async with gate:
-                assert (await post_webhook(http, pipeline.url, topic, body, webhook_id=uuid.uuid4().hex)).status == 202
+                assert (await deliver_webhook(http, pipeline.url, topic, body, webhook_id=uuid.uuid4().hex)).status == 202
 
         await asyncio.gather(*(send(topic, body) for topic, body in deliveries))
         doomed = spawn(pipeline.env, tmp_path / "worker-doomed.log", "worker")
