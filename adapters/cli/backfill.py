@@ -18,8 +18,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from dramatiq.common import xq_name
+from pika.exceptions import AMQPError
 from pymongo import AsyncMongoClient, monitoring
-from pymongo.errors import OperationFailure
+from pymongo.errors import OperationFailure, PyMongoError
+from redis.exceptions import RedisError
 
 from adapters.cli.summary import Quiet, Tally, esp_requests, per_second, pull_summary, render, store_requests
 from adapters.settings import Settings, get_settings
@@ -83,31 +85,38 @@ class Follower:
 
         outbox, quiet = Outbox(self.client, self.settings.mongodb_database), Quiet(settle_s)
         deadline = time.monotonic() + deadline_s
+        depths: dict[str, int] = {}
         queued: dict[str, int] = {}
-        pending = {name: None for name in self.accounts}
+        pending: dict[str, int | None] = {name: None for name in self.accounts}
         while True:
-            depths = await self._depths()
-            queued = {name: n for name, n in depths.items() if n and not name.endswith(".XQ")}
-            if queued:
-                pending = {name: None for name in self.accounts}
-            else:
-                pending = {name: await outbox.count_pending(name, cap=10_000_000) for name in self.accounts}
-            progress.status(", ".join([f"{n:,} queued in {q}" for q, n in queued.items()]
-                                      + [f"{n:,} pending for {t}" for t, n in pending.items() if n]) or "settling")
-            if quiet.observe(not queued and not any(pending.values()), time.monotonic()) or time.monotonic() > deadline:
+            try:
+                depths = await self._depths()
+                queued = {name: n for name, n in depths.items() if n and not name.endswith(".XQ")}
+                pending = {name: None if queued else await outbox.count_pending(name, cap=10_000_000) for name in self.accounts}
+                idle = not queued and not any(pending.values())
+                if idle and quiet.since is None:
+                    # The counts as the work looked done: the idle processes' own polling while it settles is not the backfill's.
+                    counts = await self._counts()
+                progress.status(", ".join([f"{n:,} queued in {q}" for q, n in queued.items()]
+                                          + [f"{n:,} pending for {t}" for t, n in pending.items() if n]) or "settling")
+            except (AMQPError, PyMongoError, RedisError, OSError) as exc:  # a reading that failed proves nothing: read again
+                idle = False
+                progress.status(f"could not read the pipeline ({type(exc).__name__}), reading again")
+            if quiet.observe(idle, time.monotonic()) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(POLL_S)
         drained = quiet.since is not None and time.monotonic() - quiet.since >= settle_s
         done = quiet.since if drained else time.monotonic()
+        if not drained:
+            counts = await self._counts()
+        after, own, esp_after = counts
         synced = {name: await outbox.count_sent_since(name, self.started_at) for name in self.accounts}
-        after = await self._server_requests()
         return {
             "drained": drained, "settle_s": settle_s, "elapsed_s": round(done - started, 2), "events_per_s": per_second(events, done - started),
             "queued": queued, "pending": pending,
             "dead_letters": {q: n - self.dead_before.get(q, 0) for q, n in (await self._dead_letters(depths)).items()},
-            # The first command was the baseline reading, which its own count already holds.
-            "store": store_requests(self.requests_before, after, self.counted.commands - 1, events),
-            "esp": esp_requests(self.accounts, self.batch_limits, synced, self.esp_before, await self._esp_requests()),
+            "store": store_requests(self.requests_before, after, own, events),
+            "esp": esp_requests(self.accounts, self.batch_limits, synced, self.esp_before, esp_after),
         }
 
     async def _depths(self) -> dict[str, int]:
@@ -119,6 +128,12 @@ class Follower:
         from broker import topology
 
         return {q: depths.get(xq_name(q), 0) for q in topology.all_queues(self.settings.queue_prefix)}
+
+    async def _counts(self) -> tuple[int | None, int, dict[str, dict[str, int]]]:
+        """The server's request count, how many of them were this command's own since the baseline
+        (which that reading already held), and the ESP accounts' request counts."""
+        requests = await self._server_requests()
+        return requests, self.counted.commands - 1, await self._esp_requests()
 
     async def _server_requests(self) -> int | None:
         try:
