@@ -36,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--progress-every", type=int, default=10, metavar="PAGES", help="without a terminal: a progress line per this many pages")
     p.add_argument("--wait", action="store_true",
-                   help="then follow the pipeline until everything published is merged and synced (the prefix's queues empty, no "
+                   help="then follow the pipeline until everything published is merged and synced (no event queued, no "
                         "profile pending for any ESP target) and add what it cost: store requests per event (the server's "
                         "serverStatus numRequests delta: it counts every client's requests on that server, so it is meaningful "
                         "on a dedicated deployment or sandbox) and each ESP account's write requests against the minimum, "
                         "ceil(profiles synced / batch size); exits 1 when the deadline passes first")
     p.add_argument("--deadline", type=float, default=3600.0, metavar="SECONDS", help="with --wait: the longest wait (default 3600)")
     p.add_argument("--settle", type=float, default=5.0, metavar="SECONDS",
-                   help="with --wait: how long nothing may be queued or pending before it counts as done (messages a worker "
+                   help="with --wait: how long no event may be queued and no profile pending before it counts as done (messages a worker "
                         "holds are invisible to the queue; default 5)")
     p.set_defaults(func=cmd_pull)
 

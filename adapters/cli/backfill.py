@@ -1,10 +1,12 @@
 """``mergetag pull``: pull a REST source now, through the webhooks' path, with progress and a summary.
 
 With ``--wait`` the command then follows the pipeline until what it published is merged and
-synced, and reports what that cost. Its readings: the events and sync queues of the prefix
-(messages ready, over AMQP), the profiles pending for each configured ESP target (the outbox),
-the store server's ``serverStatus`` request counter, and the ESP guards' request counts (Redis).
-It reads MongoDB only once the queues are empty, so its own requests barely touch the count.
+synced, and reports what that cost. Done: no message ready in the events queue or its delay
+queue (over AMQP) and no profile pending for any configured ESP target (the outbox) — a merge
+marks its profile pending in the same write, so nothing merged is left unsent; sync messages
+still queued then find their profile sent and do nothing. The cost: the store server's
+``serverStatus`` request counter and the ESP guards' request counts (Redis). It reads MongoDB
+only once the events queue is empty, so its own requests barely touch the count.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pymongo import AsyncMongoClient, monitoring
 from pymongo.errors import OperationFailure, PyMongoError
 from redis.exceptions import RedisError
 
-from adapters.cli.summary import Quiet, Tally, esp_requests, per_second, pull_summary, render, store_requests
+from adapters.cli.summary import Quiet, Tally, esp_requests, per_second, pull_summary, render, still_merging, store_requests
 from adapters.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -80,10 +82,12 @@ class Follower:
         return follower
 
     async def follow(self, progress: Progress, events: int, started: float, deadline_s: float, settle_s: float) -> dict[str, Any]:
-        """Poll until nothing is queued or pending for ``settle_s`` in a row, or ``deadline_s`` passed."""
+        """Poll until no event is queued and no profile pending for ``settle_s`` in a row, or ``deadline_s`` passed."""
         from adapters.store.outbox import Outbox
+        from broker import topology
 
         outbox, quiet = Outbox(self.client, self.settings.mongodb_database), Quiet(settle_s)
+        events_queue = topology.events_queue(self.settings.queue_prefix)
         deadline = time.monotonic() + deadline_s
         depths: dict[str, int] = {}
         queued: dict[str, int] = {}
@@ -92,8 +96,10 @@ class Follower:
             try:
                 depths = await self._depths()
                 queued = {name: n for name, n in depths.items() if n and not name.endswith(".XQ")}
-                pending = {name: None if queued else await outbox.count_pending(name, cap=10_000_000) for name in self.accounts}
-                idle = not queued and not any(pending.values())
+                merging = still_merging(queued, events_queue)
+                pending = {name: None if merging else await outbox.count_pending(name, cap=10_000_000) for name in self.accounts}
+                # Sync messages may be left once nothing is pending: they find their profile sent and do nothing.
+                idle = not merging and not any(pending.values())
                 if idle and quiet.since is None:
                     # The counts as the work looked done: the idle processes' own polling while it settles is not the backfill's.
                     counts = await self._counts()

@@ -82,6 +82,12 @@ class Quiet:
         return now - self.since >= self.settle
 
 
+def still_merging(queued: Mapping[str, int], events_queue: str) -> bool:
+    """Whether events wait to be merged: messages ready in the events queue or its delay queue
+    (``<queue>.DQ``; its dead letters, ``.XQ``, wait for an operator, not for the pipeline)."""
+    return any(n for name, n in queued.items() if name in (events_queue, f"{events_queue}.DQ"))
+
+
 def pull_summary(tally: Tally, now: float, checkpoints: Mapping[str, str]) -> dict[str, Any]:
     """Records and pages per resource, events published, elapsed and events per second of the pull."""
     elapsed = max(tally.ended.values(), default=now) - tally.started

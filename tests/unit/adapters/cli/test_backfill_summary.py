@@ -3,7 +3,7 @@
 import io
 
 from adapters.cli.progress import Progress
-from adapters.cli.summary import Quiet, Tally, esp_requests, pull_summary, render, store_requests
+from adapters.cli.summary import Quiet, Tally, esp_requests, pull_summary, render, still_merging, store_requests
 
 
 def pulled() -> Tally:
@@ -44,6 +44,12 @@ def test_done_only_after_idle_held_for_the_whole_settle_time():
     assert not quiet.observe(True, 15.9)
     assert quiet.observe(True, 16.0)
     assert quiet.since == 13.0  # when the work was done, not when the wait ended
+
+
+def test_events_still_merge_while_the_events_queue_or_its_delay_queue_holds_any():
+    assert still_merging({"p.events": 3}, "p.events") and still_merging({"p.events.DQ": 1}, "p.events")
+    # Sync messages left once nothing is pending find their profile sent; dead letters wait for an operator.
+    assert not still_merging({"p.sync": 700, "p.events.XQ": 2, "p.events": 0}, "p.events")
 
 
 def test_store_requests_per_event_leave_out_the_commands_own_readings():
