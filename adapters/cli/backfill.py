@@ -165,10 +165,11 @@ async def backfill(resources: list[str], since: str | None, progress: Progress, 
 
     settings = get_settings()
     publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
-    follower = await Follower.start(settings) if wait else None
     puller, store = shopify_puller(settings, publisher)
-    progress.tally.started = time.monotonic()  # after the baseline: the summary times the pull and the pipeline only
+    follower = None
     try:
+        follower = await Follower.start(settings) if wait else None
+        progress.tally.started = time.monotonic()  # after the baseline: the summary times the pull and the pipeline only
         checkpoints = {}
         with progress:
             for resource in resources:
