@@ -62,6 +62,13 @@ class ShopifySandbox:
         self.records: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in RESOURCES}
         self.bucket = LeakyBucket(capacity, leak_per_s)
         self.stats = {"requests": 0, "throttled": 0}
+        self._sorted: dict[str, list[dict[str, Any]] | None] = {r: None for r in RESOURCES}
+
+    def ordered(self, resource: str) -> list[dict[str, Any]]:
+        """Records in listing order, sorted once per change (a backfill pages through tens of thousands)."""
+        if self._sorted[resource] is None:
+            self._sorted[resource] = sorted(self.records[resource].values(), key=lambda r: (r["updated_at_sort"], r["id"]))
+        return self._sorted[resource]
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -105,7 +112,7 @@ class ShopifySandbox:
             status = query.get("status", "open") if resource == "orders" else None
         if status is not None and status not in ORDER_STATUSES:
             return web.json_response({"errors": {"status": "Invalid value."}}, status=400, headers=limit_header)
-        rows = sorted(self.records[resource].values(), key=lambda r: (r["updated_at_sort"], r["id"]))
+        rows = self.ordered(resource)
         if status is not None:
             rows = [r for r in rows if ORDER_STATUSES[status](r)]
         if since:
@@ -146,6 +153,7 @@ class ShopifySandbox:
         for record in records:
             record["updated_at_sort"] = _parse(record["updated_at"]).timestamp()
             self.records[resource][str(record["id"])] = record
+        self._sorted[resource] = None
         return web.json_response({"count": len(self.records[resource])})
 
     async def get_stats(self, request: web.Request) -> web.Response:
@@ -163,6 +171,24 @@ def demo_customers(n: int, start: datetime | None = None) -> list[dict[str, Any]
     ]
 
 
+def demo_orders(n: int, customers: int, start: datetime | None = None) -> list[dict[str, Any]]:
+    """``n`` orders in Shopify's shape, spread round-robin over the first ``customers`` of
+    :func:`demo_customers` (each carries its customer), one second apart; every tenth is closed."""
+    start = start or datetime(2026, 2, 1, tzinfo=timezone.utc)
+    orders = []
+    for i in range(n):
+        c = i % customers
+        at = _iso(start + timedelta(seconds=i))
+        customer = {"id": 7_000_000_000_000 + c, "admin_graphql_api_id": f"gid://shopify/Customer/{7_000_000_000_000 + c}",
+                    "email": f"pulled-{c}@example.com"}
+        orders.append({"id": 5_500_000_000_000 + i, "admin_graphql_api_id": f"gid://shopify/Order/{5_500_000_000_000 + i}",
+                       "email": customer["email"], "customer": customer, "name": f"#{1000 + i}", "total_price": f"{10 + i % 90}.00",
+                       "currency": "EUR", "closed_at": at if i % 10 == 0 else None, "cancelled_at": None, "created_at": at, "updated_at": at,
+                       "line_items": [{"product_id": 900 + i % 7, "title": f"Item {i % 7}", "product_type": "demo",
+                                       "price": f"{10 + i % 90}.00", "quantity": 1}]})
+    return orders
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Shopify Admin REST sandbox")
     parser.add_argument("--host", default="127.0.0.1")
@@ -171,11 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity", type=int, default=40)
     parser.add_argument("--leak", type=float, default=2.0)
     parser.add_argument("--demo-customers", type=int, default=0)
+    parser.add_argument("--demo-orders", type=int, default=0, help="orders of the demo customers (needs --demo-customers)")
     args = parser.parse_args(argv)
     sandbox = ShopifySandbox(args.token, args.capacity, args.leak)
-    for record in demo_customers(args.demo_customers):
-        record["updated_at_sort"] = _parse(record["updated_at"]).timestamp()
-        sandbox.records["customers"][str(record["id"])] = record
+    demo = {"customers": demo_customers(args.demo_customers),
+            "orders": demo_orders(args.demo_orders, args.demo_customers) if args.demo_customers else []}
+    for resource, records in demo.items():
+        for record in records:
+            record["updated_at_sort"] = _parse(record["updated_at"]).timestamp()
+            sandbox.records[resource][str(record["id"])] = record
     web.run_app(sandbox.app(), host=args.host, port=args.port, print=lambda *_: print(f"shopify sandbox on {args.host}:{args.port}", flush=True))
 
 

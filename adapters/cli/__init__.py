@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from adapters import logs
+from adapters.cli.backfill import cmd_pull
 from adapters.cli.operate import cmd_dlq, cmd_quarantine, cmd_queues, dead_letter_filters
 from adapters.cli.people import cmd_erase, cmd_esp, cmd_preview, cmd_profile, cmd_reconcile
-from adapters.cli.run import cmd_admin, cmd_poller, cmd_pull, cmd_receiver, cmd_sync, cmd_worker
+from adapters.cli.run import cmd_admin, cmd_poller, cmd_receiver, cmd_sync, cmd_worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="run the background ESP sync (sync workers and the pending sweeper)")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("pull", help="pull changed records from a REST source now")
+    p = sub.add_parser("pull", help="pull changed records from a REST source now (a backfill: with --since 1970-01-01, everything)",
+                       description="Pull through the webhooks' path, with progress on stderr (a bar on a terminal, a line per "
+                                   "--progress-every pages elsewhere) and a summary on stdout.")
     p.add_argument("source", choices=["shopify"])
     p.add_argument("--since", help="ISO time; default: the stored checkpoint")
     p.add_argument("--resource", choices=["customers", "orders", "all"], default="all")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--progress-every", type=int, default=10, metavar="PAGES", help="without a terminal: a progress line per this many pages")
+    p.add_argument("--wait", action="store_true",
+                   help="then follow the pipeline until everything published is merged and synced (no event queued, no "
+                        "profile pending for any ESP target) and add what it cost: store requests per event (the server's "
+                        "serverStatus numRequests delta: it counts every client's requests on that server, so it is meaningful "
+                        "on a dedicated deployment or sandbox) and each ESP account's write requests against the minimum, "
+                        "ceil(profiles synced / batch size); exits 1 when the deadline passes first")
+    p.add_argument("--deadline", type=float, default=3600.0, metavar="SECONDS", help="with --wait: the longest wait (default 3600)")
+    p.add_argument("--settle", type=float, default=5.0, metavar="SECONDS",
+                   help="with --wait: how long no event may be queued and no profile pending before it counts as done (messages a worker "
+                        "holds are invisible to the queue; default 5)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("poller", help="pull REST sources on a schedule (MERGETAG_SHOPIFY_PULL_INTERVAL_S)")

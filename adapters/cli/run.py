@@ -8,8 +8,9 @@ import json
 import logging
 import signal
 import threading
+from typing import Any
 
-from adapters.settings import get_settings
+from adapters.settings import Settings, get_settings
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
@@ -95,51 +96,50 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return _serve([topology.sync_queue(settings.queue_prefix)], sweep=True, component="sync", threads=settings.worker_threads)
 
 
-async def _pull(resources: list[str], since: str | None, every: float | None) -> None:
-    """Pull now (``every`` None) or on a schedule, publishing through the receiver's confirm path."""
+def shopify_puller(settings: Settings, publisher: Any) -> tuple[Any, Any]:
+    """The Shopify puller publishing through ``publisher`` (the receiver's confirm path), and the store
+    its checkpoints live in (the caller closes it)."""
     from adapters.sources.shopify.pull import ShopifyPuller
     from adapters.store.checkpoints import Checkpoints
     from adapters.store.profiles import ProfileStore
     from broker import topology
-    from broker.publisher import Publisher, publish_delivery
+    from broker.publisher import publish_delivery
 
-    settings = get_settings()
     if not settings.shopify_admin_url or settings.shopify_admin_token is None:
         raise SystemExit("set MERGETAG_SHOPIFY_ADMIN_URL and MERGETAG_SHOPIFY_ADMIN_TOKEN")
     queue = topology.events_queue(settings.queue_prefix)
-    publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
     puller = ShopifyPuller(settings.shopify_admin_url, settings.shopify_admin_token.get_secret_value(),
                            publish=lambda d: publish_delivery(publisher, queue, d),
                            checkpoints=Checkpoints(store.client, settings.mongodb_database), page_size=settings.shopify_pull_page_size)
+    return puller, store
+
+
+async def _poll(resources: list[str], every: float) -> None:
+    """Pull on a schedule, each run from the stored checkpoint; one JSON line per resource and run."""
+    from broker import topology
+    from broker.publisher import Publisher
+
+    settings = get_settings()
+    publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
+    puller, store = shopify_puller(settings, publisher)
     try:
         while True:
             for resource in resources:
                 try:
-                    result = await puller.pull(resource, since)
+                    result = await puller.pull(resource)
                     print(json.dumps({"resource": result.resource, "pages": result.pages, "records": result.records,
                                       "checkpoint": result.since}), flush=True)
                 except Exception:  # a scheduled poller outlives one failed pull; the next run resumes from the checkpoint
-                    if every is None:
-                        raise
                     logging.getLogger("mergetag").exception("pull of %s failed", resource)
-            if every is None:
-                return
-            since = None
             await asyncio.sleep(every)
     finally:
         await publisher.close()
         await store.close()
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
-    resources = ["customers", "orders"] if args.resource == "all" else [args.resource]
-    asyncio.run(_pull(resources, args.since, None))
-    return 0
-
-
 def cmd_poller(args: argparse.Namespace) -> int:
-    asyncio.run(_pull(["customers", "orders"], None, get_settings().shopify_pull_interval_s))
+    asyncio.run(_poll(["customers", "orders"], get_settings().shopify_pull_interval_s))
     return 0
 
 

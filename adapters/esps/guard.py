@@ -16,7 +16,10 @@
   the others keep failing fast. Fast failures, and a trial that finds the ESP still
   down, raise ``circuit_open``: the retry middleware does not count them as attempts.
 
-The state is visible: :meth:`EspGuard.state`, ``mergetag esp status``.
+The state is visible: :meth:`EspGuard.state`, ``mergetag esp status``. Every request that was
+admitted is counted per kind (the HTTP method) in the same Redis round trip that frees its slot,
+so ``mergetag pull --wait`` can set the requests the sync made against the minimum
+(:meth:`EspGuard.requests`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class EspGuard:
         self._slots = f"{self._base}:slots"
         self._key = f"{self._base}:state"
         self._trial = f"{self._base}:trial"
+        self._requests = f"{self._base}:requests"
         self.account, self.limit, self.failures, self.open_s = account, limit, failures, open_s
         self.rates = rates or {}
         self._wait, self._lease = wait_s, lease_ms
@@ -101,10 +105,12 @@ class EspGuard:
         self._rate = self._redis.register_script(RATE)
 
     @asynccontextmanager
-    async def call(self, bucket: str = "default") -> AsyncIterator[None]:
+    async def call(self, bucket: str = "default", kind: str = "request") -> AsyncIterator[None]:
         """Wrap one ESP request: fail fast when open, wait out a pause, take a rate slot and a
         connection slot, record the outcome.
 
+        ``kind``: what the request is counted as once admitted (whether it then succeeds or not:
+        it was sent, or tried).
         Raises EspUnavailable (``circuit_open``, or ``esp_busy`` when no room comes within ``wait_s``).
         """
         state = await self._redis.hmget(self._key, ["opened_until", "paused_until", "consecutive_failures"])
@@ -117,8 +123,10 @@ class EspGuard:
             # Half-open: one trial call finds out whether the ESP is back; everyone else waits for its verdict.
             raise CircuitOpen(f"{self.account} circuit half-open", retry_after=min(1.0, self.open_s))
         token = uuid.uuid4().hex
+        admitted = False
         try:
             await self._admit(bucket, paused_until - now, token)
+            admitted = True
             try:
                 yield
             except MergetagError as exc:
@@ -133,7 +141,11 @@ class EspGuard:
             else:
                 await self._succeeded()
         finally:
-            await self._redis.zrem(self._slots, token)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._slots, token)
+                if admitted:
+                    pipe.hincrby(self._requests, kind, 1)
+                await pipe.execute()
             if trial:
                 await self._redis.delete(self._trial)
 
@@ -229,6 +241,11 @@ class EspGuard:
             "rate_scale": round(min(float(raw.get("rate_scale", 1.0) or 1.0), 1.0), 2),
             "paused_for_s": round(max(0.0, float(raw.get("paused_until", 0) or 0) - now), 1),
         }
+
+    async def requests(self) -> dict[str, int]:
+        """Requests admitted so far by every process of the prefix, per kind (they only ever grow:
+        a caller compares two readings)."""
+        return {k.decode(): int(v) for k, v in (await self._redis.hgetall(self._requests)).items()}
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -58,7 +58,7 @@ class EspHttp:
         """
         if self.guard is None:
             return await self._send(method, path, body, gone_ok, content_type, account_errors)
-        async with self.guard.call(bucket):
+        async with self.guard.call(bucket, kind=method):
             return await self._send(method, path, body, gone_ok, content_type, account_errors)
 
     async def _send(self, method: str, path: str, body: Any, gone_ok: bool, content_type: str,

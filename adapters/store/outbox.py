@@ -232,6 +232,10 @@ class Outbox:
         """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
         return await self.profiles.count_documents(_sendable(f"esp.{esp}"), limit=cap)
 
+    async def count_sent_since(self, esp: str, since: datetime) -> int:
+        """How many profiles ``esp`` was sent a member of since ``since`` (each once, however often it was sent)."""
+        return await self.profiles.count_documents({f"esp.{esp}.sent_at": {"$gte": since}})
+
     async def pending_ids(self, esp: str, limit: int) -> list[str]:
         """Profiles waiting for ``esp`` (refused ones aside), oldest change first; nothing is claimed."""
         prefix = f"esp.{esp}"

@@ -107,6 +107,27 @@ async def test_half_open_lets_one_trial_through_and_a_failed_trial_reopens_witho
     await g.close()
 
 
+async def test_admitted_requests_are_counted_per_kind_across_holders():
+    """Every holder of the account adds to one count per kind; a call refused admission sent nothing and is not counted."""
+    a, b = guards(2, failures=2, open_s=30)
+    for guard, kind in ((a, "PUT"), (b, "PUT"), (b, "GET")):
+        async with guard.call(kind=kind):
+            pass
+    with pytest.raises(EspUnavailable):  # admitted, then failed: it was sent, so it counts
+        async with a.call(kind="POST"):
+            raise EspUnavailable("mailchimp 503")
+    with pytest.raises(EspUnavailable):
+        async with a.call(kind="POST"):
+            raise EspUnavailable("mailchimp 503")
+    with pytest.raises(EspUnavailable) as fast:
+        async with a.call(kind="POST"):
+            pytest.fail("an open circuit must not call the ESP")
+    assert fast.value.code == "circuit_open"
+    assert await a.requests() == await b.requests() == {"PUT": 2, "GET": 1, "POST": 2}
+    for g in (a, b):
+        await g.close()
+
+
 async def test_two_sync_processes_share_one_connection_limit(receiver, system, sandbox, http, tmp_path):
     second = spawn(system.env, tmp_path / "sync-2.log", "sync")
     prefix = system.settings.queue_prefix

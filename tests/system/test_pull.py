@@ -203,7 +203,7 @@ async def test_pulled_records_reach_profiles_and_dedupe_against_webhooks(shop, h
     await seed(http, shop, [record])
     env = {**system.env, "MERGETAG_SHOPIFY_ADMIN_URL": f"{shop}/admin/api/{API_VERSION}", "MERGETAG_SHOPIFY_ADMIN_TOKEN": TOKEN}
     out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "adapters.cli", "pull", "shopify", "--resource", "customers",
-                                                   "--since", "2024-08-01T10:00:00+00:00"],
+                                                   "--since", "2024-08-01T10:00:00+00:00", "--json"],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.splitlines()[-1])["records"] >= 1
 

@@ -79,8 +79,12 @@ class ShopifyPuller:
         self._headroom = headroom
         self._sleep = sleep
 
-    async def pull(self, resource: str, since: str | None = None, max_pages: int | None = None) -> PullResult:
+    async def pull(self, resource: str, since: str | None = None, max_pages: int | None = None,
+                   on_page: Callable[[str, int], None] | None = None) -> PullResult:
         """Pull ``resource`` changed since ``since`` (default: the checkpoint), page by page.
+
+        ``on_page(resource, records)`` is called after each page was confirmed into the queue and
+        checkpointed (progress displays).
 
         The next pull starts where this one started (less a clock-skew margin): a record changed
         while this pull paged past it is fetched again next time, never skipped. Re-fetching is
@@ -112,6 +116,8 @@ class ShopifyPuller:
                 url = next_link(link)
                 pages, records = pages + 1, records + len(rows)
                 await self._checkpoints.put(key, {"since": start, "cursor": url, "began": began} if url else {"since": began})
+                if on_page is not None:
+                    on_page(resource, len(rows))
         log.info("pulled %d %s in %d page(s)", records, resource, pages)
         return PullResult(resource, pages, records, began if not url else start)
 
