@@ -89,6 +89,10 @@ class DroppingProxy:
 
         return asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10) // 2
 
+    def reopen(self) -> None:
+        """Take connections again now (a cut's refusal ends early)."""
+        self._refuse_until = 0.0
+
     @property
     def connections(self) -> int:
         """Client connections open through the proxy."""
