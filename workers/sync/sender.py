@@ -67,7 +67,8 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
     claimed, token = await rt.store.outbox.claim_sends(profile_ids, esp, lease)
     batch = policy.plan_batch(claimed)
     async with _released_if_it_fails(rt, esp, token, list(claimed), lease):
-        await rt.store.outbox.settle_many(esp, token, [], [], batch.idle)
+        # Address work goes alone, free to claim: it must not wait for this batch's lease.
+        await rt.store.outbox.settle_many(esp, token, [], [], [*batch.idle, *batch.alone])
         await requeue.alone(batch.alone, esp)
     todo = batch.sent
     if not todo:

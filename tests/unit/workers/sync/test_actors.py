@@ -128,6 +128,18 @@ def test_a_member_refused_in_a_batch_is_recorded_and_dead_lettered_alone(fake):
     assert letters[0].options["dead_letter"]["code"] == "esp_rejected"
 
 
+def test_address_work_swept_into_a_batch_goes_alone_at_once(fake):
+    """It used to keep the batch's lease (up to 325 s), so its own send found it busy and was parked until then."""
+    h = Harness()
+    for n in range(25):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    fake.contacts = {"old@example.com": member(99)}
+    h.outbox.put("p25", TARGET, member(25), retire=["old@example.com"])
+    h.run(lambda: h.workers.sync.sync_batch.send([f"p{n}" for n in range(26)], TARGET))
+    assert h.outbox.parked == [] and h.outbox.state("p25", TARGET).retire == []
+    assert not any(h.outbox.state(f"p{n}", TARGET).pending for n in range(26))
+
+
 class RestartingStore(FakeOutbox):
     """The store stops while a batch's outcome is being recorded (the ESP already holds the batch)."""
 
