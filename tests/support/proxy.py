@@ -99,6 +99,9 @@ class DroppingProxy:
         return len(self._open) // 2
 
     def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+
         async def shut() -> None:
             if self._server is not None:
                 self._server.close()
