@@ -10,7 +10,8 @@ Controls (never authenticated, never counted):
   ``POST /_sandbox/faults {"status", "every": n}``  one write in n fails with it (the n-th, the 2n-th…) until cleared;
   ``POST /_sandbox/faults {"status", "seconds"}``  every write fails with it for that long;
       each fault is the ESP's own error (``error``), so a 429 carries what the ESP sends with one;
-  ``POST /_sandbox/outage {"seconds"}``           every API call answers 503 until then;
+  ``POST /_sandbox/outage {"seconds", "calls"}``  every API call answers 503 for that long, and until it
+      refused ``calls`` of them (default 0; ``{"seconds": 0}`` ends an outage);
   ``POST /_sandbox/latency {"ms"}``               every API call waits that long;
   ``GET /_sandbox/stats``, ``POST /_sandbox/stats/reset``  requests per route, peak concurrency, faults given
       (by status, and ``outage``: calls refused by an outage);
@@ -46,6 +47,7 @@ class SandboxBase(ABC):
         self.writes_seen = 0
         self.faults_given: dict[str, int] = {}
         self.down_until = 0.0
+        self.down_for_calls = 0
         self.latency_s = 0.0
         self.history: list[tuple[float, str, dict[str, Any]]] = []
         self.recorded: list[dict[str, Any]] = []
@@ -99,7 +101,8 @@ class SandboxBase(ABC):
             resource = request.match_info.route.resource
             route = f"{request.method} {resource.canonical if resource else request.path}"
             self.requests[route] = self.requests.get(route, 0) + 1
-            if time.time() < self.down_until:
+            if time.time() < self.down_until or self.down_for_calls > 0:
+                self.down_for_calls = max(0, self.down_for_calls - 1)
                 self.faults_given["outage"] = self.faults_given.get("outage", 0) + 1
                 return self.error(503, "Service Unavailable", "sandbox outage")
             status = self._fault() if writing else None
@@ -142,6 +145,7 @@ class SandboxBase(ABC):
     async def _outage(self, request: web.Request) -> web.Response:
         body = await json_body(request) or {}
         self.down_until = time.time() + float(body.get("seconds", 60))
+        self.down_for_calls = int(body.get("calls", 0))
         return web.json_response({"down_until": self.down_until})
 
     async def _set_latency(self, request: web.Request) -> web.Response:
