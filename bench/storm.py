@@ -10,12 +10,15 @@ pipeline is dropped and refused for 5 s (a proxy: the machine's RabbitMQ is shar
 stopped and started again on its port and data, and the events worker is SIGKILLed and replaced;
 one Mailchimp write in five fails with 503 throughout. Senders retry anything but 202, as Shopify does.
 
+The pipeline runs with the product's default settings (sweep, leases, retries, circuits); ``--fast``
+takes the system test's cadence instead (short leases and backoffs, for small bursts).
+
 Prints one JSON object (the last line): ``converged``, ``seconds_after_last_event`` per ESP and
 ``max``, the faults injected (when, and how many each ESP gave), and the store's check (every profile
 exact, none pending) and the dead letters.
 
     python bench/storm.py [--events 10000] [--customers 1000] [--rate 200] [--outage 60] [--throttle 30]
-                          [--broker-down 5] [--store-down 2] [--mailchimp-every 5] [--timeout 900] [--keep]
+                          [--broker-down 5] [--store-down 2] [--mailchimp-every 5] [--timeout 900] [--fast] [--keep]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.stack import TARGETS, Stack  # noqa: E402
+from tests.support.stack import FAST, TARGETS, Stack  # noqa: E402
 from tests.support.storm import Plan, burst, converge, profile_problems, storm  # noqa: E402
 
 FIVE_MINUTES = 300
@@ -53,6 +56,7 @@ async def main() -> None:
     parser.add_argument("--store-down", type=float, default=2.0, help="seconds SecantusDB stays stopped")
     parser.add_argument("--mailchimp-every", type=int, default=5, help="one Mailchimp write in this many fails with 503")
     parser.add_argument("--timeout", type=float, default=900.0, help="how long to wait for convergence after the last event")
+    parser.add_argument("--fast", action="store_true", help="the system test's settings instead of the defaults")
     parser.add_argument("--keep", action="store_true", help="keep the store's data and the logs (their directory is printed)")
     args = parser.parse_args()
     plan = Plan(outage_s=args.outage, throttle_s=args.throttle, broker_down_s=args.broker_down, store_down_s=args.store_down,
@@ -60,9 +64,9 @@ async def main() -> None:
     shot = burst(uuid.uuid4().hex[:8], args.events, args.customers)
     root = Path(tempfile.mkdtemp(prefix="mergetag-storm-"))
     os.environ.setdefault("MERGETAG_LOG_LEVEL", "WARNING")
-    stack = Stack(root)
+    stack = Stack(root, **(FAST if args.fast else {}))
     result: dict[str, object] = {"events": len(shot.deliveries), "customers": len(shot.final), "duplicates": shot.duplicates,
-                                 "rate_per_s": args.rate}
+                                 "rate_per_s": args.rate, "settings": "fast" if args.fast else "defaults"}
     try:
         await asyncio.to_thread(stack.start)
         deadline = time.monotonic() + 120

@@ -42,9 +42,12 @@ from tests.conftest import (
 from tests.support.proxy import DroppingProxy
 
 TARGETS = ["mailchimp", "klaviyo", "sendgrid"]
-SETTINGS = {
-    # Retries absorb the storm: a message may meet the broker down, the store restarting and an ESP's
-    # faults in turn; its backoff stays short so the drain after the storm is not a wait.
+FAST = {
+    # The system test's cadence, for a small burst. Retries absorb the storm: a message may meet the
+    # broker down, the store restarting and an ESP's faults in turn; backoffs stay short so the drain
+    # after the storm is not a wait. (At a thousand customers, a 3 s sweep lease re-claims every pending
+    # profile that often: SecantusDB's scans of those claims then starve the merge. The benchmark runs
+    # the defaults.)
     "MERGETAG_RETRY_MAX": "40",
     "MERGETAG_RETRY_MIN_BACKOFF_MS": "200",
     "MERGETAG_RETRY_MAX_BACKOFF_MS": "5000",
@@ -53,20 +56,19 @@ SETTINGS = {
     "MERGETAG_SYNC_SWEEP_INTERVAL_S": "0.5",
     "MERGETAG_SYNC_LEASE_S": "3",
     "MERGETAG_ESP_CIRCUIT_OPEN_S": "2",
-    "MERGETAG_DEDUP_WINDOW_S": "3600",
 }
 
 
 class Stack:
     """Parameters:
       root: a directory for the store's data, the ESP file and every process's log.
-      settings: more ``MERGETAG_*`` variables for every process.
+      settings: ``MERGETAG_*`` variables for every process (default: the product's defaults).
     """
 
     def __init__(self, root: Path, **settings: str) -> None:
         self.root = root
         self.prefix = "storm" + uuid.uuid4().hex[:8]
-        self.settings = {**SETTINGS, **settings}
+        self.settings = {"MERGETAG_DEDUP_WINDOW_S": "3600", **settings}  # its delivery ids need not outlive it
         self.proxy = DroppingProxy("127.0.0.1", int(AMQP_URL.rsplit(":", 1)[1].split("/")[0]))
         self.sandboxes: dict[str, EspSandbox] = {}
         self.workers: list[subprocess.Popen] = []

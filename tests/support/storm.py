@@ -185,7 +185,8 @@ class Plan:
     """The faults, in the order they start while the burst flows (at these shares of it).
 
     Parameters:
-      outage_s: SendGrid answers every call 503 for this long (from 5 % of the burst).
+      outage_s: SendGrid answers every call 503 for this long (from 5 % of the burst), and until it refused
+        one (so the outage always meets the sync).
       throttle_s: Klaviyo answers every write 429 with its ``Retry-After`` for this long (from 10 %), and
         the first ``throttled`` writes from then on whenever they come (so the storm always meets some).
       broker_down_s: every broker connection dropped at 25 %, new ones refused this long (a restart).
@@ -215,7 +216,7 @@ async def storm(stack: Stack, http: aiohttp.ClientSession, deliveries: list[tupl
         injected.append({"fault": fault, "at_s": round(time.time() - began, 1), **detail})
 
     async def sendgrid_outage() -> None:
-        await stack.control(http, "sendgrid", "outage", {"seconds": plan.outage_s})
+        await stack.control(http, "sendgrid", "outage", {"seconds": plan.outage_s, "calls": 1})
         note("sendgrid_outage", seconds=plan.outage_s)
 
     async def klaviyo_throttle() -> None:

@@ -21,7 +21,7 @@ import asyncio
 import uuid
 
 from tests.conftest import eventually
-from tests.support.stack import TARGETS, Stack
+from tests.support.stack import FAST, TARGETS, Stack
 from tests.support.storm import Plan, burst, converge, profile_problems, storm
 
 EVENTS, CUSTOMERS = 1_000, 100
@@ -33,7 +33,7 @@ CONVERGE_S = 300
 
 async def test_every_esp_holds_the_final_state_after_a_storm(rabbitmq, http, tmp_path):
     shot = burst(uuid.uuid4().hex[:8], EVENTS, CUSTOMERS)
-    stack = Stack(tmp_path)
+    stack = Stack(tmp_path, **FAST)
     try:
         await asyncio.to_thread(stack.start)
         await eventually(lambda: asyncio.to_thread(stack.ready), timeout=90)  # process start-up on a busy machine
