@@ -2,23 +2,63 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import pika
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 
 from broker import topology
 from broker.middleware import CloseOnShutdown, RetryOrDeadLetter
 
+log = logging.getLogger(__name__)
+
+
+class ChannelConsumer(_RabbitmqConsumer):
+    """Dramatiq's RabbitMQ consumer, settling only the messages it received itself.
+
+    RabbitMQ numbers deliveries per channel, from 1, and a consumer is one channel. When the broker drops
+    the connection the worker goes on with the messages it held and settles each by its number through the
+    consumer it has by then: on the new channel that number names another message — an ack would settle it
+    before it is processed (lost if the worker dies), a reject would dead-letter it unprocessed. RabbitMQ
+    redelivers what the old channel left unsettled, so settling it is dropped (as the RabbitMQ Java client
+    drops stale delivery tags).
+    """
+
+    def __next__(self):  # noqa: ANN204
+        message = super().__next__()
+        if message is not None:
+            message._consumer = self
+        return message
+
+    def _received(self, message) -> bool:  # noqa: ANN001
+        if getattr(message, "_consumer", None) is self:
+            return True
+        log.info("message %s came before a reconnect: RabbitMQ redelivers it, nothing to settle", message.message_id)
+        return False
+
+    def ack(self, message) -> None:  # noqa: ANN001
+        if self._received(message):
+            super().ack(message)
+
+    def nack(self, message) -> None:  # noqa: ANN001
+        if self._received(message):
+            super().nack(message)
+
 
 class TopologyBroker(RabbitmqBroker):
-    """Dramatiq's RabbitMQ broker, declaring every queue from ``broker.topology``.
+    """Dramatiq's RabbitMQ broker, declaring every queue from ``broker.topology``, its consumers
+    settling only what they received (:class:`ChannelConsumer`).
 
     Dramatiq's own declarations would give each dead-letter queue a 7-day TTL; these are the
     receiver's declarations, so both declare identical queues by construction.
     """
+
+    @property
+    def consumer_class(self) -> type[ChannelConsumer]:
+        return ChannelConsumer
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, object]:
         return topology.arguments(queue_name)

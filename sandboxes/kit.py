@@ -7,9 +7,14 @@ A sandbox subclasses :class:`SandboxBase` and provides:
 
 Controls (never authenticated, never counted):
   ``POST /_sandbox/faults {"status", "count"}``   the next writes fail with that status (``{"clear": true}``: no more);
-  ``POST /_sandbox/outage {"seconds"}``           every API call answers 503 until then;
+  ``POST /_sandbox/faults {"status", "every": n}``  one write in n fails with it (the n-th, the 2n-th…) until cleared;
+  ``POST /_sandbox/faults {"status", "seconds"}``  every write fails with it for that long;
+      each fault is the ESP's own error (``error``), so a 429 carries what the ESP sends with one;
+  ``POST /_sandbox/outage {"seconds", "calls"}``  every API call answers 503 for that long, and until it
+      refused ``calls`` of them (default 0; ``{"seconds": 0}`` ends an outage);
   ``POST /_sandbox/latency {"ms"}``               every API call waits that long;
-  ``GET /_sandbox/stats``, ``POST /_sandbox/stats/reset``  requests per route, peak concurrency;
+  ``GET /_sandbox/stats``, ``POST /_sandbox/stats/reset``  requests per route, peak concurrency, faults given
+      (by status, and ``outage``: calls refused by an outage);
   ``GET /_sandbox/history``                       every profile write: [unix time, email, fields after];
   ``GET /_sandbox/requests``                      every API request as received (for spec checks).
 """
@@ -37,7 +42,12 @@ class SandboxBase(ABC):
         self.max_writes_in_flight = 0
         self.requests: dict[str, int] = {}
         self.faults: list[int] = []
+        self.fault_every: tuple[int, int] | None = None
+        self.fault_until: tuple[int, float] | None = None
+        self.writes_seen = 0
+        self.faults_given: dict[str, int] = {}
         self.down_until = 0.0
+        self.down_for_calls = 0
         self.latency_s = 0.0
         self.history: list[tuple[float, str, dict[str, Any]]] = []
         self.recorded: list[dict[str, Any]] = []
@@ -91,10 +101,13 @@ class SandboxBase(ABC):
             resource = request.match_info.route.resource
             route = f"{request.method} {resource.canonical if resource else request.path}"
             self.requests[route] = self.requests.get(route, 0) + 1
-            if time.time() < self.down_until:
+            if time.time() < self.down_until or self.down_for_calls > 0:
+                self.down_for_calls = max(0, self.down_for_calls - 1)
+                self.faults_given["outage"] = self.faults_given.get("outage", 0) + 1
                 return self.error(503, "Service Unavailable", "sandbox outage")
-            if self.faults and writing:
-                status = self.faults.pop(0)
+            status = self._fault() if writing else None
+            if status is not None:
+                self.faults_given[str(status)] = self.faults_given.get(str(status), 0) + 1
                 return self.error(status, "Injected Fault", f"sandbox fault {status}")
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
@@ -104,17 +117,35 @@ class SandboxBase(ABC):
             if writing:
                 self.writes_in_flight -= 1
 
+    def _fault(self) -> int | None:
+        """The status this write fails with, if a fault is due: counted ones first, then timed, then one in n."""
+        self.writes_seen += 1
+        if self.faults:
+            return self.faults.pop(0)
+        if self.fault_until is not None and time.time() < self.fault_until[1]:
+            return self.fault_until[0]
+        if self.fault_every is not None and self.writes_seen % self.fault_every[1] == 0:
+            return self.fault_every[0]
+        return None
+
     async def _add_faults(self, request: web.Request) -> web.Response:
         body = await json_body(request) or {}
+        status = int(body.get("status", 503))
         if body.get("clear"):
-            self.faults = []
+            self.faults, self.fault_every, self.fault_until = [], None, None
+        elif "every" in body:
+            self.fault_every, self.writes_seen = (status, max(1, int(body["every"]))), 0
+        elif "seconds" in body:
+            self.fault_until = (status, time.time() + float(body["seconds"]))
         else:
-            self.faults.extend([int(body.get("status", 503))] * int(body.get("count", 1)))
-        return web.json_response({"pending_faults": len(self.faults)})
+            self.faults.extend([status] * int(body.get("count", 1)))
+        return web.json_response({"pending_faults": len(self.faults), "every": self.fault_every and self.fault_every[1],
+                                  "until": self.fault_until and self.fault_until[1]})
 
     async def _outage(self, request: web.Request) -> web.Response:
         body = await json_body(request) or {}
         self.down_until = time.time() + float(body.get("seconds", 60))
+        self.down_for_calls = int(body.get("calls", 0))
         return web.json_response({"down_until": self.down_until})
 
     async def _set_latency(self, request: web.Request) -> web.Response:
@@ -130,12 +161,14 @@ class SandboxBase(ABC):
 
     async def _reset_stats(self, request: web.Request) -> web.Response:
         self.requests, self.max_in_flight, self.max_writes_in_flight = {}, self.in_flight, self.writes_in_flight
+        self.faults_given = {}
         self.recorded = []
         return await self._stats(request)
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "max_in_flight": self.max_in_flight,
-                                  "max_writes_in_flight": self.max_writes_in_flight, **self.extra_stats()})
+                                  "max_writes_in_flight": self.max_writes_in_flight, "faults_given": self.faults_given,
+                                  **self.extra_stats()})
 
     def extra_stats(self) -> dict[str, Any]:
         return {}

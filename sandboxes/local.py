@@ -50,10 +50,17 @@ def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_secantus(storage: str = ":memory:", log: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """Start SecantusDB on a free port; returns the process and its MongoDB URI. ``log``: where its
-    own log goes (it warns there about writes that keep conflicting, for one)."""
-    port = free_port()
+def start_secantus(storage: str = ":memory:", log: Path | None = None, port: int | None = None,
+                   timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+    """Start SecantusDB; returns the process and its MongoDB URI.
+
+    Parameters:
+      storage: a directory (reopened intact when started again on it) or ``:memory:``.
+      log: where its own log goes (it warns there about writes that keep conflicting, for one).
+      port: default a free one; a restart passes the port it had, so its clients find it again.
+      timeout: how long it may take to listen (reopening a large directory takes a while).
+    """
+    port = port or free_port()
     binary = Path(sys.executable).with_name("secantusd-py")
     output = log.open("ab") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(
@@ -61,7 +68,7 @@ def start_secantus(storage: str = ":memory:", log: Path | None = None) -> tuple[
         stdout=output,
         stderr=output,
     )
-    wait_for_port(port, process=process)
+    wait_for_port(port, timeout=timeout, process=process)
     return process, f"mongodb://127.0.0.1:{port}/?directConnection=true"
 
 

@@ -10,12 +10,15 @@ send that outlived its lease cannot overwrite what the next holder records.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
 
 from schemas.errors import SyncBusy
 from schemas.sync import ADDRESS_LISTS, InFlight, SyncState
@@ -23,7 +26,9 @@ from schemas.sync import ADDRESS_LISTS, InFlight, SyncState
 PROFILES = "profiles"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
 Work = dict[str, dict[str, list[str]]]
-
+RELEASE_WAIT_S = 60.0
+"""How long a send the store failed under keeps trying to release its leases (a restart or a failover takes seconds)."""
+RELEASE_RETRY_S = 0.5
 
 
 
@@ -118,13 +123,17 @@ class Outbox:
         field = f"{prefix}.sending_until"
         for _ in range(5):
             now, token = datetime.now(timezone.utc), uuid.uuid4().hex
-            doc = await self.profiles.find_one_and_update(
-                {"_id": profile_id, "merged_into": {"$exists": False},
-                 "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
-                {"$set": {field: now + lease, f"{prefix}.sending_token": token}},
-                projection={f"esp.{esp}": 1},
-                return_document=ReturnDocument.AFTER,
-            )
+            try:
+                doc = await self.profiles.find_one_and_update(
+                    {"_id": profile_id, "merged_into": {"$exists": False},
+                     "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
+                    {"$set": {field: now + lease, f"{prefix}.sending_token": token}},
+                    projection={f"esp.{esp}": 1},
+                    return_document=ReturnDocument.AFTER,
+                )
+            except PyMongoError:
+                await self.release_lost([profile_id], esp, token, lease)
+                raise
             if doc is not None:
                 return SyncState.model_validate(doc.get("esp", {}).get(esp, {})), token
             held = await self.profiles.find_one({"_id": profile_id, "merged_into": {"$exists": False}}, {field: 1})
@@ -143,10 +152,32 @@ class Outbox:
         prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
         free = {"$or": [{f"{prefix}.sending_until": {"$exists": False}}, {f"{prefix}.sending_until": None},
                         {f"{prefix}.sending_until": {"$lte": now}}]}
-        await each(self.profiles, profile_ids, {"merged_into": {"$exists": False}, **free},
-                   {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}})
-        cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
-        return {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}, token
+        try:
+            await each(self.profiles, profile_ids, {"merged_into": {"$exists": False}, **free},
+                       {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}})
+            cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
+            return {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}, token
+        except PyMongoError:
+            await self.release_lost(profile_ids, esp, token, lease)
+            raise
+
+    async def release_lost(self, profile_ids: list[str], esp: str, token: str, lease: timedelta) -> bool:
+        """Release the leases of a send the store (or the broker) failed under while nothing of it was in flight
+        at the ESP — a claim written though its answer was lost, an outcome that could not be recorded — as
+        soon as the store answers again. Nobody else knows the token: left alone, those leases would hold
+        every later sync of these profiles off until they run out (minutes, where a send waits for bulk jobs).
+
+        Tries for as long as the lease (at most ``RELEASE_WAIT_S``); returns whether the store answered.
+        """
+        deadline = time.monotonic() + min(lease.total_seconds(), RELEASE_WAIT_S)
+        while True:
+            try:
+                await self.settle_many(esp, token, [], [], profile_ids)
+                return True
+            except PyMongoError:
+                if time.monotonic() + RELEASE_RETRY_S > deadline:
+                    return False
+                await asyncio.sleep(RELEASE_RETRY_S)
 
     async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
         """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure

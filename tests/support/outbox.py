@@ -77,6 +77,11 @@ class FakeOutbox:
     async def park(self, profile_ids: list[str], esp: str) -> None:
         self.parked += profile_ids
 
+    async def release_lost(self, profile_ids: list[str], esp: str, token: str, lease: timedelta) -> bool:
+        for pid in profile_ids:
+            await self.release_send(pid, esp, token)
+        return True
+
     async def release_send(self, profile_id: str, esp: str, token: str) -> None:
         if (state := self._owned(profile_id, esp, token)) is not None:
             state["sending_until"] = None

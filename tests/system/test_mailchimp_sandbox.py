@@ -273,3 +273,31 @@ async def test_batch_operations_take_the_email_address_and_patch_too(sandbox, ht
     assert json.loads(results["absent"]["response"])["instance"]
     assert (await sandbox.member(http, email))["merge_fields"] == {"FNAME": "Ed", "LNAME": "Ng"}
     assert await sandbox.member(http, absent) is None
+
+
+async def test_faults_one_write_in_n_and_for_a_while_in_the_esps_own_format(quiet_sandbox, http):
+    """The storm's controls: a share of writes failing, every write failing until a moment (reads never), and an
+    outage that lasts until it refused a number of calls."""
+    await quiet_sandbox.control(http, "stats/reset", {})
+    email = f"faults-{uuid.uuid4().hex[:6]}@example.com"
+    body = {"email_address": email, "status_if_new": "subscribed"}
+    await quiet_sandbox.control(http, "faults", {"status": 503, "every": 5})
+    try:
+        statuses = [(await put(http, quiet_sandbox, email, body))[0] for _ in range(10)]
+        async with http.get(quiet_sandbox.api + path(email), headers=auth()) as r:
+            assert r.status == 200
+    finally:
+        await quiet_sandbox.control(http, "faults", {"clear": True})
+    assert statuses == [200, 200, 200, 200, 503, 200, 200, 200, 200, 503]
+    await quiet_sandbox.control(http, "faults", {"status": 503, "seconds": 600})
+    try:
+        status, content_type, problem = await put(http, quiet_sandbox, email, body)
+        assert status == 503 and content_type == "application/problem+json" and problem["instance"]
+    finally:
+        await quiet_sandbox.control(http, "faults", {"clear": True})
+    assert (await put(http, quiet_sandbox, email, body))[0] == 200
+    await quiet_sandbox.control(http, "outage", {"seconds": 0, "calls": 2})  # over at once, but for two calls
+    async with http.get(quiet_sandbox.api + path(email), headers=auth()) as r:
+        assert r.status == 503
+    assert [(await put(http, quiet_sandbox, email, body))[0] for _ in range(2)] == [503, 200]
+    assert (await quiet_sandbox.control(http, "stats"))["faults_given"] == {"503": 3, "outage": 2}

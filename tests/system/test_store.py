@@ -4,6 +4,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from pymongo.errors import AutoReconnect
 
 from adapters.store.profiles import ProfileStore
 from schemas.errors import SyncBusy
@@ -107,6 +108,55 @@ async def test_bulk_claims_are_exclusive_under_concurrency(store):
     claims = await asyncio.gather(*(store.outbox.claim_sends(ids, "mailchimp", timedelta(seconds=30)) for _ in range(6)))
     held = [pid for claimed, _ in claims for pid in claimed]
     assert sorted(held) == sorted(ids)  # every profile claimed exactly once
+
+
+class LosingAnswers:
+    """The profiles collection of a store that goes down under a send: the next ``lost`` writes are applied
+    but their answers never arrive (as when the server stops right after applying them), and the
+    ``unanswered`` writes after those fail before reaching it (the server is not back yet)."""
+
+    def __init__(self, profiles, lost: int = 1, unanswered: int = 0) -> None:
+        self._profiles, self.lost, self.unanswered = profiles, lost, unanswered
+
+    def __getattr__(self, name):
+        return getattr(self._profiles, name)
+
+    async def _write(self, name: str, *args, **kwargs):
+        if self.lost:
+            self.lost -= 1
+            await getattr(self._profiles, name)(*args, **kwargs)
+            raise AutoReconnect("connection closed")
+        if self.unanswered:
+            self.unanswered -= 1
+            raise AutoReconnect("connection refused")
+        return await getattr(self._profiles, name)(*args, **kwargs)
+
+    async def update_many(self, *args, **kwargs):
+        return await self._write("update_many", *args, **kwargs)
+
+    async def find_one_and_update(self, *args, **kwargs):
+        return await self._write("find_one_and_update", *args, **kwargs)
+
+    async def bulk_write(self, *args, **kwargs):
+        return await self._write("bulk_write", *args, **kwargs)
+
+
+async def test_a_claim_whose_answer_was_lost_leaves_no_lease_behind(store):
+    """The storm: SecantusDB stopped right after a batch claimed its profiles; nobody knew the claim's
+    token, and every sync of those profiles found them busy until the batch lease ran out (325 s)."""
+    ids = [f"s{n}" for n in range(3)]
+    for pid in ids:
+        assert await store.save(person(pid, f"{pid}@example.com"), None, {"mailchimp": ({"m": pid}, f"h-{pid}")})
+    profiles = store.outbox.profiles
+    store.outbox.profiles = LosingAnswers(profiles, lost=1, unanswered=2)  # the release waits for the store to be back
+    with pytest.raises(AutoReconnect):
+        await store.outbox.claim_sends(ids, "mailchimp", timedelta(seconds=300))
+    store.outbox.profiles = LosingAnswers(profiles, lost=1)
+    with pytest.raises(AutoReconnect):
+        await store.outbox.claim_send("s0", "mailchimp", timedelta(seconds=300))
+    store.outbox.profiles = profiles
+    claimed, _ = await store.outbox.claim_sends(ids, "mailchimp", timedelta(seconds=300))
+    assert sorted(claimed) == ids
 
 
 async def test_profiles_without_a_member_are_never_pending(store):

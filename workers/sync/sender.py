@@ -9,8 +9,9 @@ knows no broker.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, Protocol
 
@@ -42,16 +43,33 @@ def target(rt: Runtime, esp: str) -> Esp | None:
     return client
 
 
+@asynccontextmanager
+async def _released_if_it_fails(rt: Runtime, esp: str, token: str, profile_ids: list[str], lease: timedelta) -> AsyncIterator[None]:
+    """Around a stretch of a send with nothing of it in flight at the ESP (before its request, or once the ESP
+    answered): when the store or the broker fails there, the send's leases are released as soon as the store
+    answers again, so the message's retry and the sweeper can send; no other send knows their token."""
+    try:
+        yield
+    except MergetagError:
+        raise
+    except Exception:
+        await rt.store.outbox.release_lost(profile_ids, esp, token, lease)
+        raise
+
+
 async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp: str) -> None:
     """Send a backlog to one target in one bulk request (an asynchronous job is polled to its end
     first); each refused member is recorded and dead-lettered on its own, the rest recorded as sent."""
     client = target(rt, esp)
     if client is None:
         return
-    claimed, token = await rt.store.outbox.claim_sends(profile_ids, esp, rt.batch_leases[esp])
+    lease = rt.batch_leases[esp]
+    claimed, token = await rt.store.outbox.claim_sends(profile_ids, esp, lease)
     batch = policy.plan_batch(claimed)
-    await rt.store.outbox.settle_many(esp, token, [], [], batch.idle)
-    await requeue.alone(batch.alone, esp)
+    async with _released_if_it_fails(rt, esp, token, list(claimed), lease):
+        # Address work goes alone, free to claim: it must not wait for this batch's lease.
+        await rt.store.outbox.settle_many(esp, token, [], [], [*batch.idle, *batch.alone])
+        await requeue.alone(batch.alone, esp)
     todo = batch.sent
     if not todo:
         return
@@ -66,7 +84,8 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
     except MergetagError as exc:
         if exc.may_still_land:
             raise  # the job may still run: the leases run out by themselves, nothing overtakes it
-        await rt.store.outbox.settle_many(esp, token, [], [], list(todo))
+        async with _released_if_it_fails(rt, esp, token, list(todo), lease):
+            await rt.store.outbox.settle_many(esp, token, [], [], list(todo))
         if isinstance(exc, CircuitOpen):
             await rt.store.outbox.park(list(todo), esp)
             log.info("batch of %d for %s parked: its circuit is open", len(todo), esp)
@@ -79,14 +98,15 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
             return
         raise
     sent, failed = [], []
-    for pid, state in todo.items():
-        reason = refused.get(client.key(state.member))
-        if reason is None:
-            sent.append((pid, state.member_hash))
-        else:
-            failed.append((pid, state.member_hash, EspRejected.code))
-            await requeue.refused(pid, esp, reason)
-    await rt.store.outbox.settle_many(esp, token, sent, failed, batch.idle, jobs)
+    async with _released_if_it_fails(rt, esp, token, list(todo), lease):
+        for pid, state in todo.items():
+            reason = refused.get(client.key(state.member))
+            if reason is None:
+                sent.append((pid, state.member_hash))
+            else:
+                failed.append((pid, state.member_hash, EspRejected.code))
+                await requeue.refused(pid, esp, reason)
+        await rt.store.outbox.settle_many(esp, token, sent, failed, batch.idle, jobs)
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
@@ -108,7 +128,8 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     client = target(rt, esp)
     if client is None:
         return
-    claim = await rt.store.outbox.claim_send(profile_id, esp, rt.leases[esp])
+    lease = rt.leases[esp]
+    claim = await rt.store.outbox.claim_send(profile_id, esp, lease)
     if claim is None:
         return
     state, token = claim
@@ -126,7 +147,8 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
             await rt.store.outbox.done(profile_id, esp, token, name, emails)
     if not policy.needs_send(state, retry_refused):
         log.debug("profile %s has nothing new to send to %s", profile_id, esp)
-        await rt.store.outbox.release_send(profile_id, esp, token)
+        async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
+            await rt.store.outbox.release_send(profile_id, esp, token)
         return
     jobs: list[str] = []
 
@@ -137,9 +159,12 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     try:
         await _calls(rt, profile_id, esp, token, [partial(client.upsert, state.member, accepted)])
     except EspRejected as exc:
-        await rt.store.outbox.mark_failed(profile_id, esp, token, state.member_hash, exc.code)
+        async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
+            await rt.store.outbox.mark_failed(profile_id, esp, token, state.member_hash, exc.code)
         raise
-    if await rt.store.outbox.mark_sent(profile_id, esp, token, state.member_hash, jobs):
+    async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
+        recorded = await rt.store.outbox.mark_sent(profile_id, esp, token, state.member_hash, jobs)
+    if recorded:
         log.info("profile %s synced to %s", profile_id, esp)
     else:
         log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)

@@ -13,6 +13,7 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import xq_name
 from dramatiq.middleware import AsyncIO
+from pymongo.errors import AutoReconnect
 
 from adapters.esps import registry
 from adapters.settings import Settings
@@ -125,6 +126,43 @@ def test_a_member_refused_in_a_batch_is_recorded_and_dead_lettered_alone(fake):
     letters = h.dead_letters()
     assert [(m.actor_name, m.args, m.kwargs) for m in letters] == [("sync_profile", ("p7", TARGET), {"alone": True})]
     assert letters[0].options["dead_letter"]["code"] == "esp_rejected"
+
+
+def test_address_work_swept_into_a_batch_goes_alone_at_once(fake):
+    """It used to keep the batch's lease (up to 325 s), so its own send found it busy and was parked until then."""
+    h = Harness()
+    for n in range(25):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    fake.contacts = {"old@example.com": member(99)}
+    h.outbox.put("p25", TARGET, member(25), retire=["old@example.com"])
+    h.run(lambda: h.workers.sync.sync_batch.send([f"p{n}" for n in range(26)], TARGET))
+    assert h.outbox.parked == [] and h.outbox.state("p25", TARGET).retire == []
+    assert not any(h.outbox.state(f"p{n}", TARGET).pending for n in range(26))
+
+
+class RestartingStore(FakeOutbox):
+    """The store stops while a batch's outcome is being recorded (the ESP already holds the batch)."""
+
+    failures = 1
+
+    async def settle_many(self, esp, token, sent, failed, released, jobs=None) -> None:
+        if sent and self.failures:
+            self.failures -= 1
+            raise AutoReconnect("connection closed")
+        await super().settle_many(esp, token, sent, failed, released, jobs)
+
+
+def test_a_store_failure_recording_a_batch_leaves_its_profiles_to_the_retry(fake):
+    h = Harness()
+    h.outbox = RestartingStore()
+    ids = [f"p{n}" for n in range(25)]
+    for n, pid in enumerate(ids):
+        h.outbox.put(pid, TARGET, member(n))
+    h.run(lambda: h.workers.sync.sync_batch.send(ids, TARGET))  # fails recording: the broker would retry it
+    assert h.outbox.failures == 0 and fake.requests == ["batch"]
+    assert all(h.outbox.state(pid, TARGET).sending_until is None for pid in ids)  # no lease left to nobody
+    h.run(lambda: h.workers.sync.sync_batch.send(ids, TARGET))  # the retry sends them again and records it
+    assert fake.requests == ["batch", "batch"] and not any(h.outbox.state(pid, TARGET).pending for pid in ids)
 
 
 def test_an_erasure_deletes_every_address_then_reads_back_that_none_is_left(fake):
