@@ -271,7 +271,8 @@ class Window:
             self.start, self.admitted, self.attempted = moment, 0, 0
 
     def reset_in(self, moment: float) -> int:
-        return max(1, math.ceil(self.start + self.size - moment))
+        # Never more than the window: ``start + size - start`` can come out a hair above ``size`` in floats.
+        return min(math.ceil(self.size), max(1, math.ceil(self.start + self.size - moment)))
 
 
 @dataclass
