@@ -29,6 +29,8 @@ Work = dict[str, dict[str, list[str]]]
 RELEASE_WAIT_S = 60.0
 """How long a send the store failed under keeps trying to release its leases (a restart or a failover takes seconds)."""
 RELEASE_RETRY_S = 0.5
+JOB_NOTE_WAIT_S = 60.0
+"""How long recording a bulk job the ESP accepted waits for a failing store."""
 
 
 
@@ -181,8 +183,22 @@ class Outbox:
 
     async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
         """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure
-        of any of them waits for it (it could otherwise land after the deletion)."""
-        await each(self.profiles, profile_ids, {f"esp.{esp}.sending_token": token}, {"$addToSet": {f"esp.{esp}.jobs": job_id}})
+        of any of them waits for it (it could otherwise land after the deletion).
+
+        The job runs whatever the store does, so a store that fails here is waited for (up to
+        ``JOB_NOTE_WAIT_S``): giving up would leave a running job nobody knows of, its leases held
+        until they run out. ``$addToSet`` makes a repeat harmless.
+        """
+        deadline = time.monotonic() + JOB_NOTE_WAIT_S
+        while True:
+            try:
+                await each(self.profiles, profile_ids, {f"esp.{esp}.sending_token": token},
+                           {"$addToSet": {f"esp.{esp}.jobs": job_id}})
+                return
+            except PyMongoError:
+                if time.monotonic() + RELEASE_RETRY_S > deadline:
+                    raise
+                await asyncio.sleep(RELEASE_RETRY_S)
 
     async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
         await self.profiles.update_one(_owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})

@@ -200,3 +200,19 @@ async def test_batch_writes_know_their_own_and_leave_nothing_behind_in_a_pointer
     assert await store.absorb(both, stored_b.version, [("pa", stored_a.version)], {"mailchimp": ({"m": 5}, "h5")}, {}, {})
     pointer = await store.profiles.find_one({"_id": "pa"})
     assert set(pointer) == {"_id", "merged_into", "keys", "merged_at", "version"}
+
+
+async def test_a_bulk_job_the_esp_accepted_is_recorded_once_the_store_is_back(store):
+    """The storm: the store went down just as the ESP accepted a bulk job; recording the job id gave up,
+    so an erasure would not have waited for a job still writing the person."""
+    ids = [f"j{n}" for n in range(3)]
+    for pid in ids:
+        assert await store.save(person(pid, f"{pid}@example.com"), None, {"mailchimp": ({"m": pid}, f"h-{pid}")})
+    claimed, token = await store.outbox.claim_sends(ids, "mailchimp", timedelta(seconds=300))
+    profiles = store.outbox.profiles
+    store.outbox.profiles = LosingAnswers(profiles, lost=1, unanswered=3)
+    await store.outbox.note_job("mailchimp", token, "job-1", ids)
+    store.outbox.profiles = profiles
+    for pid in ids:
+        doc = await profiles.find_one({"_id": pid}, {"esp.mailchimp.jobs": 1})
+        assert doc["esp"]["mailchimp"]["jobs"] == ["job-1"]  # recorded, and only once though written twice
