@@ -68,6 +68,11 @@ class SyncState(BaseModel):
         """The ESP refused this very member: only a replayed dead letter asks again."""
         return self.failed_hash is not None and self.failed_hash == self.member_hash
 
+    @property
+    def sendable(self) -> bool:
+        """Pending work a sync can do: not a member the ESP refused exactly as it is, or address work."""
+        return self.pending and (not self.refused or self.has_address_work)
+
     def may_hold_contact(self, now: datetime) -> bool:
         """The target may hold this profile's contact (so has one to retire): it was sent the member,
         or a send of it is in flight right now."""

@@ -46,10 +46,19 @@ def _pending(prefix: str) -> dict[str, Any]:
     return {"$or": [differs, *_waiting(prefix)]}
 
 
-def _sendable(prefix: str) -> dict[str, Any]:
-    """Pending work a sync can do: not a member the ESP refused exactly as it is, or address work."""
-    refused = {"$eq": [{"$ifNull": [f"${prefix}.member_hash", None]}, {"$ifNull": [f"${prefix}.failed_hash", None]}]}
-    return {f"{prefix}.pending": True, "merged_into": {"$exists": False}, "$expr": {"$or": [{"$not": [refused]}, *_waiting(prefix)]}}
+def _pending_query(prefix: str, **more: Any) -> dict[str, Any]:
+    """Pending profiles, as a filter the ``{pending, dirty_at}`` index serves; which of them a sync can do
+    (:attr:`SyncState.sendable`) is decided on the documents, see :meth:`Outbox._sendable`.
+
+    No hot filter here has a top-level operator (``$or``, ``$expr``): SecantusDB plans none of those on an
+    index and scans the whole collection under its lock instead — once per document of a bulk write.
+    """
+    return {f"{prefix}.pending": True, "merged_into": {"$exists": False}, **{f"{prefix}.{k}": v for k, v in more.items()}}
+
+
+def _not_after(moment: datetime) -> dict[str, Any]:
+    """A date field that is absent, null or not after ``moment`` (one clause, no ``$or``)."""
+    return {"$not": {"$gt": moment}}
 
 
 def _settle(prefix: str) -> list[dict[str, Any]]:
@@ -127,8 +136,7 @@ class Outbox:
             now, token = datetime.now(timezone.utc), uuid.uuid4().hex
             try:
                 doc = await self.profiles.find_one_and_update(
-                    {"_id": profile_id, "merged_into": {"$exists": False},
-                     "$or": [{field: {"$exists": False}}, {field: None}, {field: {"$lte": now}}]},
+                    {"_id": profile_id, "merged_into": {"$exists": False}, field: _not_after(now)},
                     {"$set": {field: now + lease, f"{prefix}.sending_token": token}},
                     projection={f"esp.{esp}": 1},
                     return_document=ReturnDocument.AFTER,
@@ -152,8 +160,7 @@ class Outbox:
         """:meth:`claim_send` for many profiles in two round trips, under one token; profiles whose
         lease is held are left out. Returns their sync states and the token."""
         prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
-        free = {"$or": [{f"{prefix}.sending_until": {"$exists": False}}, {f"{prefix}.sending_until": None},
-                        {f"{prefix}.sending_until": {"$lte": now}}]}
+        free = {f"{prefix}.sending_until": _not_after(now)}
         try:
             await each(self.profiles, profile_ids, {"merged_into": {"$exists": False}, **free},
                        {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}})
@@ -275,9 +282,26 @@ class Outbox:
         await each(self.profiles, profile_ids, {}, {"$unset": {f"{prefix}.sent_hash": ""},
                                                     "$set": {f"{prefix}.pending": True, f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
 
+    async def _sendable(self, esp: str, query: dict[str, Any], limit: int) -> list[str]:
+        """The first ``limit`` profiles of ``query`` a sync can do, oldest change first: the refused ones
+        (rare) are passed over on the documents, so they never take another's place."""
+        if limit <= 0:
+            return []
+        prefix = f"esp.{esp}"
+        fields = {f"{prefix}.{name}": 1 for name in ("pending", "member_hash", "failed_hash", *ADDRESS_LISTS)}
+        cursor = self.profiles.find(query, fields).sort(f"{prefix}.dirty_at", ASCENDING).batch_size(max(limit, 1))
+        ids: list[str] = []
+        async with cursor:
+            async for doc in cursor:
+                if SyncState.model_validate(doc["esp"][esp]).sendable:
+                    ids.append(doc["_id"])
+                    if len(ids) >= limit:
+                        break
+        return ids
+
     async def count_pending(self, esp: str, cap: int) -> int:
         """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
-        return await self.profiles.count_documents(_sendable(f"esp.{esp}"), limit=cap)
+        return len(await self._sendable(esp, _pending_query(f"esp.{esp}"), cap))
 
     async def count_sent_since(self, esp: str, since: datetime) -> int:
         """How many profiles ``esp`` was sent a member of since ``since`` (each once, however often it was sent)."""
@@ -285,9 +309,7 @@ class Outbox:
 
     async def pending_ids(self, esp: str, limit: int) -> list[str]:
         """Profiles waiting for ``esp`` (refused ones aside), oldest change first; nothing is claimed."""
-        prefix = f"esp.{esp}"
-        cursor = self.profiles.find(_sendable(prefix), {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
-        return [doc["_id"] async for doc in cursor]
+        return await self._sendable(esp, _pending_query(f"esp.{esp}"), limit)
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
                             urgent: bool = False) -> list[str]:
@@ -298,15 +320,10 @@ class Outbox:
         """
         now = datetime.now(timezone.utc)
         prefix = f"esp.{esp}"
-        unswept = {"$or": [{f"{prefix}.swept_at": {"$exists": False}}, {f"{prefix}.swept_at": {"$lte": now - lease}}]}
-        query = {
-            **_sendable(prefix),
-            f"{prefix}.dirty_at": {"$lte": now - older_than},
-            **unswept,
-            **({f"{prefix}.urgent": True} if urgent else {}),
-        }
-        cursor = self.profiles.find(query, {"_id": 1}).sort(f"{prefix}.dirty_at", ASCENDING).limit(limit)
-        ids = [doc["_id"] async for doc in cursor]
+        unswept = {f"{prefix}.swept_at": _not_after(now - lease)}
+        query = _pending_query(prefix, dirty_at={"$lte": now - older_than}, swept_at=_not_after(now - lease),
+                               **({"urgent": True} if urgent else {}))
+        ids = await self._sendable(esp, query, limit)
         if ids:
             await each(self.profiles, ids, unswept, {"$set": {f"{prefix}.swept_at": now}})
         return ids

@@ -69,6 +69,19 @@ async def test_refused_member_is_not_swept_until_it_changes(store):
     assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(0)) == ["p1"]
 
 
+async def test_refused_members_never_take_the_place_of_sendable_ones(store):
+    """The limit counts only what a sync can do: a thousand refused members must not hide the next one."""
+    for n in range(5):
+        pid = f"r{n}"
+        assert await store.save(person(pid, f"{pid}@example.com"), None, {"mailchimp": ({"m": n}, f"h{n}")})
+        _, token = await store.outbox.claim_send(pid, "mailchimp", timedelta(seconds=30))
+        await store.outbox.mark_failed(pid, "mailchimp", token, f"h{n}", "esp_rejected")
+    assert await store.save(person("ok", "ok@example.com"), None, {"mailchimp": ({"m": "ok"}, "h-ok")})
+    assert await store.outbox.count_pending("mailchimp", cap=10) == 1
+    assert await store.outbox.pending_ids("mailchimp", limit=1) == ["ok"]
+    assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(seconds=60), limit=1) == ["ok"]
+
+
 async def test_one_send_per_profile_at_a_time(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     state, token = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
@@ -216,3 +229,44 @@ async def test_a_bulk_job_the_esp_accepted_is_recorded_once_the_store_is_back(st
     for pid in ids:
         doc = await profiles.find_one({"_id": pid}, {"esp.mailchimp.jobs": 1})
         assert doc["esp"]["mailchimp"]["jobs"] == ["job-1"]  # recorded, and only once though written twice
+
+
+class RecordingFilters:
+    """The profiles collection, noting the filter of every call the sync makes."""
+
+    def __init__(self, profiles) -> None:
+        self._profiles, self.filters = profiles, []
+
+    def __getattr__(self, name):
+        method = getattr(self._profiles, name)
+        if name not in {"find", "find_one", "find_one_and_update", "update_one", "count_documents", "bulk_write"}:
+            return method
+
+        def recorded(*args, **kwargs):
+            if name == "bulk_write":
+                self.filters += [op._filter for op in args[0]]
+            else:
+                self.filters.append(args[0] if args else kwargs.get("filter", {}))
+            return method(*args, **kwargs)
+
+        return recorded
+
+
+async def test_the_sync_filters_the_store_by_index_only(store):
+    """No filter of the sync's hot path has a top-level operator (``$or``, ``$expr``): SecantusDB plans
+    none of those on an index and scans every profile under its lock, once per document of a bulk
+    write — which starved the sync as soon as there were thousands of profiles."""
+    ids = [f"x{n}" for n in range(4)]
+    for pid in ids:
+        assert await store.save(person(pid, f"{pid}@example.com"), None, {"mailchimp": ({"m": pid}, f"h-{pid}")})
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    assert await store.outbox.count_pending("mailchimp", cap=10) == 4
+    assert sorted(await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(seconds=60))) == ids
+    claimed, token = await store.outbox.claim_sends(ids[:2], "mailchimp", timedelta(seconds=60))
+    await store.outbox.note_job("mailchimp", token, "job", list(claimed))
+    await store.outbox.settle_many("mailchimp", token, [(pid, f"h-{pid}") for pid in claimed], [], [], ["job"])
+    state, token = await store.outbox.claim_send(ids[2], "mailchimp", timedelta(seconds=60))
+    assert await store.outbox.mark_sent(ids[2], "mailchimp", token, state.member_hash)
+    assert await store.outbox.pending_ids("mailchimp", limit=10) == [ids[3]]
+    assert recording.filters
+    assert [f for f in recording.filters if any(key.startswith("$") for key in f)] == []
