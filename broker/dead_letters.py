@@ -134,9 +134,22 @@ class Selection:
         return self.target is None or sync.get("esp") == self.target
 
 
-def _parse(queue: str, body: bytes) -> DeadLetter:
+def _broker_reason(headers: dict[str, Any] | None) -> dict[str, Any]:
+    """Why RabbitMQ itself dead-lettered a message (``x-death``): a message delivered more often than the
+    queue's delivery limit (workers died holding it) carries no reason of ours."""
+    deaths = (headers or {}).get("x-death") or []
+    if not deaths:
+        return {}
+    first = deaths[-1]
+    at = first.get("time")
+    return {"code": f"broker_{first.get('reason', 'rejected')}".replace("-", "_"),
+            "detail": f"dead-lettered by RabbitMQ from {first.get('queue', '?')}",
+            **({"failed_at": int(at.timestamp() * 1000)} if hasattr(at, "timestamp") else {})}
+
+
+def _parse(queue: str, body: bytes, headers: dict[str, Any] | None = None) -> DeadLetter:
     message = dramatiq.Message.decode(body)
-    reason = message.options.get("dead_letter") or {}
+    reason = message.options.get("dead_letter") or _broker_reason(headers)
     last = message.options.get("last_error") or {}
     return DeadLetter(
         queue=queue,
@@ -176,15 +189,15 @@ class DeadLetters:
             if connection.is_open:
                 connection.close()
 
-    def _walk(self, channel: BlockingChannel, queue: str | None) -> Iterator[tuple[str, int, bytes]]:
+    def _walk(self, channel: BlockingChannel, queue: str | None) -> Iterator[tuple[str, int, bytes, dict[str, Any] | None]]:
         """Every dead letter of the selected queues, fetched unacknowledged."""
         for canonical in self._select(queue):
             xq = topology.xq_name(canonical)
             while True:
-                method, _, body = channel.basic_get(xq, auto_ack=False)
+                method, properties, body = channel.basic_get(xq, auto_ack=False)
                 if method is None:
                     break
-                yield canonical, method.delivery_tag, body
+                yield canonical, method.delivery_tag, body, properties.headers
 
     def _select(self, queue: str | None) -> list[str]:
         if queue is None:
@@ -203,7 +216,7 @@ class DeadLetters:
     def list(self, queue: str | None = None, where: Selection | None = None) -> list[DeadLetter]:
         where, now = self._selection(queue, None, where), time.time()
         with self._channel() as channel:
-            letters = [_parse(canonical, body) for canonical, _, body in self._walk(channel, where.queue)]
+            letters = [_parse(canonical, body, headers) for canonical, _, body, headers in self._walk(channel, where.queue)]
         return [letter for letter in letters if where.matches(letter, now)]
 
     def show(self, message_id: str) -> DeadLetter | None:
@@ -249,8 +262,8 @@ class DeadLetters:
               predicate: Callable[[DeadLetter], bool] | None = None) -> list[DeadLetter]:
         taken, now = [], time.time()
         with self._channel() as channel:
-            for canonical, tag, body in list(self._walk(channel, where.queue)):
-                letter = _parse(canonical, body)
+            for canonical, tag, body, headers in list(self._walk(channel, where.queue)):
+                letter = _parse(canonical, body, headers)
                 if not where.matches(letter, now) or (predicate is not None and not predicate(letter)):
                     continue
                 action(channel, letter)

@@ -166,6 +166,8 @@ def migrate(amqp_url: str, declarations: list[tuple[str, dict[str, object]]], dr
             return done
         for name, arguments, differs in plan:
             temporary = temporary_name(name)
+            # Classic (durable, persistent, on the node this talks to), even beside quorum queues: those refuse
+            # the conditional deletes (if-empty, if-unused) that keep a migration from deleting a queue a message reached.
             queues.declare(temporary, {})
             if differs:
                 _drain(queues, name, temporary)

@@ -25,25 +25,54 @@ def sync_queue(prefix: str) -> str:
     return f"{prefix}.sync"
 
 
+def urgent_queue(prefix: str) -> str:
+    """Consent changes and erasures, ahead of any sync backlog: quorum queues have no message
+    priorities before RabbitMQ 4.0, so urgent work has a queue (and actor) of its own."""
+    return f"{prefix}.urgent"
+
+
+def sync_queues(prefix: str) -> list[str]:
+    """What a sync process consumes."""
+    return [sync_queue(prefix), urgent_queue(prefix)]
+
+
 def all_queues(prefix: str) -> list[str]:
-    return [events_queue(prefix), sync_queue(prefix)]
+    return [events_queue(prefix), sync_queue(prefix), urgent_queue(prefix)]
 
 
-MAX_PRIORITY = 10
-URGENT = 9  # consent changes and erasures: ahead of bulk traffic
+DELIVERY_LIMIT = 20
+"""Deliveries of one message (a worker died or lost its channel with it unsettled) before RabbitMQ
+dead-letters it: a message that kills every worker that takes it cannot loop for ever. Dramatiq's
+retries do not count (each retry is a new message). RabbitMQ 4.x applies 20 when none is set; 3.x none."""
+
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+"""A dead letter is read by returning it (``mergetag dlq list`` fetches unacknowledged, then closes its
+channel), and every return may count as a delivery: RabbitMQ 4.x drops a message past its queue's limit
+when no dead-letter exchange is set, and defaults to 20. ``-1`` disables the limit in 4.x but dead-letters
+on the first return in 3.10 (measured), so the limit is one no operator reaches."""
 
 
 def queue_arguments(queue: str) -> dict[str, object]:
-    """Arguments of a canonical (and its delay) queue: rejects go to its dead-letter queue; messages have priorities."""
-    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue), "x-max-priority": MAX_PRIORITY}
+    """Arguments of a canonical (and its delay) queue: a replicated quorum queue; what is rejected or
+    delivered too often goes to its dead-letter queue, at least once (RabbitMQ keeps the message until the
+    dead-letter queue confirmed it, which needs ``reject-publish`` overflow; no length limit is set)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": xq_name(queue),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
 
 
 def dead_letter_arguments() -> dict[str, object]:
-    """Arguments of a dead-letter queue: none that expire or drop a message (no TTL, no length limit).
+    """Arguments of a dead-letter queue: a quorum queue, with nothing that expires or drops a message
+    (no TTL, no length limit, a delivery limit no reading reaches).
 
     Dead letters stay until an operator replays or purges them (``mergetag dlq``).
     """
-    return {}
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
 
 
 def declarations(queue: str) -> list[tuple[str, dict[str, object]]]:
@@ -69,8 +98,8 @@ __all__ = [
     "PROCESS_EVENT_ACTOR",
     "SYNC_PROFILE_ACTOR",
     "CHECK_ABANDONMENT_ACTOR",
-    "MAX_PRIORITY",
-    "URGENT",
+    "DEAD_LETTER_DELIVERY_LIMIT",
+    "DELIVERY_LIMIT",
     "SYNC_BATCH_ACTOR",
     "SYNC_URGENT_ACTOR",
     "all_queues",
@@ -83,5 +112,7 @@ __all__ = [
     "q_name",
     "queue_arguments",
     "sync_queue",
+    "sync_queues",
+    "urgent_queue",
     "xq_name",
 ]

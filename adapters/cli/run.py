@@ -61,7 +61,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     prefix = settings.queue_prefix
-    queues = {"events": [topology.events_queue(prefix)], "sync": [topology.sync_queue(prefix)], "all": topology.all_queues(prefix)}
+    queues = {"events": [topology.events_queue(prefix)], "sync": topology.sync_queues(prefix), "all": topology.all_queues(prefix)}
     # The merge's threads mostly wait for their round's write: many in flight make big rounds.
     threads = settings.events_worker_threads if args.queues == "events" else settings.worker_threads
     return _serve(queues[args.queues], sweep=False, component="worker", threads=threads)
@@ -93,7 +93,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     except MergetagError as exc:
         log.error("could not check the field mappings against the ESPs: %s", exc.code)
     settings = get_settings()
-    return _serve([topology.sync_queue(settings.queue_prefix)], sweep=True, component="sync", threads=settings.worker_threads)
+    return _serve(topology.sync_queues(settings.queue_prefix), sweep=True, component="sync", threads=settings.worker_threads)
 
 
 def shopify_puller(settings: Settings, publisher: Any) -> tuple[Any, Any]:

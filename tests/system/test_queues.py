@@ -15,8 +15,9 @@ from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.errors import ConnectionClosed
 
 from broker import admin, topology
+from broker.dead_letters import DeadLetters
 from broker.migrate import MigrationRefused, migrate, temporary_name
-from broker.publisher import Publisher
+from broker.publisher import Publisher, encode_message
 from broker.setup import TopologyBroker
 from sandboxes.local import free_port, wait_for_port
 from tests.conftest import AMQP_URL, ROOT, SHOPIFY_SECRET, eventually, post_webhook, source_env, stop
@@ -138,14 +139,22 @@ def depth(queue: str) -> int:
         connection.close()
 
 
-def old_deployment(prefix: str) -> pika.BlockingConnection:
-    """The queues as the previous version declared them: dead-letter queues with Dramatiq's 7-day TTL."""
+def previous_arguments(name: str, dead_letter_ttl: bool) -> dict[str, object]:
+    """A queue as earlier versions declared it: classic, with message priorities; before that, dead-letter
+    queues with Dramatiq's 7-day TTL."""
+    if name.endswith(".XQ"):
+        return {"x-message-ttl": DEAD_MESSAGE_TTL} if dead_letter_ttl else {}
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": topology.xq_name(topology.q_name(name)), "x-max-priority": 10}
+
+
+def old_deployment(prefix: str, dead_letter_ttl: bool = False) -> pika.BlockingConnection:
+    """The queues of ``prefix`` as an earlier version declared them (it had no urgent queue)."""
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
     channel.confirm_delivery()
-    for name, arguments in topology.prefix_declarations(prefix):
-        old = {"x-message-ttl": DEAD_MESSAGE_TTL} if name.endswith(".XQ") else arguments
-        channel.queue_declare(name, durable=True, arguments=old)
+    for queue in (topology.events_queue(prefix), topology.sync_queue(prefix)):
+        for name, _ in topology.declarations(queue):
+            channel.queue_declare(name, durable=True, arguments=previous_arguments(name, dead_letter_ttl))
     return connection
 
 
@@ -156,7 +165,7 @@ def cli(prefix: str, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_migrate_redeclares_old_dead_letter_queues_without_losing_a_message_and_a_rerun_changes_nothing(rabbitmq):
+def test_migrate_turns_classic_queues_into_quorum_queues_without_losing_a_message_and_a_rerun_changes_nothing(rabbitmq):
     prefix = "m" + uuid.uuid4().hex[:10]
     events, sync = topology.events_queue(prefix), topology.sync_queue(prefix)
     try:
@@ -171,11 +180,15 @@ def test_migrate_redeclares_old_dead_letter_queues_without_losing_a_message_and_
             dramatiq_declares(prefix)  # what the workers would hit at start-up
 
         summary = cli(prefix, "queues", "migrate")
-        assert summary["migrated"] == {topology.xq_name(events): 5, topology.xq_name(sync): 2}
-        assert summary["messages_moved"] == 7
-        assert set(summary["unchanged"]) == {events, sync, topology.dq_name(events), topology.dq_name(sync)}
+        assert summary["migrated"] == {topology.xq_name(events): 5, topology.xq_name(sync): 2, events: 3, sync: 0,
+                                       topology.dq_name(events): 0, topology.dq_name(sync): 0}
+        assert summary["messages_moved"] == 10
+        assert summary["unchanged"] == []
+        assert set(summary["absent"]) == {name for name, _ in topology.declarations(topology.urgent_queue(prefix))}
         queues = declared(prefix)
-        assert queues[topology.xq_name(events)] == {} and queues[topology.xq_name(sync)] == {}
+        for queue in (events, sync):
+            for name, arguments in topology.declarations(queue):
+                assert queues[name] == arguments and queues[name]["x-queue-type"] == "quorum"
         assert not any(name.endswith(".migrating") for name in queues)
         dramatiq_declares(prefix)
 
@@ -183,7 +196,9 @@ def test_migrate_redeclares_old_dead_letter_queues_without_losing_a_message_and_
         assert again["migrated"] == {} and again["messages_moved"] == 0
         moved = drain(topology.xq_name(events))
         assert [m[0] for m in moved] == dead_events  # all there, in order, properties kept
-        assert all(headers == {"origin": "ev"} and json.loads(body)["n"] == mid for mid, headers, body in moved)
+        # Kept as published; a quorum queue adds its count of earlier deliveries (none).
+        assert [({k: v for k, v in headers.items() if k != "x-delivery-count"}, headers.get("x-delivery-count", 0), json.loads(body)["n"])
+                for _, headers, body in moved] == [({"origin": "ev"}, 0, mid) for mid in dead_events]
         assert [m[0] for m in drain(topology.xq_name(sync))] == dead_sync
         assert [m[0] for m in drain(events)] == waiting
     finally:
@@ -205,8 +220,8 @@ def test_a_rerun_finishes_a_migration_that_crashed_half_way(rabbitmq):
         connection.close()
 
         summary = migrate(AMQP_URL, topology.prefix_declarations(prefix))
-        assert summary.migrated == {xq: 5, topology.xq_name(topology.sync_queue(prefix)): 0}
-        assert declared(prefix)[xq] == {}
+        assert summary.migrated[xq] == 5 and sum(summary.migrated.values()) == 5  # the other queues were empty
+        assert declared(prefix)[xq] == topology.arguments(xq)
         assert sorted(m[0] for m in drain(xq)) == sorted(left + parked)
         assert temporary_name(xq) not in declared(prefix)
 
@@ -228,7 +243,7 @@ async def test_migrate_refuses_a_queue_with_consumers_and_moves_nothing(rabbitmq
     prefix = "c" + uuid.uuid4().hex[:10]
     xq = topology.xq_name(topology.events_queue(prefix))
     try:
-        connection = old_deployment(prefix)
+        connection = old_deployment(prefix, dead_letter_ttl=True)
         channel = connection.channel()
         channel.confirm_delivery()
         publish(channel, xq, 2, "held")
@@ -239,7 +254,7 @@ async def test_migrate_refuses_a_queue_with_consumers_and_moves_nothing(rabbitmq
         with pytest.raises(MigrationRefused, match="consumer"):
             migrate(AMQP_URL, topology.prefix_declarations(prefix))
         assert set(migrate(AMQP_URL, topology.prefix_declarations(prefix), dry_run=True).migrated) == {
-            xq, topology.xq_name(topology.sync_queue(prefix))}
+            name for queue in (topology.events_queue(prefix), topology.sync_queue(prefix)) for name, _ in topology.declarations(queue)}
         connection.close()
         queues = declared(prefix)
         # Refused before touching any queue, even those without consumers.
@@ -247,5 +262,41 @@ async def test_migrate_refuses_a_queue_with_consumers_and_moves_nothing(rabbitmq
         # The consumer's unacked messages go back to the queue once it is gone: none was moved away.
         assert await eventually(lambda: asyncio.to_thread(lambda: depth(xq) == 2))
         assert temporary_name(xq) not in declared(prefix)
+    finally:
+        drop(prefix)
+
+
+def test_a_message_delivered_too_often_is_dead_lettered_with_its_reason_and_reading_it_keeps_it(rabbitmq):
+    """Workers that die holding a message (a poison message) return it each time: past the delivery limit
+    RabbitMQ dead-letters it, at least once, instead of looping or dropping it; operators see why, and
+    reading the dead letter (fetched, then returned) more often than any limit keeps it."""
+    prefix = "p" + uuid.uuid4().hex[:10]
+    events = topology.events_queue(prefix)
+    xq = topology.xq_name(events)
+    try:
+        dramatiq_declares(prefix)
+        message_id, body = encode_message(events, topology.PROCESS_EVENT_ACTOR, ({"poison": True},))
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        confirmed = connection.channel()
+        confirmed.confirm_delivery()
+        confirmed.basic_publish("", events, body, properties=pika.BasicProperties(delivery_mode=2, message_id=message_id),
+                                mandatory=True)
+        deliveries = 0
+        for _ in range(3 * topology.DELIVERY_LIMIT):
+            channel = connection.channel()
+            method, _, _ = channel.basic_get(events, auto_ack=False)
+            channel.close()  # the worker died with it unsettled
+            if method is None and depth(xq) == 1:
+                break
+            deliveries += method is not None
+        connection.close()
+        assert topology.DELIVERY_LIMIT <= deliveries <= topology.DELIVERY_LIMIT + 1
+        assert depth(events) == 0 and depth(xq) == 1
+        tools = DeadLetters(AMQP_URL, prefix)
+        for _ in range(topology.DELIVERY_LIMIT + 5):
+            letters = tools.list()
+        assert [(letter.message_id, letter.code) for letter in letters] == [(message_id, "broker_delivery_limit")]
+        assert letters[0].age_s is not None and letters[0].age_s < 300
+        assert depth(xq) == 1
     finally:
         drop(prefix)

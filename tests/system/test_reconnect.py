@@ -66,7 +66,7 @@ async def test_a_message_received_before_a_reconnect_settles_nothing_of_the_new_
         proxy.cut(3600)  # "old" goes back to its queue; the worker's thread is still on it
         # Published while the worker is away, first in line when it is back: delivery 1 of the new channel.
         await asyncio.to_thread(direct.enqueue, dramatiq.Message(queue_name=queue, actor_name="work", args=("new",), kwargs={},
-                                                                 options={"broker_priority": topology.URGENT}))
+                                                                 options={}))
         await eventually(lambda: asyncio.to_thread(lambda: settled(queue)["ready"] == 2), timeout=60)
         proxy.reopen()
         await eventually(lambda: asyncio.to_thread(lambda: settled(queue) == {"ready": 0, "unacked": 2}), timeout=90)

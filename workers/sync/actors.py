@@ -3,7 +3,7 @@
 
 - ``sync_profile``: one profile to one ESP target, coalesced per window; ``alone`` when the sweeper
   or a refused batch sends it, ``retry_refused`` for a replayed dead letter.
-- ``sync_urgent``: the same for consent changes and erasures, ahead of any backlog.
+- ``sync_urgent``: the same for consent changes and erasures, on the urgent queue, ahead of any backlog.
 - ``sync_batch``: a backlog to one target in one bulk request.
 """
 
@@ -37,7 +37,7 @@ class SyncActors:
         profile is by then. Consent changes and erasures are urgent: they skip the window and jump the queue."""
         for esp in targets:
             if urgent:
-                await asyncio.to_thread(self.sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
+                await asyncio.to_thread(self.sync_urgent.send, profile_id, esp)
             elif await rt.coalescer.first_in_window(esp, profile_id):
                 await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, esp), delay=rt.coalescer.window_ms or None)
 
@@ -71,7 +71,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
         await sender.sync(rt, actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused)
 
     async def sync_urgent(profile_id: str, esp: str) -> None:
-        """First out of RabbitMQ (message priority) and first in the worker's own queue (actor priority)."""
+        """On a queue of its own (no backlog ahead of it in RabbitMQ), and first in the worker's own queue (actor priority)."""
         await sender.sync(await runtime(), actors[0], profile_id, esp, urgent=True)
 
     async def sync_batch(profile_ids: list[str], esp: str) -> None:
@@ -81,7 +81,8 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
         broker=broker,
         queue=queue,
         sync_profile=dramatiq.actor(sync_profile, broker=broker, actor_name=topology.SYNC_PROFILE_ACTOR, queue_name=queue, priority=10),
-        sync_urgent=dramatiq.actor(sync_urgent, broker=broker, actor_name=topology.SYNC_URGENT_ACTOR, queue_name=queue, priority=0),
+        sync_urgent=dramatiq.actor(sync_urgent, broker=broker, actor_name=topology.SYNC_URGENT_ACTOR,
+                                   queue_name=topology.urgent_queue(prefix), priority=0),
         sync_batch=dramatiq.actor(sync_batch, broker=broker, actor_name=topology.SYNC_BATCH_ACTOR, queue_name=queue),
     )
     actors.append(declared)

@@ -14,7 +14,6 @@ from datetime import timedelta
 
 from adapters.esps.guard import EspGuard
 from adapters.store.profiles import ProfileStore
-from broker import topology
 from workers.sync import policy
 from workers.sync.actors import SyncActors
 
@@ -48,7 +47,7 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
         limit = policy.sweep_limit(target.batch_limit)
         urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
-            await asyncio.to_thread(actors.sync_urgent.send_with_options, args=(profile_id, esp), broker_priority=topology.URGENT)
+            await asyncio.to_thread(actors.sync_urgent.send, profile_id, esp)
         backlog = await store.outbox.count_pending(esp, bulk_backlog)
         pending = await store.outbox.claim_pending(esp, policy.sweep_grace(backlog, bulk_backlog, grace), lease, limit=limit)
         if policy.sweep_in_bulk(len(pending)):

@@ -2,11 +2,10 @@
 
 import json
 
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
 from adapters.sentry import REDACTED, scrub
 from broker import topology
 from broker.publisher import encode_message
+from broker.setup import TopologyBroker
 from schemas.events import EVENT_SCHEMA_VERSION
 from schemas.export import DIRECTORY, render, schemas
 
@@ -31,10 +30,13 @@ def test_older_published_schema_versions_are_kept():
     assert (DIRECTORY / "event.v1.0.json").exists() and (DIRECTORY / "profile.v1.0.json").exists()
 
 
-def test_receiver_declares_queues_exactly_as_dramatiq_does():
-    broker = RabbitmqBroker(url="amqp://guest:guest@127.0.0.1:1/", max_priority=topology.MAX_PRIORITY)
-    queue = topology.events_queue("x")
-    assert topology.queue_arguments(queue) == broker._build_queue_arguments(queue)
+def test_dramatiq_declares_every_queue_from_the_topology():
+    broker = TopologyBroker(url="amqp://guest:guest@127.0.0.1:1/", middleware=[])
+    for queue in topology.all_queues("x"):
+        for name, arguments in topology.declarations(queue):
+            assert broker._build_queue_arguments(name) == arguments
+    assert topology.queue_arguments(topology.events_queue("x"))["x-queue-type"] == "quorum"
+    assert "x-max-priority" not in topology.queue_arguments(topology.sync_queue("x"))  # quorum queues before 4.0 have none
 
 
 def test_encoded_message_is_a_dramatiq_message():
