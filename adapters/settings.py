@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERGETAG_", extra="ignore")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    """One RabbitMQ node, or a cluster's nodes comma-separated: every client fails over to the next (``broker.nodes``)."""
     queue_prefix: str = "mergetag"
     mongodb_uri: str = Field(
         "mongodb://127.0.0.1:27017/?directConnection=true",

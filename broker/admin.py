@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pika
-
-from broker import topology
+from broker import nodes, topology
 
 
 def _channel_do(amqp_url: str, action):  # noqa: ANN001, ANN202
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = nodes.blocking(amqp_url)
     try:
         return action(connection.channel())
     finally:

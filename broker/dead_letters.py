@@ -25,7 +25,7 @@ import dramatiq
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from broker import topology
+from broker import nodes, topology
 
 _SPENT_OPTIONS = {"dead_letter", "retries", "traceback", "eta", "last_error", "requeue_timestamp"}
 
@@ -172,12 +172,12 @@ class DeadLetters:
     """
 
     def __init__(self, amqp_url: str, prefix: str) -> None:
-        self._params = pika.URLParameters(amqp_url)
+        self._amqp_url = amqp_url
         self.queues = topology.all_queues(prefix)
 
     @contextmanager
     def _channel(self) -> Iterator[BlockingChannel]:
-        connection = pika.BlockingConnection(self._params)
+        connection = nodes.blocking(self._amqp_url)
         try:
             channel = connection.channel()
             channel.confirm_delivery()

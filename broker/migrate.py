@@ -24,6 +24,8 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.exceptions import ChannelClosedByBroker
 
+from broker import nodes
+
 TEMPORARY_SUFFIX = ".migrating"
 # A publisher that keeps filling the queue being drained would keep the migration from finishing.
 MAX_DRAIN_ROUNDS = 50
@@ -131,7 +133,7 @@ def _connected(amqp_url: str) -> Iterator[_Queues]:
     channel_log = logging.getLogger("pika.channel")
     level = channel_log.level
     channel_log.setLevel(logging.ERROR)
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = nodes.blocking(amqp_url)
     try:
         yield _Queues(connection)
     finally:

@@ -25,7 +25,7 @@ from aiormq.connection import TransportFactory
 from pamqp import commands as spec
 from yarl import URL
 
-from broker import topology
+from broker import nodes, topology
 from schemas.delivery import Delivery
 from schemas.errors import BrokerUnavailable
 
@@ -107,13 +107,15 @@ class Publisher:
     """One AMQP connection and confirm-mode channel, re-opened on demand.
 
     Parameters:
-      url: the AMQP URL.
+      url: the AMQP URL, or several (a cluster's nodes, comma-separated): a connection goes to the node
+        that served last, else to the next that answers (``broker.nodes``).
       queues: canonical queue names to declare (with their delay and dead-letter queues).
       timeout: seconds a publish (including any reconnect) may take before it counts as failed.
     """
 
     def __init__(self, url: str, queues: list[str], timeout: float) -> None:
-        self._url = url
+        self._urls = nodes.urls(url)
+        self._node = 0
         self._queues = queues
         self._timeout = timeout
         self._connection: AbstractConnection | None = None
@@ -131,18 +133,32 @@ class Publisher:
             if self.ready:
                 return
             await self._reset()
-            url = URL(self._url)
-            try:
-                async with asyncio.timeout(self._timeout):
-                    connection = _Connection(url, transport_factory=_CoalescingTCP() if url.scheme == "amqp" else None)
-                    await connection.connect()
-                    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                    for queue in self._queues:
-                        for name, arguments in topology.declarations(queue):
-                            await channel.queue_declare(name, durable=True, arguments=arguments)
-            except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-                raise BrokerUnavailable(f"cannot connect to RabbitMQ: {type(exc).__name__}") from None
-            self._connection, self._channel = connection, channel
+            failure: Exception | None = None
+            for step in range(len(self._urls)):
+                node = (self._node + step) % len(self._urls)
+                try:
+                    async with asyncio.timeout(min(self._timeout, nodes.CONNECT_TIMEOUT_S) if len(self._urls) > 1 else self._timeout):
+                        self._connection, self._channel = await self._open(URL(self._urls[node]))
+                except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+                    failure = exc
+                    log.warning("RabbitMQ node %d of %d unavailable: %s", node + 1, len(self._urls), type(exc).__name__)
+                    continue
+                self._node = node
+                return
+            raise BrokerUnavailable(f"cannot connect to RabbitMQ: {type(failure).__name__}")
+
+    async def _open(self, url: URL) -> tuple[AbstractConnection, AbstractChannel]:
+        connection = _Connection(url, transport_factory=_CoalescingTCP() if url.scheme == "amqp" else None)
+        try:
+            await connection.connect()
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            for queue in self._queues:
+                for name, arguments in topology.declarations(queue):
+                    await channel.queue_declare(name, durable=True, arguments=arguments)
+        except BaseException:
+            await asyncio.shield(_close_quietly(connection))
+            raise
+        return connection, channel
 
     async def publish(self, queue: str, body: bytes, message_id: str) -> None:
         """Publish persistently and wait for the broker's confirm (not for the write: see the module).
@@ -177,6 +193,7 @@ class Publisher:
         except (OSError, TimeoutError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             log.warning("publish to %s failed: %s", queue, type(exc).__name__)
             if not isinstance(exc, TimeoutError) or self._confirmed_at < started:
+                self._node = (self._node + 1) % len(self._urls)  # reconnect elsewhere first: this node may be gone
                 await self._reset()
             raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(exc).__name__}") from None
 
@@ -186,11 +203,16 @@ class Publisher:
 
     async def _reset(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and not connection.is_closed:
-            try:
-                await asyncio.wait_for(connection.close(), timeout=1.0)
-            except Exception:  # closing a broken connection may fail in many ways; it is gone either way
-                log.debug("error while closing a broken AMQP connection", exc_info=True)
+        if connection is not None:
+            await _close_quietly(connection)
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    if not connection.is_closed:
+        try:
+            await asyncio.wait_for(connection.close(), timeout=1.0)
+        except Exception:  # closing a broken connection may fail in many ways; it is gone either way
+            log.debug("error while closing a broken AMQP connection", exc_info=True)
 
 
 async def publish_delivery(publisher: Publisher, queue: str, delivery: Delivery) -> str:

@@ -10,7 +10,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import AgeLimit, AsyncIO, Callbacks, CurrentMessage, Pipelines, ShutdownNotifications, TimeLimit
 
-from broker import topology
+from broker import nodes, topology
 from broker.middleware import CloseOnShutdown, RetryOrDeadLetter
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,14 @@ class TopologyBroker(RabbitmqBroker):
 
 def create_broker(url: str, *, retry_max: int, min_backoff_ms: int, max_backoff_ms: int,
                   on_shutdown: Callable[[], Awaitable[None]] | None = None) -> TopologyBroker:
-    """Build the broker with mergetag's middleware (the caller installs it, after initialising Sentry:
-    its integration patches the broker).
+    """Build the broker with mergetag's middleware, on every node ``url`` names (``broker.nodes``); the
+    caller installs it, after initialising Sentry (its integration patches the broker).
 
     Parameters:
       on_shutdown: coroutine function run on the worker's event loop when the worker stops.
     """
-    return TopologyBroker(
-        url=url,
+    broker = TopologyBroker(
+        url=nodes.urls(url),
         confirm_delivery=True,
         middleware=[
             AgeLimit(),
@@ -99,3 +99,5 @@ def create_broker(url: str, *, retry_max: int, min_backoff_ms: int, max_backoff_
             RetryOrDeadLetter(max_retries=retry_max, min_backoff=min_backoff_ms, max_backoff=max_backoff_ms),
         ],
     )
+    broker.parameters = nodes.parameters(url)  # every node, each with a bounded connect timeout
+    return broker

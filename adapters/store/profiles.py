@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import pymongo
 from pydantic import ValidationError
-from pymongo import ASCENDING, AsyncMongoClient, InsertOne, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, InsertOne, ReadPreference, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 
 from adapters.store.outbox import PROFILES, Members, Outbox, Work, carry
 from adapters.store.writes import Save, profile_write
@@ -32,6 +34,15 @@ if TYPE_CHECKING:
 ERASURES = "erasures"
 OPERATION_TIMEOUT_MS = 30_000
 """How long one store operation (one round trip, one batch of a cursor) may take before it fails."""
+DURABLE: dict[str, Any] = {"w": "majority", "journal": True, "retryWrites": True, "retryReads": True,
+                           "timeoutMS": OPERATION_TIMEOUT_MS}
+"""Client options unless the URI sets them: a write that holds an accepted event's effect is acknowledged
+only once a majority of the replica set has it in its journal (a failover cannot roll it back, and the
+message is acked only after it), and writes and reads are retried once across a failover."""
+TRANSACTION_CONCERNS: dict[str, Any] = {"read_concern": ReadConcern("majority"),
+                                        "write_concern": WriteConcern(w="majority", j=True),
+                                        "read_preference": ReadPreference.PRIMARY}
+"""A transaction reads what a majority holds and commits to a majority's journals."""
 TRANSACTION_TIMEOUT_S = 10.0
 """A transaction is a few writes: one that takes longer is stuck behind conflicting writes (SecantusDB
 retries a plain write that conflicts with an open transaction without end), so it aborts, its message
@@ -64,15 +75,16 @@ class ProfileStore:
         self._hasher = hasher
 
     @classmethod
-    def connect(cls, uri: str, database: str, hasher: IdentityHasher | None = None) -> ProfileStore:
-        """A store on its own client; every operation has a time limit (the URI's ``timeoutMS`` if it sets one).
+    def connect(cls, uri: str, database: str, hasher: IdentityHasher | None = None, **client_options: Any) -> ProfileStore:
+        """A store on its own client, durable on a replica set: what the URI does not set is :data:`DURABLE`.
 
-        Without one, an operation the server never answers (a write conflict it retries without end, a
-        lost connection it does not notice) holds its message forever; with one it fails, retryably.
+        Every operation has a time limit (``timeoutMS``): without one, an operation the server never
+        answers (a write conflict it retries without end, a lost connection it does not notice) holds
+        its message forever; with one it fails, retryably.
         """
-        options: dict[str, Any] = {"tz_aware": True, "serverSelectionTimeoutMS": 5_000}
-        if "timeoutms=" not in uri.lower():
-            options["timeoutMS"] = OPERATION_TIMEOUT_MS
+        options: dict[str, Any] = {"tz_aware": True, "serverSelectionTimeoutMS": 5_000, **client_options}
+        given = uri.lower()
+        options.update({name: value for name, value in DURABLE.items() if f"{name.lower()}=" not in given})
         return cls(AsyncMongoClient(uri, **options), database, hasher)
 
     @property
@@ -340,7 +352,7 @@ class ProfileStore:
 async def _transaction(session: AsyncClientSession) -> AsyncIterator[None]:
     """A transaction within :data:`TRANSACTION_TIMEOUT_S`."""
     with pymongo.timeout(TRANSACTION_TIMEOUT_S):
-        async with await session.start_transaction():
+        async with await session.start_transaction(**TRANSACTION_CONCERNS):
             yield
 
 

@@ -4,6 +4,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from pymongo import monitoring
 from pymongo.errors import AutoReconnect
 
 from adapters.store.profiles import ProfileStore
@@ -270,3 +271,57 @@ async def test_the_sync_filters_the_store_by_index_only(store):
     assert await store.outbox.pending_ids("mailchimp", limit=10) == [ids[3]]
     assert recording.filters
     assert [f for f in recording.filters if any(key.startswith("$") for key in f)] == []
+
+
+class Commands(monitoring.CommandListener):
+    """Every command a client sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def started(self, event) -> None:
+        self.sent.append((event.command_name, dict(event.command)))
+
+    def succeeded(self, event) -> None:
+        pass
+
+    def failed(self, event) -> None:
+        pass
+
+
+WRITES = {"insert", "update", "delete", "findAndModify"}
+
+
+async def test_writes_are_majority_journaled_transactions_majority_and_every_profile_write_names_its_shard_key(mongo_uri):
+    """On a replica set an acknowledged write survives a failover; on a sharded cluster (shard key: hashed
+    ``_id``) every write of a profile goes to one shard — merges, absorbs and the sync's bookkeeping alike."""
+    listener = Commands()
+    store = ProfileStore.connect(mongo_uri, "dur" + uuid.uuid4().hex[:8], HASHER, event_listeners=[listener])
+    try:
+        await store.ensure_indexes()
+        assert await store.save(person("a", "a@example.com"), None, {"mailchimp": ({"m": "a"}, "ha")})
+        assert await store.save(person("b", "b@example.com"), None, {"mailchimp": ({"m": "b"}, "hb")})
+        profile, meta = await store.load("a")
+        assert await store.absorb(profile, meta.version, [("b", 1)], {"mailchimp": ({"m": "ab"}, "hab")}, {}, {})
+        claimed, token = await store.outbox.claim_sends(["a"], "mailchimp", timedelta(seconds=60))
+        await store.outbox.settle_many("mailchimp", token, [("a", "hab")], [], [])
+        profile, meta = await store.load("a")
+        assert await store.save(profile.model_copy(update={"email": "a2@example.com"}), meta.version, {"mailchimp": ({"m": "g"}, "hg")})
+        state, token = await store.outbox.claim_send("a", "mailchimp", timedelta(seconds=60))
+        assert await store.outbox.mark_sent("a", "mailchimp", token, state.member_hash)
+    finally:
+        await store.client.drop_database(store.profiles.database.name)
+        await store.close()
+
+    writes = [(name, command) for name, command in listener.sent if name in WRITES and command.get(name) == "profiles"]
+    assert writes
+    in_transaction = [command for _, command in listener.sent if command.get("autocommit") is False]
+    assert in_transaction and in_transaction[0]["readConcern"]["level"] == "majority"
+    commits = [command for name, command in listener.sent if name == "commitTransaction"]
+    assert commits and all(c["writeConcern"] == {"w": "majority", "j": True} for c in commits)
+    for name, command in writes:
+        if command.get("autocommit") is not False:
+            assert command["writeConcern"] == {"w": "majority", "j": True}, (name, command.get("writeConcern"))
+        targets = {"insert": lambda c: [d for d in c["documents"]], "update": lambda c: [u["q"] for u in c["updates"]],
+                   "delete": lambda c: [d["q"] for d in c["deletes"]], "findAndModify": lambda c: [c["query"]]}[name](command)
+        assert all("_id" in target for target in targets), (name, targets)

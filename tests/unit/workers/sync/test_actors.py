@@ -11,12 +11,13 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import xq_name
+from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import AsyncIO
 from pymongo.errors import AutoReconnect
 
 from adapters.esps import registry
 from adapters.settings import Settings
+from broker import topology
 from tests.support import fake_esp
 from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeCoalescer, FakeOutbox, FakeReceipts, FakeStore
@@ -70,16 +71,20 @@ class Harness:
     def run(self, send: Any) -> None:
         """Send one message and drain the sync queue (and what the actors put back on it)."""
         send()
-        worker = dramatiq.Worker(self.broker, queues={self.workers.sync.queue}, worker_timeout=10)
+        queues = set(topology.sync_queues(self.settings.queue_prefix))
+        worker = dramatiq.Worker(self.broker, queues=queues, worker_timeout=10)
         worker.start()
         try:
-            self.broker.join(self.workers.sync.queue, fail_fast=True)
+            while any(self.broker.queues[q].unfinished_tasks or self.broker.queues[dq_name(q)].unfinished_tasks
+                      for q in queues if q in self.broker.queues):
+                for queue in queues & set(self.broker.queues):
+                    self.broker.join(queue, fail_fast=True)
             worker.join()
         finally:
             worker.stop()
 
     def dead_letters(self) -> list[dramatiq.Message]:
-        assert {m.queue_name for m in self.broker.dead_lettered} <= {xq_name(self.workers.sync.queue)}
+        assert {m.queue_name for m in self.broker.dead_lettered} <= {xq_name(q) for q in topology.sync_queues(self.settings.queue_prefix)}
         return self.broker.dead_lettered
 
 
