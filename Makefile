@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test install run-local bench schemas lint clean
+.PHONY: test test-cluster install run-local bench schemas lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ install: $(BIN)/python
 test: install
 	./.ci/services
 	$(BIN)/python -m pytest
+
+## Only the cluster tests: a three-node RabbitMQ cluster of their own (tests/support/cluster.py), nodes lost and killed processes.
+test-cluster: install
+	./.ci/services
+	$(BIN)/python -m pytest tests/cluster
 
 ## Run the whole system without Docker: local RabbitMQ/Redis, a SecantusDB it starts.
 run-local: install

@@ -62,14 +62,17 @@ FAST = {
 class Stack:
     """Parameters:
       root: a directory for the store's data, the ESP file and every process's log.
+      amqp_url: the broker (a cluster's nodes, comma-separated), reached directly; default: the
+        machine's RabbitMQ, through a proxy that can drop every connection (:meth:`cut_broker`).
       settings: ``MERGETAG_*`` variables for every process (default: the product's defaults).
     """
 
-    def __init__(self, root: Path, **settings: str) -> None:
+    def __init__(self, root: Path, amqp_url: str | None = None, **settings: str) -> None:
         self.root = root
         self.prefix = "storm" + uuid.uuid4().hex[:8]
         self.settings = {"MERGETAG_DEDUP_WINDOW_S": "3600", **settings}  # its delivery ids need not outlive it
-        self.proxy = DroppingProxy("127.0.0.1", int(AMQP_URL.rsplit(":", 1)[1].split("/")[0]))
+        self.amqp_url = amqp_url or AMQP_URL
+        self.proxy = None if amqp_url else DroppingProxy("127.0.0.1", int(AMQP_URL.rsplit(":", 1)[1].split("/")[0]))
         self.sandboxes: dict[str, EspSandbox] = {}
         self.workers: list[subprocess.Popen] = []
         self.others: list[subprocess.Popen] = []
@@ -101,10 +104,11 @@ class Stack:
         esp_file = self.root / "esps.json"
         targets = esp_targets(mailchimp, self.sandboxes["klaviyo"], self.sandboxes["sendgrid"], mailchimp={"fields": DEFAULT_FIELDS})
         esp_file.write_text(json.dumps(targets))
-        self.proxy.start()
+        if self.proxy is not None:
+            self.proxy.start()
         self.env = {
             **os.environ, **ESP_KEYS, **self.settings,
-            "MERGETAG_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{self.proxy.port}/%2F",
+            "MERGETAG_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{self.proxy.port}/%2F" if self.proxy else self.amqp_url,
             "MERGETAG_QUEUE_PREFIX": self.prefix,
             "MERGETAG_MONGODB_URI": self.mongo_uri,
             "MERGETAG_MONGODB_DATABASE": self.prefix,
@@ -117,14 +121,14 @@ class Stack:
         self.others.append(spawn(self.env, self.root / "receiver.log", "receiver", "--port", str(port)))
         self.receiver_url = f"http://127.0.0.1:{port}"
         self.start_worker()
-        self.others.append(spawn(self.env, self.root / "sync.log", "sync"))
+        self.start_sync()
         wait_for_port(port, timeout=90, process=self.others[0])
         self._client = AsyncMongoClient(self.mongo_uri, tz_aware=True)
         self.db = self._client[self.prefix]
 
     def ready(self) -> bool:
         """Every queue of the prefix has its consumers (the events worker's and the sync's)."""
-        counts = admin.consumer_counts(AMQP_URL, self.prefix)
+        counts = admin.consumer_counts(self.amqp_url, self.prefix)
         return bool(counts) and min(counts.values()) > 0
 
     def start_worker(self) -> subprocess.Popen:
@@ -132,6 +136,19 @@ class Stack:
         worker = spawn(self.env, self.root / f"worker-{self._started}.log", "worker")
         self.workers.append(worker)
         return worker
+
+    def start_sync(self) -> subprocess.Popen:
+        self._started += 1
+        sync = spawn(self.env, self.root / f"sync-{self._started}.log", "sync")
+        self.others.append(sync)
+        return sync
+
+    def kill_sync(self) -> None:
+        """SIGKILL the sync in the middle of its work, and start another."""
+        doomed = self.others.pop(1)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=30)
+        self.start_sync()
 
     def kill_worker(self) -> None:
         """SIGKILL the events worker in the middle of its work, and start another."""
@@ -167,20 +184,22 @@ class Stack:
 
     def cut_broker(self, down_s: float) -> int:
         """Every broker connection of the pipeline dropped, new ones refused for ``down_s``."""
+        assert self.proxy is not None, "a stack on a cluster has no proxy: stop a node instead"
         return self.proxy.cut(down_s)
 
     async def control(self, http: aiohttp.ClientSession, esp: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return await self.sandboxes[esp].control(http, path, body)
 
     def dead_letters(self) -> dict[str, int]:
-        depths = admin.queue_depths(AMQP_URL, self.prefix)
+        depths = admin.queue_depths(self.amqp_url, self.prefix)
         return {q: n for q, n in depths.items() if q.endswith(".XQ") and n}
 
     async def close(self) -> None:
         stop(self.workers + self.others)
         if self._client is not None:
             await self._client.close()
-        self.proxy.close()
+        if self.proxy is not None:
+            self.proxy.close()
         for sandbox in self.sandboxes.values():
             stop_sandbox(sandbox)
         if self.store is not None:
@@ -189,4 +208,4 @@ class Stack:
                 self.store.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.store.kill()
-        await asyncio.to_thread(admin.drop_queues, AMQP_URL, self.prefix)
+        await asyncio.to_thread(admin.drop_queues, self.amqp_url, self.prefix)

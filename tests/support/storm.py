@@ -89,6 +89,8 @@ class Sender:
     accepted: int = 0
     last_accepted_at: float = 0.0
     refusals: dict[str, int] = field(default_factory=dict)
+    refused_at: list[tuple[float, str]] = field(default_factory=list)
+    """When each refusal came (``time.time()``) and what it was."""
 
     async def send(self, topic: str, body: dict[str, Any], gate: asyncio.Semaphore) -> None:
         webhook_id, delay = uuid.uuid4().hex, 0.1
@@ -103,6 +105,7 @@ class Sender:
                 self.last_accepted_at = time.time()
                 return
             self.refusals[str(status)] = self.refusals.get(str(status), 0) + 1
+            self.refused_at.append((time.time(), str(status)))
             await asyncio.sleep(delay * random.uniform(1.0, 1.5))
             delay = min(2.0, delay * 2)
 
