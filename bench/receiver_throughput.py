@@ -6,7 +6,7 @@ across runs (the machines are shared and noisy). ``p50_ms``/``p99_ms``: the rece
 time from request to answer (a 202 only after RabbitMQ's confirm) at ``--concurrency``
 connections. Prints one JSON object.
 
-    python bench/receiver_throughput.py [--requests 4000] [--concurrency 64] [--rounds 2]
+    python bench/receiver_throughput.py [--requests 4000] [--concurrency 64] [--rounds 2] [--cluster]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.sources.shopify import sign  # noqa: E402
+from bench._cluster import start_cluster  # noqa: E402
 from broker import admin, topology  # noqa: E402
 from sandboxes.local import free_port, wait_for_port  # noqa: E402
 
@@ -85,10 +86,12 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cluster", action="store_true", help="on a three-node RabbitMQ cluster of the benchmark's own (quorum queues replicated)")
     args = parser.parse_args()
+    amqp = start_cluster() if args.cluster else AMQP_URL
 
     prefix = "bench" + uuid.uuid4().hex[:8]
-    env = {**os.environ, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_AMQP_URL": AMQP_URL,
+    env = {**os.environ, "MERGETAG_QUEUE_PREFIX": prefix, "MERGETAG_SHOPIFY_SECRETS": SECRET, "MERGETAG_AMQP_URL": amqp,
            "MERGETAG_LOG_LEVEL": "WARNING"}
     receiver_port, bare_port = free_port(), free_port()
     receiver = subprocess.Popen([sys.executable, "-m", "adapters.cli", "receiver", "--host", "127.0.0.1", "--port", str(receiver_port)],
@@ -106,13 +109,13 @@ async def main() -> None:
             receiver_runs.append(rps)
             accepted_total += accepted
             bare_runs.append((await load(f"http://127.0.0.1:{bare_port}/webhooks/shopify", bodies, args.concurrency))[0])
-        in_queue = admin.queue_depths(AMQP_URL, prefix)[topology.events_queue(prefix)]
+        in_queue = admin.queue_depths(amqp, prefix)[topology.events_queue(prefix)]
     finally:
         receiver.terminate()
         bare.terminate()
         receiver.wait()
         bare.wait()
-        admin.drop_queues(AMQP_URL, prefix)
+        admin.drop_queues(amqp, prefix)
 
     receiver_rps, bare_rps = statistics.median(receiver_runs), statistics.median(bare_runs)
     cuts = statistics.quantiles(latencies, n=100)
@@ -127,6 +130,7 @@ async def main() -> None:
         "p99_ms": round(cuts[98] * 1000, 2),
         "accepted": accepted_total,
         "confirmed_in_queue": in_queue - 200,
+        "broker": "cluster" if args.cluster else "single_node",
     }))
 
 

@@ -79,6 +79,7 @@ from pymongo import AsyncMongoClient  # noqa: E402
 from adapters.esps.registry import descriptor  # noqa: E402
 from adapters.settings import Settings  # noqa: E402
 from adapters.sources.shopify import sign  # noqa: E402
+from bench._cluster import start_cluster  # noqa: E402
 from bench._store import bulk_upserts, server_requests  # noqa: E402
 from broker import admin  # noqa: E402
 from sandboxes import klaviyo as klaviyo_sandbox  # noqa: E402
@@ -393,7 +394,10 @@ async def main() -> None:
     parser.add_argument("--backlog", type=int, default=1000, help="profiles changed while the worker and the sync are down")
     parser.add_argument("--backlog-timeout", type=float, default=300.0, help="longest wait for the merges, then for every ESP")
     parser.add_argument("--esps", default="mailchimp,klaviyo,sendgrid", help="the ESP targets to sync to")
+    parser.add_argument("--cluster", action="store_true", help="on a three-node RabbitMQ cluster of the benchmark's own (quorum queues replicated)")
     args = parser.parse_args()
+    if args.cluster:
+        start_cluster()  # its nodes become MERGETAG_AMQP_URL, which every process of the run inherits
 
     began = time.monotonic()
     prefix = "sbench" + uuid.uuid4().hex[:6]
