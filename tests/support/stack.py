@@ -64,10 +64,12 @@ class Stack:
       root: a directory for the store's data, the ESP file and every process's log.
       amqp_url: the broker (a cluster's nodes, comma-separated), reached directly; default: the
         machine's RabbitMQ, through a proxy that can drop every connection (:meth:`cut_broker`).
+      targets: changes to the ESP targets of the ESP file, per target.
       settings: ``MERGETAG_*`` variables for every process (default: the product's defaults).
     """
 
-    def __init__(self, root: Path, amqp_url: str | None = None, **settings: str) -> None:
+    def __init__(self, root: Path, amqp_url: str | None = None, targets: dict[str, dict[str, Any]] | None = None, **settings: str) -> None:
+        self.target_changes = targets or {}
         self.root = root
         self.prefix = "storm" + uuid.uuid4().hex[:8]
         self.settings = {"MERGETAG_DEDUP_WINDOW_S": "3600", **settings}  # its delivery ids need not outlive it
@@ -102,7 +104,8 @@ class Stack:
                                       SENDGRID_LIST_ID, "--custom-fields", SENDGRID_CUSTOM_FIELDS),
         }
         esp_file = self.root / "esps.json"
-        targets = esp_targets(mailchimp, self.sandboxes["klaviyo"], self.sandboxes["sendgrid"], mailchimp={"fields": DEFAULT_FIELDS})
+        changes = {**self.target_changes, "mailchimp": {"fields": DEFAULT_FIELDS, **self.target_changes.get("mailchimp", {})}}
+        targets = esp_targets(mailchimp, self.sandboxes["klaviyo"], self.sandboxes["sendgrid"], **changes)
         esp_file.write_text(json.dumps(targets))
         if self.proxy is not None:
             self.proxy.start()
