@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from broker import publisher, topology
+import dramatiq
+
+from broker import admin, publisher, setup, topology
+from sandboxes.local import free_port
 from tests.conftest import AMQP_URL, delete_queues, queue_counts
 
 
@@ -31,3 +34,23 @@ async def test_concurrent_publishes_share_writes_and_are_each_confirmed(rabbitmq
     finally:
         await pub.close()
         delete_queues(prefix)
+
+
+async def test_a_node_that_is_gone_is_passed_over_for_the_next(rabbitmq):
+    """A cluster's first node is down: the receiver's publisher, Dramatiq's broker and the operators'
+    tools all go on to the next one."""
+    prefix = "fo" + uuid.uuid4().hex[:8]
+    queue = topology.events_queue(prefix)
+    nodes = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F,{AMQP_URL}"  # nothing listens on the first
+    pub = publisher.Publisher(nodes, topology.all_queues(prefix), 10)
+    broker = setup.create_broker(nodes, retry_max=1, min_backoff_ms=10, max_backoff_ms=10)
+    try:
+        message_id, body = publisher.encode_message(queue, topology.PROCESS_EVENT_ACTOR, ({"n": 1},))
+        await pub.publish(queue, body, message_id)
+        await asyncio.to_thread(broker.enqueue, dramatiq.Message(queue_name=queue, actor_name=topology.PROCESS_EVENT_ACTOR,
+                                                                   args=({"n": 2},), kwargs={}, options={}))
+        assert (await asyncio.to_thread(admin.queue_depths, nodes, prefix))[queue] == 2
+    finally:
+        await pub.close()
+        broker.close()
+        await asyncio.to_thread(delete_queues, prefix)
