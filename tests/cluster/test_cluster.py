@@ -34,12 +34,19 @@ async def _flow(stack: Stack, http, faults: dict[float, object]) -> tuple[Sender
     loop, running = asyncio.get_running_loop(), []
     at = {int(share * len(shot.deliveries)): fault for share, fault in faults.items()}
 
-    async def inject(fault) -> None:  # noqa: ANN001
+    async def inject(fault, after: asyncio.Task | None) -> None:  # noqa: ANN001
+        if after is not None:
+            await after  # in order: a node is brought back only once its stop is done, however slow the machine
+        began = time.time()
         name = await asyncio.to_thread(fault)
-        injected.append((name, time.time()))
+        injected.append((name, began))
+
+    def due(i: int) -> None:
+        if i in at:
+            running.append(loop.create_task(inject(at[i], running[-1] if running else None)))
 
     sender = Sender(http, stack.receiver_url, concurrency=8)
-    await sender.send_all(shot.deliveries, RATE, lambda i: running.append(loop.create_task(inject(at[i]))) if i in at else None)
+    await sender.send_all(shot.deliveries, RATE, due)
     await asyncio.gather(*running)
     return sender, injected, shot
 
