@@ -165,7 +165,8 @@ class Outbox:
             await each(self.profiles, profile_ids, {"merged_into": {"$exists": False}, **free},
                        {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}})
             cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
-            return {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}, token
+            found = {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}
+            return {pid: found[pid] for pid in profile_ids if pid in found}, token  # in the order asked for
         except PyMongoError:
             await self.release_lost(profile_ids, esp, token, lease)
             raise
@@ -308,8 +309,11 @@ class Outbox:
         return await self.profiles.count_documents({f"esp.{esp}.sent_at": {"$gte": since}})
 
     async def pending_ids(self, esp: str, limit: int) -> list[str]:
-        """Profiles waiting for ``esp`` (refused ones aside), oldest change first; nothing is claimed."""
-        return await self._sendable(esp, _pending_query(f"esp.{esp}"), limit)
+        """Profiles waiting for ``esp`` (refused ones aside): urgent ones first, then oldest change first; nothing is claimed."""
+        prefix = f"esp.{esp}"
+        urgent = await self._sendable(esp, _pending_query(prefix, urgent=True), limit)
+        rest = await self._sendable(esp, _pending_query(prefix), limit)
+        return list(dict.fromkeys([*urgent, *rest]))[:limit]  # consent changes and erasures first
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
                             urgent: bool = False) -> list[str]:
