@@ -154,6 +154,7 @@ async def main() -> None:
     for event in live:
         await batcher.merge(event.identity, [event])
     live_trips = sum(trips.counts.values()) / len(live)
+    live_by_command = dict(trips.counts)
 
     # A backlog: many merges in flight, merged in rounds.
     backlog = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"b-{e.identity.email}",
@@ -204,6 +205,7 @@ async def main() -> None:
         "round_trips_by_command_backlog": backlog_by_command,
         "merges_per_round_backlog": round(len(backlog) / max(backlog_rounds, 1), 1),
         "round_trips_per_event_live": round(live_trips, 3),
+        "round_trips_by_command_live": live_by_command,
         "orders_of_backlog_profile_0": check[0].computed.order_count,
     }))
 

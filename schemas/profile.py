@@ -178,7 +178,7 @@ class IdentityHasher:
 
     def index_key(self, key: str) -> str:
         """How identity key ``key`` is indexed, for live profiles and tombstones alike: one keyspace, so
-        the unique index itself keeps an erased identifier from ever belonging to a live profile again,
+        the identity claims themselves keep an erased identifier from ever belonging to a live profile again,
         and a tombstone remembers an erased person without anyone being able to read who they were."""
         return "h:" + self.digest(key)[:40]
 

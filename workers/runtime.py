@@ -66,6 +66,8 @@ async def create_runtime(settings: Settings) -> Runtime:
     await store.ensure_indexes(tuple(built))
     if await store.unhashed_left():
         raise RuntimeError("profiles are still indexed by plain identifiers: run `mergetag profile rekey` once, then start the workers")
+    if await store.unclaimed_left():
+        raise RuntimeError("profiles were written before identity claims: run `mergetag profile rekey` once, then start the workers")
     receipts = ErasureReceipts(store.client, settings.mongodb_database)
     await receipts.ensure_indexes()
     quarantine = Quarantine(store.client, settings.mongodb_database)

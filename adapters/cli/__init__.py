@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = profile.add_parser("show", help="a profile with the lineage of every trait (by id or email)")
     p.add_argument("ref")
     p = profile.add_parser("quality", help="profiles and events per data-quality flag")
-    p = profile.add_parser("rekey", help="index profiles by the keyed hashes of their identifiers (once, when upgrading)")
+    p = profile.add_parser("rekey", help="index profiles by the keyed hashes of their identifiers and claim each identifier (once, when upgrading)")
     for p in profile.choices.values():
         p.set_defaults(func=cmd_profile)
 

@@ -1,5 +1,6 @@
 """The MongoDB store on a real server (SecantusDB, or MONGODB_URI): races, leases, identity."""
 
+import asyncio
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -205,9 +206,20 @@ async def test_batch_writes_know_their_own_and_leave_nothing_behind_in_a_pointer
     (_, stored_a), (_, stored_b) = await store.load("pa"), await store.load("pb")
     renamed = a.model_copy(update={"traits": {}})
     # A stale version loses (and says so), the current one wins, in the same bulk write.
-    results = await store.save_many([Save(renamed, stored_a.version, {"mailchimp": ({"m": 3}, "h3")}, stored=stored_a),
-                                     Save(b, stored_b.version + 5, {"mailchimp": ({"m": 4}, "h4")}, stored=stored_b)])
+    results = await store.save_many([Save(renamed, stored_a.version, {"mailchimp": ({"m": 3}, "h3")}, stored=stored_a, before=a),
+                                     Save(b, stored_b.version + 5, {"mailchimp": ({"m": 4}, "h4")}, stored=stored_b, before=b)])
     assert results == [True, False]
+    # Saves that give profiles new identifiers claim them first, in one bulk write, then write as before.
+    (_, stored_a), (_, stored_b) = await store.load("pa"), await store.load("pb")
+    results = await store.save_many([Save(person("pa", "pa@example.com", shopify="7"), stored_a.version, {"mailchimp": ({"m": 3}, "h3")},
+                                          stored=stored_a, before=renamed),
+                                     Save(person("pb", "pb@example.com", shopify="8"), stored_b.version + 5, {"mailchimp": ({"m": 4}, "h4")},
+                                          stored=stored_b, before=b)])
+    assert results == [True, False]
+    assert [p.id for p, _ in await store.find_owners(["shopify:7"])] == ["pa"] and await store.find_owners(["shopify:8"]) == []
+    # The loser's claim stays its own (its merge is done again and writes it); nobody else takes it.
+    assert {d["_id"] async for d in store.identities.find({"profile": "pb"})} == {*store.index(b), *HASHER.index_keys("shopify:8")}
+    assert not await store.save(person("px", "px@example.com", shopify="8"), None, {"mailchimp": (None, None)})
     assert "written_by" in await store.profiles.find_one({"_id": "pa"})
     (survivor, stored_b), (_, stored_a) = await store.load("pb"), await store.load("pa")
     both = survivor.model_copy(update={"merged_from": ("pa",)})
@@ -325,3 +337,66 @@ async def test_writes_are_majority_journaled_transactions_majority_and_every_pro
         targets = {"insert": lambda c: [d for d in c["documents"]], "update": lambda c: [u["q"] for u in c["updates"]],
                    "delete": lambda c: [d["q"] for d in c["deletes"]], "findAndModify": lambda c: [c["query"]]}[name](command)
         assert all("_id" in target for target in targets), (name, targets)
+
+
+async def test_an_identifier_belongs_to_one_profile_without_a_unique_index_over_profiles(store):
+    """What a sharded cluster needs: profiles carry no unique index but ``_id`` (MongoDB refuses one not
+    prefixed by the shard key, hashed ``_id``); identity claims keyed by identity key keep an identifier
+    on one profile, even when creators race."""
+    await store.ensure_indexes()
+    indexes = [index async for index in await store.profiles.list_indexes()]
+    assert [i["name"] for i in indexes if i.get("unique")] == [] and "identity_lookup" in {i["name"] for i in indexes}
+
+    assert await store.save(person("p1", "a@example.com", phone="+1"), None, {"mailchimp": (None, None)})
+    assert not await store.save(person("p2", "b@example.com", phone="+1"), None, {"mailchimp": (None, None)})
+    assert await store.profiles.find_one({"_id": "p2"}) is None  # lost, and nothing of it written
+    assert {d["profile"] async for d in store.identities.find({})} == {"p1"}
+
+    racers = [person(f"r{n}", f"r{n}@example.com", shopify="same") for n in range(8)]
+    results = await asyncio.gather(*(store.save(p, None, {"mailchimp": (None, None)}) for p in racers))
+    owners = [p.id for p, _ in await store.find_owners(["shopify:same"])]
+    assert sum(results) <= 1 and len(owners) == sum(results)
+    assert owners == [p.id for p, ok in zip(racers, results) if ok]
+    assert await store.profiles.count_documents({"_id": {"$in": [p.id for p in racers]}}) == sum(results)
+
+    # Absorbing hands the absorbed profile's identifiers to the survivor; an erasure's tombstone takes them.
+    profile, meta = await store.load("p1")
+    assert await store.save(person("p3", "c@example.com"), None, {"mailchimp": (None, None)})
+    _, meta3 = await store.load("p3")
+    both = profile.model_copy(update={"identifiers": {**profile.identifiers, "email": ("a@example.com", "c@example.com")}, "merged_from": ("p3",)})
+    assert await store.absorb(both, meta.version, [("p3", meta3.version)], {"mailchimp": (None, None)}, {}, {})
+    assert {d["profile"] async for d in store.identities.find({"_id": {"$in": store.index(both)}})} == {"p1"}
+    assert not await store.save(person("p4", "c@example.com"), None, {"mailchimp": (None, None)})
+
+
+async def test_profiles_written_before_identity_claims_are_claimed_by_rekey_once(store):
+    """An older deployment: profiles indexed by a unique index over their keys, no claims. Workers refuse
+    to start until ``mergetag profile rekey`` claims every key, then the unique index is dropped."""
+    await store.profiles.create_index([("keys", 1)], name="identity_keys", unique=True)
+    keys = sorted(HASHER.index_key(k) for k in ("email:old@example.com",))
+    await store.profiles.insert_one({"_id": "old", "email": "old@example.com", "identifiers": {"email": ["old@example.com"]},
+                                     "keys": keys, "version": 1, "esp": {}})
+    assert await store.unclaimed_left()
+    assert await store.rekey() == 0 and await store.rekey() == 0
+    assert not await store.unclaimed_left()
+    assert [d async for d in store.identities.find({})] == [{"_id": keys[0], "profile": "old", "at": None}]
+    assert "identity_keys" not in {i["name"] async for i in await store.profiles.list_indexes()}
+    assert not await store.save(person("new", "old@example.com"), None, {"mailchimp": (None, None)})
+
+
+async def test_a_claim_whose_write_never_happened_is_taken_over_once_no_write_can_still_land(store):
+    """A process died between claiming an identifier and writing its profile: a young claim still wins
+    (its write may be in flight); one older than any write can take, whose profile lacks the key, is an
+    orphan the next claimant takes."""
+    from adapters.store.profiles import ORPHAN_AFTER
+
+    key = HASHER.index_key("email:orphan@example.com")
+    await store.identities.insert_one({"_id": key, "profile": "ghost", "at": datetime.now(timezone.utc)})
+    assert not await store.save(person("heir", "orphan@example.com"), None, {"mailchimp": (None, None)})
+    await store.identities.update_one({"_id": key}, {"$set": {"at": datetime.now(timezone.utc) - ORPHAN_AFTER - timedelta(seconds=1)}})
+    assert await store.save(person("heir", "orphan@example.com"), None, {"mailchimp": (None, None)})
+    assert (await store.identities.find_one({"_id": key}))["profile"] == "heir"
+    # An old claim whose profile does hold the key is no orphan.
+    await store.identities.update_one({"_id": key}, {"$set": {"at": datetime.now(timezone.utc) - 2 * ORPHAN_AFTER}})
+    assert not await store.save(person("usurper", "orphan@example.com"), None, {"mailchimp": (None, None)})
+    assert [p.id for p, _ in await store.find_owners(["email:orphan@example.com"])] == ["heir"]
