@@ -4,34 +4,26 @@ Common path per event: one indexed lookup of the identity's keys and one conditi
 guarded by ``version`` (optimistic concurrency). A profile's write also records, per ESP target,
 the member it should become (the rest of the sync state is the outbox's, :mod:`adapters.store.outbox`).
 
-An identifier belongs to one profile: each identity key has a claim of its own in ``identities``
-(``_id``: the key, ``profile``: its owner, ``at``: when claimed). A write that gives a profile keys it
-did not hold claims them first (one bulk upsert) and loses the race when another profile holds one.
-Keeping that in a collection keyed by identity key, not in a unique index over profiles, is what lets
-profiles be sharded by hashed ``_id`` (MongoDB enforces a unique index on a sharded collection only
-when it starts with the shard key). Writes that add no identifier, the common case, claim nothing.
-A claim whose write never happened (the process died in between) is an orphan: once it is older than
-any write could still be in flight (:data:`ORPHAN_AFTER`) and its profile does not hold the key, the
-next claimant takes it over. Absorbing and erasing move claims inside their transactions.
+An identifier belongs to one profile through its claim (:mod:`adapters.store.identities`): a write
+that gives a profile keys it did not hold claims them first (one bulk upsert) and loses the race when
+another profile holds one; writes that add no identifier, the common case, claim nothing. Absorbing
+and erasing move claims inside their transactions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import pymongo
 from pydantic import ValidationError
-from pymongo import ASCENDING, AsyncMongoClient, InsertOne, ReadPreference, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, InsertOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
-from pymongo.read_concern import ReadConcern
-from pymongo.write_concern import WriteConcern
+from pymongo.errors import BulkWriteError
 
+from adapters.store.durability import DURABLE, ORPHAN_AFTER, Abort, lost, transaction
+from adapters.store.identities import IDENTITIES, Identities
 from adapters.store.outbox import PROFILES, Members, Outbox, Work, carry
 from adapters.store.writes import Save, profile_write
 from schemas.errors import StoredProfileInvalid
@@ -42,25 +34,6 @@ if TYPE_CHECKING:
     from workers.profiles.erasure import ErasurePlan
 
 ERASURES = "erasures"
-IDENTITIES = "identities"
-OPERATION_TIMEOUT_MS = 30_000
-"""How long one store operation (one round trip, one batch of a cursor) may take before it fails."""
-DURABLE: dict[str, Any] = {"w": "majority", "journal": True, "retryWrites": True, "retryReads": True,
-                           "timeoutMS": OPERATION_TIMEOUT_MS}
-"""Client options unless the URI sets them: a write that holds an accepted event's effect is acknowledged
-only once a majority of the replica set has it in its journal (a failover cannot roll it back, and the
-message is acked only after it), and writes and reads are retried once across a failover."""
-TRANSACTION_CONCERNS: dict[str, Any] = {"read_concern": ReadConcern("majority"),
-                                        "write_concern": WriteConcern(w="majority", j=True),
-                                        "read_preference": ReadPreference.PRIMARY}
-"""A transaction reads what a majority holds and commits to a majority's journals."""
-ORPHAN_AFTER = timedelta(milliseconds=2 * OPERATION_TIMEOUT_MS)
-"""A claim this old whose profile does not hold its key belongs to a write that will never land: every
-store operation, the write after the claim included, fails within ``timeoutMS`` (the server is told)."""
-TRANSACTION_TIMEOUT_S = 10.0
-"""A transaction is a few writes: one that takes longer is stuck behind conflicting writes (SecantusDB
-retries a plain write that conflicts with an open transaction without end), so it aborts, its message
-retries, and the writes it held up go on."""
 LOOKUP_SLICE = 128
 """Identity keys per lookup of a merge round."""
 # What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
@@ -85,7 +58,7 @@ class ProfileStore:
     def __init__(self, client: AsyncMongoClient, database: str, hasher: IdentityHasher | None = None) -> None:
         self.client = client
         self.profiles = client[database][PROFILES]
-        self.identities = client[database][IDENTITIES]
+        self.identities = Identities(client[database][IDENTITIES], self.profiles, ORPHAN_AFTER)
         self.outbox = Outbox(client, database)
         self._hasher = hasher
 
@@ -144,7 +117,7 @@ class ProfileStore:
     async def unclaimed_left(self) -> bool:
         """Whether profiles written before identity claims exist while no claim does: ``mergetag profile
         rekey`` claims their keys, once (without claims, two profiles could take one identifier)."""
-        if await self.identities.find_one({}, {"_id": 1}) is not None:
+        if await self.identities.any():
             return False
         return await self.profiles.find_one({"merged_into": {"$exists": False}}, {"_id": 1}) is not None
 
@@ -161,64 +134,10 @@ class ProfileStore:
             if sorted(doc.get("keys", [])) != keys:
                 await self.profiles.update_one({"_id": doc["_id"], "version": doc["version"]}, {"$set": {"keys": keys}})
                 changed += 1
-            if keys:
-                await self.identities.bulk_write([UpdateOne({"_id": k}, {"$set": {"profile": doc["_id"]}, "$setOnInsert": {"at": None}},
-                                                            upsert=True) for k in keys], ordered=False)
+            await self.identities.backfill(doc["_id"], keys)
         if "identity_keys" in {index["name"] async for index in await self.profiles.list_indexes()}:
             await self.profiles.drop_index("identity_keys")
         return changed
-
-    async def _claim(self, owners: dict[str, str], session: AsyncClientSession, takes_from: tuple[str, ...] = ()) -> None:
-        """Claim each key of ``owners`` (key -> profile id) inside ``session``'s transaction: a key nobody
-        holds, or one its owner already holds or a profile in ``takes_from`` held (absorbed into it, erased
-        with it). A key another profile holds raises :class:`_Abort` (a lost race: re-read, and the merge
-        finds its owner). One round trip."""
-        if not owners:
-            return
-        try:
-            await self.identities.bulk_write(
-                [UpdateOne({"_id": k, "profile": {"$in": [owner, *takes_from]}}, {"$set": {"profile": owner, "at": datetime.now(timezone.utc)}},
-                           upsert=True) for k, owner in owners.items()], ordered=False, session=session)
-        except BulkWriteError as exc:
-            if _lost(exc):
-                raise _Abort from None
-            raise
-
-    async def claim(self, owners: dict[str, str]) -> set[str]:
-        """Claim each key of ``owners`` (key -> profile id) ahead of the write that gives it the key: a
-        key nobody holds, one its owner holds, or an orphan's (:data:`ORPHAN_AFTER`). Returns the
-        profiles that could not claim all of theirs: their writes lost a race. One round trip, two more
-        when a key is held."""
-        if not owners:
-            return set()
-        now = datetime.now(timezone.utc)
-        items = list(owners.items())
-        try:
-            await self.identities.bulk_write([UpdateOne({"_id": k, "profile": owner}, {"$set": {"at": now}}, upsert=True) for k, owner in items],
-                                             ordered=False)
-            return set()
-        except BulkWriteError as exc:
-            if not _lost(exc):
-                raise
-            held = {items[e["index"]][0] for e in exc.details["writeErrors"]}
-            upserted = [items[u["index"]] for u in exc.details.get("upserted", [])]
-        lost: set[str] = set()
-        claims = {d["_id"]: d async for d in self.identities.find({"_id": {"$in": sorted(held)}})}
-        stale = {k: d for k, d in claims.items() if d.get("at") is None or d["at"] < now - ORPHAN_AFTER}
-        holding = {(d["_id"], k) async for d in self.profiles.find({"_id": {"$in": sorted({c["profile"] for c in stale.values()})}}, {"keys": 1})
-                   for k in d.get("keys", [])} if stale else set()
-        for key in held:
-            claim = claims.get(key)
-            taken = (claim is not None and key in stale and (claim["profile"], key) not in holding
-                     and (await self.identities.update_one({"_id": key, "profile": claim["profile"], "at": claim.get("at")},
-                                                           {"$set": {"profile": owners[key], "at": now}})).modified_count == 1)
-            if not taken:
-                lost.add(owners[key])
-        # What the losers just claimed is given back: their writes will not happen now.
-        given_back = [key for key, owner in upserted if owner in lost]
-        if given_back:
-            await self.identities.delete_many({"_id": {"$in": given_back}, "at": now})
-        return lost
 
     async def load(self, profile_id: str) -> tuple[Profile, Stored] | None:
         """Load a profile, following the pointer an absorbed profile leaves behind."""
@@ -283,11 +202,11 @@ class ProfileStore:
                           f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or any(work.get(esp, {}).values())})
         async with self.client.start_session() as session:
             try:
-                async with _transaction(session):
+                async with transaction(session):
                     for absorbed_id, absorbed_version in absorbed:
                         if not await self._point(absorbed_id, survivor.id, now, session, version=absorbed_version):
-                            raise _Abort
-                    await self._claim(dict.fromkeys(body["keys"], survivor.id), session, takes_from=tuple(a for a, _ in absorbed))
+                            raise Abort
+                    await self.identities.claim_in(session, dict.fromkeys(body["keys"], survivor.id), takes_from=tuple(a for a, _ in absorbed))
                     update: dict[str, Any] = {"$set": {**body, **state}, "$inc": {"version": 1}}
                     jobs, until = carry(carried or {})
                     adding = {f"esp.{esp}.{name}": {"$each": sorted(emails)}
@@ -298,9 +217,9 @@ class ProfileStore:
                         update["$max"] = until
                     done = await self.profiles.update_one({"_id": survivor.id, "version": version}, update, session=session)
                     if done.matched_count != 1:
-                        raise _Abort
+                        raise Abort
             except Exception as exc:
-                if _lost(exc):
+                if lost(exc):
                     # A lost race, or a third profile took one of the identifiers meanwhile: re-read and retry.
                     return False
                 raise
@@ -346,14 +265,14 @@ class ProfileStore:
         receipts = self.profiles.database[ERASURES]
         async with self.client.start_session() as session:
             try:
-                async with _transaction(session):
+                async with transaction(session):
                     # Pointers first: they give up the keys the tombstone takes over (the index is unique).
                     for pointer_id, version in plan.pointers:
                         if not await self._point(pointer_id, tomb.id, now, session, version=version):
-                            raise _Abort
+                            raise Abort
                     for absorbed_id in plan.absorbed:
                         await self._point(absorbed_id, tomb.id, now, session)
-                    await self._claim(dict.fromkeys(plan.keys, tomb.id), session, takes_from=(*(p for p, _ in plan.pointers), *plan.absorbed))
+                    await self.identities.claim_in(session, dict.fromkeys(plan.keys, tomb.id), takes_from=(*(p for p, _ in plan.pointers), *plan.absorbed))
                     if plan.version is None:
                         fresh = {esp: {"member": None, "member_hash": None, "pending": bool(plan.addresses), "urgent": bool(plan.addresses),
                                        "dirty_at": now, "erase": list(plan.addresses)} for esp in targets}
@@ -363,10 +282,10 @@ class ProfileStore:
                     else:
                         done = await self.profiles.update_one({"_id": tomb.id, "version": plan.version}, update, session=session)
                         if done.matched_count != 1:
-                            raise _Abort
+                            raise Abort
                     await receipts.update_one({"_id": plan.request_id}, receipt, upsert=True, session=session)
             except Exception as exc:
-                if _lost(exc):
+                if lost(exc):
                     return False
                 raise
         return True
@@ -384,22 +303,22 @@ class ProfileStore:
         """
         keys = self.index(profile)
         guard, write = profile_write(Save(profile, version, members, urgent, work or {}, stored, before), keys)
-        if await self.claim(dict.fromkeys(self._unclaimed(keys, before), profile.id)):
+        if await self.identities.claim(dict.fromkeys(self._unclaimed(keys, before), profile.id)):
             return False  # another profile holds one of these identifiers: re-read, and the merge finds it
         try:
             await self._write(guard, write)
         except Exception as exc:
-            if _lost(exc):
+            if lost(exc):
                 return False  # another worker wrote the profile since: re-read and merge again
             raise
         return True
 
     async def _write(self, guard: dict[str, Any] | None, write: Any, session: AsyncClientSession | None = None) -> None:
-        """One profile's insert, or its version-guarded update (:class:`_Abort` when the guard misses)."""
+        """One profile's insert, or its version-guarded update (:class:`Abort` when the guard misses)."""
         if guard is None:
             await self.profiles.insert_one(write, session=session)
         elif (await self.profiles.update_one(guard, write, session=session)).matched_count != 1:
-            raise _Abort
+            raise Abort
 
     def _unclaimed(self, keys: list[str], before: Profile | None) -> list[str]:
         """The keys a write gives its profile that it did not hold when read: those it must claim."""
@@ -418,7 +337,7 @@ class ProfileStore:
         keys = [self.index(save.profile) for save in saves]
         claims = {k: save.profile.id for save, held in zip(saves, keys, strict=True)
                   for k in self._unclaimed(held, save.before if save.version is not None else None)}
-        lost = await self.claim(claims)
+        lost = await self.identities.claim(claims)
         written = [save.profile.id not in lost for save in saves]
         kept = [i for i, ok in enumerate(written) if ok]
         for i, ok in zip(kept, await self._save_plain([saves[i] for i in kept], [keys[i] for i in kept]), strict=True):
@@ -465,27 +384,3 @@ class ProfileStore:
         except ValidationError as exc:
             locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
             raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
-
-
-@asynccontextmanager
-async def _transaction(session: AsyncClientSession) -> AsyncIterator[None]:
-    """A transaction within :data:`TRANSACTION_TIMEOUT_S`."""
-    with pymongo.timeout(TRANSACTION_TIMEOUT_S):
-        async with await session.start_transaction(**TRANSACTION_CONCERNS):
-            yield
-
-
-
-
-class _Abort(Exception):
-    """A lost race inside a transaction: abort it and let the caller retry."""
-
-
-def _lost(exc: Exception) -> bool:
-    """Whether a failed write lost a race, so the caller re-reads and merges again: a version guard that
-    missed, an identifier (or a new profile's id) someone else holds, or a transaction's write conflict."""
-    if isinstance(exc, (_Abort, DuplicateKeyError)):
-        return True
-    if isinstance(exc, BulkWriteError):
-        return all(e.get("code") == 11000 for e in exc.details.get("writeErrors", [])) and bool(exc.details.get("writeErrors"))
-    return isinstance(exc, OperationFailure) and exc.has_error_label("TransientTransactionError")

@@ -94,6 +94,11 @@ class Quarantine:
     async def count(self, status: str | None = "quarantined", reason: str | None = None, after: str | None = None) -> int:
         return await self.collection.count_documents(self._query(status, reason, after))
 
+    async def counts_by_reason(self) -> dict[str, int]:
+        """Quarantined deliveries per reason (a delivery with several reasons counts under each)."""
+        pipeline = [{"$match": {"status": "quarantined"}}, {"$unwind": "$reasons"}, {"$group": {"_id": "$reasons", "n": {"$sum": 1}}}]
+        return {d["_id"]: d["n"] async for d in await self.collection.aggregate(pipeline)}
+
     async def get(self, key: str) -> dict[str, Any] | None:
         return await self.collection.find_one({"_id": key})
 

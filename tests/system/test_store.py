@@ -218,7 +218,7 @@ async def test_batch_writes_know_their_own_and_leave_nothing_behind_in_a_pointer
     assert results == [True, False]
     assert [p.id for p, _ in await store.find_owners(["shopify:7"])] == ["pa"] and await store.find_owners(["shopify:8"]) == []
     # The loser's claim stays its own (its merge is done again and writes it); nobody else takes it.
-    assert {d["_id"] async for d in store.identities.find({"profile": "pb"})} == {*store.index(b), *HASHER.index_keys("shopify:8")}
+    assert {d["_id"] async for d in store.identities.collection.find({"profile": "pb"})} == {*store.index(b), *HASHER.index_keys("shopify:8")}
     assert not await store.save(person("px", "px@example.com", shopify="8"), None, {"mailchimp": (None, None)})
     assert "written_by" in await store.profiles.find_one({"_id": "pa"})
     (survivor, stored_b), (_, stored_a) = await store.load("pb"), await store.load("pa")
@@ -350,7 +350,7 @@ async def test_an_identifier_belongs_to_one_profile_without_a_unique_index_over_
     assert await store.save(person("p1", "a@example.com", phone="+1"), None, {"mailchimp": (None, None)})
     assert not await store.save(person("p2", "b@example.com", phone="+1"), None, {"mailchimp": (None, None)})
     assert await store.profiles.find_one({"_id": "p2"}) is None  # lost, and nothing of it written
-    assert {d["profile"] async for d in store.identities.find({})} == {"p1"}
+    assert {d["profile"] async for d in store.identities.collection.find({})} == {"p1"}
 
     racers = [person(f"r{n}", f"r{n}@example.com", shopify="same") for n in range(8)]
     results = await asyncio.gather(*(store.save(p, None, {"mailchimp": (None, None)}) for p in racers))
@@ -365,7 +365,7 @@ async def test_an_identifier_belongs_to_one_profile_without_a_unique_index_over_
     _, meta3 = await store.load("p3")
     both = profile.model_copy(update={"identifiers": {**profile.identifiers, "email": ("a@example.com", "c@example.com")}, "merged_from": ("p3",)})
     assert await store.absorb(both, meta.version, [("p3", meta3.version)], {"mailchimp": (None, None)}, {}, {})
-    assert {d["profile"] async for d in store.identities.find({"_id": {"$in": store.index(both)}})} == {"p1"}
+    assert {d["profile"] async for d in store.identities.collection.find({"_id": {"$in": store.index(both)}})} == {"p1"}
     assert not await store.save(person("p4", "c@example.com"), None, {"mailchimp": (None, None)})
 
 
@@ -379,7 +379,7 @@ async def test_profiles_written_before_identity_claims_are_claimed_by_rekey_once
     assert await store.unclaimed_left()
     assert await store.rekey() == 0 and await store.rekey() == 0
     assert not await store.unclaimed_left()
-    assert [d async for d in store.identities.find({})] == [{"_id": keys[0], "profile": "old", "at": None}]
+    assert [d async for d in store.identities.collection.find({})] == [{"_id": keys[0], "profile": "old", "at": None}]
     assert "identity_keys" not in {i["name"] async for i in await store.profiles.list_indexes()}
     assert not await store.save(person("new", "old@example.com"), None, {"mailchimp": (None, None)})
 
@@ -388,15 +388,15 @@ async def test_a_claim_whose_write_never_happened_is_taken_over_once_no_write_ca
     """A process died between claiming an identifier and writing its profile: a young claim still wins
     (its write may be in flight); one older than any write can take, whose profile lacks the key, is an
     orphan the next claimant takes."""
-    from adapters.store.profiles import ORPHAN_AFTER
+    from adapters.store.durability import ORPHAN_AFTER
 
     key = HASHER.index_key("email:orphan@example.com")
-    await store.identities.insert_one({"_id": key, "profile": "ghost", "at": datetime.now(timezone.utc)})
+    await store.identities.collection.insert_one({"_id": key, "profile": "ghost", "at": datetime.now(timezone.utc)})
     assert not await store.save(person("heir", "orphan@example.com"), None, {"mailchimp": (None, None)})
-    await store.identities.update_one({"_id": key}, {"$set": {"at": datetime.now(timezone.utc) - ORPHAN_AFTER - timedelta(seconds=1)}})
+    await store.identities.collection.update_one({"_id": key}, {"$set": {"at": datetime.now(timezone.utc) - ORPHAN_AFTER - timedelta(seconds=1)}})
     assert await store.save(person("heir", "orphan@example.com"), None, {"mailchimp": (None, None)})
-    assert (await store.identities.find_one({"_id": key}))["profile"] == "heir"
+    assert (await store.identities.collection.find_one({"_id": key}))["profile"] == "heir"
     # An old claim whose profile does hold the key is no orphan.
-    await store.identities.update_one({"_id": key}, {"$set": {"at": datetime.now(timezone.utc) - 2 * ORPHAN_AFTER}})
+    await store.identities.collection.update_one({"_id": key}, {"$set": {"at": datetime.now(timezone.utc) - 2 * ORPHAN_AFTER}})
     assert not await store.save(person("usurper", "orphan@example.com"), None, {"mailchimp": (None, None)})
     assert [p.id for p, _ in await store.find_owners(["email:orphan@example.com"])] == ["heir"]
