@@ -45,6 +45,10 @@ class Settings(BaseSettings):
 
     receiver_host: str = "0.0.0.0"
     receiver_port: int = 8080
+    # Prometheus ``/metrics`` of the processes without an HTTP port of their own (0: not served). The
+    # receiver and the admin serve theirs on their own port.
+    worker_metrics_port: int = 9101
+    sync_metrics_port: int = 9102
     max_body_bytes: int = 1_048_576
     publish_timeout_s: float = 2.0
     retry_after_s: int = 5

@@ -365,6 +365,8 @@ class System:
     env: dict[str, str]
     logs: Path
     db: Any
+    metrics_ports: dict[str, int]
+    """Where Prometheus scrapes the worker and the sync."""
 
 
 def _consumers(prefix: str) -> int:
@@ -427,13 +429,14 @@ async def system(rabbitmq: str, mongo_uri: str, sandbox: Sandbox, klaviyo_sandbo
     }
     env.pop("MONGODB_URI", None)
     env["MERGETAG_GEOIP_DATABASE"] = str(build_test_database(logs / "test-city.mmdb"))
-    processes = [spawn(env, logs / f"{command[0]}.log", *command) for command in (["worker"], ["sync"])]
+    ports = {"worker": free_port(), "sync": free_port()}
+    processes = [spawn({**env, f"MERGETAG_{name.upper()}_METRICS_PORT": str(port)}, logs / f"{name}.log", name) for name, port in ports.items()]
     with mock.patch.dict(os.environ, env, clear=True):
         settings = Settings()
     client = AsyncMongoClient(mongo_uri, tz_aware=True)
     try:
         await eventually(lambda: asyncio.to_thread(_consumers, prefix), timeout=90)  # process start-up on a busy machine
-        yield System(settings, env, logs, client[prefix])
+        yield System(settings, env, logs, client[prefix], ports)
     finally:
         stop(processes)
         await client.close()

@@ -17,6 +17,7 @@ import dramatiq
 
 from adapters import logs
 from adapters.esps.registry import build_guard, descriptor
+from adapters.metrics import Metrics
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
 from adapters.store.profiles import ProfileStore
@@ -58,6 +59,7 @@ class Workers:
     runtime: Lazy
     profiles: profile_actors.ProfileActors
     sync: sync_actors.SyncActors
+    metrics: Metrics
 
     def sweeper(self, stop: asyncio.Event) -> Awaitable[None]:
         """The pending sweeper of every configured ESP target, until ``stop`` is set."""
@@ -65,15 +67,17 @@ class Workers:
         store = ProfileStore.connect(s.mongodb_uri, s.mongodb_database)
         targets = {name: sweeper.Target(descriptor(t.kind).batch_limit, build_guard(t, s)) for name, t in s.esp_targets().items()}
         return sweeper.run(store, self.sync, targets, interval=s.sync_sweep_interval_s, grace=timedelta(seconds=s.sync_grace_s),
-                           lease=timedelta(seconds=s.sync_lease_s), stop=stop, bulk_backlog=s.sync_bulk_backlog)
+                           lease=timedelta(seconds=s.sync_lease_s), stop=stop, bulk_backlog=s.sync_bulk_backlog, metrics=self.metrics)
 
 
 def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Broker | None = None,
-          runtime: Callable[[], Awaitable[Runtime]] | None = None) -> Workers:
+          runtime: Callable[[], Awaitable[Runtime]] | None = None, metrics: Metrics | None = None) -> Workers:
     """Every actor of the pipeline on one broker (default: RabbitMQ, from ``settings``, installed as
     Dramatiq's global broker; a given one, e.g. a test's stub, needs the AsyncIO middleware);
-    ``runtime`` (default: from ``settings``) creates the process's resources, closed on worker shutdown."""
-    lazy = Lazy(runtime or (lambda: create_runtime(settings)))
+    ``runtime`` (default: from ``settings``) creates the process's resources, closed on worker shutdown;
+    ``metrics``: the process's (one of its own by default)."""
+    metrics = metrics or Metrics()
+    lazy = Lazy(runtime or (lambda: create_runtime(settings, metrics)))
     if broker is None:
         logs.install()
         init_sentry(settings, component)
@@ -84,4 +88,4 @@ def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Bro
         broker.add_middleware(CloseOnShutdown(lazy.close))
     sync = sync_actors.declare(broker, lazy.get, settings.queue_prefix)
     profiles = profile_actors.declare(broker, lazy.get, sync, settings.queue_prefix)
-    return Workers(settings=settings, broker=broker, runtime=lazy, profiles=profiles, sync=sync)
+    return Workers(settings=settings, broker=broker, runtime=lazy, profiles=profiles, sync=sync, metrics=metrics)

@@ -13,6 +13,7 @@ from adapters.esps.base import Esp, member_hash
 from adapters.esps.guard import EspGuard
 from adapters.esps.registry import build_all, descriptor
 from adapters.geoip import GeoReader, open_reader
+from adapters.metrics import Metrics
 from adapters.redis.coalesce import Coalescer
 from adapters.settings import Settings
 from adapters.sources.registry import EventMapping, build_mappings
@@ -43,6 +44,7 @@ class Runtime:
     hasher: IdentityHasher
     receipts: ErasureReceipts
     dead_letters: DeadLetters
+    metrics: Metrics = field(default_factory=Metrics)
     _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def backlog(self, esp: str) -> int:
@@ -58,11 +60,12 @@ class Runtime:
         return {name: (m := esp.member(profile), member_hash(m) if m is not None else None) for name, esp in self.esps.items()}
 
 
-async def create_runtime(settings: Settings) -> Runtime:
+async def create_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
     """Every resource of one worker process; indexes ensured, refusing to start on plaintext-keyed profiles."""
     hasher = settings.hasher()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, hasher)
-    built = build_all(settings)
+    metrics = metrics or Metrics()
+    built = build_all(settings, metrics)
     await store.ensure_indexes(tuple(built))
     if await store.unhashed_left():
         raise RuntimeError("profiles are still indexed by plain identifiers: run `mergetag profile rekey` once, then start the workers")
@@ -81,7 +84,7 @@ async def create_runtime(settings: Settings) -> Runtime:
                    quarantine=quarantine, rules=rules, geo=geo, blocked=frozenset(settings.blocked_identifiers),
                    coalescer=Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
                    guards={n: guard for n, (_, guard) in built.items()}, leases=leases, batch_leases=batch_leases, hasher=hasher,
-                   receipts=receipts, dead_letters=DeadLetters(settings.amqp_url, settings.queue_prefix))
+                   receipts=receipts, dead_letters=DeadLetters(settings.amqp_url, settings.queue_prefix), metrics=metrics)
 
 
 async def close_runtime(rt: Runtime) -> None:

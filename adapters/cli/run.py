@@ -27,15 +27,18 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(queues: list[str], sweep: bool, component: str, threads: int) -> int:
+def _serve(queues: list[str], sweep: bool, component: str, threads: int, metrics_port: int) -> int:
     """Consume ``queues`` with a Dramatiq worker of ``threads`` threads until SIGTERM/SIGINT; optionally
-    run the sweeper."""
+    run the sweeper. Prometheus scrapes ``metrics_port`` (0: not served)."""
     import dramatiq
 
+    from adapters.metrics import Metrics
     from workers import app
 
     settings = get_settings()
-    workers = app.build(settings, component=component)
+    metrics = Metrics()
+    workers = app.build(settings, component=component, metrics=metrics)
+    server = metrics.serve(metrics_port) if metrics_port else None
     # A short poll: delayed messages (coalesced syncs, abandonment checks) run close to their time.
     worker = dramatiq.Worker(workers.broker, queues=set(queues), worker_threads=threads, worker_timeout=100)
     stop = threading.Event()
@@ -53,6 +56,8 @@ def _serve(queues: list[str], sweep: bool, component: str, threads: int) -> int:
         loop.call_soon_threadsafe(sweep_stop.set)
     worker.stop(timeout=10_000)
     workers.broker.close()
+    if server is not None:
+        server.shutdown()
     return 0
 
 
@@ -64,7 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = {"events": [topology.events_queue(prefix)], "sync": topology.sync_queues(prefix), "all": topology.all_queues(prefix)}
     # The merge's threads mostly wait for their round's write: many in flight make big rounds.
     threads = settings.events_worker_threads if args.queues == "events" else settings.worker_threads
-    return _serve(queues[args.queues], sweep=False, component="worker", threads=threads)
+    return _serve(queues[args.queues], sweep=False, component="worker", threads=threads, metrics_port=settings.worker_metrics_port)
 
 
 async def check_fields() -> dict[str, list[str]]:
@@ -93,7 +98,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     except MergetagError as exc:
         log.error("could not check the field mappings against the ESPs: %s", exc.code)
     settings = get_settings()
-    return _serve(topology.sync_queues(settings.queue_prefix), sweep=True, component="sync", threads=settings.worker_threads)
+    return _serve(topology.sync_queues(settings.queue_prefix), sweep=True, component="sync", threads=settings.worker_threads,
+                  metrics_port=settings.sync_metrics_port)
 
 
 def shopify_puller(settings: Settings, publisher: Any) -> tuple[Any, Any]:

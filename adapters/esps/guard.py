@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -70,6 +70,8 @@ return 0
 """
 
 Rates = dict[str, list[tuple[int, float]]]
+Observe = Callable[[str, "int | str", float], None]
+"""(method, HTTP status or ``timeout``/``unreachable``, seconds) of one request."""
 WINDOW_MARGIN = 1.1
 
 
@@ -88,10 +90,12 @@ class EspGuard:
       wait_s: how long a call waits for a free slot before it is retried later instead.
       lease_ms: a slot's lease (longer than any call).
       rates: bucket -> [(requests, window seconds), ...]; a bucket not listed has no rate limit.
+      observe: told of each request's outcome (method, HTTP status or failure, seconds): metrics.
     """
 
     def __init__(self, url: str, account: str, *, limit: int = 10, failures: int = 5, open_s: float = 30.0,
-                 wait_s: float = 10.0, lease_ms: int = 60_000, prefix: str = "mergetag", rates: Rates | None = None) -> None:
+                 wait_s: float = 10.0, lease_ms: int = 60_000, prefix: str = "mergetag", rates: Rates | None = None,
+                 observe: Observe | None = None) -> None:
         self._redis = redis.Redis.from_url(url)
         self._base = f"{prefix}:esp:{account}"
         self._slots = f"{self._base}:slots"
@@ -100,6 +104,7 @@ class EspGuard:
         self._requests = f"{self._base}:requests"
         self.account, self.limit, self.failures, self.open_s = account, limit, failures, open_s
         self.rates = rates or {}
+        self.observe = observe
         self._wait, self._lease = wait_s, lease_ms
         self._acquire = self._redis.register_script(ACQUIRE)
         self._rate = self._redis.register_script(RATE)
@@ -189,7 +194,7 @@ class EspGuard:
                 raise EspBusy(f"{self.account} {bucket} rate spent", retry_after=wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
 
-    async def observe(self, remaining: int | None, reset_in_s: float | None) -> None:
+    async def rate_seen(self, remaining: int | None, reset_in_s: float | None) -> None:
         """Rate-limit headers of a response: when the ESP says the budget is spent, every process
         waits for its reset instead of provoking 429s."""
         if remaining is not None and remaining <= 0 and reset_in_s is not None and reset_in_s > 0:

@@ -67,18 +67,22 @@ class EspHttp:
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         url = path if path.startswith("http") else self.base + path
         headers = {"Content-Type": content_type} if body is not None else {}
+        started = time.perf_counter()
         try:
             async with self._session.request(method, url, json=body, headers=headers) as response:
                 status, headers_in = response.status, response.headers
+                self._observed(method, status, started)
                 if self._rate is not None and self.guard is not None:
-                    await self.guard.observe(*self._rate(headers_in))
+                    await self.guard.rate_seen(*self._rate(headers_in))
                 if gone_ok and status == 404:
                     return status, None
                 parsed = await _json(response)
         except TimeoutError:
+            self._observed(method, "timeout", started)
             # The request may still be applied late: the caller must not let another send overtake it.
             raise EspTimeout(f"{self.name} timed out") from None
         except aiohttp.ClientError as exc:
+            self._observed(method, "unreachable", started)
             raise EspUnavailable(f"{self.name} unreachable: {type(exc).__name__}") from None
         if status < 300:
             return status, parsed
@@ -88,6 +92,10 @@ class EspHttp:
         if status in account_errors:
             raise EspMisconfigured(detail)
         raise EspRejected(detail)
+
+    def _observed(self, method: str, status: int | str, started: float) -> None:
+        if self.guard is not None and self.guard.observe is not None:
+            self.guard.observe(method, status, time.perf_counter() - started)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -5,14 +5,16 @@ Adding an ESP: its folder (see README.md next to this file) and one line in ``DE
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from adapters.esps import klaviyo, mailchimp, sendgrid
 from adapters.esps.base import Esp, EspDescriptor
-from adapters.esps.guard import EspGuard, account_id
+from adapters.esps.guard import EspGuard, Observe, account_id
 from adapters.esps.targets import EspTarget, load_file
 
 if TYPE_CHECKING:
+    from adapters.metrics import Metrics
     from adapters.settings import Settings
 
 DESCRIPTORS: dict[str, EspDescriptor] = {d.kind: d for d in (mailchimp.DESCRIPTOR, klaviyo.DESCRIPTOR, sendgrid.DESCRIPTOR)}
@@ -44,17 +46,17 @@ def targets(settings: Settings) -> dict[str, EspTarget]:
             for name in settings.esps}
 
 
-def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = None) -> EspGuard:
+def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = None, observe: Observe | None = None) -> EspGuard:
     """The guard of the target's account (targets sharing a key share it), kept in Redis.
 
     ``wait_s``: how long a call may wait for room (default: briefly; a batch job like reconciliation
-    can afford to wait for the rate windows instead).
+    can afford to wait for the rate windows instead). ``observe``: told of every request's outcome.
     """
     rates = target.rates if target.rates is not None else DESCRIPTORS[target.kind].rates
     return EspGuard(settings.redis_url, account_id(target.kind, target.key()), limit=target.max_connections,
                     failures=settings.esp_circuit_failures, open_s=settings.esp_circuit_open_s,
                     wait_s=wait_s or min(GUARD_WAIT_S, target.timeout_s),
-                    lease_ms=int(2 * target.timeout_s * 1000) + 5_000, prefix=settings.queue_prefix, rates=rates)
+                    lease_ms=int(2 * target.timeout_s * 1000) + 5_000, prefix=settings.queue_prefix, rates=rates, observe=observe)
 
 
 def build_esp(name: str, target: EspTarget, guard: EspGuard | None = None, offline: bool = False) -> Esp:
@@ -65,11 +67,11 @@ def build_esp(name: str, target: EspTarget, guard: EspGuard | None = None, offli
     return DESCRIPTORS[target.kind].client(target, name=name, guard=guard, offline=offline)
 
 
-def build_all(settings: Settings) -> dict[str, tuple[Esp, EspGuard]]:
-    """Every configured target with its guard, by target name."""
+def build_all(settings: Settings, metrics: Metrics | None = None) -> dict[str, tuple[Esp, EspGuard]]:
+    """Every configured target with its guard, by target name; ``metrics`` counts their requests."""
     built = {}
     for name, target in settings.esp_targets().items():
-        guard = build_guard(target, settings)
+        guard = build_guard(target, settings, observe=partial(metrics.esp_request, name) if metrics is not None else None)
         built[name] = (build_esp(name, target, guard), guard)
     return built
 

@@ -6,23 +6,31 @@
 profile id or an email. Every request needs ``Authorization: Bearer <token>``: one of the named
 tokens of ``MERGETAG_ADMIN_TOKENS`` (or ``MERGETAG_ADMIN_TOKEN``, which may do everything), with
 the scope the route needs — ``read`` to look, ``erase`` to erase. Without a token configured the
-API refuses everything.
+API refuses everything. ``GET /metrics`` (Prometheus) needs no token: it names queues, reasons and
+targets, never a person.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
 
+from adapters.esps.registry import build_guard
 from adapters.esps.templates import TemplateError
+from adapters.metrics import CONTENT_TYPE, Metrics
 from adapters.settings import Settings
 from adapters.sources import operator
 from adapters.sources.operator import request_erasure
 from adapters.store.erasures import ErasureReceipts, shown
 from adapters.store.profiles import ProfileStore
+from adapters.store.quarantine import Quarantine
+from broker import admin as broker_admin
 from broker import topology
+from broker.dead_letters import DeadLetters
 from broker.publisher import Publisher
 from schemas.errors import BrokerUnavailable, EventInvalid
 from schemas.events import normalize_email
@@ -30,6 +38,9 @@ from schemas.profile import Profile, identity_key
 from schemas.sync import Stored
 from workers.sync.preview import preview
 
+DEAD_LETTER_SCAN_LIMIT = 1_000
+"""Dead letters are counted by reason only while there are at most this many (reading a reason means
+fetching the message); past it, by queue alone, under reason ``unscanned``."""
 STORE = web.AppKey("store", ProfileStore)
 PUBLISHER = web.AppKey("publisher", Publisher)
 CALLER = web.RequestKey("caller", str)
@@ -43,12 +54,36 @@ async def find(store: ProfileStore, ref: str) -> tuple[Profile, Stored] | None:
     return await store.find_by_keys([identity_key("email", normalize_email(ref) or "")])
 
 
-def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> web.Application:
+def read_broker(settings: Settings) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Queue depths, and dead letters per (canonical queue, reason): blocking, for a thread."""
+    depths = broker_admin.queue_depths(settings.amqp_url, settings.queue_prefix)
+    dead = {queue: depths.get(topology.xq_name(queue), 0) for queue in topology.all_queues(settings.queue_prefix)}
+    if sum(dead.values()) > DEAD_LETTER_SCAN_LIMIT:
+        return depths, {(queue, "unscanned"): n for queue, n in dead.items() if n}
+    return depths, dict(Counter((letter.queue, letter.code) for letter in DeadLetters(settings.amqp_url, settings.queue_prefix).list()))
+
+
+def create_admin_app(settings: Settings, store: ProfileStore | None = None, metrics: Metrics | None = None) -> web.Application:
+    """The admin API; ``/metrics`` (no token: it names no person) reads the broker, the store and every
+    target's guard when scraped."""
     tokens = [(name, t.token.get_secret_value().encode(), frozenset(t.scopes)) for name, t in settings.operator_tokens().items()]
     targets = settings.esp_targets()
+    metrics = metrics or Metrics()
+    guards = {name: build_guard(target, settings) for name, target in targets.items()}
+
+    async def scrape(request: web.Request) -> web.Response:
+        depths, dead = await asyncio.to_thread(read_broker, settings)
+        Metrics.replace(metrics.queue_depth, {(queue,): n for queue, n in depths.items()})
+        Metrics.replace(metrics.dead_letters, {key: n for key, n in dead.items()})
+        quarantine = Quarantine(request.app[STORE].client, settings.mongodb_database)
+        Metrics.replace(metrics.quarantined, {(reason,): n for reason, n in (await quarantine.counts_by_reason()).items()})
+        metrics.guard_states({name: await guard.state() for name, guard in guards.items()})
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     @web.middleware
     async def auth(request: web.Request, handler):  # noqa: ANN001, ANN202
+        if request.path == "/metrics":
+            return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # Every token is compared, in constant time each, whichever matches.
         matches = [(name, scopes) for name, token, scopes in tokens if hmac.compare_digest(given.encode(), token)]
@@ -114,6 +149,8 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> w
         yield
         await app[PUBLISHER].close()
         await app[STORE].close()
+        for guard in guards.values():
+            await guard.close()
 
     app = web.Application(middlewares=[auth])
     app[STORE] = store or ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
@@ -124,6 +161,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None) -> w
     app.router.add_post("/admin/preview/{ref}", show_preview)
     app.router.add_post("/admin/erasures", request_erase, name="erasure_request")
     app.router.add_get("/admin/erasures/{id}", show_erasure)
+    app.router.add_get("/metrics", scrape)
     return app
 
 

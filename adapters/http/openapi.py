@@ -65,7 +65,7 @@ def document(sources: list[str]) -> dict[str, Any]:
             },
             "/healthz": {"get": {"summary": "The process is alive", "responses": plain}},
             "/readyz": {"get": {"summary": "The broker connection is up", "responses": {**plain, **_responses(503)}}},
-            "/metrics": {"get": {"summary": "Per-source delivery counters (Prometheus text)",
+            "/metrics": {"get": {"summary": "Prometheus metrics: deliveries by source, outcome and reason",
                                  "responses": {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": plain}},
         },

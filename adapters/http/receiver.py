@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from adapters.http.metrics import DeliveryCounters
 from adapters.http.openapi import document
+from adapters.metrics import CONTENT_TYPE, Metrics
 from adapters.redis.dedup import Dedup
 from adapters.settings import Settings
 from adapters.sources.base import Inbound, Rejected, Source, check_names
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 PUBLISHER = web.AppKey("publisher", Publisher)
 DEDUP = web.AppKey("dedup", Dedup)
-COUNTERS = web.AppKey("counters", DeliveryCounters)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def error(status: int, code: str, detail: str = "", headers: Mapping[str, str] | None = None) -> web.Response:
@@ -44,6 +44,7 @@ def create_app(
     sources: Mapping[str, Source] | None = None,
     publisher: Publisher | None = None,
     dedup: Dedup | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """Build the receiver.
 
@@ -51,18 +52,24 @@ def create_app(
       sources: source name -> Source; defaults to the configured ones.
       publisher: defaults to one on ``settings.amqp_url``.
       dedup: defaults to Redis at ``settings.redis_url``, namespaced by the queue prefix.
+      metrics: the process's metrics, served at ``/metrics``.
     """
     sources = dict(sources) if sources is not None else build_sources(settings)
     publisher = publisher or Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
     dedup = dedup or Dedup(settings.redis_url, settings.dedup_window_s, settings.queue_prefix)
     queue = topology.events_queue(settings.queue_prefix)
     retry_after = {"Retry-After": str(settings.retry_after_s)}
-    counters = DeliveryCounters()
+    metrics = metrics or Metrics()
+    deliveries = metrics.deliveries
+
+    def count(source: str, outcome: str, reason: str = "", n: int = 1) -> None:
+        if n:
+            deliveries.labels(source, outcome, reason).inc(n)
 
     async def receive(request: web.Request, name: str) -> web.Response:
         source = sources.get(name)
         if source is None:
-            counters.add("unknown", "rejected", "unknown_source")
+            count("unknown", "rejected", "unknown_source")
             return error(404, "unknown_source")
         if request.content_length is not None and request.content_length > settings.max_body_bytes:
             return reject(name, Rejected(413, "payload_too_large", f"limit is {settings.max_body_bytes} bytes"))
@@ -91,18 +98,18 @@ def create_app(
             failure = next(r for r in results if not isinstance(r, str))
             if not isinstance(failure, BrokerUnavailable):
                 raise failure
-            counters.add(name, "rejected", failure.code, len(fresh) - len(confirmed))
+            count(name, "rejected", failure.code, len(fresh) - len(confirmed))
             log.warning("cannot accept %s deliveries: %s", name, failure.code)
             return error(503, failure.code, headers=retry_after)
-        counters.add(name, "accepted", n=len(confirmed))
-        counters.add(name, "duplicate", n=len(deliveries) - len(fresh))
+        count(name, "accepted", n=len(confirmed))
+        count(name, "duplicate", n=len(deliveries) - len(fresh))
         if not deliveries:
-            counters.add(name, "ignored")
+            count(name, "ignored")
         status, reply = source.reply([message_id for _, message_id in confirmed], len(deliveries) - len(fresh))
         return web.json_response(reply, status=status)
 
     def reject(name: str, exc: Rejected) -> web.Response:
-        counters.add(name, "rejected", exc.code)
+        count(name, "rejected", exc.code)
         log.info("rejected %s delivery: %s", name, exc.code)
         return error(exc.status, exc.code, exc.detail)
 
@@ -130,8 +137,8 @@ def create_app(
                 return error(503, exc.code, headers=retry_after)
         return web.json_response({"status": "ready"})
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=counters.prometheus(), content_type="text/plain")
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document(sorted(sources)))
@@ -148,14 +155,14 @@ def create_app(
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_json_errors])
     app[PUBLISHER] = publisher
     app[DEDUP] = dedup
-    app[COUNTERS] = counters
+    app[METRICS] = metrics
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/webhooks/{source}", webhook)
     app.router.add_get("/webhooks/{source}", webhook_check)
     app.router.add_post("/v1/{call}", tracking)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", scrape)
     app.router.add_get("/openapi.json", openapi)
     return app
 

@@ -86,6 +86,8 @@ class Stack:
         self.db: Any = None
         self._client: AsyncMongoClient | None = None
         self._started = 0
+        self.metrics_ports: dict[str, int] = {}
+        """The Prometheus port of the latest worker and sync."""
 
     @property
     def api(self) -> str:
@@ -136,13 +138,15 @@ class Stack:
 
     def start_worker(self) -> subprocess.Popen:
         self._started += 1
-        worker = spawn(self.env, self.root / f"worker-{self._started}.log", "worker")
+        self.metrics_ports["worker"] = port = free_port()
+        worker = spawn({**self.env, "MERGETAG_WORKER_METRICS_PORT": str(port)}, self.root / f"worker-{self._started}.log", "worker")
         self.workers.append(worker)
         return worker
 
     def start_sync(self) -> subprocess.Popen:
         self._started += 1
-        sync = spawn(self.env, self.root / f"sync-{self._started}.log", "sync")
+        self.metrics_ports["sync"] = port = free_port()
+        sync = spawn({**self.env, "MERGETAG_SYNC_METRICS_PORT": str(port)}, self.root / f"sync-{self._started}.log", "sync")
         self.others.append(sync)
         return sync
 

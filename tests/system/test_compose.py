@@ -52,3 +52,38 @@ def test_the_cluster_profile_runs_three_brokers_a_replica_set_and_two_of_each_pr
         assert env["MERGETAG_ESPS"] == "mailchimp,klaviyo,sendgrid"  # the rest of the settings carried over
     assert [services[n]["command"][1] for n in ("worker-1", "worker-2", "sync-1", "sync-2")] == ["worker", "worker", "sync", "sync"]
     assert "receiver-1:8080" in services["receivers"]["environment"]["NGINX_CONF"]
+
+
+def test_the_observability_profile_scrapes_every_process_into_a_provisioned_dashboard(compose):
+    """Prometheus scrapes each process where it serves /metrics, and every series the dashboard
+    queries is one mergetag exports."""
+    import json
+    import re
+
+    from adapters.metrics import Metrics
+    from adapters.settings import Settings
+
+    result = subprocess.run([compose, "-f", "docker-compose.yml", "--profile", "observability", "config"], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            assert os.path.exists(os.path.join(ROOT, source)), source
+
+    scrape = yaml.safe_load((ROOT / "observability/prometheus.yml").read_text())["scrape_configs"]
+    targets = {job["job_name"]: job["static_configs"][0]["targets"][0] for job in scrape}
+    defaults = Settings.model_fields
+    assert targets == {"receiver": "receiver:8080", "admin": "admin:8083",
+                       "worker": f"worker:{defaults['worker_metrics_port'].default}", "sync": f"sync:{defaults['sync_metrics_port'].default}"}
+    for job in ("receiver", "admin"):  # they serve /metrics on their own HTTP port
+        command = services[job]["command"]
+        assert command[command.index("--port") + 1] == targets[job].split(":")[1]
+    assert set(targets) <= set(services)
+
+    exported = {sample for family in Metrics().registry.collect() for sample in
+                {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_count", f"{family.name}_sum"}}
+    dashboard = json.loads((ROOT / "observability/grafana/mergetag.json").read_text())
+    queried = {name for panel in dashboard["panels"] for t in panel["targets"] for name in re.findall(r"mergetag_[a-z_]+", t["expr"])}
+    assert queried and queried <= exported, queried - exported

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,13 +65,24 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
         anything transient raises and is retried. Erasures go first: nothing else in the delivery
         may outlive them."""
         rt = await runtime()
+        started = time.perf_counter()
+        try:
+            result = await merge_delivery(rt, delivery)
+        except Exception:
+            rt.metrics.events_merged.labels("failed").inc()
+            raise
+        rt.metrics.events_merged.labels(result).inc()
+        rt.metrics.merge_seconds.observe(time.perf_counter() - started)
+
+    async def merge_delivery(rt: Runtime, delivery: dict[str, Any]) -> str:
+        """:func:`process_event`'s work; returns what became of the delivery (the merge metric's result)."""
         try:
             parsed, events = await asyncio.to_thread(events_of, delivery, rt)
         except EventInvalid as exc:
             named = sorted({rt.hasher.index_key(k) for k in erasure.delivery_keys(delivery, rt.mappings)})
             key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")), keys=named)
             log.warning("delivery %s quarantined: %s", key, exc.detail)
-            return
+            return "quarantined"
         for erased in (e for e in events if isinstance(e, CustomerErased)):
             plan = await erase_person(rt, erased)
             if plan is not None:
@@ -94,6 +106,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
             # If nothing has touched the checkout by then, the cart counts as abandoned.
             await asyncio.to_thread(later[0].send_with_options, args=args, delay=delay_ms)
         log.info("delivery %s/%s merged; %d profile(s) to sync", parsed.source, parsed.delivery_id, len(merged))
+        return "changed" if merged else "unchanged"
 
     async def check_abandonment(profile_id: str, checkout_id: str, at: str) -> None:
         rt = await runtime()

@@ -9,6 +9,7 @@ knows no broker.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -64,6 +65,7 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
     if client is None:
         return
     lease = rt.batch_leases[esp]
+    started = time.perf_counter()
     claimed, token = await rt.store.outbox.claim_sends(profile_ids, esp, lease)
     batch = policy.plan_batch(claimed)
     async with _released_if_it_fails(rt, esp, token, list(claimed), lease):
@@ -107,7 +109,20 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
                 failed.append((pid, state.member_hash, EspRejected.code))
                 await requeue.refused(pid, esp, reason)
         await rt.store.outbox.settle_many(esp, token, sent, failed, batch.idle, jobs)
+    _count_sent(rt, esp, [todo[pid] for pid, _ in sent], "batch", started)
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
+
+
+def _count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float) -> None:
+    """The metrics of a send the ESP accepted: its duration, and each member's freshness (from the
+    merge that changed it to now)."""
+    now = datetime.now(timezone.utc)
+    rt.metrics.sync_seconds.labels(esp, kind).observe(time.perf_counter() - started)
+    rt.metrics.synced.labels(esp).inc(len(states))
+    freshness = rt.metrics.freshness.labels(esp)
+    for state in states:
+        if state.dirty_at is not None:
+            freshness.observe(max(0.0, (now - state.dirty_at).total_seconds()))
 
 
 async def _calls(rt: Runtime, profile_id: str, esp: str, token: str, calls: list[Callable[[], Awaitable[Any]]]) -> None:
@@ -129,6 +144,7 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     if client is None:
         return
     lease = rt.leases[esp]
+    started = time.perf_counter()
     claim = await rt.store.outbox.claim_send(profile_id, esp, lease)
     if claim is None:
         return
@@ -165,6 +181,7 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
         recorded = await rt.store.outbox.mark_sent(profile_id, esp, token, state.member_hash, jobs)
     if recorded:
+        _count_sent(rt, esp, [state], "single", started)
         log.info("profile %s synced to %s", profile_id, esp)
     else:
         log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from adapters.esps.guard import EspGuard
+from adapters.metrics import Metrics
 from adapters.store.profiles import ProfileStore
 from workers.sync import policy
 from workers.sync.actors import SyncActors
@@ -29,7 +30,7 @@ class Target:
 
 
 async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, grace: timedelta, lease: timedelta,
-                     bulk_backlog: int = 200) -> int:
+                     bulk_backlog: int = 200, metrics: Metrics | None = None) -> int:
     """Re-enqueue pending profiles of every ESP target: consent changes and erasures first, each on
     its own and at high priority; then the rest, one by one when few, in bulk batches when a backlog
     built up. A target whose circuit is open is left alone until it half-opens: its backlog waits
@@ -39,16 +40,22 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
       grace: how long a change may wait for its own sync before the sweeper steps in.
       bulk_backlog: from this many pending profiles on, the sync leaves them to the sweeper, which
         sends them in bulk at once (no grace): efficient when heavy, fresh when light.
+      metrics: gets each target's backlog and guard state.
     """
     total = 0
     for esp, target in targets.items():
-        if target.guard is not None and (await target.guard.state())["circuit"] == "open":
+        state = await target.guard.state() if target.guard is not None else None
+        if metrics is not None and state is not None:
+            metrics.guard_states({esp: state})
+        if state is not None and state["circuit"] == "open":
             continue
         limit = policy.sweep_limit(target.batch_limit)
         urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
             await asyncio.to_thread(actors.sync_urgent.send, profile_id, esp)
         backlog = await store.outbox.count_pending(esp, bulk_backlog)
+        if metrics is not None:
+            metrics.sweeper_backlog.labels(esp).set(backlog)
         pending = await store.outbox.claim_pending(esp, policy.sweep_grace(backlog, bulk_backlog, grace), lease, limit=limit)
         if policy.sweep_in_bulk(len(pending)):
             for batch in policy.batches(pending, target.batch_limit):
@@ -62,7 +69,7 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
 
 
 async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, interval: float, grace: timedelta,
-              lease: timedelta, stop: asyncio.Event, bulk_backlog: int = 200) -> None:
+              lease: timedelta, stop: asyncio.Event, bulk_backlog: int = 200, metrics: Metrics | None = None) -> None:
     """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages.
 
     Parameters:
@@ -70,7 +77,7 @@ async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target
       lease: how long before the same profile may be re-enqueued by a sweep.
     """
     try:
-        await _loop(store, actors, targets, interval=interval, grace=grace, lease=lease, stop=stop, bulk_backlog=bulk_backlog)
+        await _loop(store, actors, targets, interval=interval, grace=grace, lease=lease, stop=stop, bulk_backlog=bulk_backlog, metrics=metrics)
     finally:
         await store.close()
         for target in targets.values():
@@ -79,10 +86,10 @@ async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target
 
 
 async def _loop(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, interval: float, grace: timedelta,
-                lease: timedelta, stop: asyncio.Event, bulk_backlog: int) -> None:
+                lease: timedelta, stop: asyncio.Event, bulk_backlog: int, metrics: Metrics | None) -> None:
     while not stop.is_set():
         try:
-            await sweep_once(store, actors, targets, grace=grace, lease=lease, bulk_backlog=bulk_backlog)
+            await sweep_once(store, actors, targets, grace=grace, lease=lease, bulk_backlog=bulk_backlog, metrics=metrics)
         except Exception:  # the loop must outlive any single failure; Sentry and the log see it
             log.exception("sweep failed; retrying in %.1fs", interval)
         try:
