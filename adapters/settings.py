@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     sync_lease_s: float = 60.0
     sync_coalesce_ms: int = 250
     sync_bulk_backlog: int = 200
+    # Alerts (Sentry, one per episode) the sync raises beyond exceptions: see workers/sync/alerts.py.
+    alert_dead_letters: int = 100
+    alert_circuit_open_s: float = 300.0
+    alert_freshness_p99_s: float = 60.0
+    alert_interval_s: float = 30.0
 
     admin_host: str = "0.0.0.0"
     admin_port: int = 8083

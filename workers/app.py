@@ -26,7 +26,7 @@ from broker.setup import create_broker
 from workers.profiles import actors as profile_actors
 from workers.runtime import Runtime, close_runtime, create_runtime
 from workers.sync import actors as sync_actors
-from workers.sync import sweeper
+from workers.sync import alerts, sweeper
 
 
 class Lazy:
@@ -68,6 +68,15 @@ class Workers:
         targets = {name: sweeper.Target(descriptor(t.kind).batch_limit, build_guard(t, s)) for name, t in s.esp_targets().items()}
         return sweeper.run(store, self.sync, targets, interval=s.sync_sweep_interval_s, grace=timedelta(seconds=s.sync_grace_s),
                            lease=timedelta(seconds=s.sync_lease_s), stop=stop, bulk_backlog=s.sync_bulk_backlog, metrics=self.metrics)
+
+
+    def alerts(self, stop: asyncio.Event) -> Awaitable[None]:
+        """The alert watch of the sync process, until ``stop`` is set."""
+        s = self.settings
+        guards = {name: build_guard(t, s) for name, t in s.esp_targets().items()}
+        bounds = alerts.Bounds(dead_letters=s.alert_dead_letters, circuit_s=s.alert_circuit_open_s, freshness_p99_s=s.alert_freshness_p99_s)
+        return alerts.watch(stop, amqp_url=s.amqp_url, prefix=s.queue_prefix, episodes=alerts.Episodes(s.redis_url, s.queue_prefix),
+                            metrics=self.metrics, guards=guards, bounds=bounds, interval=s.alert_interval_s)
 
 
 def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Broker | None = None,

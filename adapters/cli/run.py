@@ -50,7 +50,10 @@ def _serve(queues: list[str], sweep: bool, component: str, threads: int, metrics
     loop = asyncio.new_event_loop()
     sweep_stop = asyncio.Event()
     if sweep:
-        threading.Thread(target=loop.run_until_complete, args=(workers.sweeper(sweep_stop),), daemon=True, name="sweeper").start()
+        async def background() -> None:
+            await asyncio.gather(workers.sweeper(sweep_stop), workers.alerts(sweep_stop))
+
+        threading.Thread(target=loop.run_until_complete, args=(background(),), daemon=True, name="sweeper").start()
     stop.wait()
     if sweep:
         loop.call_soon_threadsafe(sweep_stop.set)
