@@ -6,7 +6,7 @@ import argparse
 
 from adapters import logs
 from adapters.cli.backfill import cmd_pull
-from adapters.cli.operate import cmd_dlq, cmd_quarantine, cmd_queues, dead_letter_filters
+from adapters.cli.operate import cmd_audit, cmd_dlq, cmd_quarantine, cmd_queues, dead_letter_filters
 from adapters.cli.people import cmd_erase, cmd_esp, cmd_preview, cmd_profile, cmd_reconcile
 from adapters.cli.run import cmd_admin, cmd_poller, cmd_receiver, cmd_sync, cmd_worker
 
@@ -89,9 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = dlq.add_parser(action, help=f"{action} the named dead letters, every one matching the filters, or --all")
         p.add_argument("ids", nargs="*", help="message ids")
         p.add_argument("--all", action="store_true")
+        p.add_argument("--dry-run", action="store_true", help="only show what it would do (a replay: the plan, with each target's changes)")
         dead_letter_filters(p)
+    dlq.choices["replay"].add_argument("--rate", type=float, help="letters per second (default: all at once)")
+    dlq.choices["replay"].add_argument("--show-values", action="store_true", help="show personal values in the plan's changes")
     for p in dlq.choices.values():
         p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("audit", help="the audit log of operator actions, newest first (JSON lines)")
+    p.add_argument("--limit", type=int, default=1000)
+    p.set_defaults(func=cmd_audit)
 
     queues = sub.add_parser("queues", help="RabbitMQ queues of the prefix").add_subparsers(dest="action", required=True)
     p = queues.add_parser("migrate", help="redeclare queues whose declaration changed, keeping their messages (workers stopped)")

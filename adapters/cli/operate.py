@@ -37,11 +37,97 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         if args.action == "list":
             _print_dead_letters([d.summary() for d in tools.list(where=where)], args.json)
             return 0
-        done = getattr(tools, args.action)(where=where)
+        if args.dry_run:
+            letters = tools.list(where=where)
+            if args.action == "replay":
+                print(json.dumps(asyncio.run(_plan(letters, args.show_values)), default=str))
+            else:
+                print(json.dumps({"would_purge": [d.message_id for d in letters], "count": len(letters)}))
+            return 0
+        if args.action == "replay" and args.rate:
+            done = _replay_at(tools, where, args.rate)
+        else:
+            done = getattr(tools, args.action)(where=where)
     except UnknownQueue as exc:
         print(json.dumps({"error": "unknown_queue", "detail": str(exc)}))
         return 2
-    print(json.dumps({"replayed" if args.action == "replay" else "purged": [d.message_id for d in done], "count": len(done)}))
+    verb = "replayed" if args.action == "replay" else "purged"
+    asyncio.run(_audit(f"dead_letters.{args.action}", {k: v for k, v in vars(where).items() if v is not None and k != "ids"}
+                       | ({"ids": len(where.ids)} if where.ids else {}) | ({"rate": args.rate} if getattr(args, "rate", None) else {}),
+                       {verb: len(done)}))
+    print(json.dumps({verb: [d.message_id for d in done], "count": len(done)}))
+    return 0
+
+
+def _replay_at(tools, where, rate: float) -> list:  # noqa: ANN001
+    """Replay the selection at about ``rate`` letters per second, in steps of one second."""
+    import time
+
+    ids = [d.message_id for d in tools.list(where=where)]
+    step, done = max(1, int(rate)), []
+    for i in range(0, len(ids), step):
+        started = time.monotonic()
+        done += tools.replay(message_ids=set(ids[i:i + step]))
+        time.sleep(max(0.0, step / rate - (time.monotonic() - started)))
+    return done
+
+
+async def _plan(letters: list, personal: bool) -> dict:
+    from adapters.esps.registry import clients
+    from adapters.store.profiles import ProfileStore
+    from workers.sync import replay
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
+    esps = clients(settings)
+    try:
+        return replay.summary(await replay.field_changes(replay.plan(letters), letters, store, esps), personal)
+    finally:
+        for esp in esps.values():
+            await esp.close()
+        await store.close()
+
+
+def _operator() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+async def _audit(action: str, selection: dict, counts: dict) -> None:
+    """Record a finished action; the action is done whatever happens here, so a store that cannot
+    take the entry is reported, not fatal."""
+    import sys
+
+    from pymongo.errors import PyMongoError
+
+    from adapters.store.audit import AuditLog
+    from adapters.store.profiles import ProfileStore
+
+    settings = get_settings()
+    store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+    try:
+        await AuditLog(store.client, settings.mongodb_database).record(_operator(), action, selection, counts, "finished")
+    except PyMongoError as exc:
+        print(f"the audit log did not take this action: {type(exc).__name__}", file=sys.stderr)
+    finally:
+        await store.close()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    async def export() -> None:
+        from adapters.store.audit import AuditLog
+        from adapters.store.profiles import ProfileStore
+
+        settings = get_settings()
+        store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database)
+        try:
+            for entry in await AuditLog(store.client, settings.mongodb_database).entries(args.limit):
+                print(json.dumps({"id": entry.pop("_id"), **entry}, default=str))
+        finally:
+            await store.close()
+
+    asyncio.run(export())
     return 0
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.esps.registry import build_guard
+from adapters.esps.registry import build_guard, clients
 from adapters.esps.templates import TemplateError
+from adapters.http.console import setup_console
 from adapters.metrics import CONTENT_TYPE, Metrics
 from adapters.settings import Settings
 from adapters.sources import operator
@@ -82,8 +83,8 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None, metr
 
     @web.middleware
     async def auth(request: web.Request, handler):  # noqa: ANN001, ANN202
-        if request.path == "/metrics":
-            return await handler(request)
+        if request.path == "/metrics" or request.path.startswith("/console"):
+            return await handler(request)  # the console logs in with a cookie of its own
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # Every token is compared, in constant time each, whichever matches.
         matches = [(name, scopes) for name, token, scopes in tokens if hmac.compare_digest(given.encode(), token)]
@@ -162,6 +163,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None, metr
     app.router.add_post("/admin/erasures", request_erase, name="erasure_request")
     app.router.add_get("/admin/erasures/{id}", show_erasure)
     app.router.add_get("/metrics", scrape)
+    setup_console(app, settings, STORE, guards, read_broker, lambda: clients(settings))
     return app
 
 

@@ -54,8 +54,22 @@ async def test_esp_rejection_dead_letters_then_replays_once_after_the_fix(receiv
                          headers={"Authorization": aiohttp.encode_basic_auth("t", API_KEY)}) as r:
         assert r.status == 200
 
-    first = await asyncio.to_thread(mergetag, system, "dlq", "replay", "--queue", "sync", letter["message_id"])
+    # The plan first: what a replay would change at the target, values masked; nothing replayed yet.
+    plan = await asyncio.to_thread(mergetag, system, "dlq", "replay", "--dry-run", "--queue", "sync", letter["message_id"])
+    assert plan["letters"] == 1 and plan["profiles"] == [doc["_id"]]
+    assert plan["by_actor_reason"] == [{"actor": "sync_profile", "reason": "esp_rejected", "count": 1}]
+    assert {"profile_id": doc["_id"], "field": "CITY", "held": "—", "sent": "•••"} in plan["targets"]["mailchimp"]
+    assert "Ottawa" not in json.dumps(plan) and email not in json.dumps(plan)
+    assert letter["message_id"] in {d["message_id"] for d in await dead_letters(system, "sync")}
+
+    first = await asyncio.to_thread(mergetag, system, "dlq", "replay", "--rate", "5", "--queue", "sync", letter["message_id"])
     assert first == {"replayed": [letter["message_id"]], "count": 1}
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "adapters.cli", "audit", "--limit", "20"], cwd=ROOT,
+                                  env=system.env, capture_output=True, text=True, timeout=60, check=True)
+    entries = [json.loads(line) for line in out.stdout.splitlines()]
+    mine = [e for e in entries if e["action"] == "dead_letters.replay" and e["selection"].get("rate") == 5.0]
+    assert mine and mine[0]["counts"] == {"replayed": 1} and mine[0]["token"].startswith("cli:")
+    assert mine[0]["selection"]["queue"] == "sync" and mine[0]["selection"]["ids"] == 1
     member = await eventually(lambda: sandbox.member(http, email))
     assert member["merge_fields"]["CITY"] == "Ottawa"
 

@@ -10,6 +10,7 @@ carries names and numbers only: the alert, the target, a count, seconds — neve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -24,6 +25,8 @@ from adapters.metrics import Metrics
 from broker import admin, topology
 
 log = logging.getLogger(__name__)
+
+FRESHNESS_TTL_S = 600
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ def firing(readings: Readings, bounds: Bounds, open_now: frozenset[str]) -> dict
     return alerts
 
 
-def p99(bounds: Sequence[float], counts: Sequence[float]) -> float | None:
-    """The 99th percentile of observations counted per histogram bucket (``counts[i]``: observations
+def quantile(bounds: Sequence[float], counts: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile of observations counted per histogram bucket (``counts[i]``: observations
     at most ``bounds[i]``, not cumulative, the last bucket unbounded), as its bucket's upper bound;
     None without observations. Pure."""
     total = sum(counts)
@@ -80,9 +83,13 @@ def p99(bounds: Sequence[float], counts: Sequence[float]) -> float | None:
     seen = 0.0
     for bound, n in zip([*bounds, math.inf], counts, strict=True):
         seen += n
-        if seen >= 0.99 * total:
+        if seen >= q * total:
             return bound
     return math.inf
+
+
+def p99(bounds: Sequence[float], counts: Sequence[float]) -> float | None:
+    return quantile(bounds, counts, 0.99)
 
 
 class FreshnessWindow:
@@ -91,6 +98,8 @@ class FreshnessWindow:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._last: dict[str, list[float]] = {}
+        self.p50s: dict[str, float | None] = {}
+        """The median of the last reading's window, per target."""
 
     def p99s(self, targets: Sequence[str]) -> dict[str, float | None]:
         found: dict[str, float | None] = {}
@@ -102,6 +111,7 @@ class FreshnessWindow:
             self._last[target] = cumulative
             per_bucket = [d - (delta[i - 1] if i else 0.0) for i, d in enumerate(delta)]
             found[target] = p99(bounds[:-1], per_bucket) if per_bucket else None
+            self.p50s[target] = quantile(bounds[:-1], per_bucket, 0.5) if per_bucket else None
         return found
 
 
@@ -123,6 +133,7 @@ class Episodes:
     def __init__(self, url: str, prefix: str, ttl_s: int = 3600) -> None:
         self._redis = redis.Redis.from_url(url)
         self._key = f"{prefix}:alerts:"
+        self._prefix = prefix
         self._ttl = ttl_s
 
     async def open_now(self) -> frozenset[str]:
@@ -138,8 +149,24 @@ class Episodes:
     async def end(self, name: str) -> None:
         await self._redis.delete(self._key + name)
 
+    async def publish_freshness(self, target: str, p50: float, p99_s: float) -> None:
+        """This process's latest freshness window for ``target``, for the console's overview."""
+        await self._redis.set(f"{self._prefix}:freshness:{target}", json.dumps({"p50_s": p50, "p99_s": p99_s, "at": time.time()}),
+                              ex=FRESHNESS_TTL_S)
+
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+async def read_freshness(url: str, prefix: str, targets: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per target, the freshness a sync process last published (none after :data:`FRESHNESS_TTL_S`
+    without sends)."""
+    client = redis.Redis.from_url(url)
+    try:
+        values = await client.mget([f"{prefix}:freshness:{t}" for t in targets]) if targets else []
+    finally:
+        await client.aclose()
+    return {t: json.loads(v) for t, v in zip(targets, values, strict=True) if v}
 
 
 def send_alert(name: str, facts: Mapping[str, Any]) -> None:
@@ -188,6 +215,9 @@ async def watch(stop: asyncio.Event, *, amqp_url: str, prefix: str, episodes: Ep
                         not_closed.setdefault(target, now)
                 readings = Readings(now=now, dead_letters=sum(depths.get(topology.xq_name(q), 0) for q in topology.all_queues(prefix)),
                                     not_closed_since=dict(not_closed), freshness_p99_s=window.p99s(list(guards)))
+                for target, p99_s in readings.freshness_p99_s.items():
+                    if p99_s is not None and (p50 := window.p50s.get(target)) is not None:
+                        await episodes.publish_freshness(target, p50, p99_s)
                 await check(episodes, readings, bounds)
             except Exception:  # the watch outlives one failed check; the log (and Sentry) see it
                 log.exception("alert check failed; next in %.1fs", interval)

@@ -1,0 +1,206 @@
+"""The operator's console, served by the admin process under ``/console``: server-rendered pages
+(Jinja2 through aiohttp-jinja2, no front-end build, no external files), behind a login with an
+operator token.
+
+Pages: the overview (queues, dead letters and quarantine by reason, each target's circuit, rate,
+pause and freshness; it refreshes itself), dead letters with filters, the replay plan (what a replay
+would change at each target, before it runs), replays at a chosen rate with progress and cancel,
+purge with confirmation, and the audit log. Scopes as in the JSON API: ``read`` to look, ``operate``
+to replay and purge; values of personal data are shown only to tokens with ``erase`` (who may handle
+a person's data), masked for everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from adapters.esps.base import Esp
+from adapters.esps.guard import EspGuard
+from adapters.http.console.replays import Replays
+from adapters.http.console.session import COOKIE, LOGIN_CSRF, TTL_S, Session, Sessions
+from adapters.settings import Settings
+from adapters.store.audit import AuditLog
+from adapters.store.quarantine import Quarantine
+from broker.dead_letters import DeadLetters, Selection, UnknownQueue, parse_age
+from workers.sync import replay
+from workers.sync.alerts import read_freshness
+
+SESSION = web.RequestKey("console_session", Session)
+REPLAYS = web.AppKey("console_replays", Replays)
+TEMPLATES = Path(__file__).parent / "templates"
+FILTERS = ("queue", "actor", "reason", "profile", "target", "older_than", "newer_than")
+
+
+def selection(query: Mapping[str, str]) -> Selection:
+    """The dead letters a page's filters name (``ids``: a comma-separated list)."""
+    ids = frozenset(i for i in query.get("ids", "").split(",") if i) or None
+    age = {name: parse_age(query[name]) if query.get(name) else None for name in ("older_than", "newer_than")}
+    return Selection(ids=ids, queue=query.get("queue") or None, actor=query.get("actor") or None, reason=query.get("reason") or None,
+                     older_than_s=age["older_than"], newer_than_s=age["newer_than"], profile=query.get("profile") or None,
+                     target=query.get("target") or None)
+
+
+def setup_console(app: web.Application, settings: Settings, store_key: web.AppKey, guards: Mapping[str, EspGuard],
+                  read_broker: Any, clients: Callable[[], dict[str, Esp]]) -> None:
+    """Add the console's routes and templates to the admin ``app``; ``clients`` builds the targets'
+    clients (unguarded) when a plan first compares fields."""
+    esps: dict[str, Esp] = {}
+    tokens = {name: (t.token.get_secret_value().encode(), frozenset(t.scopes)) for name, t in settings.operator_tokens().items()}
+    sessions = Sessions(tokens)
+    tools = DeadLetters(settings.amqp_url, settings.queue_prefix)
+    env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, app_key=aiohttp_jinja2.APP_KEY)
+    env.globals["mask"] = replay.mask
+
+    def audit(request: web.Request) -> AuditLog:
+        return AuditLog(request.app[store_key].client, settings.mongodb_database)
+
+    def page(request: web.Request, template: str, **context: Any) -> web.Response:
+        session = request.get(SESSION)
+        return aiohttp_jinja2.render_template(template, request, {
+            **context, "session": session, "csrf": sessions.csrf(session) if session else None,
+            "can_operate": session is not None and "operate" in session.scopes,
+            "personal": session is not None and "erase" in session.scopes})
+
+    @web.middleware
+    async def login_required(request: web.Request, handler):  # noqa: ANN001, ANN202
+        if not request.path.startswith("/console") or request.path == "/console/login":
+            return await handler(request)
+        session = sessions.check(request.cookies.get(COOKIE))
+        if session is None or "read" not in session.scopes:
+            raise web.HTTPSeeOther("/console/login")
+        request[SESSION] = session
+        if request.method == "POST":
+            form = await request.post()
+            if not sessions.csrf_ok(session, form.get("csrf")):
+                return web.json_response({"error": "csrf"}, status=403)
+            if request.match_info.route.name in OPERATE and "operate" not in session.scopes:
+                return web.json_response({"error": "forbidden", "detail": "this token lacks the operate scope"}, status=403)
+        return await handler(request)
+
+    async def login_form(request: web.Request) -> web.Response:
+        token = secrets.token_hex(16)
+        response = page(request, "login.html", login_csrf=token, failed=request.query.get("failed") == "1")
+        response.set_cookie(LOGIN_CSRF, token, httponly=True, secure=True, samesite="Strict", path="/console/login")
+        return response
+
+    async def login(request: web.Request) -> web.Response:
+        form = await request.post()
+        expected = request.cookies.get(LOGIN_CSRF)
+        if not expected or not secrets.compare_digest(str(form.get("csrf", "")), expected):
+            return web.json_response({"error": "csrf"}, status=403)
+        cookie = sessions.login(str(form.get("token", "")))
+        if cookie is None:
+            raise web.HTTPSeeOther("/console/login?failed=1")
+        response = web.HTTPSeeOther("/console")
+        response.set_cookie(COOKIE, cookie, httponly=True, secure=True, samesite="Strict", max_age=TTL_S, path="/console")
+        response.del_cookie(LOGIN_CSRF, path="/console/login")
+        await audit(request).record(cookie.split("|")[0], "console.login", {}, {}, "ok")
+        raise response
+
+    async def logout(request: web.Request) -> web.Response:
+        response = web.HTTPSeeOther("/console/login")
+        response.del_cookie(COOKIE, path="/console")
+        raise response
+
+    async def overview(request: web.Request) -> web.Response:
+        depths, dead = await asyncio.to_thread(read_broker, settings)
+        quarantine = await Quarantine(request.app[store_key].client, settings.mongodb_database).counts_by_reason()
+        targets = {name: await guard.state() for name, guard in guards.items()}
+        freshness = await read_freshness(settings.redis_url, settings.queue_prefix, list(guards))
+        return page(request, "overview.html", depths=sorted(depths.items()), dead=sorted(dead.items()), quarantine=sorted(quarantine.items()),
+                    targets=targets, freshness=freshness)
+
+    def chosen(request: web.Request) -> tuple[Selection, list[Any]]:
+        where = selection(request.query)
+        return where, tools.list(where=where)
+
+    async def dead_letters(request: web.Request) -> web.Response:
+        try:
+            where, letters = await asyncio.to_thread(chosen, request)
+        except (UnknownQueue, ValueError) as exc:
+            return web.json_response({"error": "invalid_filter", "detail": str(exc)}, status=400)
+        return page(request, "dead_letters.html", letters=[d.summary() for d in letters], filters={f: request.query.get(f, "") for f in FILTERS},
+                    query=request.query_string)
+
+    async def plan(request: web.Request) -> web.Response:
+        try:
+            where, letters = await asyncio.to_thread(chosen, request)
+        except (UnknownQueue, ValueError) as exc:
+            return web.json_response({"error": "invalid_filter", "detail": str(exc)}, status=400)
+        if not esps:
+            esps.update(clients())
+        found = await replay.field_changes(replay.plan(letters), letters, request.app[store_key], esps)
+        return page(request, "plan.html", plan=found, ids=",".join(d.message_id for d in letters),
+                    filters={f: request.query.get(f, "") for f in FILTERS if request.query.get(f)})
+
+    async def start_replay(request: web.Request) -> web.Response:
+        form = await request.post()
+        ids = [i for i in str(form.get("ids", "")).split(",") if i]
+        try:
+            rate = max(0.1, min(1000.0, float(str(form.get("rate", "10")))))
+        except ValueError:
+            return web.json_response({"error": "invalid_rate"}, status=400)
+        job = await request.app[REPLAYS].start(ids, rate, request[SESSION].token, {"ids": len(ids), **_filters(form)})
+        raise web.HTTPSeeOther(f"/console/replays/{job.id}")
+
+    async def show_replay(request: web.Request) -> web.Response:
+        job = request.app[REPLAYS].jobs.get(request.match_info["id"])
+        if job is None:
+            raise web.HTTPNotFound()
+        return page(request, "replay.html", job=job)
+
+    async def cancel_replay(request: web.Request) -> web.Response:
+        job = request.app[REPLAYS].jobs.get(request.match_info["id"])
+        if job is None:
+            raise web.HTTPNotFound()
+        job.cancel.set()
+        raise web.HTTPSeeOther(f"/console/replays/{job.id}")
+
+    async def purge(request: web.Request) -> web.Response:
+        form = await request.post()
+        ids = {i for i in str(form.get("ids", "")).split(",") if i}
+        if not ids or form.get("confirm") != f"purge {len(ids)}":
+            return page(request, "purge.html", ids=",".join(sorted(ids)), count=len(ids), filters=_filters(form))
+        done = await asyncio.to_thread(tools.purge, message_ids=ids)
+        await audit(request).record(request[SESSION].token, "dead_letters.purge", {"ids": len(ids), **_filters(form)},
+                                    {"selected": len(ids), "purged": len(done)}, "finished")
+        raise web.HTTPSeeOther("/console/dead-letters")
+
+    async def audit_log(request: web.Request) -> web.Response:
+        return page(request, "audit.html", entries=await audit(request).entries())
+
+    async def lifecycle(app: web.Application):  # noqa: ANN202
+        app[REPLAYS] = Replays(tools, AuditLog(app[store_key].client, settings.mongodb_database))
+        yield
+        await app[REPLAYS].close()
+        for esp in esps.values():
+            await esp.close()
+
+    app.middlewares.append(login_required)
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/console/login", login_form)
+    app.router.add_post("/console/login", login)
+    app.router.add_post("/console/logout", logout)
+    app.router.add_get("/console", overview)
+    app.router.add_get("/console/dead-letters", dead_letters)
+    app.router.add_get("/console/dead-letters/plan", plan)
+    app.router.add_post("/console/dead-letters/replay", start_replay, name="console_replay")
+    app.router.add_post("/console/dead-letters/purge", purge, name="console_purge")
+    app.router.add_get("/console/replays/{id}", show_replay)
+    app.router.add_post("/console/replays/{id}/cancel", cancel_replay, name="console_cancel")
+    app.router.add_get("/console/audit", audit_log)
+
+
+OPERATE = {"console_replay", "console_purge", "console_cancel"}
+
+
+def _filters(form: Mapping[str, Any]) -> dict[str, str]:
+    return {f: str(form[f]) for f in FILTERS if form.get(f)}
