@@ -163,7 +163,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None, metr
     app.router.add_post("/admin/erasures", request_erase, name="erasure_request")
     app.router.add_get("/admin/erasures/{id}", show_erasure)
     app.router.add_get("/metrics", scrape)
-    setup_console(app, settings, STORE, guards, read_broker, lambda: clients(settings))
+    setup_console(app, settings, STORE, PUBLISHER, guards, read_broker, lambda: clients(settings), find)
     return app
 
 

@@ -4,6 +4,9 @@ see the member at the sandbox and the action in the audit log. A ``read`` token 
 Screenshots of every page go to ``.local/console-screenshots/``."""
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -14,7 +17,19 @@ import pytest
 
 from broker.dead_letters import DeadLetters
 from sandboxes.local import free_port, wait_for_port
-from tests.conftest import API_KEY, MERGE_FIELDS, ROOT, eventually, own_pipeline, post_webhook, spawn, start_mailchimp, stop, stop_sandbox
+from tests.conftest import (
+    API_KEY,
+    HMAC_SECRET,
+    MERGE_FIELDS,
+    ROOT,
+    eventually,
+    own_pipeline,
+    post_webhook,
+    spawn,
+    start_mailchimp,
+    stop,
+    stop_sandbox,
+)
 from tests.support.samples import customer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -118,6 +133,40 @@ async def test_an_operator_plans_and_replays_a_dead_letter_in_the_browser(mongo_
                 cells = [await entry.locator("td").nth(i).text_content() for i in range(6)]
                 assert cells[1] == "ops" and cells[5] == "finished" and '"replayed": 1' in cells[4]
                 await page.screenshot(path=str(SHOTS / "audit.png"), full_page=True)
+
+                # The person's profile: traits with their lineage (values masked), sync state per target.
+                await page.goto(f"{base}/console/profiles")
+                await page.fill("#ref", email)
+                await page.click("#find")
+                await page.wait_for_url(f"**/console/profiles/{profile_id}")
+                first_name = page.locator('tr.trait[data-trait="first_name"] td')
+                assert [await first_name.nth(i).text_content() for i in (1, 2)] == ["•••", "shopify"]
+                assert await page.locator('#sync tr.target[data-target="mailchimp"]').count() == 1
+                assert email not in await page.content()
+                await page.screenshot(path=str(SHOTS / "profile.png"), full_page=True)
+
+                # A delivery that fails validation, in quarantine with its reason, then redriven.
+                body = json.dumps({"kind": "purchase", "uid": f"P-{uuid.uuid4().hex[:8]}", "at": "2025-04-01T09:30:00Z",
+                                   "amount_cents": 10**28, "buyer": {"email": email}}).encode()
+                signature = "sha256=" + base64.b64encode(hmac.new(HMAC_SECRET.encode(), body, hashlib.sha256).digest()).decode()
+                async with http.post(f"{pipeline.url}/webhooks/legacy", data=body, headers={"X-Legacy-Signature": signature}) as r:
+                    assert r.status == 202
+
+                async def listed():
+                    await page.goto(f"{base}/console/quarantine")
+                    return await page.locator("tr.quarantined").count() == 1
+
+                await eventually(listed, timeout=60)
+                assert "order.completed:order.completed.total:less_than_equal" in await page.text_content("#reasons")
+                await page.screenshot(path=str(SHOTS / "quarantine.png"), full_page=True)
+                await page.click("#redrive")
+                await page.wait_for_url(f"{base}/console/quarantine")
+                await page.goto(f"{base}/console/audit")
+                assert await page.locator('tr.entry[data-action="quarantine.redrive"]').count() == 1
+
+                await page.goto(f"{base}/console/erasures")
+                assert await page.locator("#erase").count() == 0  # ops may not erase
+                await page.screenshot(path=str(SHOTS / "erasures.png"), full_page=True)
 
                 # A read token sees the plan but cannot replay, in the page or behind it.
                 viewer, vpage = await sign_in(browser, base, TOKENS["viewer"]["token"])

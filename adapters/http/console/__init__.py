@@ -5,14 +5,18 @@ operator token.
 Pages: the overview (queues, dead letters and quarantine by reason, each target's circuit, rate,
 pause and freshness; it refreshes itself), dead letters with filters, the replay plan (what a replay
 would change at each target, before it runs), replays at a chosen rate with progress and cancel,
-purge with confirmation, and the audit log. Scopes as in the JSON API: ``read`` to look, ``operate``
-to replay and purge; values of personal data are shown only to tokens with ``erase`` (who may handle
-a person's data), masked for everyone else.
+purge with confirmation, quarantine (list, one delivery with every error, redrive), profiles
+(search, traits with their lineage, per-target sync state, the preview and a rendered template),
+erasures (request one, each request's receipts per target) and the audit log. Scopes as in the
+JSON API: ``read`` to look, ``operate`` to replay, purge and redrive, ``erase`` to erase; values of
+personal data are shown only to tokens with ``erase`` (who may handle a person's data), masked for
+everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,14 +28,22 @@ from aiohttp import web
 
 from adapters.esps.base import Esp
 from adapters.esps.guard import EspGuard
+from adapters.esps.templates import TemplateError
 from adapters.http.console.replays import Replays
 from adapters.http.console.session import COOKIE, LOGIN_CSRF, TTL_S, Session, Sessions
 from adapters.settings import Settings
+from adapters.sources import operator
+from adapters.sources.operator import request_erasure
 from adapters.store.audit import AuditLog
+from adapters.store.erasures import ErasureReceipts, shown
 from adapters.store.quarantine import Quarantine
+from broker import topology
 from broker.dead_letters import DeadLetters, Selection, UnknownQueue, parse_age
+from broker.publisher import encode_message
+from schemas.errors import EventInvalid
 from workers.sync import replay
 from workers.sync.alerts import read_freshness
+from workers.sync.preview import preview
 
 SESSION = web.RequestKey("console_session", Session)
 REPLAYS = web.AppKey("console_replays", Replays)
@@ -48,8 +60,9 @@ def selection(query: Mapping[str, str]) -> Selection:
                      target=query.get("target") or None)
 
 
-def setup_console(app: web.Application, settings: Settings, store_key: web.AppKey, guards: Mapping[str, EspGuard],
-                  read_broker: Any, clients: Callable[[], dict[str, Esp]]) -> None:
+def setup_console(app: web.Application, settings: Settings, store_key: web.AppKey, publisher_key: web.AppKey,
+                  guards: Mapping[str, EspGuard], read_broker: Any, clients: Callable[[], dict[str, Esp]],
+                  find_profile: Callable[..., Any]) -> None:
     """Add the console's routes and templates to the admin ``app``; ``clients`` builds the targets'
     clients (unguarded) when a plan first compares fields."""
     esps: dict[str, Esp] = {}
@@ -62,9 +75,9 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     def audit(request: web.Request) -> AuditLog:
         return AuditLog(request.app[store_key].client, settings.mongodb_database)
 
-    def page(request: web.Request, template: str, **context: Any) -> web.Response:
+    def page(request: web.Request, page_template: str, **context: Any) -> web.Response:
         session = request.get(SESSION)
-        return aiohttp_jinja2.render_template(template, request, {
+        return aiohttp_jinja2.render_template(page_template, request, {
             **context, "session": session, "csrf": sessions.csrf(session) if session else None,
             "can_operate": session is not None and "operate" in session.scopes,
             "personal": session is not None and "erase" in session.scopes})
@@ -81,8 +94,10 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
             form = await request.post()
             if not sessions.csrf_ok(session, form.get("csrf")):
                 return web.json_response({"error": "csrf"}, status=403)
-            if request.match_info.route.name in OPERATE and "operate" not in session.scopes:
-                return web.json_response({"error": "forbidden", "detail": "this token lacks the operate scope"}, status=403)
+            route = request.match_info.route.name
+            needed = "operate" if route in OPERATE else "erase" if route in ERASE else None
+            if needed is not None and needed not in session.scopes:
+                return web.json_response({"error": "forbidden", "detail": f"this token lacks the {needed} scope"}, status=403)
         return await handler(request)
 
     async def login_form(request: web.Request) -> web.Response:
@@ -174,6 +189,82 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
                                     {"selected": len(ids), "purged": len(done)}, "finished")
         raise web.HTTPSeeOther("/console/dead-letters")
 
+    def quarantine_of(request: web.Request) -> Quarantine:
+        return Quarantine(request.app[store_key].client, settings.mongodb_database)
+
+    async def quarantined(request: web.Request) -> web.Response:
+        store = quarantine_of(request)
+        reason = request.query.get("reason") or None
+        return page(request, "quarantine.html", reason=reason or "", counts=sorted((await store.counts_by_reason()).items()),
+                    deliveries=await store.list(reason=reason, limit=200))
+
+    async def quarantined_one(request: web.Request) -> web.Response:
+        doc = await quarantine_of(request).get(request.match_info["key"])
+        if doc is None:
+            raise web.HTTPNotFound()
+        delivery = Quarantine.delivery(doc)
+        summary = {name: delivery.get(name) for name in ("source", "topic", "delivery_id", "received_at")}
+        return page(request, "quarantined.html", doc=doc, summary=summary, payload=json.dumps(delivery.get("payload"), indent=2, default=str))
+
+    async def redrive(request: web.Request) -> web.Response:
+        form = await request.post()
+        keys = [k for k in str(form.get("keys", "")).split(",") if k]
+        queue = topology.events_queue(settings.queue_prefix)
+
+        async def publish(delivery: dict[str, Any]) -> None:
+            message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery,))
+            await request.app[publisher_key].publish(queue, body, message_id)
+
+        report = await quarantine_of(request).redrive(publish, keys)
+        counts = report.summary()
+        await audit(request).record(request[SESSION].token, "quarantine.redrive", {"keys": len(keys)},
+                                    {k: v for k, v in counts.items() if isinstance(v, int)}, "failed" if report.failed else "finished")
+        raise web.HTTPSeeOther("/console/quarantine")
+
+    async def profiles(request: web.Request) -> web.Response:
+        ref = request.query.get("ref", "").strip()
+        if not ref:
+            return page(request, "profiles.html", ref="", missing=False)
+        found = await find_profile(request.app[store_key], ref)
+        if found is None:
+            return page(request, "profiles.html", ref=ref, missing=True)
+        raise web.HTTPSeeOther(f"/console/profiles/{found[0].id}")
+
+    async def profile(request: web.Request) -> web.Response:
+        found = await request.app[store_key].load(request.match_info["id"])
+        if found is None:
+            raise web.HTTPNotFound()
+        person, stored = found
+        template = request.query.get("template") or None
+        previews = {}
+        for target in settings.esp_targets():
+            try:
+                previews[target] = preview(person, stored, settings.esp_targets(), target, template)
+            except TemplateError as exc:
+                previews[target] = {"error": str(exc)}
+        return page(request, "profile.html", profile=person, version=stored.version, sync=stored.esp, previews=previews, template=template or "")
+
+    async def erasures(request: web.Request) -> web.Response:
+        receipts = ErasureReceipts(request.app[store_key].client, settings.mongodb_database)
+        return page(request, "erasures.html", receipts=[shown(r) for r in await receipts.recent()],
+                    can_erase="erase" in request[SESSION].scopes)
+
+    async def request_erase(request: web.Request) -> web.Response:
+        form = await request.post()
+        lists = {name: [v.strip() for v in str(form.get(name, "")).split(",") if v.strip()] for name in ("emails", "phones", "ids")}
+        if not any(lists.values()):
+            return web.json_response({"error": "selection_required"}, status=400)
+        try:
+            keys = operator.request_keys(lists["emails"], lists["phones"], lists["ids"])
+        except EventInvalid as exc:
+            return web.json_response({"error": "invalid_identifiers", "errors": exc.errors}, status=400)
+        receipts = ErasureReceipts(request.app[store_key].client, settings.mongodb_database)
+        receipt_id = await request_erasure(receipts, request.app[publisher_key], topology.events_queue(settings.queue_prefix),
+                                           settings.hasher(), keys, f"console:{request[SESSION].token}")
+        await audit(request).record(request[SESSION].token, "erasure.request", {k: len(v) for k, v in lists.items()}, {"requested": 1},
+                                    receipt_id)
+        raise web.HTTPSeeOther("/console/erasures")
+
     async def audit_log(request: web.Request) -> web.Response:
         return page(request, "audit.html", entries=await audit(request).entries())
 
@@ -197,9 +288,17 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     app.router.add_get("/console/replays/{id}", show_replay)
     app.router.add_post("/console/replays/{id}/cancel", cancel_replay, name="console_cancel")
     app.router.add_get("/console/audit", audit_log)
+    app.router.add_get("/console/quarantine", quarantined)
+    app.router.add_get("/console/quarantine/{key}", quarantined_one)
+    app.router.add_post("/console/quarantine/redrive", redrive, name="console_redrive")
+    app.router.add_get("/console/profiles", profiles)
+    app.router.add_get("/console/profiles/{id}", profile)
+    app.router.add_get("/console/erasures", erasures)
+    app.router.add_post("/console/erasures", request_erase, name="console_erase")
 
 
-OPERATE = {"console_replay", "console_purge", "console_cancel"}
+OPERATE = {"console_replay", "console_purge", "console_cancel", "console_redrive"}
+ERASE = {"console_erase"}
 
 
 def _filters(form: Mapping[str, Any]) -> dict[str, str]:
