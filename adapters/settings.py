@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     alert_circuit_open_s: float = 300.0
     alert_freshness_p99_s: float = 60.0
     alert_interval_s: float = 30.0
+    # The event trail (adapters/redis/trail.py): entries kept per delivery, event and profile, and for how long.
+    trail_cap: int = 100
+    trail_ttl_s: int = 7 * 86400
 
     admin_host: str = "0.0.0.0"
     admin_port: int = 8083

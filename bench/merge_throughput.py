@@ -99,9 +99,11 @@ async def main() -> None:
 
     from pymongo import AsyncMongoClient
 
+    from adapters.redis.trail import Trail
     from adapters.settings import Settings
     from adapters.store.profiles import ProfileStore
     from schemas.profile import Profile
+    from workers.profiles.actors import trail_merge
     from workers.profiles.batch import MergeBatcher
     from workers.profiles.merge import merge_all
     from workers.profiles.resolve import merge_into_profile
@@ -156,27 +158,40 @@ async def main() -> None:
     live_trips = sum(trips.counts.values()) / len(live)
     live_by_command = dict(trips.counts)
 
-    # A backlog: many merges in flight, merged in rounds.
-    backlog = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"b-{e.identity.email}",
-                                                                               "customer_id": f"b{e.identity.customer_id}"})})
-               for e in workload(args.backlog_events, args.backlog_profiles)]
-    pending: asyncio.Queue = asyncio.Queue()
-    for event in backlog:
-        pending.put_nowait(event)
+    # A backlog: many merges in flight, merged in rounds; then the same again (new people) with the event
+    # trail written as the events actor writes it, to measure what the trail costs.
+    trail = Trail(settings.redis_url, "bench" + uuid.uuid4().hex[:6], settings.trail_cap, settings.trail_ttl_s)
 
-    async def in_flight() -> None:
-        while not pending.empty():
-            event = pending.get_nowait()
-            await batcher.merge(event.identity, [event])
+    async def run_backlog(tag: str, with_trail: bool) -> tuple[float, int, dict, int]:
+        backlog = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"{tag}-{e.identity.email}",
+                                                                                   "customer_id": f"{tag}{e.identity.customer_id}"})})
+                   for e in workload(args.backlog_events, args.backlog_profiles)]
+        pending: asyncio.Queue = asyncio.Queue()
+        for event in backlog:
+            pending.put_nowait(event)
 
-    trips.counts.clear()
-    rounds = batcher.rounds
-    start = time.perf_counter()
-    await asyncio.gather(*(in_flight() for _ in range(args.backlog_concurrency)))
-    backlog_eps = len(backlog) / (time.perf_counter() - start)
-    backlog_trips = sum(trips.counts.values()) / len(backlog)
-    backlog_by_command = dict(trips.counts)
-    backlog_rounds = batcher.rounds - rounds
+        async def in_flight() -> None:
+            while not pending.empty():
+                event = pending.get_nowait()
+                result = await batcher.merge(event.identity, [event])
+                if with_trail:
+                    trail_merge(trail, event.source, event.event_id, result, [event])
+
+        trips.counts.clear()
+        rounds = batcher.rounds
+        start = time.perf_counter()
+        await asyncio.gather(*(in_flight() for _ in range(args.backlog_concurrency)))
+        if with_trail:
+            await trail.flushed()
+        eps = len(backlog) / (time.perf_counter() - start)
+        return eps, sum(trips.counts.values()), dict(trips.counts), batcher.rounds - rounds
+
+    backlog_eps, backlog_total, backlog_by_command, backlog_rounds = await run_backlog("b", with_trail=False)
+    trail_eps, _, _, _ = await run_backlog("t", with_trail=True)
+    trail_round_trips = trail.round_trips
+    await trail.close()
+    backlog = range(args.backlog_events)
+    backlog_trips = backlog_total / len(backlog)
     check = await store.load((await store.find_by_keys(["email:b-bench-0@example.com"]))[0].id)
     await store.client.drop_database(database)
     await store.close()
@@ -207,6 +222,9 @@ async def main() -> None:
         "round_trips_per_event_live": round(live_trips, 3),
         "round_trips_by_command_live": live_by_command,
         "orders_of_backlog_profile_0": check[0].computed.order_count,
+        "backlog_events_per_s_with_trail": round(trail_eps, 1),
+        "trail_slowdown": round(1 - trail_eps / backlog_eps, 3),
+        "trail_redis_round_trips_per_event": round(trail_round_trips / len(backlog), 4),
     }))
 
 

@@ -15,6 +15,7 @@ from adapters.esps.registry import build_all, descriptor
 from adapters.geoip import GeoReader, open_reader
 from adapters.metrics import Metrics
 from adapters.redis.coalesce import Coalescer
+from adapters.redis.trail import Trail
 from adapters.settings import Settings
 from adapters.sources.registry import EventMapping, build_mappings
 from adapters.store.erasures import ErasureReceipts
@@ -45,6 +46,7 @@ class Runtime:
     receipts: ErasureReceipts
     dead_letters: DeadLetters
     metrics: Metrics = field(default_factory=Metrics)
+    trail: Trail | None = None
     _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def backlog(self, esp: str) -> int:
@@ -84,7 +86,8 @@ async def create_runtime(settings: Settings, metrics: Metrics | None = None) -> 
                    quarantine=quarantine, rules=rules, geo=geo, blocked=frozenset(settings.blocked_identifiers),
                    coalescer=Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
                    guards={n: guard for n, (_, guard) in built.items()}, leases=leases, batch_leases=batch_leases, hasher=hasher,
-                   receipts=receipts, dead_letters=DeadLetters(settings.amqp_url, settings.queue_prefix), metrics=metrics)
+                   receipts=receipts, dead_letters=DeadLetters(settings.amqp_url, settings.queue_prefix), metrics=metrics,
+                   trail=Trail(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s))
 
 
 async def close_runtime(rt: Runtime) -> None:
@@ -95,3 +98,5 @@ async def close_runtime(rt: Runtime) -> None:
         await guard.close()
     await rt.store.close()
     await rt.coalescer.close()
+    if rt.trail is not None:
+        await rt.trail.close()

@@ -18,6 +18,7 @@ from aiohttp import web
 from adapters.http.openapi import document
 from adapters.metrics import CONTENT_TYPE, Metrics
 from adapters.redis.dedup import Dedup
+from adapters.redis.trail import Trail, delivery_subject
 from adapters.settings import Settings
 from adapters.sources.base import Inbound, Rejected, Source, check_names
 from adapters.sources.registry import build_sources
@@ -61,6 +62,7 @@ def create_app(
     retry_after = {"Retry-After": str(settings.retry_after_s)}
     metrics = metrics or Metrics()
     deliveries = metrics.deliveries
+    trail = Trail(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s)
 
     def count(source: str, outcome: str, reason: str = "", n: int = 1) -> None:
         if n:
@@ -94,6 +96,9 @@ def create_app(
         results = await asyncio.gather(*(publish_delivery(pub, queue, d) for d in fresh), return_exceptions=True)
         confirmed = [(d, r) for d, r in zip(fresh, results, strict=True) if isinstance(r, str)]
         request.app[DEDUP].remember([d.dedup_key for d, _ in confirmed if d.dedup_key])
+        for d, message_id in confirmed:
+            trail.add([delivery_subject(d.source, d.delivery_id)], "queued", source=d.source, delivery=d.delivery_id,
+                      message_id=message_id, received_at=d.received_at)
         if len(confirmed) < len(fresh):
             failure = next(r for r in results if not isinstance(r, str))
             if not isinstance(failure, BrokerUnavailable):
@@ -151,6 +156,7 @@ def create_app(
         yield
         await app[PUBLISHER].close()
         await app[DEDUP].close()
+        await trail.close()
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_json_errors])
     app[PUBLISHER] = publisher

@@ -145,6 +145,19 @@ async def test_an_operator_plans_and_replays_a_dead_letter_in_the_browser(mongo_
                 assert email not in await page.content()
                 await page.screenshot(path=str(SHOTS / "profile.png"), full_page=True)
 
+                # Its event trail: merged into version 1, refused by the ESP, synced after the replay; then one
+                # event's: its delivery queued, merged, and the sends that followed.
+                await page.click("#trail-link")
+                stages = [await row.get_attribute("data-stage") for row in await page.locator("tr.step").all()]
+                assert stages[0] == "merged" and "refused" in stages and stages.index("synced") > stages.index("refused"), stages
+                assert "version 1" in await page.text_content("#trail") and "first_name" in await page.text_content("#trail")
+                await page.locator("a.event").first.click()
+                await page.wait_for_url("**/console/trail?event=*")
+                stages = [await row.get_attribute("data-stage") for row in await page.locator("tr.step").all()]
+                assert stages[:2] == ["queued", "merged"] and "synced" in stages, stages
+                assert email not in await page.content()
+                await page.screenshot(path=str(SHOTS / "trail.png"), full_page=True)
+
                 # A delivery that fails validation, in quarantine with its reason, then redriven.
                 body = json.dumps({"kind": "purchase", "uid": f"P-{uuid.uuid4().hex[:8]}", "at": "2025-04-01T09:30:00Z",
                                    "amount_cents": 10**28, "buyer": {"email": email}}).encode()

@@ -17,6 +17,7 @@ from typing import Any
 
 import dramatiq
 
+from adapters.redis.trail import Trail, delivery_subject
 from broker import topology
 from schemas.delivery import Delivery
 from schemas.errors import EventInvalid
@@ -26,7 +27,7 @@ from workers.profiles.batch import MergeBatcher
 from workers.profiles.context import with_context
 from workers.profiles.deliveries import attributable, by_identity, events_for, parse_delivery
 from workers.profiles.forget import erase_person, remove_payloads
-from workers.profiles.resolve import expire_cart, merge_into_profile
+from workers.profiles.resolve import Merged, expire_cart, merge_into_profile
 from workers.runtime import Runtime
 from workers.sync.actors import SyncActors
 
@@ -46,6 +47,15 @@ def events_of(delivery: dict[str, Any], rt: Runtime) -> tuple[Delivery, list[Eve
     parsed = parse_delivery(delivery)
     events = [derived for event in events_for(parsed, rt.mappings) for derived in with_context(event, rt.geo)]
     return parsed, attributable(events, rt.blocked)
+
+
+def trail_merge(trail: Trail, source: str, delivery_id: str, result: Merged, events: list[Event]) -> None:
+    """A merge's entry in the trails of its profile and each of its events (the entry names its
+    delivery, whose own trail says when it was received and queued)."""
+    ids = sorted({e.event_id for e in events})
+    trail.add([f"profile:{result.profile_id}", *(f"event:{i}" for i in ids)],
+              "merged" if result.version is not None else "unchanged", profile=result.profile_id, version=result.version,
+              traits=list(result.traits), events=ids, delivery=f"{source}:{delivery_id}", targets=result.targets)
 
 
 def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, prefix: str) -> ProfileActors:
@@ -82,6 +92,9 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
             named = sorted({rt.hasher.index_key(k) for k in erasure.delivery_keys(delivery, rt.mappings)})
             key = await rt.quarantine.put(delivery, exc.errors, str(delivery.get("schema_version")), keys=named)
             log.warning("delivery %s quarantined: %s", key, exc.detail)
+            if rt.trail is not None:
+                rt.trail.add([delivery_subject(delivery.get("source"), delivery.get("delivery_id"))], "quarantined",
+                             reasons=sorted({f"{e.get('event')}:{e.get('loc')}:{e.get('type')}" for e in exc.errors}))
             return "quarantined"
         for erased in (e for e in events if isinstance(e, CustomerErased)):
             plan = await erase_person(rt, erased)
@@ -97,6 +110,8 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
                 result = await merge_into_profile(rt, identity, group)
             if result.targets:
                 merged.append(result)
+            if rt.trail is not None:
+                trail_merge(rt.trail, parsed.source, parsed.delivery_id, result, group)
             to_check += [(result.profile_id, e.checkout_id, e.event_time.isoformat())
                          for e in group if isinstance(e, CheckoutChanged) and not e.completed]
         for result in merged:

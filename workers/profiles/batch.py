@@ -21,7 +21,7 @@ from schemas.profile import Profile
 from schemas.sync import NEW, Stored
 from workers.profiles.consent import address_work, consent_changed, contacts_held
 from workers.profiles.identity import lookup_keys, new_profile, over_limits
-from workers.profiles.merge import merge_all
+from workers.profiles.merge import changed_traits, merge_all
 from workers.profiles.resolve import Merged, changed, merge_into_profile
 from workers.runtime import Runtime
 
@@ -121,7 +121,8 @@ class MergeBatcher:
             if not ok:
                 alone += merges  # lost a race with another writer: read again, alone
                 continue
-            result = Merged(save.profile.id, changed(save.members, stored, save.work), save.urgent)
+            result = Merged(save.profile.id, changed(save.members, stored, save.work), save.urgent, (stored.version or 0) + 1,
+                            tuple(changed_traits(save.before, save.profile)))
             for m in merges:
                 m.done.set_result(result)
         if alone:

@@ -252,3 +252,9 @@ def merge_all(profile: Profile, events: Iterable[Event], tiers: dict[str, float]
     for event in events:
         profile = apply_event(profile, event, rules)
     return enrich(profile, tiers)
+
+
+def changed_traits(before: Profile | None, after: Profile) -> list[str]:
+    """The names of the traits a merge set, changed or removed (``before``: None for a new profile). Pure."""
+    old = before.traits if before is not None else {}
+    return sorted({name for name in {*old, *after.traits} if old.get(name) != after.traits.get(name)})

@@ -20,7 +20,7 @@ from schemas.sync import NEW, Stored, in_flight
 from workers.profiles.consent import address_work, consent_changed, contacts_held
 from workers.profiles.enrich import enrich, expire_checkout
 from workers.profiles.identity import lookup_keys, new_profile, over_limits, without
-from workers.profiles.merge import merge_all, merge_profiles
+from workers.profiles.merge import changed_traits, merge_all, merge_profiles
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ class Merged:
     profile_id: str
     targets: list[str]
     urgent: bool = False
+    version: int | None = None
+    """The profile version the merge wrote (None: nothing written)."""
+    traits: tuple[str, ...] = ()
+    """The traits it set, changed or removed (for the event trail)."""
 
 
 def changed(members: Members, stored: Stored, work: Work | None = None) -> list[str]:
@@ -61,7 +65,7 @@ async def merge_into_profile(rt: Runtime, identity: Identity, events: list[Event
             except _Lost:
                 continue
             if merged_id is not None:
-                return Merged(merged_id, list(rt.esps))
+                return Merged(merged_id, list(rt.esps), version=(owners[0][1].version or 0) + 1)
             foreign = {key for profile, _ in owners[1:] for key in profile_keys(profile)}
             events = [e.model_copy(update={"identity": without(e.identity, source, foreign)}) for e in events]
             owners = owners[:1]
@@ -80,9 +84,9 @@ async def merge_into_profile(rt: Runtime, identity: Identity, events: list[Event
         members = rt.members(merged)
         work = address_work(profile if stored.version is not None else None, merged, contacts_held(stored, rt.esps))
         urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
-        if await rt.store.save(merged, stored.version, members, urgent=urgent, work=work, stored=stored,
-                                before=profile if stored.version is not None else None):
-            return Merged(merged.id, changed(members, stored, work), urgent)
+        before = profile if stored.version is not None else None
+        if await rt.store.save(merged, stored.version, members, urgent=urgent, work=work, stored=stored, before=before):
+            return Merged(merged.id, changed(members, stored, work), urgent, (stored.version or 0) + 1, tuple(changed_traits(before, merged)))
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 
@@ -131,5 +135,5 @@ async def expire_cart(rt: Runtime, profile_id: str, checkout_id: str, at: dateti
             return None
         members = rt.members(expired)
         if await rt.store.save(expired, stored.version, members, stored=stored, before=profile):
-            return Merged(expired.id, changed(members, stored))
+            return Merged(expired.id, changed(members, stored), version=(stored.version or 0) + 1, traits=tuple(changed_traits(profile, expired)))
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")

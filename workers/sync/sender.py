@@ -109,14 +109,17 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
                 failed.append((pid, state.member_hash, EspRejected.code))
                 await requeue.refused(pid, esp, reason)
         await rt.store.outbox.settle_many(esp, token, sent, failed, batch.idle, jobs)
-    _count_sent(rt, esp, [todo[pid] for pid, _ in sent], "batch", started)
+    _count_sent(rt, esp, [todo[pid] for pid, _ in sent], "batch", started, [pid for pid, _ in sent])
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
-def _count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float) -> None:
-    """The metrics of a send the ESP accepted: its duration, and each member's freshness (from the
-    merge that changed it to now)."""
+def _count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float, ids: list[str]) -> None:
+    """The metrics of a send the ESP accepted (its duration, each member's freshness from the merge
+    that changed it to now) and its entry in each profile's trail."""
     now = datetime.now(timezone.utc)
+    if rt.trail is not None:
+        for profile_id in ids:
+            rt.trail.add([f"profile:{profile_id}"], "synced", profile=profile_id, target=esp, request=kind, status="accepted")
     rt.metrics.sync_seconds.labels(esp, kind).observe(time.perf_counter() - started)
     rt.metrics.synced.labels(esp).inc(len(states))
     freshness = rt.metrics.freshness.labels(esp)
@@ -177,11 +180,13 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     except EspRejected as exc:
         async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
             await rt.store.outbox.mark_failed(profile_id, esp, token, state.member_hash, exc.code)
+        if rt.trail is not None:
+            rt.trail.add([f"profile:{profile_id}"], "refused", profile=profile_id, target=esp, request="single", status=exc.code)
         raise
     async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
         recorded = await rt.store.outbox.mark_sent(profile_id, esp, token, state.member_hash, jobs)
     if recorded:
-        _count_sent(rt, esp, [state], "single", started)
+        _count_sent(rt, esp, [state], "single", started, [profile_id])
         log.info("profile %s synced to %s", profile_id, esp)
     else:
         log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)

@@ -7,7 +7,8 @@ pause and freshness; it refreshes itself), dead letters with filters, the replay
 would change at each target, before it runs), replays at a chosen rate with progress and cancel,
 purge with confirmation, quarantine (list, one delivery with every error, redrive), profiles
 (search, traits with their lineage, per-target sync state, the preview and a rendered template),
-erasures (request one, each request's receipts per target) and the audit log. Scopes as in the
+erasures (request one, each request's receipts per target), the event trail of an event or a
+profile, and the audit log. Scopes as in the
 JSON API: ``read`` to look, ``operate`` to replay, purge and redrive, ``erase`` to erase; values of
 personal data are shown only to tokens with ``erase`` (who may handle a person's data), masked for
 everyone else.
@@ -31,6 +32,7 @@ from adapters.esps.guard import EspGuard
 from adapters.esps.templates import TemplateError
 from adapters.http.console.replays import Replays
 from adapters.http.console.session import COOKIE, LOGIN_CSRF, TTL_S, Session, Sessions
+from adapters.redis.trail import Trail
 from adapters.settings import Settings
 from adapters.sources import operator
 from adapters.sources.operator import request_erasure
@@ -69,6 +71,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     tokens = {name: (t.token.get_secret_value().encode(), frozenset(t.scopes)) for name, t in settings.operator_tokens().items()}
     sessions = Sessions(tokens)
     tools = DeadLetters(settings.amqp_url, settings.queue_prefix)
+    trail = Trail(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, app_key=aiohttp_jinja2.APP_KEY)
     env.globals["mask"] = replay.mask
 
@@ -265,6 +268,24 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
                                     receipt_id)
         raise web.HTTPSeeOther("/console/erasures")
 
+    async def trail_of(request: web.Request) -> web.Response:
+        """One profile's trail, or one event's: its delivery's (received, queued), its merges, and the
+        sends of the profiles it merged into that followed."""
+        subject = next(((kind, request.query[kind]) for kind in ("event", "profile", "delivery") if request.query.get(kind)), None)
+        if subject is None:
+            return page(request, "trail.html", subject=None, entries=[])
+        kind, ref = subject
+        entries = await trail.read(f"{kind}:{ref}")
+        if kind == "event":
+            merges = [e for e in entries if e.get("profile")]
+            for delivery in sorted({e["delivery"] for e in merges if e.get("delivery")}):
+                entries += await trail.read(f"delivery:{delivery}")
+            for profile_id in sorted({e["profile"] for e in merges}):
+                since = min(e["at"] for e in merges if e["profile"] == profile_id)
+                entries += [e for e in await trail.read(f"profile:{profile_id}") if e["stage"] in SENT and e["at"] >= since]
+        unique = {json.dumps(e, sort_keys=True): e for e in entries}
+        return page(request, "trail.html", subject=f"{kind} {ref}", entries=sorted(unique.values(), key=lambda e: e["at"]))
+
     async def audit_log(request: web.Request) -> web.Response:
         return page(request, "audit.html", entries=await audit(request).entries())
 
@@ -272,6 +293,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
         app[REPLAYS] = Replays(tools, AuditLog(app[store_key].client, settings.mongodb_database))
         yield
         await app[REPLAYS].close()
+        await trail.close()
         for esp in esps.values():
             await esp.close()
 
@@ -288,6 +310,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     app.router.add_get("/console/replays/{id}", show_replay)
     app.router.add_post("/console/replays/{id}/cancel", cancel_replay, name="console_cancel")
     app.router.add_get("/console/audit", audit_log)
+    app.router.add_get("/console/trail", trail_of)
     app.router.add_get("/console/quarantine", quarantined)
     app.router.add_get("/console/quarantine/{key}", quarantined_one)
     app.router.add_post("/console/quarantine/redrive", redrive, name="console_redrive")
@@ -299,6 +322,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
 
 OPERATE = {"console_replay", "console_purge", "console_cancel", "console_redrive"}
 ERASE = {"console_erase"}
+SENT = {"synced", "refused"}
 
 
 def _filters(form: Mapping[str, Any]) -> dict[str, str]:

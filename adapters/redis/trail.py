@@ -1,0 +1,88 @@
+"""The event trail: what happened to a delivery, an event and a profile, stage by stage — received,
+queued, merged into profile version N (which traits changed), synced to each target, quarantined —
+for operators to follow one event or one person through the system.
+
+Kept in Redis, bounded: per subject (``delivery:<source>:<id>``, ``event:<id>``, ``profile:<id>``) a
+list of at most ``cap`` entries, newest first, expiring ``ttl_s`` after its last entry. Written as
+group commit and not waited for: every entry added since the last round trip goes in one pipeline,
+and a trail lost with Redis costs nothing but the trail. Entries name ids, stages, targets, trait
+names and times — never a value of the person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+ADD = """
+for _, key in ipairs(KEYS) do
+  redis.call('LPUSH', key, ARGV[1])
+  redis.call('LTRIM', key, 0, tonumber(ARGV[2]) - 1)
+  redis.call('EXPIRE', key, tonumber(ARGV[3]))
+end
+"""
+"""One entry into the trail of every subject it names: one command per entry, however many subjects."""
+
+
+class Trail:
+    """Parameters:
+      url: Redis URL.
+      prefix: key namespace (the deployment's queue prefix).
+      cap: most entries kept per subject.
+      ttl_s: how long a subject's trail outlives its last entry.
+    """
+
+    def __init__(self, url: str, prefix: str, cap: int = 100, ttl_s: int = 7 * 86400) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._key = f"{prefix}:trail:"
+        self._cap, self._ttl = cap, ttl_s
+        self._pending: list[tuple[Sequence[str], str]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._add = self._redis.register_script(ADD)
+        self.round_trips = 0
+
+    def add(self, subjects: Sequence[str], stage: str, **facts: Any) -> None:
+        """Add one entry to the trail of each of ``subjects``, with the next round trip."""
+        entry = json.dumps({"stage": stage, "at": datetime.now(timezone.utc).isoformat(), **facts}, default=str, separators=(",", ":"))
+        self._pending.append((subjects, entry))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # what the rest of this loop turn adds joins the round trip
+            batch, self._pending = self._pending, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for subjects, entry in batch:
+                        await self._add(keys=[self._key + s for s in subjects], args=[entry, self._cap, self._ttl], client=pipe)
+                    await pipe.execute()
+                self.round_trips += 1
+            except RedisError as exc:
+                log.warning("event trail not written (%d entries): %s", len(batch), type(exc).__name__)
+
+    async def flushed(self) -> None:
+        """Wait for what was added so far (tests, benchmarks, shutdown)."""
+        while self._flushing is not None and not self._flushing.done():
+            await self._flushing
+
+    async def read(self, subject: str) -> list[dict[str, Any]]:
+        """A subject's trail, oldest first."""
+        return [json.loads(e) for e in reversed(await self._redis.lrange(self._key + subject, 0, -1))]
+
+    async def close(self) -> None:
+        await self.flushed()
+        await self._redis.aclose()
+
+
+def delivery_subject(source: Any, delivery_id: Any) -> str:
+    return f"delivery:{source}:{delivery_id}"

@@ -1,0 +1,31 @@
+"""The event trail against real Redis: bounded per subject, expiring, and never in the way."""
+
+import uuid
+
+from adapters.redis.trail import Trail
+from sandboxes.local import free_port
+
+
+async def test_a_trail_keeps_the_newest_entries_up_to_its_cap_and_expires():
+    prefix = "trail" + uuid.uuid4().hex[:8]
+    trail = Trail("redis://127.0.0.1:6379/0", prefix, cap=100, ttl_s=60)
+    try:
+        for n in range(120):
+            trail.add(["profile:p_1", "event:e_1"], "merged", version=n)
+        await trail.flushed()
+        entries = await trail.read("profile:p_1")
+        assert [e["version"] for e in entries] == list(range(20, 120))  # oldest first, the oldest 20 dropped
+        assert entries == await trail.read("event:e_1")
+        assert trail.round_trips < 120  # group commit: entries added together share a round trip
+        assert 0 < await trail._redis.ttl(f"{prefix}:trail:profile:p_1") <= 60
+    finally:
+        await trail._redis.delete(f"{prefix}:trail:profile:p_1", f"{prefix}:trail:event:e_1")
+        await trail.close()
+
+
+async def test_a_trail_without_redis_costs_nothing_but_the_trail():
+    trail = Trail(f"redis://127.0.0.1:{free_port()}/0", "nowhere")
+    trail.add(["profile:p_1"], "merged")
+    await trail.flushed()  # logged, not raised
+    assert trail.round_trips == 0
+    await trail.close()
