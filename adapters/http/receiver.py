@@ -107,6 +107,8 @@ def create_app(
             log.warning("cannot accept %s deliveries: %s", name, failure.code)
             return error(503, failure.code, headers=retry_after)
         count(name, "accepted", n=len(confirmed))
+        if confirmed:
+            trail.tally(name, len(confirmed))
         count(name, "duplicate", n=len(deliveries) - len(fresh))
         if not deliveries:
             count(name, "ignored")

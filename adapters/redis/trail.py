@@ -2,7 +2,8 @@
 queued, merged into profile version N (which traits changed), synced to each target, quarantined —
 for operators to follow one event or one person through the system.
 
-Kept in Redis, bounded: per subject (``delivery:<source>:<id>``, ``event:<id>``, ``profile:<id>``) a
+Beside it, the events accepted per source, in ten-second buckets, for the console's events per
+second. Kept in Redis, bounded: per subject (``delivery:<source>:<id>``, ``event:<id>``, ``profile:<id>``) a
 list of at most ``cap`` entries, newest first, expiring ``ttl_s`` after its last entry. Written as
 group commit and not waited for: every entry added since the last round trip goes in one pipeline,
 and a trail lost with Redis costs nothing but the trail. Entries name ids, stages, targets, trait
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -31,6 +33,8 @@ for _, key in ipairs(KEYS) do
 end
 """
 """One entry into the trail of every subject it names: one command per entry, however many subjects."""
+RATE_BUCKET_S = 10
+RATE_WINDOW_S = 60
 
 
 class Trail:
@@ -44,8 +48,10 @@ class Trail:
     def __init__(self, url: str, prefix: str, cap: int = 100, ttl_s: int = 7 * 86400) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._key = f"{prefix}:trail:"
+        self._rate = f"{prefix}:accepted:"
         self._cap, self._ttl = cap, ttl_s
         self._pending: list[tuple[Sequence[str], str]] = []
+        self._tallies: dict[str, int] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._add = self._redis.register_script(ADD)
         self.round_trips = 0
@@ -54,17 +60,45 @@ class Trail:
         """Add one entry to the trail of each of ``subjects``, with the next round trip."""
         entry = json.dumps({"stage": stage, "at": datetime.now(timezone.utc).isoformat(), **facts}, default=str, separators=(",", ":"))
         self._pending.append((subjects, entry))
+        self._schedule()
+
+    def tally(self, source: str, n: int) -> None:
+        """Count ``n`` events accepted from ``source`` (the console's events per second), with the next round trip."""
+        self._tallies[source] = self._tallies.get(source, 0) + n
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
+    async def rates(self) -> dict[str, float]:
+        """Events per second accepted by every receiver, per source, over about the last minute (the
+        buckets of the last 50 seconds and the current one)."""
+        clock = time.time()
+        now = int(clock) // RATE_BUCKET_S
+        first = now - RATE_WINDOW_S // RATE_BUCKET_S + 1
+        keys = [f"{self._rate}{bucket}" for bucket in range(first, now + 1)]
+        seconds = clock - first * RATE_BUCKET_S
+        totals: dict[str, int] = {}
+        for counts in await asyncio.gather(*(self._redis.hgetall(k) for k in keys)):
+            for source, n in counts.items():
+                totals[source.decode()] = totals.get(source.decode(), 0) + int(n)
+        return {source: round(n / seconds, 2) for source, n in sorted(totals.items())}
+
     async def _flush(self) -> None:
-        while self._pending:
+        while self._pending or self._tallies:
             await asyncio.sleep(0)  # what the rest of this loop turn adds joins the round trip
             batch, self._pending = self._pending, []
+            tallies, self._tallies = self._tallies, {}
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for subjects, entry in batch:
                         await self._add(keys=[self._key + s for s in subjects], args=[entry, self._cap, self._ttl], client=pipe)
+                    if tallies:
+                        bucket = f"{self._rate}{int(time.time()) // RATE_BUCKET_S}"
+                        for source, n in tallies.items():
+                            pipe.hincrby(bucket, source, n)
+                        pipe.expire(bucket, 2 * RATE_WINDOW_S)
                     await pipe.execute()
                 self.round_trips += 1
             except RedisError as exc:

@@ -95,12 +95,24 @@ async def test_an_operator_plans_and_replays_a_dead_letter_in_the_browser(mongo_
                 cookie = next(c for c in await context.cookies() if c["name"] == "mergetag_console")
                 assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
                 assert "esp_rejected" in await page.text_content("#dead-letters")
+                fresh = customer(f"rate-{uuid.uuid4().hex[:8]}@example.com")
+                assert (await post_webhook(http, pipeline.url, "customers/update", fresh)).status == 202
+
+                async def rate_shown():  # the events accepted per second, by source, over the last minute
+                    await page.reload()
+                    return await page.locator('#rates td:text-is("shopify")').count() == 1
+
+                await eventually(rate_shown, timeout=30)
                 await page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
 
                 await page.goto(f"{base}/console/dead-letters?reason=esp_rejected")
                 assert await page.locator(f'tr.letter[data-id="{letter.message_id}"]').count() == 1
                 assert email not in await page.content()
                 await page.screenshot(path=str(SHOTS / "dead-letters.png"), full_page=True)
+                await page.click(f'tr.letter[data-id="{letter.message_id}"] a')
+                assert "esp_rejected" in await page.text_content("#letter") and await page.locator("#payload-masked").count() == 1
+                await page.screenshot(path=str(SHOTS / "dead-letter.png"), full_page=True)
+                await page.go_back()
 
                 await page.click("#plan")
                 await page.wait_for_url("**/console/dead-letters/plan*")

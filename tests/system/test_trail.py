@@ -2,6 +2,8 @@
 
 import uuid
 
+import pytest
+
 from adapters.redis.trail import Trail
 from sandboxes.local import free_port
 
@@ -29,3 +31,18 @@ async def test_a_trail_without_redis_costs_nothing_but_the_trail():
     await trail.flushed()  # logged, not raised
     assert trail.round_trips == 0
     await trail.close()
+
+
+async def test_accepted_events_are_counted_per_source_for_the_last_minute():
+    prefix = "trail" + uuid.uuid4().hex[:8]
+    trail = Trail("redis://127.0.0.1:6379/0", prefix)
+    try:
+        trail.tally("shopify", 30)
+        trail.tally("tracking", 6)
+        trail.tally("shopify", 30)
+        await trail.flushed()
+        rates = await trail.rates()
+        assert set(rates) == {"shopify", "tracking"} and rates["tracking"] > 0
+        assert rates["shopify"] / rates["tracking"] == pytest.approx(10, rel=0.1)  # rates are rounded to 0.01/s
+    finally:
+        await trail.close()

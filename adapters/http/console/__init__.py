@@ -134,7 +134,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
         targets = {name: await guard.state() for name, guard in guards.items()}
         freshness = await read_freshness(settings.redis_url, settings.queue_prefix, list(guards))
         return page(request, "overview.html", depths=sorted(depths.items()), dead=sorted(dead.items()), quarantine=sorted(quarantine.items()),
-                    targets=targets, freshness=freshness)
+                    targets=targets, freshness=freshness, rates=await trail.rates())
 
     def chosen(request: web.Request) -> tuple[Selection, list[Any]]:
         where = selection(request.query)
@@ -191,6 +191,13 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
         await audit(request).record(request[SESSION].token, "dead_letters.purge", {"ids": len(ids), **_filters(form)},
                                     {"selected": len(ids), "purged": len(done)}, "finished")
         raise web.HTTPSeeOther("/console/dead-letters")
+
+    async def dead_letter(request: web.Request) -> web.Response:
+        found = await asyncio.to_thread(tools.show, request.match_info["id"])
+        if found is None:
+            raise web.HTTPNotFound()
+        args = json.dumps({"args": found.message.args, "kwargs": found.message.kwargs}, indent=2, default=str)
+        return page(request, "dead_letter.html", letter=found.summary(), options=sorted(found.message.options), payload=args)
 
     def quarantine_of(request: web.Request) -> Quarantine:
         return Quarantine(request.app[store_key].client, settings.mongodb_database)
@@ -305,6 +312,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     app.router.add_get("/console", overview)
     app.router.add_get("/console/dead-letters", dead_letters)
     app.router.add_get("/console/dead-letters/plan", plan)
+    app.router.add_get("/console/dead-letters/{id}", dead_letter)
     app.router.add_post("/console/dead-letters/replay", start_replay, name="console_replay")
     app.router.add_post("/console/dead-letters/purge", purge, name="console_purge")
     app.router.add_get("/console/replays/{id}", show_replay)
