@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 import dramatiq
@@ -68,12 +69,16 @@ class RetryOrDeadLetter(Middleware):
       max_retries: attempts after the first, for retryable failures.
       min_backoff: milliseconds before the first retry.
       max_backoff: the ceiling of the backoff, in milliseconds.
+      on_dead_letter: told of each message dead-lettered, with its reason (the event trail); its
+        failure is logged, never the message's.
     """
 
-    def __init__(self, *, max_retries: int = 8, min_backoff: int = 1_000, max_backoff: int = 300_000) -> None:
+    def __init__(self, *, max_retries: int = 8, min_backoff: int = 1_000, max_backoff: int = 300_000,
+                 on_dead_letter: Callable[[dramatiq.Message, dict[str, object]], None] | None = None) -> None:
         self.max_retries = max_retries
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.on_dead_letter = on_dead_letter
 
     @property
     def actor_options(self) -> set[str]:
@@ -110,6 +115,11 @@ class RetryOrDeadLetter(Middleware):
             message.fail()
             return
         log.warning("dead-lettered %s from %s: %s", message.message_id, message.actor_name, reason["code"])
+        if self.on_dead_letter is not None:
+            try:
+                self.on_dead_letter(message, dead.options["dead_letter"])
+            except Exception:  # the letter is kept; only its trail entry is lost
+                log.exception("dead letter %s not noted", message.message_id)
 
     def _delay(self, actor: dramatiq.Actor, retries: int, exception: BaseException) -> int:
         retry_after = getattr(exception, "retry_after", None)

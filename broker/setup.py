@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import dq_name, xq_name
@@ -77,12 +78,14 @@ class TopologyBroker(RabbitmqBroker):
 
 
 def create_broker(url: str, *, retry_max: int, min_backoff_ms: int, max_backoff_ms: int,
-                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> TopologyBroker:
+                  on_shutdown: Callable[[], Awaitable[None]] | None = None,
+                  on_dead_letter: Callable[[dramatiq.Message, dict[str, object]], None] | None = None) -> TopologyBroker:
     """Build the broker with mergetag's middleware, on every node ``url`` names (``broker.nodes``); the
     caller installs it, after initialising Sentry (its integration patches the broker).
 
     Parameters:
       on_shutdown: coroutine function run on the worker's event loop when the worker stops.
+      on_dead_letter: told of each message dead-lettered after its retries (or at once), with the reason.
     """
     broker = TopologyBroker(
         url=nodes.urls(url),
@@ -96,7 +99,7 @@ def create_broker(url: str, *, retry_max: int, min_backoff_ms: int, max_backoff_
             CurrentMessage(),
             AsyncIO(),
             *([CloseOnShutdown(on_shutdown)] if on_shutdown else []),
-            RetryOrDeadLetter(max_retries=retry_max, min_backoff=min_backoff_ms, max_backoff=max_backoff_ms),
+            RetryOrDeadLetter(max_retries=retry_max, min_backoff=min_backoff_ms, max_backoff=max_backoff_ms, on_dead_letter=on_dead_letter),
         ],
     )
     broker.parameters = nodes.parameters(url)  # every node, each with a bounded connect timeout

@@ -18,10 +18,12 @@ import dramatiq
 from adapters import logs
 from adapters.esps.registry import build_guard, descriptor
 from adapters.metrics import Metrics
+from adapters.redis.trail import DeadLetterNotes, delivery_subject
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
 from adapters.store.profiles import ProfileStore
 from broker.middleware import CloseOnShutdown
+from broker import topology
 from broker.setup import create_broker
 from workers.profiles import actors as profile_actors
 from workers.runtime import Runtime, close_runtime, create_runtime
@@ -79,6 +81,15 @@ class Workers:
                             metrics=self.metrics, guards=guards, bounds=bounds, interval=s.alert_interval_s)
 
 
+def trail_subjects(actor: str, args: tuple) -> list[str]:
+    """The trails a dead-lettered message of ``actor`` belongs in: its delivery's, or its profiles'."""
+    if actor == topology.PROCESS_EVENT_ACTOR and args and isinstance(args[0], dict):
+        return [delivery_subject(args[0].get("source"), args[0].get("delivery_id"))]
+    if actor == topology.SYNC_BATCH_ACTOR and args and isinstance(args[0], list):
+        return [f"profile:{pid}" for pid in args[0]]
+    return [f"profile:{args[0]}"] if args and isinstance(args[0], str) else []
+
+
 def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Broker | None = None,
           runtime: Callable[[], Awaitable[Runtime]] | None = None, metrics: Metrics | None = None) -> Workers:
     """Every actor of the pipeline on one broker (default: RabbitMQ, from ``settings``, installed as
@@ -90,8 +101,9 @@ def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Bro
     if broker is None:
         logs.install()
         init_sentry(settings, component)
+        notes = DeadLetterNotes(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s, trail_subjects)
         broker = create_broker(settings.amqp_url, retry_max=settings.retry_max, min_backoff_ms=settings.retry_min_backoff_ms,
-                               max_backoff_ms=settings.retry_max_backoff_ms, on_shutdown=lazy.close)
+                               max_backoff_ms=settings.retry_max_backoff_ms, on_shutdown=lazy.close, on_dead_letter=notes)
         dramatiq.set_broker(broker)
     else:
         broker.add_middleware(CloseOnShutdown(lazy.close))

@@ -1,5 +1,6 @@
 """The event trail: what happened to a delivery, an event and a profile, stage by stage — received,
-queued, merged into profile version N (which traits changed), synced to each target, quarantined —
+queued, merged into profile version N (which traits changed), synced to each target, quarantined or
+dead-lettered —
 for operators to follow one event or one person through the system.
 
 Beside it, the events accepted per source, in ten-second buckets, for the console's events per
@@ -16,10 +17,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import redis as redis_sync
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
@@ -120,3 +122,29 @@ class Trail:
 
 def delivery_subject(source: Any, delivery_id: Any) -> str:
     return f"delivery:{source}:{delivery_id}"
+
+
+class DeadLetterNotes:
+    """The trail's "dead-lettered" entries, written by the broker's retry middleware (in a worker
+    thread, so through a synchronous client of its own, connected on first use).
+
+    Parameters as :class:`Trail`; ``subjects``: which trails a dead-lettered message belongs in (the
+    composition root knows the actors' arguments)."""
+
+    def __init__(self, url: str, prefix: str, cap: int, ttl_s: int, subjects: Callable[[str, tuple[Any, ...]], list[str]]) -> None:
+        self._url, self._key, self._cap, self._ttl, self._subjects = url, f"{prefix}:trail:", cap, ttl_s, subjects
+        self._script: Any = None
+
+    def __call__(self, message: Any, reason: dict[str, Any]) -> None:
+        subjects = self._subjects(message.actor_name, tuple(message.args))
+        if not subjects:
+            return
+        if self._script is None:
+            self._script = redis_sync.Redis.from_url(self._url, socket_timeout=0.5, socket_connect_timeout=0.5).register_script(ADD)
+        entry = json.dumps({"stage": "dead-lettered", "at": datetime.now(timezone.utc).isoformat(), "actor": message.actor_name,
+                            "reason": reason.get("code"), "retries": reason.get("retries"), "letter": message.message_id},
+                           default=str, separators=(",", ":"))
+        try:
+            self._script(keys=[self._key + s for s in subjects], args=[entry, self._cap, self._ttl])
+        except RedisError as exc:
+            log.warning("dead letter %s not in the trail: %s", message.message_id, type(exc).__name__)

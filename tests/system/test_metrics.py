@@ -13,6 +13,7 @@ import uuid
 import dramatiq
 import pika
 
+from adapters.redis.trail import Trail
 from broker import topology
 from sandboxes.local import free_port, wait_for_port
 from tests.conftest import AMQP_URL, HMAC_SECRET, eventually, post_webhook, spawn, stop
@@ -26,9 +27,10 @@ async def scrape(http, url: str) -> str:
         return await r.text()
 
 
-def publish_broken_message(queue: str) -> None:
+def publish_broken_message(queue: str, delivery_id: str) -> None:
     """A message its actor cannot run (a bug, as far as the worker can tell): retried, then dead-lettered."""
-    message = dramatiq.Message(queue_name=queue, actor_name=topology.PROCESS_EVENT_ACTOR, args=(), kwargs={"bogus": 1}, options={})
+    delivery = {"source": "shopify", "delivery_id": delivery_id}
+    message = dramatiq.Message(queue_name=queue, actor_name=topology.PROCESS_EVENT_ACTOR, args=(delivery,), kwargs={"bogus": 1}, options={})
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     try:
         connection.channel().basic_publish("", queue, message.encode(), pika.BasicProperties(delivery_mode=2, priority=0))
@@ -59,7 +61,8 @@ async def test_every_process_serves_metrics_that_move_when_events_flow(receiver,
         async with http.post(f"{receiver}/webhooks/legacy", data=body, headers={"X-Legacy-Signature": signature}) as r:
             assert r.status == 202
         events = topology.events_queue(system.settings.queue_prefix)
-        await asyncio.to_thread(publish_broken_message, events)
+        broken = f"broken-{uuid.uuid4().hex[:8]}"
+        await asyncio.to_thread(publish_broken_message, events, broken)
 
         def grew(name: str, metric: str, **labels: str):
             async def check():
@@ -86,6 +89,14 @@ async def test_every_process_serves_metrics_that_move_when_events_flow(receiver,
         assert {events, topology.xq_name(events), topology.sync_queue(system.settings.queue_prefix)} <= depths
         assert value(text, "mergetag_queue_depth", queue=topology.xq_name(events)) >= 1
         assert value(text, "mergetag_esp_rate_scale", target="mailchimp") > 0
+        # The dead letter is the last stage of its delivery's trail.
+        trail = Trail(system.settings.redis_url, system.settings.queue_prefix)
+        try:
+            entries = await eventually(lambda: trail.read(f"delivery:shopify:{broken}"))
+        finally:
+            await trail.close()
+        assert entries[-1]["stage"] == "dead-lettered" and entries[-1]["actor"] == topology.PROCESS_EVENT_ACTOR
+        assert entries[-1]["reason"] == "unexpected_error" and entries[-1]["letter"]
         # No person in any label: no address, no profile id.
         for page in (text, *[await scrape(http, url) for url in (receiver, worker_url, sync_url)]):
             values = [v for _, labels, _ in samples(page) for v in labels.values()]
