@@ -22,8 +22,8 @@ from adapters.redis.trail import DeadLetterNotes, delivery_subject
 from adapters.sentry import init_sentry
 from adapters.settings import Settings
 from adapters.store.profiles import ProfileStore
-from broker.middleware import CloseOnShutdown
 from broker import topology
+from broker.middleware import CloseOnShutdown
 from broker.setup import create_broker
 from workers.profiles import actors as profile_actors
 from workers.runtime import Runtime, close_runtime, create_runtime

@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = quarantine.add_parser("redrive", help="send quarantined deliveries through the pipeline again (after a fix)")
     p.add_argument("ids", nargs="*")
     p.add_argument("--all", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="only validate them again under today's mappings: which would pass, which fail and why")
+    p.add_argument("--rate", type=float, help="deliveries per second (default: all at once)")
     for p in quarantine.choices.values():
         p.set_defaults(func=cmd_quarantine)
     return parser

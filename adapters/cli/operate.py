@@ -60,15 +60,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _replay_at(tools, where, rate: float) -> list:  # noqa: ANN001
-    """Replay the selection at about ``rate`` letters per second, in steps of one second."""
-    import time
+    """Replay the selection at about ``rate`` letters per second (:func:`adapters.pacing.at_rate`)."""
+    from adapters.pacing import at_rate
 
-    ids = [d.message_id for d in tools.list(where=where)]
-    step, done = max(1, int(rate)), []
-    for i in range(0, len(ids), step):
-        started = time.monotonic()
-        done += tools.replay(message_ids=set(ids[i:i + step]))
-        time.sleep(max(0.0, step / rate - (time.monotonic() - started)))
+    done: list = []
+
+    async def step(chunk: list[str]) -> int:
+        replayed = await asyncio.to_thread(tools.replay, message_ids=set(chunk))
+        done.extend(replayed)
+        return len(replayed)
+
+    asyncio.run(at_rate([d.message_id for d in tools.list(where=where)], rate, step))
     return done
 
 
@@ -188,6 +190,17 @@ async def _quarantine(args: argparse.Namespace) -> int:
         if not args.ids and not args.all:
             print(json.dumps({"error": "selection_required", "detail": "name ids or pass --all"}))
             return 2
+        chosen = args.ids or [d["_id"] for d in await quarantine.list(limit=10**9)]
+        if args.dry_run:
+            from adapters.sources.registry import build_mappings
+            from workers.profiles.deliveries import redrive_plan
+
+            docs = [doc for key in chosen if (doc := await quarantine.get(key)) is not None and doc["status"] == "quarantined"]
+            plan = redrive_plan(((d["_id"], Quarantine.delivery(d)) for d in docs), build_mappings(settings),
+                                frozenset(settings.blocked_identifiers))
+            print(json.dumps({"deliveries": plan.deliveries, "passing": len(plan.passing), "events": plan.events,
+                              "would_fail_again": plan.failing, "passing_ids": plan.passing}))
+            return 0
         queue = topology.events_queue(settings.queue_prefix)
         publisher = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
 
@@ -195,8 +208,18 @@ async def _quarantine(args: argparse.Namespace) -> int:
             message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery,))
             await publisher.publish(queue, body, message_id)
 
+        from adapters.pacing import at_rate
+        from adapters.store.quarantine import Redrive
+
+        report = Redrive()
+
+        async def step(chunk: list[str]) -> int:
+            done = await quarantine.redrive(publish, chunk)
+            report.add(done)
+            return len(done.redriven)
+
         try:
-            report = await quarantine.redrive(publish, None if args.all else args.ids)
+            await at_rate(chosen, args.rate, step)
         finally:
             await publisher.close()
         print(json.dumps(report.summary()))

@@ -170,6 +170,13 @@ class Redrive:
     skipped: int = 0
     failed: int = 0
 
+    def add(self, other: Redrive) -> None:
+        """Count ``other`` (one step of a paced redrive) in."""
+        self.redriven += other.redriven
+        self.requarantined += other.requarantined
+        self.skipped += other.skipped
+        self.failed += other.failed
+
     def summary(self) -> dict[str, Any]:
         return {"redriven": self.redriven, "count": len(self.redriven), "requarantined": self.requarantined,
                 "skipped": self.skipped, "failed": self.failed}

@@ -15,6 +15,7 @@ import uuid
 import aiohttp
 import pytest
 
+from adapters.store.quarantine import Quarantine
 from broker.dead_letters import DeadLetters
 from sandboxes.local import free_port, wait_for_port
 from tests.conftest import (
@@ -33,7 +34,8 @@ from tests.conftest import (
 from tests.support.samples import customer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-TOKENS = {"ops": {"token": "ops-console-token", "scopes": ["read", "operate"]}, "viewer": {"token": "viewer-console-token", "scopes": ["read"]}}
+TOKENS = {"ops": {"token": "ops-console-token", "scopes": ["read", "operate"]}, "viewer": {"token": "viewer-console-token", "scopes": ["read"]},
+          "dpo": {"token": "dpo-console-token", "scopes": ["read", "erase"]}}
 SHOTS = ROOT / ".local" / "console-screenshots"
 
 
@@ -184,10 +186,27 @@ async def test_an_operator_plans_and_replays_a_dead_letter_in_the_browser(mongo_
                 await eventually(listed, timeout=60)
                 assert "order.completed:order.completed.total:less_than_equal" in await page.text_content("#reasons")
                 await page.screenshot(path=str(SHOTS / "quarantine.png"), full_page=True)
+                # The redrive's plan validates again first: unfixed, it would come back to quarantine.
+                await page.click("#plan-redrive")
+                await page.wait_for_url("**/console/quarantine/plan*")
+                assert [await page.text_content(f"#plan-{n}") for n in ("deliveries", "passing", "failing")] == ["1", "0", "1"]
+                assert "order.completed:order.completed.total:less_than_equal" in await page.text_content("#still-failing")
+                await page.screenshot(path=str(SHOTS / "redrive-plan.png"), full_page=True)
+                await page.fill("#rate", "2")
                 await page.click("#redrive")
-                await page.wait_for_url(f"{base}/console/quarantine")
+                await page.wait_for_url("**/console/replays/*")
+                await page.wait_for_function("document.querySelector('#status').textContent === 'finished'", timeout=60_000)
+                assert await page.text_content("#progress") == "1 of 1"
+                quarantine = Quarantine(pipeline.db.client, pipeline.db.name)
+
+                async def back_in_quarantine():
+                    (doc,) = await quarantine.list(limit=10)
+                    return doc["status"] == "quarantined" and doc["attempts"] == 2
+
+                await eventually(back_in_quarantine, timeout=60)  # the merge refused it again, with the same reason
                 await page.goto(f"{base}/console/audit")
-                assert await page.locator('tr.entry[data-action="quarantine.redrive"]').count() == 1
+                entry = page.locator('tr.entry[data-action="quarantine.redrive"]').first
+                assert await entry.locator("td").nth(5).text_content() == "finished"
 
                 await page.goto(f"{base}/console/erasures")
                 assert await page.locator("#erase").count() == 0  # ops may not erase
@@ -204,6 +223,25 @@ async def test_an_operator_plans_and_replays_a_dead_letter_in_the_browser(mongo_
                 forged = await vpage.evaluate("""async (id) => (await fetch('/console/dead-letters/replay', {method: 'POST',
                     body: new URLSearchParams({csrf: 'forged', ids: id, rate: '5'})})).status""", letter.message_id)
                 assert forged == 403
+
+                # An erase token requests an erasure and follows its receipt until every target verified it.
+                _, dpage = await sign_in(browser, base, TOKENS["dpo"]["token"])
+                await dpage.goto(f"{base}/console/erasures")
+                await dpage.fill("#erase-emails", email)
+                await dpage.click("#erase")
+                await dpage.wait_for_url(f"{base}/console/erasures")
+
+                async def verified():
+                    await dpage.goto(f"{base}/console/erasures")
+                    row = dpage.locator("tr.receipt").first
+                    return await row.count() == 1 and "completed" in await row.text_content()
+
+                await eventually(verified, timeout=90)
+                assert "mailchimp: verified" in await dpage.locator("tr.receipt").first.text_content()
+                assert await sandbox.member(http, email) is None
+                await dpage.screenshot(path=str(SHOTS / "erasure.png"), full_page=True)
+                await dpage.goto(f"{base}/console/audit")
+                assert await dpage.locator('tr.entry[data-action="erasure.request"]').count() == 1
                 await browser.close()
     finally:
         if admin is not None:

@@ -69,13 +69,19 @@ async def test_quarantine_then_fix_the_mapping_then_redrive(rabbitmq, mongo_uri,
         listed = await asyncio.to_thread(cli, env, "quarantine", "list", "--json")
         assert listed["counts"] == {"order.completed:order.completed.event_time:datetime_from_date_parsing": 1}
         assert await db.profiles.find_one({"email": email}) is None
+        unfixed = await asyncio.to_thread(cli, env, "quarantine", "redrive", "--all", "--dry-run")
+        assert unfixed["passing"] == 0 and unfixed["would_fail_again"] == {"order.completed:order.completed.event_time:datetime_from_date_parsing": 1}
 
         # The fix: the mapping reads the right field. Workers restart with it; the operator re-drives.
         stop([worker])
         env["MERGETAG_SOURCES"] = json.dumps(with_time_path("at"))
         worker = spawn(env, tmp_path / "worker-2.log", "worker")
         await eventually(consumers_ready_events(prefix), timeout=60)
-        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1")) == {
+        # The plan first, under the fixed mapping: it would pass now, and the dry run changed nothing.
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1", "--dry-run")) == {
+            "deliveries": 1, "passing": 1, "events": 1, "would_fail_again": {}, "passing_ids": ["legacy:P-1"]}
+        assert (await db.quarantine.find_one({"_id": "legacy:P-1"}))["status"] == "quarantined"
+        assert (await asyncio.to_thread(cli, env, "quarantine", "redrive", "legacy:P-1", "--rate", "5")) == {
             "redriven": ["legacy:P-1"], "count": 1, "requarantined": 0, "skipped": 0, "failed": 0}
 
         async def merged():

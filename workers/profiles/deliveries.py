@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
@@ -72,3 +73,36 @@ def attributable(events: list[Event], blocked: frozenset[str]) -> list[Event]:
     if problems:
         raise EventInvalid("identity: only blocked identifiers", errors=problems)
     return kept
+
+
+@dataclass
+class RedrivePlan:
+    """What redriving quarantined deliveries would do under today's mappings: which pass validation now
+    (they will merge), which would come back to quarantine and why."""
+
+    deliveries: int = 0
+    passing: list[str] = field(default_factory=list)
+    failing: dict[str, int] = field(default_factory=dict)
+    """Reasons they would fail again, with counts."""
+    events: int = 0
+    """Events the passing deliveries carry."""
+
+
+def redrive_plan(quarantined: Iterable[tuple[str, Mapping[str, object]]], mappings: dict[str, EventMapping],
+                 blocked: frozenset[str] = DEFAULT_BLOCKED) -> RedrivePlan:
+    """Validate each ``(key, delivery)`` as the merge would, without merging anything. Pure."""
+    plan = RedrivePlan()
+    for key, delivery in quarantined:
+        plan.deliveries += 1
+        try:
+            events = attributable(events_for(parse_delivery(delivery), mappings), blocked)
+        except EventInvalid as exc:
+            for reason in sorted({f"{e.get('event')}:{e.get('loc')}:{e.get('type')}" for e in exc.errors}):
+                plan.failing[reason] = plan.failing.get(reason, 0) + 1
+            continue
+        except UnsupportedEvent:
+            plan.failing["unsupported_event"] = plan.failing.get("unsupported_event", 0) + 1
+            continue
+        plan.passing.append(key)
+        plan.events += len(events)
+    return plan

@@ -36,13 +36,15 @@ from adapters.redis.trail import Trail
 from adapters.settings import Settings
 from adapters.sources import operator
 from adapters.sources.operator import request_erasure
+from adapters.sources.registry import build_mappings
 from adapters.store.audit import AuditLog
 from adapters.store.erasures import ErasureReceipts, shown
 from adapters.store.quarantine import Quarantine
 from broker import topology
 from broker.dead_letters import DeadLetters, Selection, UnknownQueue, parse_age
 from broker.publisher import encode_message
-from schemas.errors import EventInvalid
+from schemas.errors import BrokerUnavailable, EventInvalid
+from workers.profiles import deliveries
 from workers.sync import replay
 from workers.sync.alerts import read_freshness
 from workers.sync.preview import preview
@@ -74,6 +76,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     trail = Trail(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, app_key=aiohttp_jinja2.APP_KEY)
     env.globals["mask"] = replay.mask
+    mappings = build_mappings(settings)
 
     def audit(request: web.Request) -> AuditLog:
         return AuditLog(request.app[store_key].client, settings.mongodb_database)
@@ -162,11 +165,12 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     async def start_replay(request: web.Request) -> web.Response:
         form = await request.post()
         ids = [i for i in str(form.get("ids", "")).split(",") if i]
-        try:
-            rate = max(0.1, min(1000.0, float(str(form.get("rate", "10")))))
-        except ValueError:
-            return web.json_response({"error": "invalid_rate"}, status=400)
-        job = await request.app[REPLAYS].start(ids, rate, request[SESSION].token, {"ids": len(ids), **_filters(form)})
+        rate = _rate(form)
+
+        async def step(chunk: list[str]) -> int:
+            return len(await asyncio.to_thread(tools.replay, message_ids=set(chunk)))
+
+        job = await request.app[REPLAYS].start("dead_letters", ids, rate, request[SESSION].token, {"ids": len(ids), **_filters(form)}, step)
         raise web.HTTPSeeOther(f"/console/replays/{job.id}")
 
     async def show_replay(request: web.Request) -> web.Response:
@@ -216,20 +220,35 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
         summary = {name: delivery.get(name) for name in ("source", "topic", "delivery_id", "received_at")}
         return page(request, "quarantined.html", doc=doc, summary=summary, payload=json.dumps(delivery.get("payload"), indent=2, default=str))
 
+    async def redrive_plan(request: web.Request) -> web.Response:
+        """What a redrive would do now: which deliveries pass today's validation, which would be back."""
+        store = quarantine_of(request)
+        reason = request.query.get("reason") or None
+        docs = await store.list(reason=reason, limit=REDRIVE_LIMIT)
+        found = deliveries.redrive_plan(((d["_id"], Quarantine.delivery(d)) for d in docs), mappings,
+                                        frozenset(settings.blocked_identifiers))
+        return page(request, "redrive_plan.html", plan=found, reason=reason or "", keys=",".join(d["_id"] for d in docs),
+                    more=await store.count(reason=reason) - len(docs))
+
     async def redrive(request: web.Request) -> web.Response:
         form = await request.post()
         keys = [k for k in str(form.get("keys", "")).split(",") if k]
         queue = topology.events_queue(settings.queue_prefix)
+        store = quarantine_of(request)
 
         async def publish(delivery: dict[str, Any]) -> None:
             message_id, body = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery,))
             await request.app[publisher_key].publish(queue, body, message_id)
 
-        report = await quarantine_of(request).redrive(publish, keys)
-        counts = report.summary()
-        await audit(request).record(request[SESSION].token, "quarantine.redrive", {"keys": len(keys)},
-                                    {k: v for k, v in counts.items() if isinstance(v, int)}, "failed" if report.failed else "finished")
-        raise web.HTTPSeeOther("/console/quarantine")
+        async def step(chunk: list[str]) -> int:
+            report = await store.redrive(publish, chunk)
+            if report.failed:
+                raise BrokerUnavailable(f"{report.failed} of {len(chunk)} deliveries could not be published")
+            return len(report.redriven)
+
+        selection = {"keys": len(keys), **({"reason": str(form["reason"])} if form.get("reason") else {})}
+        job = await request.app[REPLAYS].start("quarantine", keys, _rate(form), request[SESSION].token, selection, step)
+        raise web.HTTPSeeOther(f"/console/replays/{job.id}")
 
     async def profiles(request: web.Request) -> web.Response:
         ref = request.query.get("ref", "").strip()
@@ -297,7 +316,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
         return page(request, "audit.html", entries=await audit(request).entries())
 
     async def lifecycle(app: web.Application):  # noqa: ANN202
-        app[REPLAYS] = Replays(tools, AuditLog(app[store_key].client, settings.mongodb_database))
+        app[REPLAYS] = Replays(AuditLog(app[store_key].client, settings.mongodb_database))
         yield
         await app[REPLAYS].close()
         await trail.close()
@@ -321,6 +340,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
     app.router.add_get("/console/trail", trail_of)
     app.router.add_get("/console/quarantine", quarantined)
     app.router.add_get("/console/quarantine/{key}", quarantined_one)
+    app.router.add_get("/console/quarantine/plan", redrive_plan)
     app.router.add_post("/console/quarantine/redrive", redrive, name="console_redrive")
     app.router.add_get("/console/profiles", profiles)
     app.router.add_get("/console/profiles/{id}", profile)
@@ -331,6 +351,18 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
 OPERATE = {"console_replay", "console_purge", "console_cancel", "console_redrive"}
 ERASE = {"console_erase"}
 SENT = {"synced", "refused"}
+
+
+REDRIVE_LIMIT = 1000
+"""Quarantined deliveries one console redrive takes (the CLI's ``--all`` takes every one)."""
+
+
+def _rate(form: Mapping[str, Any]) -> float:
+    """The rate an operator chose, per second, kept within 0.1–1000 (10 when it is not a number)."""
+    try:
+        return max(0.1, min(1000.0, float(str(form.get("rate", "10")))))
+    except ValueError:
+        return 10.0
 
 
 def _filters(form: Mapping[str, Any]) -> dict[str, str]:

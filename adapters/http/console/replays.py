@@ -1,18 +1,21 @@
-"""Replays at a chosen rate, run by the admin process in the background: progress, cancel, audit."""
+"""Replays and redrives at a chosen rate, run by the admin process in the background: progress,
+cancel, audit. A dead-letter replay and a quarantine redrive are the same job over a different step."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.pacing import at_rate
 from adapters.store.audit import AuditLog
-from broker.dead_letters import DeadLetters
 
 log = logging.getLogger(__name__)
+
+Step = Callable[[list[str]], Awaitable[int]]
 
 
 @dataclass
@@ -21,6 +24,8 @@ class ReplayJob:
     token: str
     total: int
     rate: float
+    kind: str = "dead_letters"
+    """dead_letters or quarantine: what is replayed (and where the page leads back to)."""
     done: int = 0
     status: str = "running"
     """running, finished, cancelled or failed."""
@@ -30,34 +35,30 @@ class ReplayJob:
 class Replays:
     """Replays of this admin process (a page polls one by id)."""
 
-    def __init__(self, tools: DeadLetters, audit: AuditLog) -> None:
-        self._tools = tools
+    def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
         self.jobs: dict[str, ReplayJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, ids: list[str], rate: float, token: str, selection: dict[str, Any]) -> ReplayJob:
-        """Replay the dead letters ``ids`` at about ``rate`` per second, recorded in the audit log."""
-        job = ReplayJob(uuid.uuid4().hex[:12], token, len(ids), rate)
+    async def start(self, kind: str, ids: list[str], rate: float, token: str, selection: dict[str, Any], step: Step) -> ReplayJob:
+        """Run ``step`` over ``ids`` (dead letters, quarantined deliveries) at about ``rate`` per second,
+        recorded in the audit log as ``<kind>.replay`` / ``quarantine.redrive``."""
+        job = ReplayJob(uuid.uuid4().hex[:12], token, len(ids), rate, kind)
         self.jobs[job.id] = job
-        entry = await self._audit.record(token, "dead_letters.replay", {**selection, "rate": rate}, {"selected": len(ids)}, "started")
-        task = asyncio.get_running_loop().create_task(self._run(job, ids, entry))
+        action = "quarantine.redrive" if kind == "quarantine" else "dead_letters.replay"
+        entry = await self._audit.record(token, action, {**selection, "rate": rate}, {"selected": len(ids)}, "started")
+        task = asyncio.get_running_loop().create_task(self._run(job, ids, entry, step))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
-    async def _run(self, job: ReplayJob, ids: list[str], entry: str) -> None:
-        step = max(1, int(job.rate))
+    async def _run(self, job: ReplayJob, ids: list[str], entry: str, step: Step) -> None:
+        def progress(done: int) -> None:
+            job.done = done
+
         try:
-            for i in range(0, len(ids), step):
-                if job.cancel.is_set():
-                    job.status = "cancelled"
-                    break
-                started = time.monotonic()
-                job.done += len(await asyncio.to_thread(self._tools.replay, message_ids=set(ids[i:i + step])))
-                await asyncio.sleep(max(0.0, step / job.rate - (time.monotonic() - started)))
-            else:
-                job.status = "finished"
+            _, finished = await at_rate(ids, job.rate, step, job.cancel.is_set, progress)
+            job.status = "finished" if finished else "cancelled"
         except Exception:
             job.status = "failed"
             log.exception("replay %s failed after %d of %d", job.id, job.done, job.total)
