@@ -61,6 +61,11 @@ class Metrics:
         self.esp_throttled = Counter("mergetag_esp_throttled", "429 answers by target.", ["target"], registry=r)
         self.sweeper_backlog = Gauge("mergetag_sweeper_backlog", "Profiles pending for a target as the sweeper last counted them.",
                                      ["target"], registry=r)
+        # Send-time feed.
+        self.feed_requests = Counter("mergetag_feed_requests", "Feed requests by target and result (hit, miss: read from "
+                                     "the store, not_found, not_modified, unauthorized, limited).", ["target", "result"], registry=r)
+        self.feed_seconds = Histogram("mergetag_feed_seconds", "Feed request to answer, by cache result (hit, miss).",
+                                      ["result"], buckets=(0.0005, 0.001, 0.0025, *SECONDS), registry=r)
         # What the admin process reads from the broker, the store and the guards when scraped.
         self.queue_depth = Gauge("mergetag_queue_depth", "Messages ready per queue (events, sync, urgent, delay, dead letter).",
                                  ["queue"], registry=r)

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from adapters.esps import registry
 from adapters.esps.targets import EspTarget
 from adapters.sources.configured import SourceConfig
+from schemas.experiments import Experiment
 from schemas.profile import DEFAULT_BLOCKED, IdentityHasher
 
 SCOPES = ("read", "operate", "erase")
@@ -26,6 +27,16 @@ class AdminToken(BaseModel):
 
     token: SecretStr
     scopes: list[Scope]
+
+class FeedToken(BaseModel):
+    """One send-time feed token (an ESP's web feed or Connected Content call): the targets it may read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr
+    targets: list[str] = Field(min_length=1)
+    rate_per_s: int | None = Field(None, gt=0, description="Requests per second; default MERGETAG_FEED_RATE_PER_S.")
+
 
 DEFAULT_LOYALTY_TIERS = {"bronze": 0.0, "silver": 250.0, "gold": 1000.0}
 
@@ -103,6 +114,21 @@ class Settings(BaseSettings):
     trail_cap: int = 100
     trail_ttl_s: int = 7 * 86400
 
+    # Experiment buckets: trait -> experiment (schemas/experiments.py); every mapping naming the trait sends the bucket.
+    experiments: dict[str, Experiment] = Field(default_factory=dict)
+
+    # The send-time feed (adapters/http/feed.py) and its Redis cache (adapters/redis/feed_cache.py).
+    feed_host: str = "0.0.0.0"
+    feed_port: int = 8084
+    feed_tokens: dict[str, FeedToken] = Field(default_factory=dict)
+    feed_rate_per_s: int = 1000
+    """Requests per second per feed token, across every feed process."""
+    feed_max_age_s: int = 60
+    feed_cache: bool = True
+    """The feed's Redis cache, kept by the merge (off, in every process alike: no merge writes it, and the
+    feed reads the store for every request)."""
+    feed_cache_ttl_s: int = 86400
+
     admin_host: str = "0.0.0.0"
     admin_port: int = 8083
     admin_token: SecretStr | None = None
@@ -133,7 +159,7 @@ class Settings(BaseSettings):
         return [s.strip().lower() for s in value.split(",")] if isinstance(value, str) else value
 
     @field_validator("loyalty_tiers", "sources", "trait_priority", "identifier_limits",
-                     "admin_tokens", mode="before")
+                     "admin_tokens", "experiments", "feed_tokens", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value

@@ -143,3 +143,9 @@ class BrokerUnavailable(RetryableError):
 
 class LostRace(RetryableError):
     code = "write_contention"
+
+
+class CacheUnavailable(RetryableError):
+    """The feed cache could not be invalidated before a profile write: nothing was written, retry."""
+
+    code = "cache_unavailable"

@@ -15,6 +15,7 @@ from adapters.esps.registry import build_all, descriptor
 from adapters.geoip import GeoReader, open_reader
 from adapters.metrics import Metrics
 from adapters.redis.coalesce import Coalescer
+from adapters.redis.feed_cache import FeedCache, FeedWrites
 from adapters.redis.trail import Trail
 from adapters.settings import Settings
 from adapters.sources.registry import EventMapping, build_mappings
@@ -73,6 +74,8 @@ async def create_runtime(settings: Settings, metrics: Metrics | None = None) -> 
         raise RuntimeError("profiles are still indexed by plain identifiers: run `mergetag profile rekey` once, then start the workers")
     if await store.unclaimed_left():
         raise RuntimeError("profiles were written before identity claims: run `mergetag profile rekey` once, then start the workers")
+    if settings.feed_cache:
+        store.feed = FeedWrites(FeedCache(settings.redis_url, settings.queue_prefix, settings.feed_cache_ttl_s), {n: esp for n, (esp, _) in built.items()})
     receipts = ErasureReceipts(store.client, settings.mongodb_database)
     await receipts.ensure_indexes()
     quarantine = Quarantine(store.client, settings.mongodb_database)
@@ -96,6 +99,8 @@ async def close_runtime(rt: Runtime) -> None:
         await esp.close()
     for guard in rt.guards.values():
         await guard.close()
+    if rt.store.feed is not None:
+        await rt.store.feed.cache.close()
     await rt.store.close()
     await rt.coalescer.close()
     if rt.trail is not None:

@@ -8,7 +8,7 @@ from adapters import logs
 from adapters.cli.backfill import cmd_pull
 from adapters.cli.operate import cmd_audit, cmd_dlq, cmd_quarantine, cmd_queues, dead_letter_filters
 from adapters.cli.people import cmd_erase, cmd_esp, cmd_preview, cmd_profile, cmd_reconcile
-from adapters.cli.run import cmd_admin, cmd_poller, cmd_receiver, cmd_sync, cmd_worker
+from adapters.cli.run import cmd_admin, cmd_feed, cmd_poller, cmd_receiver, cmd_sync, cmd_worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_receiver)
+
+    p = sub.add_parser("feed", help="run the send-time feed (GET /feed/v1/{target}/{ref}, MERGETAG_FEED_TOKENS)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_feed)
 
     p = sub.add_parser("worker", help="run the pipeline's Dramatiq workers")
     p.add_argument("--queues", choices=["events", "sync", "all"], default="events")

@@ -161,3 +161,17 @@ def cmd_admin(args: argparse.Namespace) -> int:
     web.run_app(create_admin_app(settings), host=settings.admin_host, port=args.port or settings.admin_port,
                 access_log=None, print=lambda *_: None)
     return 0
+
+
+def cmd_feed(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from adapters.http.feed import create_feed_app
+    from adapters.sentry import init_sentry
+
+    settings = get_settings()
+    init_sentry(settings, "feed")
+    host, port = args.host or settings.feed_host, args.port or settings.feed_port
+    web.run_app(create_feed_app(settings), host=host, port=port, access_log=None,
+                print=lambda *_: logging.getLogger("mergetag").info("feed on %s:%s", host, port))
+    return 0

@@ -16,6 +16,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import Scalar
+from schemas.experiments import Experiment
 from schemas.profile import Profile
 
 FieldType = Literal["text", "number", "date"]
@@ -28,6 +29,7 @@ class FieldMapping(BaseModel):
     type: FieldType | None = Field(None, description="Convert to this type; default: the value's own.")
     max_length: int | None = Field(None, gt=0, description="Cut text to this many characters.")
     default: Scalar = Field(None, description="Sent when the profile has no value.")
+    experiment: Experiment | None = Field(None, description="The trait is this experiment's bucket (MERGETAG_EXPERIMENTS names the trait).")
 
 
 MappingEntry = Union[str, FieldMapping]
@@ -136,13 +138,24 @@ def mapped(profile: Profile, mapping: Mapping[str, MappingEntry], today: date | 
     values = profile_values(profile, today)
     fields: dict[str, Scalar] = {}
     for trait, spec in sorted(normalize(mapping).items()):
-        value = values.get(trait)
+        value = spec.experiment.bucket(profile.id) if spec.experiment is not None else values.get(trait)
         converted = convert(_merge_value(value), spec) if value is not None else None
         if converted is None:
             converted = spec.default
         if converted is not None or trait in COMPUTED:
             fields[spec.tag] = converted
     return fields
+
+
+def with_experiments(mapping: Mapping[str, MappingEntry | dict], experiments: Mapping[str, Experiment]) -> dict[str, FieldMapping]:
+    """``mapping`` with each trait an experiment names bound to it, so the trait maps to the profile's bucket."""
+    return {trait: spec.model_copy(update={"experiment": experiments[trait]}) if trait in experiments else spec
+            for trait, spec in normalize(mapping).items()}
+
+
+def defaults(mapping: Mapping[str, MappingEntry | dict]) -> dict[str, Scalar]:
+    """Tag -> the default a template falls back to (the mapping's defaults; None where it has none)."""
+    return {spec.tag: spec.default for _, spec in sorted(normalize(mapping).items())}
 
 
 def problems(mapping: Mapping[str, FieldMapping], esp_fields: Mapping[str, str]) -> list[str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from adapters.esps import klaviyo, mailchimp, sendgrid
 from adapters.esps.base import Esp, EspDescriptor
+from adapters.esps.fields import with_experiments
 from adapters.esps.guard import EspGuard, Observe, account_id
 from adapters.esps.targets import EspTarget, load_file
 
@@ -35,15 +36,21 @@ def descriptor(kind: str) -> EspDescriptor:
 
 def targets(settings: Settings) -> dict[str, EspTarget]:
     """Every ESP target the sync keeps up to date: from ``MERGETAG_ESP_FILE`` when set, else one target
-    per name in ``MERGETAG_ESPS``, read from that kind's ``MERGETAG_<KIND>_*`` variables.
+    per name in ``MERGETAG_ESPS``, read from that kind's ``MERGETAG_<KIND>_*`` variables; the traits
+    ``MERGETAG_EXPERIMENTS`` names map to each profile's bucket.
     Raises ValueError for an unknown ESP name."""
     if settings.esp_file:
-        return load_file(settings.esp_file)
-    unknown = [name for name in settings.esps if name not in DESCRIPTORS]
-    if unknown:
-        raise ValueError(f"unknown ESP(s) in MERGETAG_ESPS: {', '.join(unknown)} (known: {', '.join(DESCRIPTORS)})")
-    return {name: DESCRIPTORS[name].env().target(name, settings.esp_job_timeout_s, DESCRIPTORS[name].default_fields)
-            for name in settings.esps}
+        found = load_file(settings.esp_file)
+    else:
+        unknown = [name for name in settings.esps if name not in DESCRIPTORS]
+        if unknown:
+            raise ValueError(f"unknown ESP(s) in MERGETAG_ESPS: {', '.join(unknown)} (known: {', '.join(DESCRIPTORS)})")
+        found = {name: DESCRIPTORS[name].env().target(name, settings.esp_job_timeout_s, DESCRIPTORS[name].default_fields)
+                 for name in settings.esps}
+    if settings.experiments:
+        # Every mapping that names an experiment's trait sends the profile's bucket.
+        found = {name: t.model_copy(update={"fields": with_experiments(t.fields, settings.experiments)}) for name, t in found.items()}
+    return found
 
 
 def build_guard(target: EspTarget, settings: Settings, wait_s: float | None = None, observe: Observe | None = None) -> EspGuard:

@@ -17,7 +17,6 @@ import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from pymongo import ASCENDING, AsyncMongoClient, InsertOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError
@@ -25,12 +24,12 @@ from pymongo.errors import BulkWriteError
 from adapters.store.durability import DURABLE, ORPHAN_AFTER, Abort, lost, transaction
 from adapters.store.identities import IDENTITIES, Identities
 from adapters.store.outbox import PROFILES, Members, Outbox, Work, carry
-from adapters.store.writes import Save, profile_write
-from schemas.errors import StoredProfileInvalid
+from adapters.store.writes import Save, profile_write, split_doc
 from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
 from schemas.sync import NEW, InFlight, Stored
 
 if TYPE_CHECKING:
+    from adapters.redis.feed_cache import FeedWrites
     from workers.profiles.erasure import ErasurePlan
 
 ERASURES = "erasures"
@@ -61,6 +60,8 @@ class ProfileStore:
         self.identities = Identities(client[database][IDENTITIES], self.profiles, ORPHAN_AFTER)
         self.outbox = Outbox(client, database)
         self._hasher = hasher
+        self.feed: FeedWrites | None = None
+        """The feed cache's hooks around every profile write (set by the workers' runtime)."""
 
     @classmethod
     def connect(cls, uri: str, database: str, hasher: IdentityHasher | None = None, **client_options: Any) -> ProfileStore:
@@ -127,7 +128,7 @@ class ProfileStore:
         the unique index over profiles' keys that claims replace (a sharded cluster refuses it)."""
         changed = 0
         async for doc in self.profiles.find({"merged_into": {"$exists": False}}):
-            found = self._split(dict(doc))
+            found = split_doc(dict(doc))
             if found is None:
                 continue
             keys = self.index(found[0])
@@ -144,7 +145,7 @@ class ProfileStore:
         for _ in range(10):
             doc = await self.profiles.find_one({"_id": profile_id})
             if doc is None or "merged_into" not in doc:
-                return self._split(doc)
+                return split_doc(doc)
             profile_id = doc["merged_into"]
         return None
 
@@ -159,7 +160,7 @@ class ProfileStore:
         rank = {indexed: i for i, key in enumerate(keys) for indexed in self.hasher.index_keys(key)}
         docs = [doc async for doc in self.profiles.find({"keys": {"$in": list(rank)}}).limit(len(rank))]
         docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
-        return [split for doc in docs if (split := self._split(doc)) is not None]
+        return [split for doc in docs if (split := split_doc(doc)) is not None]
 
     async def owners_by_key(self, keys: list[str]) -> dict[str, tuple[Profile, Stored]]:
         """The live profile or tombstone owning each of identity keys ``keys`` (those owned), for a whole
@@ -173,7 +174,7 @@ class ProfileStore:
         owners: dict[str, tuple[Profile, Stored]] = {}
         for doc in {doc["_id"]: doc for docs in found for doc in docs}.values():
             held = [plain[k] for k in doc.get("keys", []) if k in plain]
-            if (split := self._split(doc)) is not None:
+            if (split := split_doc(doc)) is not None:
                 owners.update({key: split for key in held})
         return owners
 
@@ -200,6 +201,8 @@ class ProfileStore:
             prefix = f"esp.{esp}"
             state.update({f"{prefix}.member": member, f"{prefix}.member_hash": member_hash, f"{prefix}.dirty_at": now,
                           f"{prefix}.pending": (member is not None and member_hash != sent.get(esp)) or any(work.get(esp, {}).values())})
+        if self.feed is not None:
+            await self.feed.writing({survivor.id: version + 1, **{a: v + 1 for a, v in absorbed}})
         async with self.client.start_session() as session:
             try:
                 async with transaction(session):
@@ -223,6 +226,9 @@ class ProfileStore:
                     # A lost race, or a third profile took one of the identifiers meanwhile: re-read and retry.
                     return False
                 raise
+        if self.feed is not None:
+            await self.feed.written([self.feed.entry(survivor.id, version + 1, body["keys"], members),
+                                     *(self.feed.entry(a, v + 1, (), {}, gone=True) for a, v in absorbed)])
         return True
 
     async def _point(self, profile_id: str, target: str, now: datetime, session: Any, version: int | None = None) -> bool:
@@ -263,6 +269,8 @@ class ProfileStore:
         if until:
             update["$max"] = until
         receipts = self.profiles.database[ERASURES]
+        if self.feed is not None:
+            await self.feed.writing({tomb.id: (plan.version or 0) + 1, **{p: v + 1 for p, v in plan.pointers}})
         async with self.client.start_session() as session:
             try:
                 async with transaction(session):
@@ -288,6 +296,10 @@ class ProfileStore:
                 if lost(exc):
                     return False
                 raise
+        if self.feed is not None:
+            # The tombstone keeps the person's keys (hashed): a feed read by any of them finds it erased.
+            await self.feed.written([self.feed.entry(tomb.id, (plan.version or 0) + 1, plan.keys, {}, gone=True),
+                                     *(self.feed.entry(p, v + 1, (), {}, gone=True) for p, v in plan.pointers)])
         return True
 
     async def save(self, profile: Profile, version: int | None, members: Members, urgent: bool = False,
@@ -303,6 +315,8 @@ class ProfileStore:
         """
         keys = self.index(profile)
         guard, write = profile_write(Save(profile, version, members, urgent, work or {}, stored, before), keys)
+        if self.feed is not None:
+            await self.feed.writing({profile.id: (version or 0) + 1})
         if await self.identities.claim(dict.fromkeys(self._unclaimed(keys, before), profile.id)):
             return False  # another profile holds one of these identifiers: re-read, and the merge finds it
         try:
@@ -311,6 +325,8 @@ class ProfileStore:
             if lost(exc):
                 return False  # another worker wrote the profile since: re-read and merge again
             raise
+        if self.feed is not None:
+            await self.feed.written([self.feed.entry(profile.id, (version or 0) + 1, keys, members)])
         return True
 
     async def _write(self, guard: dict[str, Any] | None, write: Any, session: AsyncClientSession | None = None) -> None:
@@ -335,6 +351,8 @@ class ProfileStore:
         if not saves:
             return []
         keys = [self.index(save.profile) for save in saves]
+        if self.feed is not None:
+            await self.feed.writing({save.profile.id: (save.version or 0) + 1 for save in saves})
         claims = {k: save.profile.id for save, held in zip(saves, keys, strict=True)
                   for k in self._unclaimed(held, save.before if save.version is not None else None)}
         lost = await self.identities.claim(claims)
@@ -342,6 +360,9 @@ class ProfileStore:
         kept = [i for i, ok in enumerate(written) if ok]
         for i, ok in zip(kept, await self._save_plain([saves[i] for i in kept], [keys[i] for i in kept]), strict=True):
             written[i] = ok
+        if self.feed is not None:
+            await self.feed.written([self.feed.entry(save.profile.id, (save.version or 0) + 1, k, save.members)
+                                     for save, k, ok in zip(saves, keys, written, strict=True) if ok])
         return written
 
     async def _save_plain(self, saves: list[Save], keys: list[list[str]]) -> list[bool]:
@@ -370,17 +391,3 @@ class ProfileStore:
         updated = [save.profile.id for i, save in enumerate(saves) if updates[i] and i not in failed]
         ours = {doc["_id"] async for doc in self.profiles.find({"_id": {"$in": updated}, "written_by": token}, {"_id": 1})} if updated else set()
         return [i not in failed and (not updates[i] or save.profile.id in ours) for i, save in enumerate(saves)]
-
-    @staticmethod
-    def _split(doc: dict[str, Any] | None) -> tuple[Profile, Stored] | None:
-        if doc is None or "merged_into" in doc:
-            return None
-        meta = Stored(version=doc.pop("version"), esp=doc.pop("esp", None) or {})
-        doc.pop("keys", None)
-        doc.pop("written_by", None)
-        doc["id"] = doc.pop("_id")
-        try:
-            return Profile.model_validate(doc), meta
-        except ValidationError as exc:
-            locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
-            raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from adapters.store.outbox import Members, Work
+from schemas.errors import StoredProfileInvalid
 from schemas.profile import Profile
 from schemas.sync import NEW, Stored
 
@@ -81,3 +84,18 @@ def profile_write(save: Save, keys: list[str], token: str | None = None) -> tupl
     if adds:
         update["$addToSet"] = adds
     return {"_id": profile.id, "version": version}, update
+
+
+def split_doc(doc: dict[str, Any] | None) -> tuple[Profile, Stored] | None:
+    """A stored profile document as the profile and its sync state (None: missing, or a pointer)."""
+    if doc is None or "merged_into" in doc:
+        return None
+    meta = Stored(version=doc.pop("version"), esp=doc.pop("esp", None) or {})
+    doc.pop("keys", None)
+    doc.pop("written_by", None)
+    doc["id"] = doc.pop("_id")
+    try:
+        return Profile.model_validate(doc), meta
+    except ValidationError as exc:
+        locs = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
+        raise StoredProfileInvalid(f"profile {doc['id']}: {', '.join(locs)}") from None
