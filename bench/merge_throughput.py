@@ -123,6 +123,7 @@ async def main() -> None:
     store = ProfileStore(AsyncMongoClient(uri, tz_aware=True, event_listeners=[trips]), database, settings.hasher())
     await store.ensure_indexes()
     rt = await create_runtime(settings)
+    store.feed = rt.store.feed  # the feed cache's invalidation and fill around every write, as deployed
     rt.store = store  # counted round trips
     # The same work as the backlog's writes: as many upserts per id, into a collection indexed like profiles.
     per_profile = max(1, args.backlog_events // args.backlog_profiles)
