@@ -22,11 +22,8 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-
-import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
