@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_poller)
 
     p = sub.add_parser("preview", help="exactly what would be sent to the ESP for a profile, and a template rendered with it")
-    p.add_argument("ref", help="profile id or email")
+    p.add_argument("ref", nargs="?", help="profile id or email (not with --scenarios)")
     p.add_argument("--esp", default="mailchimp", help="the ESP target (default mailchimp)")
+    p.add_argument("--scenarios", action="store_true",
+                   help="render --template for synthetic edge-case profiles (missing first name, long values, non-Latin and emoji, "
+                        "no order, abandoned cart, far time zone) and report each merge tag that fell back, was cut, overflowed the "
+                        "ESP's limit or rendered empty; exits 1 when any did")
     p.add_argument("--template", help="a file with Mailchimp merge tags (*|FNAME|*, *|IF:TAG|*…*|END:IF|*)")
     p.set_defaults(func=cmd_preview)
 

@@ -48,6 +48,25 @@ async def _preview(args: argparse.Namespace) -> int:
     from workers.sync.preview import preview
 
     settings = get_settings()
+    if args.scenarios:
+        from workers.sync import scenarios
+
+        if not args.template:
+            print(json.dumps({"error": "template_required", "detail": "--scenarios renders a template: pass --template FILE"}))
+            return 2
+        try:
+            shown = scenarios.report(open(args.template).read(), settings.esp_targets(), args.esp)
+        except TemplateError as exc:
+            print(json.dumps({"error": "invalid_template", "detail": str(exc)}))
+            return 2
+        except ValueError as exc:
+            print(json.dumps({"error": "unknown_esp", "detail": str(exc)}))
+            return 2
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        return 1 if shown["problems"] else 0
+    if not args.ref:
+        print(json.dumps({"error": "ref_required", "detail": "name a profile id or email, or pass --scenarios"}))
+        return 2
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, settings.hasher())
     try:
         found = await find(store, args.ref)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from schemas.events import Scalar
@@ -111,6 +111,14 @@ class EspDescriptor:
     """The ESP's published rate windows per bucket; None: only the connection limit applies."""
     single_sends_wait_for_jobs: bool = False
     """Even a single upsert waits for a job, so its send lease must cover the job timeout."""
+    text_limit: int | None = None
+    """Most characters the ESP keeps in a text field (None: no documented limit)."""
+    text_limits: dict[str, int] = field(default_factory=dict)
+    """Per field (tag), where the ESP's own fields have limits of their own."""
+
+    def limit(self, tag: str) -> int | None:
+        """Most characters the ESP keeps in field ``tag``."""
+        return self.text_limits.get(tag, self.text_limit)
 
     def lease(self, timeout_s: float, job_timeout_s: float, bulk: bool) -> float:
         """How long a send may hold a profile's lease (seconds): every request it makes and, where the

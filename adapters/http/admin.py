@@ -2,6 +2,7 @@
 
 ``GET /admin/profiles/{ref}`` (a profile with its lineage), ``GET|POST /admin/preview/{ref}``
 (exactly what the sync would send to the ESP, and a template rendered with it), ``POST
+/admin/preview-scenarios?esp=…`` (a template, the body, rendered for edge-case profiles), ``POST
 /admin/erasures`` (erase a person) and ``GET /admin/erasures/{id}`` (its receipt). ``ref`` is a
 profile id or an email. Every request needs ``Authorization: Bearer <token>``: one of the named
 tokens of ``MERGETAG_ADMIN_TOKENS`` (or ``MERGETAG_ADMIN_TOKEN``, which may do everything), with
@@ -37,6 +38,7 @@ from schemas.errors import BrokerUnavailable, EventInvalid
 from schemas.events import normalize_email
 from schemas.profile import Profile, identity_key
 from schemas.sync import Stored
+from workers.sync import scenarios
 from workers.sync.preview import preview
 
 DEAD_LETTER_SCAN_LIMIT = 1_000
@@ -117,6 +119,16 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None, metr
             return web.json_response({"error": "unknown_esp", "detail": str(exc)}, status=400)
         return web.json_response(body, dumps=_dumps)
 
+    async def preview_scenarios(request: web.Request) -> web.Response:
+        """The template (body) rendered for the edge-case profiles of ``workers/sync/scenarios.py``."""
+        try:
+            body = scenarios.report(await request.text(), targets, request.query.get("esp", "mailchimp"))
+        except TemplateError as exc:
+            return web.json_response({"error": "invalid_template", "detail": str(exc)}, status=400)
+        except ValueError as exc:
+            return web.json_response({"error": "unknown_esp", "detail": str(exc)}, status=400)
+        return web.json_response(body, dumps=_dumps)
+
     async def request_erase(request: web.Request) -> web.Response:
         """``{"emails": [...], "phones": [...], "ids": ["shopify:123"]}``: 202 with the receipt id once queued."""
         try:
@@ -158,6 +170,7 @@ def create_admin_app(settings: Settings, store: ProfileStore | None = None, metr
     app[PUBLISHER] = Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/admin/profiles/{ref}", profile)
+    app.router.add_post("/admin/preview-scenarios", preview_scenarios)
     app.router.add_get("/admin/preview/{ref}", show_preview)
     app.router.add_post("/admin/preview/{ref}", show_preview)
     app.router.add_post("/admin/erasures", request_erase, name="erasure_request")

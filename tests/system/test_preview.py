@@ -59,3 +59,35 @@ async def test_preview_cli_and_admin_api(receiver, system, sandbox, http, tmp_pa
             assert r.status == 404
     finally:
         await server.close()
+
+
+async def test_scenarios_before_a_campaign_from_the_cli_and_the_admin_api(system, http, tmp_path):
+    template = tmp_path / "campaign.txt"
+    template.write_text("*|IF:FNAME|*Hi *|FNAME|**|ELSE:|*Hi there*|END:IF|* *|LNAME|*, your cart: *|CARTURL|*")
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "adapters.cli", "preview", "--scenarios", "--template", str(template)],
+                                  cwd=ROOT, env=system.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr  # something breaks: the exit code says so
+    shown = json.loads(out.stdout)
+    assert shown["problems"]["FNAME"] == {"fell_back": ["missing_first_name"], "overflow": ["very_long_values"]}
+    assert "abandoned_cart" not in shown["problems"]["CARTURL"]["empty"] and "zero_orders" in shown["problems"]["CARTURL"]["empty"]
+    far = next(s for s in shown["scenarios"] if s["scenario"] == "far_time_zone")
+    assert far["rendered"].startswith("Hi Tane")
+
+    env = {**system.env, "MERGETAG_ADMIN_TOKEN": "admin-secret"}
+    with mock.patch.dict(os.environ, env, clear=True):
+        app = create_admin_app(Settings())
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    headers = {"Authorization": "Bearer admin-secret"}
+    try:
+        async with http.post(f"{base}/admin/preview-scenarios?esp=klaviyo", data="{{ first_name }} *|first_name|*", headers=headers) as r:
+            body = await r.json()
+        assert r.status == 200 and body["esp"] == "klaviyo"
+        assert "missing_first_name" in body["problems"]["first_name"]["empty"]
+        async with http.post(f"{base}/admin/preview-scenarios", data="*|IF:FNAME|*", headers=headers) as r:
+            assert (r.status, (await r.json())["error"]) == (400, "invalid_template")
+        async with http.post(f"{base}/admin/preview-scenarios", data="x") as r:
+            assert r.status == 401
+    finally:
+        await server.close()

@@ -46,4 +46,5 @@ def client(target: EspTarget, name: str = KIND, guard: EspGuard | None = None, o
                      guard=guard, name=name, job_timeout=target.job_timeout_s)
 
 
-DESCRIPTOR = EspDescriptor(kind=KIND, client=client, env=MailchimpEnv, default_fields=DEFAULT_FIELDS, batch_limit=BATCH_LIMIT)
+DESCRIPTOR = EspDescriptor(kind=KIND, client=client, env=MailchimpEnv, default_fields=DEFAULT_FIELDS, batch_limit=BATCH_LIMIT,
+                           text_limit=255)  # a text merge field keeps at most 255 characters

@@ -32,5 +32,10 @@ def client(target: EspTarget, name: str = KIND, guard: EspGuard | None = None, o
 
 # Every write is an import job, even for one contact: syncs take other due profiles along, and a
 # single send's lease covers the job it waits for.
+# The reserved fields' lengths (longer values refuse the whole contact).
+TEXT_LIMITS = {"first_name": 50, "last_name": 50, "address_line_1": 100, "address_line_2": 100, "city": 60,
+               "state_province_region": 50, "country": 50}
+
 DESCRIPTOR = EspDescriptor(kind=KIND, client=client, env=SendGridEnv, default_fields=DEFAULT_FIELDS, batch_limit=BATCH_LIMIT,
-                           prefers_bulk=SendGrid.prefers_bulk, single_sends_wait_for_jobs=True)
+                           prefers_bulk=SendGrid.prefers_bulk, single_sends_wait_for_jobs=True,
+                           text_limits=TEXT_LIMITS)
