@@ -119,7 +119,7 @@ class Settings(BaseSettings):
 
     # The send-time feed (adapters/http/feed.py) and its Redis cache (adapters/redis/feed_cache.py).
     feed_host: str = "0.0.0.0"
-    feed_port: int = 8084
+    feed_port: int = 8086
     feed_tokens: dict[str, FeedToken] = Field(default_factory=dict)
     feed_rate_per_s: int = 1000
     """Requests per second per feed token, across every feed process."""

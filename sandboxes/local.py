@@ -3,13 +3,14 @@
 Uses the local RabbitMQ and Redis, starts a SecantusDB (MongoDB wire protocol)
 unless ``MONGODB_URI``/``MERGETAG_MONGODB_URI`` is set, every ESP sandbox (the sync keeps
 each of them up to date, with the sandbox's own key), the receiver, the admin API (token
-``dev-admin-token``), the workers and the sync, each as its own process. Ctrl-C stops all.
+``dev-admin-token``), the send-time feed (token ``dev-feed-token``), the workers and the sync, each as its own process. Ctrl-C stops all.
 Test equipment like the sandboxes it starts: never part of the product.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ DEV_SECRET = "dev-shopify-secret"
 SOURCE_TREE = Path(__file__).resolve().parents[1]
 DEV_IDENTITY_KEY = "dev-identity-hash-key-change-me"
 DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_FEED_TOKEN = "dev-feed-token"
 # Each sandbox's own key, port offset from MERGETAG_SANDBOX_PORT, and API path.
 SANDBOXES = {
     "mailchimp": ("sandbox0000000000000000000000000-us1", 0, "/3.0"),
@@ -100,6 +102,7 @@ def run_local(receiver_port: int) -> int:
     env.setdefault("MERGETAG_MAILCHIMP_LIST_ID", "sandbox")
     env.setdefault("MERGETAG_ESPS", ",".join(SANDBOXES))
     env.setdefault("MERGETAG_ADMIN_TOKEN", DEV_ADMIN_TOKEN)
+    env.setdefault("MERGETAG_FEED_TOKENS", json.dumps({"dev": {"token": DEV_FEED_TOKEN, "targets": list(SANDBOXES)}}))
     env.setdefault("MERGETAG_SYNC_GRACE_S", "5")
     mergetag = [sys.executable, "-m", "adapters.cli"]
     for esp, port in ports.items():
@@ -108,13 +111,16 @@ def run_local(receiver_port: int) -> int:
         processes.append(sandbox)
         wait_for_port(port, process=sandbox)
     admin_port = int(env.get("MERGETAG_ADMIN_PORT", "8083"))
-    for command in (["worker"], ["sync"], ["admin", "--port", str(admin_port)], ["receiver", "--port", str(receiver_port)]):
+    feed_port = int(env.get("MERGETAG_FEED_PORT", "8086"))
+    for command in (["worker"], ["sync"], ["feed", "--port", str(feed_port)], ["admin", "--port", str(admin_port)],
+                    ["receiver", "--port", str(receiver_port)]):
         processes.append(subprocess.Popen([*mergetag, *command], env=env))
     wait_for_port(admin_port, process=processes[-2])
     wait_for_port(receiver_port, process=processes[-1])
     print(
         f"mergetag is running: receiver http://127.0.0.1:{receiver_port}, admin API http://127.0.0.1:{admin_port} "
-        f"(token {env['MERGETAG_ADMIN_TOKEN']!r}), ESP sandboxes: "
+        f"(token {env['MERGETAG_ADMIN_TOKEN']!r}), feed http://127.0.0.1:{feed_port}/feed/v1/<target>/<email> (token {DEV_FEED_TOKEN!r}), "
+        "ESP sandboxes: "
         + ", ".join(f"{esp} {env[f'MERGETAG_{esp.upper()}_BASE_URL']}" for esp in ports)
         + f", MongoDB {env['MERGETAG_MONGODB_URI']}, "
         f"Shopify secret {env['MERGETAG_SHOPIFY_SECRETS'].split(',')[0]!r}. Ctrl-C stops.",

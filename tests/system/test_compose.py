@@ -29,7 +29,7 @@ def test_compose_runs_every_service(compose):
     result = subprocess.run([compose, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True, text=True, check=True)
     services = {name for name, service in yaml.safe_load(result.stdout)["services"].items() if not service.get("profiles")}
     assert services == {"rabbitmq", "mongodb", "redis", "mailchimp-sandbox", "klaviyo-sandbox", "sendgrid-sandbox", "shopify-sandbox",
-                        "receiver", "worker", "sync", "poller", "admin"}
+                        "receiver", "worker", "sync", "poller", "admin", "feed"}
 
 
 def test_compose_syncs_to_all_three_sandboxes(compose):
@@ -75,9 +75,9 @@ def test_the_observability_profile_scrapes_every_process_into_a_provisioned_dash
     scrape = yaml.safe_load((ROOT / "observability/prometheus.yml").read_text())["scrape_configs"]
     targets = {job["job_name"]: job["static_configs"][0]["targets"][0] for job in scrape}
     defaults = Settings.model_fields
-    assert targets == {"receiver": "receiver:8080", "admin": "admin:8083",
+    assert targets == {"receiver": "receiver:8080", "admin": "admin:8083", "feed": f"feed:{defaults['feed_port'].default}",
                        "worker": f"worker:{defaults['worker_metrics_port'].default}", "sync": f"sync:{defaults['sync_metrics_port'].default}"}
-    for job in ("receiver", "admin"):  # they serve /metrics on their own HTTP port
+    for job in ("receiver", "admin", "feed"):  # they serve /metrics on their own HTTP port
         command = services[job]["command"]
         assert command[command.index("--port") + 1] == targets[job].split(":")[1]
     assert set(targets) <= set(services)
