@@ -92,6 +92,7 @@ def profile_values(profile: Profile, today: date | None = None) -> dict[str, Sca
     """
     today = today or datetime.now(timezone.utc).date()
     values: dict[str, Scalar] = {name: trait.value for name, trait in profile.traits.items()}
+    values["profile_id"] = profile.id  # a reference an ESP can hold for feed calls, with nothing of the person in it
     c = profile.computed
     values.update(
         lifetime_value=float(c.lifetime_value),
