@@ -146,6 +146,8 @@ class LostRace(RetryableError):
 
 
 class CacheUnavailable(RetryableError):
-    """The feed cache could not be invalidated before a profile write: nothing was written, retry."""
+    """The feed cache could not be invalidated before a profile write: nothing was written. The merge
+    waits for Redis without spending the message's retries (an outage must not dead-letter the backlog)."""
 
     code = "cache_unavailable"
+    counts_as_attempt = False

@@ -271,12 +271,12 @@ class Sandbox(EspSandbox):
 
 
 
-def start_mailchimp() -> Sandbox:
-    """A Mailchimp sandbox process of its own, with the test audience."""
+def start_mailchimp(merge_fields: str = SANDBOX_FIELDS) -> Sandbox:
+    """A Mailchimp sandbox process of its own, with the test audience (``merge_fields``: its merge fields, TAG:type,…)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "sandboxes.mailchimp", "--port", str(port), "--api-key", API_KEY,
-         "--list-id", "sandbox", "--merge-fields", SANDBOX_FIELDS],
+         "--list-id", "sandbox", "--merge-fields", merge_fields],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wait_for_port(port, process=process)

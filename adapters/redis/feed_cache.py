@@ -38,6 +38,8 @@ from schemas.errors import CacheUnavailable
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5.0
+"""How soon a merge that found Redis down tries again."""
 FENCE_MS = 60_000
 """How long a fence outlives its writer: twice the store's operation timeout (30 s, enforced by the server too)."""
 
@@ -163,7 +165,7 @@ class FeedCache:
                     await self._invalidate(keys=[self._entry(profile_id), self._fence(profile_id)], args=[version, FENCE_MS], client=pipe)
                 await pipe.execute()
         except RedisError as exc:
-            raise CacheUnavailable(f"feed cache: {type(exc).__name__}") from None
+            raise CacheUnavailable(f"feed cache: {type(exc).__name__}", retry_after=RETRY_AFTER_S) from None
 
     async def put(self, entries: Sequence[Entry]) -> list[bool]:
         """Write each entry unless the cache holds or fences a newer version; returns which were written.

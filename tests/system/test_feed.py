@@ -10,7 +10,8 @@ import pytest
 from multidict import CIMultiDict
 
 from sandboxes.local import free_port, wait_for_port
-from tests.conftest import eventually, post_webhook, spawn, stop
+from schemas.experiments import Experiment
+from tests.conftest import MERGE_FIELDS, SANDBOX_FIELDS, eventually, own_pipeline, post_webhook, spawn, start_mailchimp, stop, stop_sandbox
 from tests.support.metrics import value
 from tests.support.samples import customer
 
@@ -120,6 +121,35 @@ async def test_a_token_over_its_rate_gets_429_with_retry_after(feed, http):
     # 12 at once against 3 per second: the burst spans at most two seconds' windows, so at least 6 are refused.
     assert len(limited) >= 6 and all(h["Retry-After"] == "1" for h in limited)
     assert {status for status, _, _ in answers} <= {404, 429}
+
+
+async def test_an_experiment_bucket_reaches_the_esp_and_the_feed_alike(mongo_uri, tmp_path, http):
+    experiment = {"name": "spring-2026", "splits": {"control": 10, "a": 45, "b": 45}}
+    sandbox = start_mailchimp(SANDBOX_FIELDS + ",CITY:text,ABBUCKET:text")
+    feed = None
+    try:
+        async with own_pipeline(mongo_uri, sandbox, tmp_path, MERGETAG_SYNC_GRACE_S="1", MERGETAG_SYNC_SWEEP_INTERVAL_S="0.5",
+                                MERGETAG_MERGE_FIELDS=json.dumps({**MERGE_FIELDS, "ab_bucket": "ABBUCKET"}),
+                                MERGETAG_EXPERIMENTS=json.dumps({"ab_bucket": experiment}),
+                                MERGETAG_FEED_TOKENS=json.dumps(TOKENS)) as pipeline:
+            pipeline.start_sync()
+            port = free_port()
+            feed = spawn(pipeline.env, tmp_path / "feed.log", "feed", "--port", str(port))
+            await asyncio.to_thread(wait_for_port, port, timeout=90, process=feed)
+            emails = [f"ab-{i}-{uuid.uuid4().hex[:8]}@example.com" for i in range(6)]
+            for email in emails:
+                assert (await post_webhook(http, pipeline.url, "customers/create", customer(email, first_name="Ab"))).status == 202
+            split = Experiment.model_validate(experiment)
+            for email in emails:
+                member = await eventually(lambda email=email: sandbox.member(http, email), timeout=60)
+                pid = (await pipeline.db.profiles.find_one({"email": email}))["_id"]
+                assert member["merge_fields"]["ABBUCKET"] == split.bucket(pid)
+                status, _, body = await read(http, f"http://127.0.0.1:{port}/feed/v1/mailchimp/{email}?format=flat")
+                assert status == 200 and json.loads(body)["ABBUCKET"] == split.bucket(pid)
+    finally:
+        if feed is not None:
+            stop([feed])
+        stop_sandbox(sandbox)
 
 
 def _cli(*args: str) -> list[str]:
