@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 
 from adapters.cli.run import check_fields
 from adapters.settings import get_settings
@@ -42,7 +43,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 async def _preview(args: argparse.Namespace) -> int:
-    from adapters.esps.templates import TemplateError
     from adapters.http.admin import find
     from adapters.store.profiles import ProfileStore
     from workers.sync.preview import preview
@@ -54,13 +54,8 @@ async def _preview(args: argparse.Namespace) -> int:
         if not args.template:
             print(json.dumps({"error": "template_required", "detail": "--scenarios renders a template: pass --template FILE"}))
             return 2
-        try:
-            shown = scenarios.report(open(args.template).read(), settings.esp_targets(), args.esp)
-        except TemplateError as exc:
-            print(json.dumps({"error": "invalid_template", "detail": str(exc)}))
-            return 2
-        except ValueError as exc:
-            print(json.dumps({"error": "unknown_esp", "detail": str(exc)}))
+        shown = _rendered(lambda: scenarios.report(open(args.template).read(), settings.esp_targets(), args.esp))
+        if shown is None:
             return 2
         print(json.dumps(shown, indent=2, ensure_ascii=False))
         return 1 if shown["problems"] else 0
@@ -74,18 +69,26 @@ async def _preview(args: argparse.Namespace) -> int:
             print(json.dumps({"error": "not_found"}))
             return 1
         template = open(args.template).read() if args.template else None
-        try:
-            shown = preview(*found, settings.esp_targets(), args.esp, template)
-        except TemplateError as exc:
-            print(json.dumps({"error": "invalid_template", "detail": str(exc)}))
-            return 2
-        except ValueError as exc:
-            print(json.dumps({"error": "unknown_esp", "detail": str(exc)}))
+        shown = _rendered(lambda: preview(*found, settings.esp_targets(), args.esp, template))
+        if shown is None:
             return 2
         print(json.dumps(shown, indent=2, default=str))
         return 0
     finally:
         await store.close()
+
+
+def _rendered(build: Callable[[], dict]) -> dict | None:
+    """What ``build`` renders; None, with the error printed, for a broken template or an unknown target."""
+    from adapters.esps.templates import TemplateError
+
+    try:
+        return build()
+    except TemplateError as exc:
+        print(json.dumps({"error": "invalid_template", "detail": str(exc)}))
+    except ValueError as exc:
+        print(json.dumps({"error": "unknown_esp", "detail": str(exc)}))
+    return None
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

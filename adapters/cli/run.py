@@ -13,18 +13,24 @@ from typing import Any
 from adapters.settings import Settings, get_settings
 
 
-def cmd_receiver(args: argparse.Namespace) -> int:
+def _serve_http(component: str, create: Any, host: str, port: int) -> int:
+    """Run the aiohttp app ``create(settings)`` of ``component`` (Sentry first) until stopped."""
     from aiohttp import web
 
-    from adapters.http.receiver import create_app
     from adapters.sentry import init_sentry
 
     settings = get_settings()
-    init_sentry(settings, "receiver")
-    host, port = args.host or settings.receiver_host, args.port or settings.receiver_port
-    web.run_app(create_app(settings), host=host, port=port, access_log=None,
-                print=lambda *_: logging.getLogger("mergetag").info("receiver on %s:%s", host, port))
+    init_sentry(settings, component)
+    web.run_app(create(settings), host=host, port=port, access_log=None,
+                print=lambda *_: logging.getLogger("mergetag").info("%s on %s:%s", component, host, port))
     return 0
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from adapters.http.receiver import create_app
+
+    settings = get_settings()
+    return _serve_http("receiver", create_app, args.host or settings.receiver_host, args.port or settings.receiver_port)
 
 
 def _serve(queues: list[str], sweep: bool, component: str, threads: int, metrics_port: int) -> int:
@@ -164,14 +170,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_feed(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from adapters.http.feed import create_feed_app
-    from adapters.sentry import init_sentry
 
     settings = get_settings()
-    init_sentry(settings, "feed")
-    host, port = args.host or settings.feed_host, args.port or settings.feed_port
-    web.run_app(create_feed_app(settings), host=host, port=port, access_log=None,
-                print=lambda *_: logging.getLogger("mergetag").info("feed on %s:%s", host, port))
-    return 0
+    return _serve_http("feed", create_feed_app, args.host or settings.feed_host, args.port or settings.feed_port)

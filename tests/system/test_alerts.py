@@ -40,7 +40,7 @@ async def test_freshness_and_dead_letter_alerts_are_sent_once_per_episode(mongo_
         assert (await post_webhook(http, pipeline.url, "customers/create", customer(emails[1]))).status == 202
         await eventually(lambda: sandbox.member(http, emails[1]))
 
-        await asyncio.to_thread(publish_broken_message, topology.events_queue(pipeline.env["MERGETAG_QUEUE_PREFIX"]))
+        await asyncio.to_thread(publish_broken_message, topology.events_queue(pipeline.env["MERGETAG_QUEUE_PREFIX"]), "broken-alerts")
         dead = await eventually(alerted(sentry_sink, "dead_letters"), timeout=60)
         await asyncio.sleep(2)  # several checks of both syncs later
         assert len(alerts(sentry_sink, "freshness:mailchimp")) == len(fresh) == 1

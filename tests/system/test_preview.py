@@ -16,6 +16,15 @@ from sandboxes.local import free_port
 from tests.conftest import ROOT, eventually, post_webhook
 from tests.support.samples import customer
 
+async def admin_api(system) -> tuple[TestServer, str]:
+    """The admin API on the system's settings, token ``admin-secret``."""
+    with mock.patch.dict(os.environ, {**system.env, "MERGETAG_ADMIN_TOKEN": "admin-secret"}, clear=True):
+        app = create_admin_app(Settings())
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    return server, str(server.make_url("")).rstrip("/")
+
+
 TEMPLATE = "*|IF:FNAME|*Hi *|FNAME|**|ELSE:|*Hi there*|END:IF|*, you are *|TIER|*."
 
 
@@ -38,12 +47,7 @@ async def test_preview_cli_and_admin_api(receiver, system, sandbox, http, tmp_pa
     assert shown["rendered"] == "Hi Pia, you are bronze."
     assert shown["would_send"] is False  # the ESP already holds exactly this
 
-    env = {**system.env, "MERGETAG_ADMIN_TOKEN": "admin-secret"}
-    with mock.patch.dict(os.environ, env, clear=True):
-        app = create_admin_app(Settings())
-    server = TestServer(app, host="127.0.0.1", port=free_port())
-    await server.start_server()
-    base = str(server.make_url("")).rstrip("/")
+    server, base = await admin_api(system)
     try:
         async with http.get(f"{base}/admin/preview/{email}") as r:
             assert r.status == 401
@@ -73,12 +77,7 @@ async def test_scenarios_before_a_campaign_from_the_cli_and_the_admin_api(system
     far = next(s for s in shown["scenarios"] if s["scenario"] == "far_time_zone")
     assert far["rendered"].startswith("Hi Tane")
 
-    env = {**system.env, "MERGETAG_ADMIN_TOKEN": "admin-secret"}
-    with mock.patch.dict(os.environ, env, clear=True):
-        app = create_admin_app(Settings())
-    server = TestServer(app, host="127.0.0.1", port=free_port())
-    await server.start_server()
-    base = str(server.make_url("")).rstrip("/")
+    server, base = await admin_api(system)
     headers = {"Authorization": "Bearer admin-secret"}
     try:
         async with http.post(f"{base}/admin/preview-scenarios?esp=klaviyo", data="{{ first_name }} *|first_name|*", headers=headers) as r:
