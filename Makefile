@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python bench/receiver_throughput.py
 	$(BIN)/python bench/merge_throughput.py
 	$(BIN)/python bench/sync_latency.py
+	$(BIN)/python bench/feed_latency.py
 	$(BIN)/python bench/queue_cost.py --cluster
 
 lint: install
