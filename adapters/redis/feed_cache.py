@@ -139,9 +139,7 @@ class FeedCache:
         self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._key = f"{prefix}:feed:"
         self._ttl = ttl_s
-        self._invalidate = self._redis.register_script(INVALIDATE)
-        self._put = self._redis.register_script(PUT)
-        self._read_sha: str | None = None
+        self._shas: dict[str, str] = {}
         self._reads: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._reading: asyncio.Task[None] | None = None
 
@@ -159,31 +157,33 @@ class FeedCache:
         Raises CacheUnavailable (retryable) when Redis does not answer: then nothing may be written."""
         if not versions:
             return
+        calls = [([self._entry(pid), self._fence(pid)], [version, FENCE_MS]) for pid, version in versions.items()]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for profile_id, version in versions.items():
-                    await self._invalidate(keys=[self._entry(profile_id), self._fence(profile_id)], args=[version, FENCE_MS], client=pipe)
-                await pipe.execute()
+            failed = next((r for r in await self._evalsha(INVALIDATE, calls) if isinstance(r, Exception)), None)
         except RedisError as exc:
-            raise CacheUnavailable(f"feed cache: {type(exc).__name__}", retry_after=RETRY_AFTER_S) from None
+            failed = exc
+        if failed is not None:
+            raise CacheUnavailable(f"feed cache: {type(failed).__name__}", retry_after=RETRY_AFTER_S)
 
     async def put(self, entries: Sequence[Entry]) -> list[bool]:
         """Write each entry unless the cache holds or fences a newer version; returns which were written.
         A failure is logged, not raised: the entries stay invalidated, and reads go to the store."""
         if not entries:
             return []
+        calls = []
+        for e in entries:
+            pairs: list[Any] = [x for k in e.keys for x in (f"k:{k}", 1)]
+            for target, (body, digest) in e.bodies.items():
+                pairs += [f"b:{target}", body, f"h:{target}", digest]
+            calls.append(([self._entry(e.profile_id), self._fence(e.profile_id), *(self._pointer(k) for k in e.keys)],
+                          [e.version, self._ttl, int(e.gone), len(pairs) // 2, *pairs, e.profile_id]))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for e in entries:
-                    pairs: list[Any] = [*(x for k in e.keys for x in (f"k:{k}", 1))]
-                    for target, (body, digest) in e.bodies.items():
-                        pairs += [f"b:{target}", body, f"h:{target}", digest]
-                    await self._put(keys=[self._entry(e.profile_id), self._fence(e.profile_id), *(self._pointer(k) for k in e.keys)],
-                                    args=[e.version, self._ttl, int(e.gone), len(pairs) // 2, *pairs, e.profile_id], client=pipe)
-                return [bool(done) for done in await pipe.execute()]
+            results = await self._evalsha(PUT, calls)
         except RedisError as exc:
-            log.warning("feed cache not filled (%d profiles): %s", len(entries), type(exc).__name__)
-            return [False] * len(entries)
+            results = [exc] * len(entries)
+        if any(isinstance(r, Exception) for r in results):
+            log.warning("feed cache not filled (%d profiles)", sum(isinstance(r, Exception) for r in results))
+        return [r == 1 for r in results]
 
     async def read(self, target: str, *, key: str | None = None, profile_id: str | None = None, rate: tuple[str, int] = ("", 0),
                    second: int = 0) -> Found:
@@ -204,7 +204,7 @@ class FeedCache:
             await asyncio.sleep(0)  # the reads of this loop turn share the round trip
             batch, self._reads = self._reads, []
             try:
-                results = await self._evalsha_all(batch)
+                results = await self._evalsha(READ, [(keys, args) for keys, args, _ in batch])
             except RedisError as exc:
                 for _, _, done in batch:
                     if not done.done():
@@ -218,18 +218,19 @@ class FeedCache:
                 else:
                     done.set_result(result)
 
-    async def _evalsha_all(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        """Every read of a round in one pipeline of EVALSHA (no SCRIPT EXISTS per round: the script is
-        loaded once, and again only when Redis forgot it)."""
+    async def _evalsha(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Every call of ``script`` in one pipeline of EVALSHA, errors in place (no SCRIPT EXISTS per
+        round, as redis-py's scripts in a pipeline send: each script is loaded once, and again only
+        when Redis forgot it)."""
         for attempt in range(2):
-            if self._read_sha is None:
-                self._read_sha = await self._redis.script_load(READ)
+            if script not in self._shas:
+                self._shas[script] = await self._redis.script_load(script)
             async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    pipe.execute_command("EVALSHA", self._read_sha, len(keys), *keys, *args)
+                for keys, args in calls:
+                    pipe.execute_command("EVALSHA", self._shas[script], len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                self._read_sha = None
+                del self._shas[script]
                 continue
             return results
         return results
