@@ -25,6 +25,7 @@ from adapters.sources.registry import build_sources
 from adapters.sources.tracking import NAME as TRACKING
 from broker import topology
 from broker.publisher import Publisher, publish_delivery
+from schemas.delivery import Delivery
 from schemas.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def create_app(
         seen = await request.app[DEDUP].seen(keys)
         fresh = [d for d in deliveries if d.dedup_key not in seen]
         pub = request.app[PUBLISHER]
-        results = await asyncio.gather(*(publish_delivery(pub, queue, d) for d in fresh), return_exceptions=True)
+        results = await _publish(pub, queue, fresh)
         confirmed = [(d, r) for d, r in zip(fresh, results, strict=True) if isinstance(r, str)]
         request.app[DEDUP].remember([d.dedup_key for d, _ in confirmed if d.dedup_key])
         for d, message_id in confirmed:
@@ -173,6 +174,17 @@ def create_app(
     app.router.add_get("/metrics", scrape)
     app.router.add_get("/openapi.json", openapi)
     return app
+
+
+async def _publish(publisher: Publisher, queue: str, deliveries: list[Delivery]) -> list[str | BaseException]:
+    """Each delivery's message id once confirmed, or its failure; a lone delivery (the usual request)
+    without a task of its own."""
+    if len(deliveries) == 1:
+        try:
+            return [await publish_delivery(publisher, queue, deliveries[0])]
+        except Exception as exc:  # the caller tells BrokerUnavailable from a bug, as for several
+            return [exc]
+    return await asyncio.gather(*(publish_delivery(publisher, queue, d) for d in deliveries), return_exceptions=True)
 
 
 @web.middleware

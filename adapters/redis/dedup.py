@@ -7,20 +7,35 @@ derived from content) is the fallback, so a duplicate then costs work, not
 correctness.
 
 Group commit: the lookups of every request in flight and the keys confirmed since the last round
-trip share one pipeline, so the receiver makes at most one Redis round trip per request, fewer
-under load. Remembering is not waited for: a key lost with the process costs a duplicate's work.
+trip share one pipeline of two commands (one MGET, one script), so the receiver makes at most one
+Redis round trip per request, fewer under load. Remembering is not waited for: a key lost with the
+process costs a duplicate's work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from adapters.redis.scripts import Scripts
+
 log = logging.getLogger(__name__)
+
+
+REMEMBER = """
+for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end
+"""
+"""Every key confirmed since the last round, remembered for the window, in one command."""
+
+
+def _mget(keys: list[str], pipe: Any) -> None:
+    pipe.mget(keys)
 
 
 class Dedup:
@@ -38,6 +53,7 @@ class Dedup:
         self._confirmed: list[str] = []
         self._flushing: asyncio.Task[None] | None = None
         self._round_trips = 0
+        self._scripts = Scripts(self._redis)
 
     @property
     def round_trips(self) -> int:
@@ -69,20 +85,20 @@ class Dedup:
             await asyncio.sleep(0)  # let the requests of this loop iteration join the round
             lookups, self._lookups = self._lookups, []
             confirmed, self._confirmed = self._confirmed, []
+            asked = [self._prefix + k for keys, _ in lookups for k in keys]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key in confirmed:
-                        pipe.set(self._prefix + key, b"1", ex=self._window)
-                    for keys, _ in lookups:
-                        pipe.mget([self._prefix + k for k in keys])
-                    self._round_trips += 1
-                    results = await pipe.execute()
+                remember = [(REMEMBER, [self._prefix + k for k in confirmed], [self._window])] if confirmed else []
+                results = await self._scripts.run(remember, functools.partial(_mget, asked) if asked else None)
+                self._round_trips += 1
             except (RedisError, OSError) as exc:
                 log.warning("dedup round trip skipped, Redis unavailable: %s", type(exc).__name__)
-                results = [None] * len(confirmed) + [[None] * len(keys) for keys, _ in lookups]
-            for (keys, found), values in zip(lookups, results[len(confirmed):], strict=True):
+                results = []
+            values = results[-1] if asked and results and isinstance(results[-1], list) else [None] * len(asked)
+            at = 0
+            for keys, found in lookups:
                 if not found.done():
-                    found.set_result({k for k, v in zip(keys, values or [None] * len(keys), strict=True) if v is not None})
+                    found.set_result({k for k, v in zip(keys, values[at:at + len(keys)], strict=True) if v is not None})
+                at += len(keys)
 
     async def close(self) -> None:
         if self._flushing is not None:

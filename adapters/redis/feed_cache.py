@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
+from adapters.redis.scripts import Scripts
 from schemas.errors import CacheUnavailable
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class FeedCache:
         self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._key = f"{prefix}:feed:"
         self._ttl = ttl_s
-        self._shas: dict[str, str] = {}
+        self._scripts = Scripts(self._redis)
         self._reads: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._reading: asyncio.Task[None] | None = None
 
@@ -157,9 +158,9 @@ class FeedCache:
         Raises CacheUnavailable (retryable) when Redis does not answer: then nothing may be written."""
         if not versions:
             return
-        calls = [([self._entry(pid), self._fence(pid)], [version, FENCE_MS]) for pid, version in versions.items()]
+        calls = [(INVALIDATE, [self._entry(pid), self._fence(pid)], [version, FENCE_MS]) for pid, version in versions.items()]
         try:
-            failed = next((r for r in await self._evalsha(INVALIDATE, calls) if isinstance(r, Exception)), None)
+            failed = next((r for r in await self._scripts.run(calls) if isinstance(r, Exception)), None)
         except RedisError as exc:
             failed = exc
         if failed is not None:
@@ -175,10 +176,10 @@ class FeedCache:
             pairs: list[Any] = [x for k in e.keys for x in (f"k:{k}", 1)]
             for target, (body, digest) in e.bodies.items():
                 pairs += [f"b:{target}", body, f"h:{target}", digest]
-            calls.append(([self._entry(e.profile_id), self._fence(e.profile_id), *(self._pointer(k) for k in e.keys)],
+            calls.append((PUT, [self._entry(e.profile_id), self._fence(e.profile_id), *(self._pointer(k) for k in e.keys)],
                           [e.version, self._ttl, int(e.gone), len(pairs) // 2, *pairs, e.profile_id]))
         try:
-            results = await self._evalsha(PUT, calls)
+            results = await self._scripts.run(calls)
         except RedisError as exc:
             results = [exc] * len(entries)
         if any(isinstance(r, Exception) for r in results):
@@ -204,7 +205,7 @@ class FeedCache:
             await asyncio.sleep(0)  # the reads of this loop turn share the round trip
             batch, self._reads = self._reads, []
             try:
-                results = await self._evalsha(READ, [(keys, args) for keys, args, _ in batch])
+                results = await self._scripts.run([(READ, keys, args) for keys, args, _ in batch])
             except RedisError as exc:
                 for _, _, done in batch:
                     if not done.done():
@@ -217,23 +218,6 @@ class FeedCache:
                     done.set_exception(result)
                 else:
                     done.set_result(result)
-
-    async def _evalsha(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Every call of ``script`` in one pipeline of EVALSHA, errors in place (no SCRIPT EXISTS per
-        round, as redis-py's scripts in a pipeline send: each script is loaded once, and again only
-        when Redis forgot it)."""
-        for attempt in range(2):
-            if script not in self._shas:
-                self._shas[script] = await self._redis.script_load(script)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.execute_command("EVALSHA", self._shas[script], len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                del self._shas[script]
-                continue
-            return results
-        return results
 
     async def close(self) -> None:
         await self._redis.aclose()

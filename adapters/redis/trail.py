@@ -14,6 +14,7 @@ names and times — never a value of the person.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,16 +26,24 @@ import redis as redis_sync
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from adapters.redis.scripts import Scripts
+
 log = logging.getLogger(__name__)
 
 ADD = """
-for _, key in ipairs(KEYS) do
-  redis.call('LPUSH', key, ARGV[1])
-  redis.call('LTRIM', key, 0, tonumber(ARGV[2]) - 1)
-  redis.call('EXPIRE', key, tonumber(ARGV[3]))
+local cap, ttl, k, i = tonumber(ARGV[1]), tonumber(ARGV[2]), 1, 3
+while i < #ARGV do
+  for _ = 1, tonumber(ARGV[i]) do
+    redis.call('LPUSH', KEYS[k], ARGV[i + 1])
+    redis.call('LTRIM', KEYS[k], 0, cap - 1)
+    redis.call('EXPIRE', KEYS[k], ttl)
+    k = k + 1
+  end
+  i = i + 2
 end
 """
-"""One entry into the trail of every subject it names: one command per entry, however many subjects."""
+"""Entries into the trails of the subjects they name, as many as one round gathered, in one command:
+ARGV = cap, ttl, then per entry how many subjects (KEYS, in order) and the entry."""
 RATE_BUCKET_S = 10
 RATE_WINDOW_S = 60
 
@@ -55,7 +64,7 @@ class Trail:
         self._pending: list[tuple[Sequence[str], str]] = []
         self._tallies: dict[str, int] = {}
         self._flushing: asyncio.Task[None] | None = None
-        self._add = self._redis.register_script(ADD)
+        self._scripts = Scripts(self._redis)
         self.round_trips = 0
 
     def add(self, subjects: Sequence[str], stage: str, **facts: Any) -> None:
@@ -92,19 +101,23 @@ class Trail:
             await asyncio.sleep(0)  # what the rest of this loop turn adds joins the round trip
             batch, self._pending = self._pending, []
             tallies, self._tallies = self._tallies, {}
+            keys = [self._key + s for subjects, _ in batch for s in subjects]
+            args = [self._cap, self._ttl, *(x for subjects, entry in batch for x in (len(subjects), entry))]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for subjects, entry in batch:
-                        await self._add(keys=[self._key + s for s in subjects], args=[entry, self._cap, self._ttl], client=pipe)
-                    if tallies:
-                        bucket = f"{self._rate}{int(time.time()) // RATE_BUCKET_S}"
-                        for source, n in tallies.items():
-                            pipe.hincrby(bucket, source, n)
-                        pipe.expire(bucket, 2 * RATE_WINDOW_S)
-                    await pipe.execute()
+                failed = [r for r in await self._scripts.run([(ADD, keys, args)] if batch else [],
+                                                             functools.partial(self._count, tallies) if tallies else None)
+                          if isinstance(r, Exception)]
+                if failed:
+                    raise failed[0]
                 self.round_trips += 1
             except RedisError as exc:
                 log.warning("event trail not written (%d entries): %s", len(batch), type(exc).__name__)
+
+    def _count(self, tallies: dict[str, int], pipe: Any) -> None:
+        bucket = f"{self._rate}{int(time.time()) // RATE_BUCKET_S}"
+        for source, n in tallies.items():
+            pipe.hincrby(bucket, source, n)
+        pipe.expire(bucket, 2 * RATE_WINDOW_S)
 
     async def flushed(self) -> None:
         """Wait for what was added so far (tests, benchmarks, shutdown)."""
@@ -145,6 +158,6 @@ class DeadLetterNotes:
                             "reason": reason.get("code"), "retries": reason.get("retries"), "letter": message.message_id},
                            default=str, separators=(",", ":"))
         try:
-            self._script(keys=[self._key + s for s in subjects], args=[entry, self._cap, self._ttl])
+            self._script(keys=[self._key + s for s in subjects], args=[self._cap, self._ttl, len(subjects), entry])
         except RedisError as exc:
             log.warning("dead letter %s not in the trail: %s", message.message_id, type(exc).__name__)

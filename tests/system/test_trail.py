@@ -25,6 +25,27 @@ async def test_a_trail_keeps_the_newest_entries_up_to_its_cap_and_expires():
         await trail.close()
 
 
+async def test_entries_of_different_subjects_in_one_round_and_after_redis_forgot_its_scripts():
+    prefix = "trail" + uuid.uuid4().hex[:8]
+    trail = Trail("redis://127.0.0.1:6379/0", prefix, cap=3, ttl_s=60)
+    try:
+        trail.add(["profile:a", "event:x"], "merged", n=1)
+        trail.add(["profile:b"], "synced", n=2)
+        trail.add([], "nowhere")
+        trail.add(["profile:a"], "synced", n=3)
+        await trail.flushed()
+        assert trail.round_trips == 1
+        await trail._redis.script_flush()  # as after a Redis restart: the next round loads the script again
+        trail.add(["profile:b"], "merged", n=4)
+        await trail.flushed()
+        assert [(e["stage"], e["n"]) for e in await trail.read("profile:a")] == [("merged", 1), ("synced", 3)]
+        assert [e["n"] for e in await trail.read("profile:b")] == [2, 4]
+        assert [e["n"] for e in await trail.read("event:x")] == [1]
+    finally:
+        await trail._redis.delete(*(f"{prefix}:trail:{s}" for s in ("profile:a", "profile:b", "event:x")))
+        await trail.close()
+
+
 async def test_a_trail_without_redis_costs_nothing_but_the_trail():
     trail = Trail(f"redis://127.0.0.1:{free_port()}/0", "nowhere")
     trail.add(["profile:p_1"], "merged")
