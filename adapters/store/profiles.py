@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from workers.profiles.erasure import ErasurePlan
 
 ERASURES = "erasures"
-LOOKUP_SLICE = 128
+LOOKUP_SLICE = 64
 """Identity keys per lookup of a merge round."""
 # What a profile document holds about the person: removed from tombstones (which keep hashed identifiers
 # and absorbed ids instead), and, with everything else, from pointers.
@@ -169,7 +169,7 @@ class ProfileStore:
         indexed = list(plain)
         # In slices, side by side: a server may match each document against the whole ``$in`` list
         # (SecantusDB does), so one list of thousands costs far more than a few short ones.
-        found = await asyncio.gather(*(self.profiles.find({"keys": {"$in": indexed[i:i + LOOKUP_SLICE]}}, batch_size=LOOKUP_SLICE).to_list()
+        found = await asyncio.gather(*(self.profiles.find({"keys": {"$in": indexed[i:i + LOOKUP_SLICE]}}, batch_size=LOOKUP_SLICE + 1).to_list()
                                        for i in range(0, len(indexed), LOOKUP_SLICE)))
         owners: dict[str, tuple[Profile, Stored]] = {}
         for doc in {doc["_id"]: doc for docs in found for doc in docs}.values():
