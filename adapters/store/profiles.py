@@ -29,6 +29,8 @@ from schemas.profile import ERASED, IdentityHasher, Profile, profile_keys
 from schemas.sync import NEW, InFlight, Stored
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from adapters.redis.feed_cache import FeedWrites
     from workers.profiles.erasure import ErasurePlan
 
@@ -162,14 +164,17 @@ class ProfileStore:
         docs.sort(key=lambda d: (min(rank[k] for k in d["keys"] if k in rank), d["_id"]))
         return [split for doc in docs if (split := split_doc(doc)) is not None]
 
-    async def owners_by_key(self, keys: list[str]) -> dict[str, tuple[Profile, Stored]]:
+    async def owners_by_key(self, keys: list[str], targets: Iterable[str] = ()) -> dict[str, tuple[Profile, Stored]]:
         """The live profile or tombstone owning each of identity keys ``keys`` (those owned), for a whole
-        batch of identities in one round trip."""
+        batch of identities in one round trip; without the members last rendered for ``targets`` (a
+        merge compares their hashes only: their bodies are most of a document)."""
         plain = {indexed: key for key in keys for indexed in self.hasher.index_keys(key)}
         indexed = list(plain)
+        without = {f"esp.{target}.member": 0 for target in targets} or None
         # In slices, side by side: a server may match each document against the whole ``$in`` list
         # (SecantusDB does), so one list of thousands costs far more than a few short ones.
-        found = await asyncio.gather(*(self.profiles.find({"keys": {"$in": indexed[i:i + LOOKUP_SLICE]}}, batch_size=LOOKUP_SLICE + 1).to_list()
+        found = await asyncio.gather(*(self.profiles.find({"keys": {"$in": indexed[i:i + LOOKUP_SLICE]}}, without,
+                                                          batch_size=LOOKUP_SLICE + 1).to_list()
                                        for i in range(0, len(indexed), LOOKUP_SLICE)))
         owners: dict[str, tuple[Profile, Stored]] = {}
         for doc in {doc["_id"]: doc for docs in found for doc in docs}.values():

@@ -84,7 +84,7 @@ class MergeBatcher:
             await self._alone(batch)
             return
         rt = self._rt
-        owners = await rt.store.owners_by_key(sorted({k for m in batch for k in m.keys}))
+        owners = await rt.store.owners_by_key(sorted({k for m in batch for k in m.keys}), rt.esps)
         alone: list[_Merge] = []
         saves: list[tuple[Save, list[_Merge], Stored]] = []
         for person in _people(batch, owners):
