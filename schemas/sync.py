@@ -17,7 +17,6 @@ the sync reads it as this model. The state machine, per target:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -78,16 +77,6 @@ class SyncState(BaseModel):
         """The target may hold this profile's contact (so has one to retire): it was sent the member,
         or a send of it is in flight right now."""
         return bool(self.sent_hash) or (self.sending_until is not None and self.sending_until > now)
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """A profile waiting for a target, as the sweeper decides on it."""
-
-    profile_id: str
-    urgent: bool
-    dirty_at: datetime | None
-    swept_at: datetime | None
 
 
 class InFlight(BaseModel):

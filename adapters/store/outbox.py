@@ -21,7 +21,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from schemas.errors import SyncBusy
-from schemas.sync import ADDRESS_LISTS, InFlight, SyncState, Waiting
+from schemas.sync import ADDRESS_LISTS, InFlight, SyncState
 
 PROFILES = "profiles"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
@@ -286,34 +286,19 @@ class Outbox:
     async def _sendable(self, esp: str, query: dict[str, Any], limit: int) -> list[str]:
         """The first ``limit`` profiles of ``query`` a sync can do, oldest change first: the refused ones
         (rare) are passed over on the documents, so they never take another's place."""
-        return [state.profile_id for state in await self._scan(esp, query, limit)]
-
-    async def _scan(self, esp: str, query: dict[str, Any], limit: int) -> list[Waiting]:
         if limit <= 0:
             return []
         prefix = f"esp.{esp}"
-        fields = {f"{prefix}.{name}": 1 for name in ("pending", "member_hash", "failed_hash", "urgent", "dirty_at", "swept_at", *ADDRESS_LISTS)}
+        fields = {f"{prefix}.{name}": 1 for name in ("pending", "member_hash", "failed_hash", *ADDRESS_LISTS)}
         cursor = self.profiles.find(query, fields).sort(f"{prefix}.dirty_at", ASCENDING).batch_size(max(limit, 1))
-        found: list[Waiting] = []
+        ids: list[str] = []
         async with cursor:
             async for doc in cursor:
-                state = SyncState.model_validate(doc["esp"][esp])
-                if state.sendable:
-                    found.append(Waiting(doc["_id"], state.urgent, state.dirty_at, state.swept_at))
-                    if len(found) >= limit:
+                if SyncState.model_validate(doc["esp"][esp]).sendable:
+                    ids.append(doc["_id"])
+                    if len(ids) >= limit:
                         break
-        return found
-
-    async def scan_pending(self, esp: str, limit: int) -> list[Waiting]:
-        """The first ``limit`` profiles waiting for ``esp`` (refused ones aside), oldest change first, with
-        what the sweeper decides on: one read for its whole pass over a target."""
-        return await self._scan(esp, _pending_query(f"esp.{esp}"), limit)
-
-    async def stamp_swept(self, esp: str, ids: list[str], lease: timedelta) -> None:
-        """Claim ``ids`` for the sweeper: stamp ``swept_at`` on those not swept within ``lease``."""
-        now = datetime.now(timezone.utc)
-        prefix = f"esp.{esp}"
-        await each(self.profiles, ids, {f"{prefix}.swept_at": _not_after(now - lease)}, {"$set": {f"{prefix}.swept_at": now}})
+        return ids
 
     async def count_pending(self, esp: str, cap: int) -> int:
         """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
@@ -324,9 +309,11 @@ class Outbox:
         return await self.profiles.count_documents({f"esp.{esp}.sent_at": {"$gte": since}})
 
     async def pending_ids(self, esp: str, limit: int) -> list[str]:
-        """The first ``limit`` profiles waiting for ``esp`` (refused ones aside), urgent ones first, then
-        oldest change first; nothing is claimed. One read."""
-        return [w.profile_id for w in sorted(await self.scan_pending(esp, limit), key=lambda w: not w.urgent)]
+        """Profiles waiting for ``esp`` (refused ones aside): urgent ones first, then oldest change first; nothing is claimed."""
+        prefix = f"esp.{esp}"
+        urgent = await self._sendable(esp, _pending_query(prefix, urgent=True), limit)
+        rest = await self._sendable(esp, _pending_query(prefix), limit)
+        return list(dict.fromkeys([*urgent, *rest]))[:limit]  # consent changes and erasures first
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
                             urgent: bool = False) -> list[str]:

@@ -16,11 +16,10 @@ heavy), and sends what it claimed in bulk batches when many, one by one when few
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from schemas.sync import SyncState, Waiting
+from schemas.sync import SyncState
 
 TAKE_ALONG = 1_000
 """Most other pending profiles one sync takes along in its bulk request."""
@@ -70,18 +69,6 @@ def sweep_grace(backlog: int, bulk_backlog: int, grace: timedelta) -> timedelta:
     """How long a change may wait for its own sync before the sweeper takes it: ``grace`` when light;
     none once the backlog reached the bulk threshold (the syncs leave it to the sweeper then)."""
     return timedelta(0) if backlog >= bulk_backlog else grace
-
-
-def sweep_picks(waiting: Sequence[Waiting], *, now: datetime, lease: timedelta, grace: timedelta,
-                limit: int) -> tuple[list[str], list[str]]:
-    """From one read of every profile waiting for a target (oldest change first), those not swept
-    within ``lease``: the urgent ones, to send at once, and the others that waited longer than
-    ``grace``; at most ``limit`` each."""
-    fresh = [w for w in waiting if w.swept_at is None or w.swept_at <= now - lease]
-    urgent = [w.profile_id for w in fresh if w.urgent][:limit]
-    taken = set(urgent)
-    pending = [w.profile_id for w in fresh if w.profile_id not in taken and (w.dirty_at is None or w.dirty_at <= now - grace)]
-    return urgent, pending[:limit]
 
 
 def sweep_in_bulk(claimed: int) -> bool:

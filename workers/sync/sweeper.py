@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from adapters.esps.guard import EspGuard
 from adapters.metrics import Metrics
@@ -50,20 +50,13 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
         if state is not None and state["circuit"] == "open":
             continue
         limit = policy.sweep_limit(target.batch_limit)
-        scan = max(limit, bulk_backlog)
-        waiting = await store.outbox.scan_pending(esp, scan)
-        backlog = min(len(waiting), bulk_backlog)
-        if metrics is not None:
-            metrics.sweeper_backlog.labels(esp).set(backlog)
-        older_than = policy.sweep_grace(backlog, bulk_backlog, grace)
-        if len(waiting) < scan:  # the read saw every waiting profile: the pass picks from it (one read a target)
-            urgent, pending = policy.sweep_picks(waiting, now=datetime.now(timezone.utc), lease=lease, grace=older_than, limit=limit)
-            await store.outbox.stamp_swept(esp, [*urgent, *pending], lease)
-        else:  # a backlog past one read: the store finds the unswept ones, urgent first
-            urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
-            pending = await store.outbox.claim_pending(esp, older_than, lease, limit=limit)
+        urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
         for profile_id in urgent:
             await asyncio.to_thread(actors.sync_urgent.send, profile_id, esp)
+        backlog = await store.outbox.count_pending(esp, bulk_backlog)
+        if metrics is not None:
+            metrics.sweeper_backlog.labels(esp).set(backlog)
+        pending = await store.outbox.claim_pending(esp, policy.sweep_grace(backlog, bulk_backlog, grace), lease, limit=limit)
         if policy.sweep_in_bulk(len(pending)):
             for batch in policy.batches(pending, target.batch_limit):
                 await asyncio.to_thread(actors.sync_batch.send, batch, esp)

@@ -58,25 +58,3 @@ def test_the_sweeper_takes_a_heavy_backlog_at_once_and_in_batches():
 def test_read_backs_back_off_and_delete_again_after_enough_of_them():
     assert [policy.verify_delay_ms(n) for n in (1, 2, 3)] == [1000, 2000, 3000]
     assert not policy.delete_again(policy.VERIFY_CHECKS - 1) and policy.delete_again(policy.VERIFY_CHECKS)
-
-
-def test_one_read_of_the_waiting_gives_the_sweeper_its_urgent_and_overdue_profiles():
-    from datetime import datetime, timezone
-
-    from schemas.sync import Waiting
-
-    now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
-    ago = lambda s: now - timedelta(seconds=s)  # noqa: E731
-    waiting = [
-        Waiting("old", urgent=False, dirty_at=ago(60), swept_at=None),
-        Waiting("consent", urgent=True, dirty_at=ago(1), swept_at=None),
-        Waiting("swept", urgent=False, dirty_at=ago(50), swept_at=ago(5)),  # claimed within the lease
-        Waiting("urgent-swept", urgent=True, dirty_at=ago(50), swept_at=ago(5)),
-        Waiting("lease-over", urgent=False, dirty_at=ago(40), swept_at=ago(120)),
-        Waiting("fresh", urgent=False, dirty_at=ago(2), swept_at=None),  # still within its own sync's grace
-    ]
-    urgent, pending = policy.sweep_picks(waiting, now=now, lease=timedelta(seconds=60), grace=timedelta(seconds=10), limit=10)
-    assert urgent == ["consent"]
-    assert pending == ["old", "lease-over"]
-    _, everything = policy.sweep_picks(waiting, now=now, lease=timedelta(seconds=60), grace=timedelta(0), limit=2)
-    assert everything == ["old", "lease-over"]  # oldest change first, at most the limit
