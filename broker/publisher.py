@@ -13,7 +13,6 @@ one confirm wait per batch, not per request, and no added delay.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -44,16 +43,6 @@ def encode_message(queue: str, actor: str, args: tuple[Any, ...], message_id: st
         message_id=message_id or str(uuid.uuid4()),
     )
     return message.message_id, message.encode()
-
-
-def encode_delivery(queue: str, delivery: Delivery) -> tuple[str, bytes]:
-    """``encode_message(queue, process_event, (delivery,))`` as the worker decodes it, with the delivery
-    serialized once, by pydantic, instead of dumped to a dict and encoded again (the receiver's
-    hottest step after HTTP itself)."""
-    message_id = str(uuid.uuid4())
-    envelope = json.dumps({"queue_name": queue, "actor_name": topology.PROCESS_EVENT_ACTOR, "kwargs": {}, "options": {},
-                           "message_id": message_id, "message_timestamp": int(time.time() * 1000)}, separators=(",", ":"))
-    return message_id, f'{envelope[:-1]},"args":[{delivery.model_dump_json()}]}}'.encode()
 
 
 class _CoalescingWriter(asyncio.StreamWriter):
@@ -228,6 +217,6 @@ async def _close_quietly(connection: AbstractConnection) -> None:
 
 async def publish_delivery(publisher: Publisher, queue: str, delivery: Delivery) -> str:
     """Queue one delivery for ``process_event``; returns the message id once confirmed."""
-    message_id, encoded = encode_delivery(queue, delivery)
+    message_id, encoded = encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery.model_dump(mode="json"),))
     await publisher.publish(queue, encoded, message_id)
     return message_id
