@@ -43,7 +43,7 @@ async def batch_with_good_and_bad_members(pipeline, sandbox, http):
 
     queue = topology.sync_queue(prefix)
     publisher = Publisher(AMQP_URL, [queue], 5)
-    message_id, body = encode_message(queue, topology.SYNC_BATCH_ACTOR, (ids,))
+    message_id, body = encode_message(queue, topology.SYNC_BATCH_ACTOR, (ids, "mailchimp"))
     await publisher.publish(queue, body, message_id)
     await publisher.close()
 
