@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     sync_lease_s: float = 60.0
     sync_coalesce_ms: int = 250
     sync_bulk_backlog: int = 200
+    # Sync rounds (workers/sync/rounds.py): most (target, profile) pairs in one, and how long one waits for more; 0 pairs: each sync alone.
+    sync_round_max: int = 500
+    sync_round_window_ms: float = 5.0
     # Alerts (Sentry, one per episode) the sync raises beyond exceptions: see workers/sync/alerts.py.
     alert_dead_letters: int = 100
     alert_circuit_open_s: float = 300.0

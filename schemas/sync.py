@@ -17,6 +17,7 @@ the sync reads it as this model. The state machine, per target:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +78,30 @@ class SyncState(BaseModel):
         """The target may hold this profile's contact (so has one to retire): it was sent the member,
         or a send of it is in flight right now."""
         return bool(self.sent_hash) or (self.sending_until is not None and self.sending_until > now)
+
+
+@dataclass
+class Claimed:
+    """The send leases a sync round took under one token: the claimed pairs' states (by target and
+    profile) and the pairs whose lease another send holds. Pairs of missing or merged profiles are in neither."""
+
+    token: str
+    states: dict[tuple[str, str], SyncState] = field(default_factory=dict)
+    busy: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Settlement:
+    """What sends under one token did, at any targets, to record in one round trip; each part names its
+    target, the members it ``sent`` (profile, member hash), ``failed`` (profile, member hash, code) and
+    ``released`` (nothing sent), and the bulk ``jobs`` of the part, all confirmed finished."""
+
+    token: str
+    parts: list[tuple[str, list[tuple[str, str]], list[tuple[str, str, str]], list[str], list[str]]] = field(default_factory=list)
+
+    def add(self, esp: str, *, sent: Iterable[tuple[str, str]] = (), failed: Iterable[tuple[str, str, str]] = (),
+            released: Iterable[str] = (), jobs: Iterable[str] = ()) -> None:
+        self.parts.append((esp, list(sent), list(failed), list(released), list(jobs)))
 
 
 class InFlight(BaseModel):

@@ -21,7 +21,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from schemas.errors import SyncBusy
-from schemas.sync import ADDRESS_LISTS, InFlight, SyncState
+from schemas.sync import ADDRESS_LISTS, Claimed, InFlight, Settlement, SyncState
 
 PROFILES = "profiles"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
@@ -171,6 +171,45 @@ class Outbox:
             await self.release_lost(profile_ids, esp, token, lease)
             raise
 
+    async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta]) -> Claimed:
+        """:meth:`claim_send` for many (target, profile) pairs in two round trips under one token: one write per
+        profile takes each of its targets' leases that is free, one read returns their states.
+
+        Parameters:
+          pairs: target -> profiles.
+          leases: each target's lease.
+        """
+        now, token = datetime.now(timezone.utc), uuid.uuid4().hex
+        targets: dict[str, list[str]] = {}
+        for esp, pids in pairs.items():
+            for pid in pids:
+                targets.setdefault(pid, []).append(esp)
+
+        def take(esp: str) -> dict[str, Any]:
+            prefix = f"esp.{esp}"
+            free = {"$not": [{"$gt": [f"${prefix}.sending_until", now]}]}
+            return {f"{prefix}.sending_until": {"$cond": [free, now + leases[esp], f"${prefix}.sending_until"]},
+                    f"{prefix}.sending_token": {"$cond": [free, token, f"${prefix}.sending_token"]}}
+
+        ops = [UpdateOne({"_id": pid, "merged_into": {"$exists": False}}, [{"$set": {k: v for esp in esps for k, v in take(esp).items()}}])
+               for pid, esps in targets.items()]
+        claimed = Claimed(token)
+        try:
+            await self.profiles.bulk_write(ops, ordered=False)
+            cursor = self.profiles.find({"_id": {"$in": list(targets)}, "merged_into": {"$exists": False}}, {f"esp.{esp}": 1 for esp in pairs})
+            async for doc in cursor:
+                for esp in targets[doc["_id"]]:
+                    stored = doc.get("esp", {}).get(esp, {})
+                    if stored.get("sending_token") == token:
+                        claimed.states[esp, doc["_id"]] = SyncState.model_validate(stored)
+                    else:
+                        claimed.busy.append((esp, doc["_id"]))
+        except PyMongoError:
+            for esp, pids in pairs.items():
+                await self.release_lost(pids, esp, token, leases[esp])
+            raise
+        return claimed
+
     async def release_lost(self, profile_ids: list[str], esp: str, token: str, lease: timedelta) -> bool:
         """Release the leases of a send the store (or the broker) failed under while nothing of it was in flight
         at the ESP — a claim written though its answer was lost, an outcome that could not be recorded — as
@@ -217,16 +256,13 @@ class Outbox:
 
         ``jobs``: the batch's bulk jobs, all confirmed finished.
         """
-        prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
-        finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
-        ops = [UpdateOne(_owned(pid, esp, token),
-                         [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
-                          {"$unset": f"{prefix}.swept_at"}, *finished, *_settle(prefix)]) for pid, h in sent]
-        ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code,
-                                                              f"{prefix}.sending_until": None}}, *finished])
-                for pid, h, code in failed]
-        ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *finished, *_settle(prefix)])
-                for pid in released]
+        settlement = Settlement(token)
+        settlement.add(esp, sent=sent, failed=failed, released=released, jobs=jobs or ())
+        await self.settle(settlement)
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Record sends' outcomes at any targets in one round trip; only where the settlement's token still holds the lease."""
+        ops = [op for esp, *part in settlement.parts for op in _settle_ops(esp, settlement.token, *part)]
         if ops:
             await self.profiles.bulk_write(ops, ordered=False)
 
@@ -331,6 +367,22 @@ class Outbox:
         if ids:
             await each(self.profiles, ids, unswept, {"$set": {f"{prefix}.swept_at": now}})
         return ids
+
+
+def _settle_ops(esp: str, token: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]], released: list[str],
+                jobs: list[str]) -> list[UpdateOne]:
+    """The writes of one part of a :class:`Settlement`, each only where ``token`` still holds the lease."""
+    prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
+    finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
+    ops = [UpdateOne(_owned(pid, esp, token),
+                     [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
+                      {"$unset": f"{prefix}.swept_at"}, *finished, *_settle(prefix)]) for pid, h in sent]
+    ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code,
+                                                          f"{prefix}.sending_until": None}}, *finished])
+            for pid, h, code in failed]
+    ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *finished, *_settle(prefix)])
+            for pid in released]
+    return ops
 
 
 async def each(collection: AsyncCollection, ids: list[str], where: dict[str, Any], update: dict[str, Any]) -> None:

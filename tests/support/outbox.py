@@ -11,7 +11,7 @@ from typing import Any
 
 from adapters.esps.base import member_hash
 from schemas.errors import SyncBusy
-from schemas.sync import ADDRESS_LISTS, SyncState
+from schemas.sync import ADDRESS_LISTS, Claimed, Settlement, SyncState
 
 
 class FakeOutbox:
@@ -55,6 +55,24 @@ class FakeOutbox:
                 state.update(sending_until=now + lease, sending_token=token)
                 claimed[pid] = SyncState.model_validate(state)
         return claimed, token
+
+    async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta]) -> Claimed:
+        claimed, now = Claimed(uuid.uuid4().hex), datetime.now(timezone.utc)
+        for esp, pids in pairs.items():
+            for pid in pids:
+                state = self.states.get((pid, esp))
+                if state is None:
+                    continue
+                if state.get("sending_until") and state["sending_until"] > now:
+                    claimed.busy.append((esp, pid))
+                else:
+                    state.update(sending_until=now + leases[esp], sending_token=claimed.token)
+                    claimed.states[esp, pid] = SyncState.model_validate(state)
+        return claimed
+
+    async def settle(self, settlement: Settlement) -> None:
+        for esp, sent, failed, released, jobs in settlement.parts:
+            await self.settle_many(esp, settlement.token, sent, failed, released, jobs)
 
     async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
         for pid in profile_ids:

@@ -16,6 +16,7 @@ from sandboxes.local import free_port
 from tests.conftest import ROOT, eventually, post_webhook
 from tests.support.samples import customer
 
+
 async def admin_api(system) -> tuple[TestServer, str]:
     """The admin API on the system's settings, token ``admin-secret``."""
     with mock.patch.dict(os.environ, {**system.env, "MERGETAG_ADMIN_TOKEN": "admin-secret"}, clear=True):

@@ -11,6 +11,7 @@ from pymongo.errors import AutoReconnect
 from adapters.store.profiles import ProfileStore
 from schemas.errors import SyncBusy
 from schemas.profile import Profile
+from schemas.sync import Settlement
 from tests.conftest import HASHER
 
 T = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -123,6 +124,34 @@ async def test_bulk_claims_are_exclusive_under_concurrency(store):
     claims = await asyncio.gather(*(store.outbox.claim_sends(ids, "mailchimp", timedelta(seconds=30)) for _ in range(6)))
     held = [pid for claimed, _ in claims for pid in claimed]
     assert sorted(held) == sorted(ids)  # every profile claimed exactly once
+
+
+async def test_a_round_claims_every_free_pair_of_many_targets_in_two_round_trips_and_settles_them_in_one(store):
+    members = {"mailchimp": ({"m": 1}, "h1"), "klaviyo": ({"k": 1}, "k1")}
+    for pid in ("r1", "r2", "r3"):
+        assert await store.save(person(pid, f"{pid}@example.com"), None, members)
+    _, other = await store.outbox.claim_send("r2", "klaviyo", timedelta(seconds=30))  # another send holds one pair
+    leases = {"mailchimp": timedelta(seconds=30), "klaviyo": timedelta(seconds=30)}
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    claimed = await store.outbox.claim_round({"mailchimp": ["r1", "r2", "nobody"], "klaviyo": ["r1", "r2", "r3"]}, leases)
+    assert recording.calls == ["bulk_write", "find"]  # one write per profile in one bulk write, one read
+    assert sorted(claimed.states) == [("klaviyo", "r1"), ("klaviyo", "r3"), ("mailchimp", "r1"), ("mailchimp", "r2")]
+    assert claimed.busy == [("klaviyo", "r2")] and claimed.states["klaviyo", "r1"].member_hash == "k1"
+    store.outbox.profiles = recording._profiles
+    again = await store.outbox.claim_round({"mailchimp": ["r1"]}, leases)
+    assert again.states == {} and again.busy == [("mailchimp", "r1")]  # leases are exclusive
+    store.outbox.profiles = recording
+    settlement = Settlement(claimed.token)
+    settlement.add("mailchimp", sent=[("r1", "h1")], failed=[("r2", "h1", "esp_rejected")])
+    settlement.add("klaviyo", sent=[("r1", "k1"), ("r2", "k1")], released=["r3"])
+    await store.outbox.settle(settlement)
+    assert recording.calls == ["bulk_write", "find", "bulk_write"]
+    r1, r2, r3 = [(await store.load(pid))[1].esp for pid in ("r1", "r2", "r3")]
+    assert r1["mailchimp"].sent_hash == "h1" and r1["klaviyo"].sent_hash == "k1" and not r1["mailchimp"].pending
+    assert r2["mailchimp"].failed_code == "esp_rejected" and r2["mailchimp"].sending_until is None
+    assert r2["klaviyo"].sent_hash is None and r2["klaviyo"].sending_token == other  # not the round's to record
+    assert r3["klaviyo"].pending and r3["klaviyo"].sending_until is None
+    assert [f for f in recording.filters if any(key.startswith("$") for key in f)] == []
 
 
 class LosingAnswers:
@@ -248,7 +277,7 @@ class RecordingFilters:
     """The profiles collection, noting the filter of every call the sync makes."""
 
     def __init__(self, profiles) -> None:
-        self._profiles, self.filters = profiles, []
+        self._profiles, self.filters, self.calls = profiles, [], []
 
     def __getattr__(self, name):
         method = getattr(self._profiles, name)
@@ -256,6 +285,7 @@ class RecordingFilters:
             return method
 
         def recorded(*args, **kwargs):
+            self.calls.append(name)
             if name == "bulk_write":
                 self.filters += [op._filter for op in args[0]]
             else:

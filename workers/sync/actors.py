@@ -1,8 +1,9 @@
 """The sync's actors: thin. They route each message to the sender (``sender.py``), which the policy
 (``policy.py``) steers; this module only declares them on a broker and puts work back on the queue.
 
-- ``sync_profile``: one profile to one ESP target, coalesced per window; ``alone`` when the sweeper
-  or a refused batch sends it, ``retry_refused`` for a replayed dead letter.
+- ``sync_profile``: one profile to one ESP target, coalesced per window, in a round with the other syncs
+  in flight (``rounds.py``); ``alone`` when the sweeper or a refused batch sends it, ``retry_refused``
+  for a replayed dead letter.
 - ``sync_urgent``: the same for consent changes and erasures, on the urgent queue, ahead of any backlog.
 - ``sync_batch``: a backlog to one target in one bulk request.
 """
@@ -20,6 +21,7 @@ from broker.middleware import as_dead_letter
 from schemas.errors import EspRejected
 from workers.runtime import Runtime
 from workers.sync import sender
+from workers.sync.rounds import SyncRounds
 
 GetRuntime = Callable[[], Awaitable[Runtime]]
 
@@ -59,6 +61,15 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
     """The sync actors on ``broker``, each fetching the process's runtime when it runs."""
     queue = topology.sync_queue(prefix)
     actors: list[SyncActors] = []
+    rounds: dict[int, SyncRounds] = {}
+
+    def round_of(rt: Runtime) -> SyncRounds | None:
+        """The process's sync rounds (one per runtime, made in its event loop); None when turned off."""
+        if rt.settings.sync_round_max <= 0:
+            return None
+        if id(rt) not in rounds:
+            rounds[id(rt)] = SyncRounds(rt, actors[0], rt.settings.sync_round_max, rt.settings.sync_round_window_ms / 1000)
+        return rounds[id(rt)]
 
     async def sync_profile(profile_id: str, esp: str, alone: bool = False, retry_refused: bool = False) -> None:
         """Parameters:
@@ -68,7 +79,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
         rt = await runtime()
         if not (alone or retry_refused):
             await rt.coalescer.started(esp, profile_id)  # scheduled by a change: the next change schedules another
-        await sender.sync(rt, actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused)
+        await sender.sync(rt, actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused, rounds=round_of(rt))
 
     async def sync_urgent(profile_id: str, esp: str) -> None:
         """On a queue of its own (no backlog ahead of it in RabbitMQ), and first in the worker's own queue (actor priority)."""

@@ -25,6 +25,11 @@ from workers.sync import policy
 log = logging.getLogger(__name__)
 
 
+class Round(Protocol):
+    async def sync(self, profile_id: str, esp: str) -> None:
+        """Send the profile's member to ``esp`` together with the other syncs in flight."""
+
+
 class Requeue(Protocol):
     async def alone(self, profile_ids: list[str], esp: str) -> None:
         """Send each profile on its own, now."""
@@ -109,11 +114,11 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
                 failed.append((pid, state.member_hash, EspRejected.code))
                 await requeue.refused(pid, esp, reason)
         await rt.store.outbox.settle_many(esp, token, sent, failed, batch.idle, jobs)
-    _count_sent(rt, esp, [todo[pid] for pid, _ in sent], "batch", started, [pid for pid, _ in sent])
+    count_sent(rt, esp, [todo[pid] for pid, _ in sent], "batch", started, [pid for pid, _ in sent])
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
-def _count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float, ids: list[str]) -> None:
+def count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float, ids: list[str]) -> None:
     """The metrics of a send the ESP accepted (its duration, each member's freshness from the merge
     that changed it to now) and its entry in each profile's trail."""
     now = datetime.now(timezone.utc)
@@ -146,12 +151,16 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     client = target(rt, esp)
     if client is None:
         return
-    lease = rt.leases[esp]
     started = time.perf_counter()
-    claim = await rt.store.outbox.claim_send(profile_id, esp, lease)
-    if claim is None:
-        return
-    state, token = claim
+    claim = await rt.store.outbox.claim_send(profile_id, esp, rt.leases[esp])
+    if claim is not None:
+        await send_claimed(rt, requeue, client, profile_id, esp, *claim, started=started, retry_refused=retry_refused)
+
+
+async def send_claimed(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp: str, state: SyncState, token: str, *,
+                       started: float, retry_refused: bool = False) -> None:
+    """:func:`send` once its lease is held (``token``): also the path of a sync round's profiles with address work."""
+    lease = rt.leases[esp]
     if state.has_address_work:
         await fence(rt, client, profile_id, esp, state, token)
     if state.erase or state.verify:
@@ -186,7 +195,7 @@ async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_r
     async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
         recorded = await rt.store.outbox.mark_sent(profile_id, esp, token, state.member_hash, jobs)
     if recorded:
-        _count_sent(rt, esp, [state], "single", started, [profile_id])
+        count_sent(rt, esp, [state], "single", started, [profile_id])
         log.info("profile %s synced to %s", profile_id, esp)
     else:
         log.warning("profile %s sent to %s after its send lease ran out; the lease's holder records its own send", profile_id, esp)
@@ -240,15 +249,19 @@ async def erase(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp
 
 
 async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent: bool = False, alone: bool = False,
-               retry_refused: bool = False) -> None:
+               retry_refused: bool = False, rounds: Round | None = None) -> None:
     """One scheduled sync of a profile, routed by the policy. Left pending in MongoDB for the sweeper
     rather than sent: while the target's circuit is open, while another send of the profile is in
-    flight (the sweeper sends what is left after it), and when the policy leaves it to the sweeper."""
+    flight (the sweeper sends what is left after it), and when the policy leaves it to the sweeper.
+
+    ``rounds``: where a plain sync joins the syncs in flight (``rounds.py``); urgent ones and replayed
+    dead letters go on their own."""
     client = rt.esps.get(esp)
+    in_round = rounds is not None and not (urgent or retry_refused)
     if client is not None:
         backlog = 0 if (urgent or alone) else await rt.backlog(esp)
         chosen = policy.route(urgent=urgent, alone=alone, backlog=backlog, bulk_backlog=rt.settings.sync_bulk_backlog,
-                              prefers_bulk=client.prefers_bulk)
+                              prefers_bulk=client.prefers_bulk, in_round=in_round)
         if chosen is policy.Route.LEAVE:
             return  # still pending: the sweeper sends it with the backlog, in bulk
         if chosen is policy.Route.TAKE_ALONG:
@@ -256,6 +269,9 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
             others = await rt.store.outbox.pending_ids(esp, limit=policy.take_along_limit(client.batch_limit))
             await send_batch(rt, requeue, [profile_id, *[pid for pid in others if pid != profile_id]], esp)
             return
+    if rounds is not None and in_round:
+        await rounds.sync(profile_id, esp)
+        return
     try:
         await send(rt, requeue, profile_id, esp, retry_refused)
     except (CircuitOpen, SyncBusy) as exc:

@@ -4,12 +4,10 @@ same paths run against RabbitMQ, MongoDB and the vendor sandboxes in ``tests/sys
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dramatiq
-import pytest
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import AsyncIO
@@ -19,20 +17,11 @@ from adapters.esps import registry
 from adapters.settings import Settings
 from broker import topology
 from tests.support import fake_esp
-from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeCoalescer, FakeOutbox, FakeReceipts, FakeStore
 from workers import app
 from workers.runtime import Runtime
 
 TARGET = "fake"
-
-
-@pytest.fixture
-def fake() -> Iterator[type[FakeEsp]]:
-    registry.register(fake_esp.DESCRIPTOR)
-    FakeEsp.contacts, FakeEsp.requests, FakeEsp.refuse, FakeEsp.running = {}, [], set(), set()
-    yield FakeEsp
-    registry.DESCRIPTORS.pop(fake_esp.KIND)
 
 
 class Broker(StubBroker):

@@ -1,0 +1,137 @@
+"""Sync rounds in-process: the syncs in flight are claimed, sent and recorded together. A fake ESP and
+the in-memory outbox; the same rounds run against RabbitMQ, MongoDB and the sandboxes in ``tests/system``
+(every sync there goes through them) and in ``bench/sync_latency.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from pymongo.errors import AutoReconnect
+
+from schemas.errors import EspRejected
+from tests.support.outbox import FakeOutbox
+from tests.unit.workers.sync.test_actors import TARGET, Harness, member
+from workers.sync.rounds import SyncRounds
+
+
+class Counting(FakeOutbox):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def claim_round(self, pairs, leases):
+        self.calls.append("claim_round")
+        return await super().claim_round(pairs, leases)
+
+    async def settle(self, settlement):
+        self.calls.append("settle")
+        return await super().settle(settlement)
+
+
+class Requeued:
+    def __init__(self) -> None:
+        self.sent_alone: list[str] = []
+        self.refused_ids: list[str] = []
+
+    async def alone(self, profile_ids, esp):
+        self.sent_alone += profile_ids
+
+    async def read_back(self, profile_id, esp, delay_ms):
+        pass
+
+    async def refused(self, profile_id, esp, reason):
+        self.refused_ids.append(profile_id)
+
+
+async def run_round(h: Harness, ids: list[str]) -> tuple[SyncRounds, list[BaseException | None]]:
+    rounds = SyncRounds(await h._runtime(), Requeued())
+    results = await asyncio.gather(*(rounds.sync(pid, TARGET) for pid in ids), return_exceptions=True)
+    return rounds, list(results)
+
+
+def test_the_syncs_in_flight_are_claimed_sent_and_recorded_in_one_round(fake):
+    h = Harness()
+    h.outbox = Counting()
+    ids = [f"p{n}" for n in range(10)]
+    for n, pid in enumerate(ids):
+        h.outbox.put(pid, TARGET, member(n))
+    rounds, results = asyncio.run(run_round(h, [*ids, "p3"]))  # a repeat of a pair shares its outcome
+    assert results == [None] * 11 and rounds.rounds == 1
+    assert h.outbox.calls == ["claim_round", "settle"]
+    assert fake.requests == ["upsert"] * 10 and len(fake.contacts) == 10
+    for pid in ids:
+        state = h.outbox.state(pid, TARGET)
+        assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
+
+
+def test_a_refused_member_fails_its_own_message_only_and_is_recorded(fake):
+    h = Harness()
+    for n in range(3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    fake.refuse = {"p1@example.com"}
+    _, results = asyncio.run(run_round(h, ["p0", "p1", "p2"]))
+    assert results[0] is None and results[2] is None and isinstance(results[1], EspRejected)
+    assert h.outbox.state("p1", TARGET).failed_code == "esp_rejected" and h.outbox.state("p1", TARGET).sending_until is None
+    assert not h.outbox.state("p0", TARGET).pending and not h.outbox.state("p2", TARGET).pending
+
+
+def test_a_profile_another_send_holds_is_parked_not_sent(fake):
+    h = Harness()
+    h.outbox.put("p0", TARGET, member(0))
+    h.outbox.put("p1", TARGET, member(1))
+    h.outbox.states[("p1", TARGET)].update(sending_until=datetime.now(timezone.utc) + timedelta(seconds=30), sending_token="other")
+    _, results = asyncio.run(run_round(h, ["p0", "p1"]))
+    assert results == [None, None] and h.outbox.parked == ["p1"]
+    assert fake.requests == ["upsert"] and "p1@example.com" not in fake.contacts
+    assert h.outbox.states[("p1", TARGET)]["sending_token"] == "other"
+
+
+def test_address_work_in_a_round_takes_the_single_path_under_the_rounds_lease(fake):
+    h = Harness()
+    fake.contacts = {"old@example.com": member(99)}
+    h.outbox.put("p0", TARGET, member(0))
+    h.outbox.put("p1", TARGET, member(1), retire=["old@example.com"])
+    _, results = asyncio.run(run_round(h, ["p0", "p1"]))
+    assert results == [None, None] and fake.contacts["old@example.com"]["unsubscribed"]
+    assert h.outbox.state("p1", TARGET).retire == [] and not h.outbox.state("p1", TARGET).pending
+    assert not h.outbox.state("p0", TARGET).pending and h.outbox.parked == []
+
+
+def test_where_every_write_is_a_job_the_rounds_members_go_in_one_bulk_request(fake, monkeypatch):
+    monkeypatch.setattr(fake, "prefers_bulk", True)
+    h = Harness()
+    for n in range(4):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    _, results = asyncio.run(run_round(h, [f"p{n}" for n in range(4)]))
+    assert results == [None] * 4 and fake.requests == ["batch"] and len(fake.contacts) == 4
+
+
+class FailingSettle(FakeOutbox):
+    failures = 1
+
+    async def settle(self, settlement):
+        if self.failures:
+            self.failures -= 1
+            raise AutoReconnect("connection closed")
+        await super().settle(settlement)
+
+
+def test_a_store_failure_recording_a_round_releases_its_leases_and_fails_every_message(fake):
+    h = Harness()
+    h.outbox = FailingSettle()
+    for n in range(3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    _, results = asyncio.run(run_round(h, ["p0", "p1", "p2"]))
+    assert all(isinstance(r, AutoReconnect) for r in results)
+    assert all(h.outbox.state(f"p{n}", TARGET).sending_until is None and h.outbox.state(f"p{n}", TARGET).pending for n in range(3))
+    _, results = asyncio.run(run_round(h, ["p0", "p1", "p2"]))  # the broker's retry sends them again and records it
+    assert results == [None] * 3 and not any(h.outbox.state(f"p{n}", TARGET).pending for n in range(3))
+
+
+def test_rounds_can_be_turned_off(fake):
+    h = Harness(sync_round_max=0)
+    h.outbox = Counting()
+    h.outbox.put("p0", TARGET, member(0))
+    h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
+    assert "claim_round" not in h.outbox.calls and fake.requests == ["upsert"] and not h.outbox.state("p0", TARGET).pending

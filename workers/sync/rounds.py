@@ -1,0 +1,212 @@
+"""Group commit for the sync: the plain syncs a worker process has in flight go together.
+
+Each sync of one profile to one target joins the current round. A round claims the send leases of
+all its (target, profile) pairs in one write and one read, sends every member (concurrently, or in
+one bulk request for a target where every write is a job anyway), and records every outcome in one
+unordered bulk write; a message is answered (then acked) only once that write is done. A profile
+with address work (erasures, unsubscribes, retirements) takes the single path (``sender``) under the
+round's lease. A lone sync on an idle system makes three round trips, as before it made two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from adapters.esps.base import Esp
+from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
+from schemas.sync import Claimed, Settlement, SyncState
+from workers.runtime import Runtime
+from workers.sync import policy, sender
+from workers.sync.sender import Requeue
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[str, str]
+"""A target and a profile."""
+
+
+@dataclass
+class _Outcomes:
+    """What one round records, per pair, and what each pair's message is answered with."""
+
+    settlement: Settlement
+    parked: dict[str, list[str]] = field(default_factory=dict)
+    errors: dict[Pair, BaseException] = field(default_factory=dict)
+    sent: dict[str, list[tuple[str, SyncState]]] = field(default_factory=dict)
+    holding: set[Pair] = field(default_factory=set)
+    """Pairs whose request may still land: their leases run out by themselves, nothing releases them."""
+
+
+class SyncRounds:
+    """Parameters:
+      rt: the process's runtime.
+      requeue: where members split out of a refused bulk request and refused members go.
+      max_syncs: most pairs in one round.
+      window_s: how long a round waits for more syncs to join it (a change's targets are scheduled together).
+    """
+
+    def __init__(self, rt: Runtime, requeue: Requeue, max_syncs: int = 500, window_s: float = 0.005) -> None:
+        self._rt = rt
+        self._requeue = requeue
+        self._max = max_syncs
+        self._window = window_s
+        self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
+        self._round: asyncio.Task[None] | None = None
+        self.rounds = 0
+
+    async def sync(self, profile_id: str, esp: str) -> None:
+        """Send the profile's member to ``esp``, together with whatever else is in flight."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault((esp, profile_id), []).append(done)  # a repeat of a pair shares its outcome
+        if self._round is None or self._round.done():
+            self._round = asyncio.get_running_loop().create_task(self._rounds())
+        await done
+
+    async def _rounds(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._window)
+            pairs = list(self._pending)[:self._max]
+            batch = {pair: self._pending.pop(pair) for pair in pairs}
+            self.rounds += 1
+            try:
+                errors = await self._sync_round(list(batch))
+            except Exception as exc:  # the store failed: every message of the round is retried by the broker
+                errors = dict.fromkeys(batch, exc)
+            for pair, futures in batch.items():
+                for done in futures:
+                    if done.done():
+                        continue
+                    if pair in errors:
+                        done.set_exception(errors[pair])
+                    else:
+                        done.set_result(None)
+
+    async def _sync_round(self, pairs: list[Pair]) -> dict[Pair, BaseException]:
+        rt = self._rt
+        started = time.perf_counter()
+        by_target: dict[str, list[str]] = {}
+        for esp, pid in pairs:
+            if sender.target(rt, esp) is not None:
+                by_target.setdefault(esp, []).append(pid)
+        if not by_target:
+            return {}
+        claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
+        out = _Outcomes(Settlement(claimed.token))
+        for esp, pid in claimed.busy:
+            out.parked.setdefault(esp, []).append(pid)  # another send is in flight: the sweeper sends what is left after it
+        plain: dict[str, dict[str, SyncState]] = {}
+        alone: list[Pair] = []
+        for (esp, pid), state in claimed.states.items():
+            if state.has_address_work:
+                alone.append((esp, pid))
+            else:
+                plain.setdefault(esp, {})[pid] = state
+        try:
+            await asyncio.gather(*(self._send(esp, rt.esps[esp], states, claimed.token, out) for esp, states in plain.items()))
+            await rt.store.outbox.settle(out.settlement)
+        except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
+            for esp, states in plain.items():
+                await rt.store.outbox.release_lost([pid for pid in states if (esp, pid) not in out.holding], esp, claimed.token, rt.leases[esp])
+            raise
+        for esp, pids in out.parked.items():
+            await rt.store.outbox.park(pids, esp)
+        for esp, sent in out.sent.items():
+            sender.count_sent(rt, esp, [state for _, state in sent], "single", started, [pid for pid, _ in sent])
+            log.info("%d profile(s) synced to %s in a round of %d", len(sent), esp, len(pairs))
+        await asyncio.gather(*(self._alone(esp, pid, claimed, started, out) for esp, pid in alone))
+        return out.errors
+
+    async def _alone(self, esp: str, pid: str, claimed: Claimed, started: float, out: _Outcomes) -> None:
+        try:
+            await sender.send_claimed(self._rt, self._requeue, self._rt.esps[esp], pid, esp, claimed.states[esp, pid], claimed.token,
+                                      started=started)
+        except (CircuitOpen, SyncBusy) as exc:
+            await self._rt.store.outbox.park([pid], esp)
+            log.debug("sync of %s to %s parked: %s", pid, esp, exc.code)
+        except Exception as exc:
+            out.errors[esp, pid] = exc
+
+    async def _send(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: _Outcomes) -> None:
+        """Send the members ``esp`` lacks and add what happened to ``out``; what it holds already is released."""
+        todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
+        released = [pid for pid in states if pid not in todo]
+        if client.prefers_bulk and len(todo) > 1:
+            await self._send_bulk(esp, client, todo, token, out)
+        else:
+            await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out) for pid, state in todo.items()))
+        out.settlement.add(esp, released=released)
+
+    async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes) -> None:
+        jobs: list[str] = []
+
+        async def accepted(job_id: str) -> None:
+            jobs.append(job_id)
+            await self._rt.store.outbox.note_job(esp, token, job_id, [pid])
+
+        assert state.member is not None and state.member_hash is not None  # needs_send: there is a member to send
+        try:
+            await client.upsert(state.member, accepted)
+        except EspRejected as exc:
+            out.settlement.add(esp, failed=[(pid, state.member_hash, exc.code)])
+            out.errors[esp, pid] = exc
+            if self._rt.trail is not None:
+                self._rt.trail.add([f"profile:{pid}"], "refused", profile=pid, target=esp, request="single", status=exc.code)
+            return
+        except MergetagError as exc:
+            if exc.may_still_land:  # the lease runs out by itself, so nothing overtakes the send
+                out.holding.add((esp, pid))
+            else:
+                out.settlement.add(esp, released=[pid])
+            if isinstance(exc, (CircuitOpen, SyncBusy)):
+                out.parked.setdefault(esp, []).append(pid)
+            else:
+                out.errors[esp, pid] = exc
+            return
+        except Exception as exc:  # unknown: the request may still land
+            out.errors[esp, pid] = exc
+            out.holding.add((esp, pid))
+            return
+        out.settlement.add(esp, sent=[(pid, state.member_hash)], jobs=jobs)
+        out.sent.setdefault(esp, []).append((pid, state))
+
+    async def _send_bulk(self, esp: str, client: Esp, todo: dict[str, SyncState], token: str, out: _Outcomes) -> None:
+        jobs: list[str] = []
+
+        async def accepted(job_id: str) -> None:
+            jobs.append(job_id)
+            await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
+
+        try:
+            refused = await client.upsert_batch([state.member for state in todo.values() if state.member is not None], accepted)
+        except MergetagError as exc:
+            if exc.may_still_land:
+                out.errors.update(dict.fromkeys(((esp, pid) for pid in todo), exc))
+                out.holding.update((esp, pid) for pid in todo)
+                return
+            out.settlement.add(esp, released=list(todo))
+            if isinstance(exc, CircuitOpen):
+                out.parked.setdefault(esp, []).extend(todo)
+            elif isinstance(exc, EspRejected):
+                log.warning("round of %d refused by %s (%s); sending them one by one", len(todo), esp, exc.code)
+                await self._requeue.alone(list(todo), esp)
+            else:
+                out.errors.update(dict.fromkeys(((esp, pid) for pid in todo), exc))
+            return
+        except Exception as exc:  # unknown: the request may still land, so the leases run out by themselves
+            out.errors.update(dict.fromkeys(((esp, pid) for pid in todo), exc))
+            out.holding.update((esp, pid) for pid in todo)
+            return
+        sent: list[tuple[str, str]] = []
+        for pid, state in todo.items():
+            assert state.member is not None and state.member_hash is not None
+            reason = refused.get(client.key(state.member))
+            if reason is None:
+                sent.append((pid, state.member_hash))
+                out.sent.setdefault(esp, []).append((pid, state))
+            else:
+                out.settlement.add(esp, failed=[(pid, state.member_hash, EspRejected.code)], jobs=jobs)
+                await self._requeue.refused(pid, esp, reason)
+        out.settlement.add(esp, sent=sent, jobs=jobs)
