@@ -54,35 +54,42 @@ class SyncRounds:
         self._max = max_syncs
         self._window = window_s
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
-        self._round: asyncio.Task[None] | None = None
+        self._gathering: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self.rounds = 0
 
     async def sync(self, profile_id: str, esp: str) -> None:
         """Send the profile's member to ``esp``, together with whatever else is in flight."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault((esp, profile_id), []).append(done)  # a repeat of a pair shares its outcome
-        if self._round is None or self._round.done():
-            self._round = asyncio.get_running_loop().create_task(self._rounds())
+        if self._gathering is None or self._gathering.done():
+            self._gathering = asyncio.get_running_loop().create_task(self._gather())
         await done
 
-    async def _rounds(self) -> None:
+    async def _gather(self) -> None:
+        """Start a round with what joined within the window. Rounds overlap: a slow ESP request does not
+        hold the next round back (a pair in two rounds at once is busy in the second: the lease decides)."""
         while self._pending:
             await asyncio.sleep(self._window)
             pairs = list(self._pending)[:self._max]
-            batch = {pair: self._pending.pop(pair) for pair in pairs}
-            self.rounds += 1
-            try:
-                errors = await self._sync_round(list(batch))
-            except Exception as exc:  # the store failed: every message of the round is retried by the broker
-                errors = dict.fromkeys(batch, exc)
-            for pair, futures in batch.items():
-                for done in futures:
-                    if done.done():
-                        continue
-                    if pair in errors:
-                        done.set_exception(errors[pair])
-                    else:
-                        done.set_result(None)
+            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]]) -> None:
+        self.rounds += 1
+        try:
+            errors = await self._sync_round(list(batch))
+        except Exception as exc:  # the store failed: every message of the round is retried by the broker
+            errors = dict.fromkeys(batch, exc)
+        for pair, futures in batch.items():
+            for done in futures:
+                if done.done():
+                    continue
+                if pair in errors:
+                    done.set_exception(errors[pair])
+                else:
+                    done.set_result(None)
 
     async def _sync_round(self, pairs: list[Pair]) -> dict[Pair, BaseException]:
         rt = self._rt
