@@ -26,7 +26,7 @@ from broker import topology
 from broker.middleware import CloseOnShutdown
 from broker.setup import create_broker
 from workers.profiles import actors as profile_actors
-from workers.runtime import Runtime, close_runtime, create_runtime
+from workers.runtime import Backlogs, Runtime, close_runtime, create_runtime
 from workers.sync import actors as sync_actors
 from workers.sync import alerts, sweeper
 
@@ -62,6 +62,8 @@ class Workers:
     profiles: profile_actors.ProfileActors
     sync: sync_actors.SyncActors
     metrics: Metrics
+    backlogs: Backlogs
+    """Each target's backlog as the sweeper last counted it: the process's syncs route by it."""
 
     def sweeper(self, stop: asyncio.Event) -> Awaitable[None]:
         """The pending sweeper of every configured ESP target, until ``stop`` is set."""
@@ -69,7 +71,8 @@ class Workers:
         store = ProfileStore.connect(s.mongodb_uri, s.mongodb_database)
         targets = {name: sweeper.Target(descriptor(t.kind).batch_limit, build_guard(t, s)) for name, t in s.esp_targets().items()}
         return sweeper.run(store, self.sync, targets, interval=s.sync_sweep_interval_s, grace=timedelta(seconds=s.sync_grace_s),
-                           lease=timedelta(seconds=s.sync_lease_s), stop=stop, bulk_backlog=s.sync_bulk_backlog, metrics=self.metrics)
+                           lease=timedelta(seconds=s.sync_lease_s), stop=stop, bulk_backlog=s.sync_bulk_backlog, metrics=self.metrics,
+                           counted=self.backlogs.note)
 
 
     def alerts(self, stop: asyncio.Event) -> Awaitable[None]:
@@ -97,7 +100,8 @@ def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Bro
     ``runtime`` (default: from ``settings``) creates the process's resources, closed on worker shutdown;
     ``metrics``: the process's (one of its own by default)."""
     metrics = metrics or Metrics()
-    lazy = Lazy(runtime or (lambda: create_runtime(settings, metrics)))
+    backlogs = Backlogs()
+    lazy = Lazy(runtime or (lambda: create_runtime(settings, metrics, backlogs)))
     if broker is None:
         logs.install()
         init_sentry(settings, component)
@@ -109,4 +113,4 @@ def build(settings: Settings, *, component: str = "worker", broker: dramatiq.Bro
         broker.add_middleware(CloseOnShutdown(lazy.close))
     sync = sync_actors.declare(broker, lazy.get, settings.queue_prefix)
     profiles = profile_actors.declare(broker, lazy.get, sync, settings.queue_prefix)
-    return Workers(settings=settings, broker=broker, runtime=lazy, profiles=profiles, sync=sync, metrics=metrics)
+    return Workers(settings=settings, broker=broker, runtime=lazy, profiles=profiles, sync=sync, metrics=metrics, backlogs=backlogs)

@@ -29,6 +29,22 @@ from workers.profiles.merge import MergeRules
 from workers.sync import policy
 
 
+@dataclass
+class Backlogs:
+    """Each target's pending profiles, as last counted: by the sweeper at every pass, or by a sync when
+    that count is stale. The cheap estimate the routing needs, shared by the threads of a process."""
+
+    counts: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+
+    def note(self, esp: str, count: int) -> None:
+        self.counts[esp] = (count, time.monotonic())
+
+    def fresh(self, esp: str) -> int | None:
+        """The last count, unless it is older than ``policy.BACKLOG_TTL_S`` (or there is none)."""
+        count, at = self.counts.get(esp, (0, None))
+        return count if at is not None and time.monotonic() - at <= policy.BACKLOG_TTL_S else None
+
+
 @dataclass(kw_only=True)
 class Runtime:
     settings: Settings
@@ -48,14 +64,15 @@ class Runtime:
     dead_letters: DeadLetters
     metrics: Metrics = field(default_factory=Metrics)
     trail: Trail | None = None
-    _backlogs: dict[str, tuple[int, float]] = field(default_factory=dict)
+    backlogs: Backlogs = field(default_factory=Backlogs)
 
     async def backlog(self, esp: str) -> int:
-        """Pending profiles of ``esp`` (up to the bulk threshold), counted at most once a second per process."""
-        count, at = self._backlogs.get(esp, (0, 0.0))
-        if time.monotonic() - at > policy.BACKLOG_TTL_S:
+        """Pending profiles of ``esp`` (up to the bulk threshold): the sweeper's last count, else one of
+        this process's own, at most one per ``policy.BACKLOG_TTL_S``. Each count reads every pending profile."""
+        count = self.backlogs.fresh(esp)
+        if count is None:
             count = await self.store.outbox.count_pending(esp, self.settings.sync_bulk_backlog)
-            self._backlogs[esp] = (count, time.monotonic())
+            self.backlogs.note(esp, count)
         return count
 
     def members(self, profile: Profile) -> Members:
@@ -63,7 +80,7 @@ class Runtime:
         return {name: (m := esp.member(profile), member_hash(m) if m is not None else None) for name, esp in self.esps.items()}
 
 
-async def create_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
+async def create_runtime(settings: Settings, metrics: Metrics | None = None, backlogs: Backlogs | None = None) -> Runtime:
     """Every resource of one worker process; indexes ensured, refusing to start on plaintext-keyed profiles."""
     hasher = settings.hasher()
     store = ProfileStore.connect(settings.mongodb_uri, settings.mongodb_database, hasher)
@@ -90,6 +107,7 @@ async def create_runtime(settings: Settings, metrics: Metrics | None = None) -> 
                    coalescer=Coalescer(settings.redis_url, settings.sync_coalesce_ms, settings.queue_prefix),
                    guards={n: guard for n, (_, guard) in built.items()}, leases=leases, batch_leases=batch_leases, hasher=hasher,
                    receipts=receipts, dead_letters=DeadLetters(settings.amqp_url, settings.queue_prefix), metrics=metrics,
+                   backlogs=backlogs or Backlogs(),
                    trail=Trail(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s))
 
 

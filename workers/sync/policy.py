@@ -36,8 +36,9 @@ VERIFY_CHECKS = 5
 """Read-backs of an erased contact still found before it is deleted again."""
 VERIFY_DELAY_S = 1.0
 """Delay before the next read-back, times the read-backs so far (deletions are asynchronous at some ESPs)."""
-BACKLOG_TTL_S = 1.0
-"""How long one process reuses a target's backlog count."""
+BACKLOG_TTL_S = 5.0
+"""How long a process routes by a target's backlog count (the sweeper counts again at every pass, 2 s by
+default): each count reads every pending profile, so syncs that counted for themselves kept the store busy."""
 
 
 class Route(enum.Enum):

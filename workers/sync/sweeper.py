@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +21,9 @@ from workers.sync.actors import SyncActors
 
 log = logging.getLogger(__name__)
 
+Counted = Callable[[str, int], None]
+"""Told each target's backlog as a sweep counted it."""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -30,7 +34,7 @@ class Target:
 
 
 async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, grace: timedelta, lease: timedelta,
-                     bulk_backlog: int = 200, metrics: Metrics | None = None) -> int:
+                     bulk_backlog: int = 200, metrics: Metrics | None = None, counted: Counted | None = None) -> int:
     """Re-enqueue pending profiles of every ESP target: consent changes and erasures first, each on
     its own and at high priority; then the rest, one by one when few, in bulk batches when a backlog
     built up. A target whose circuit is open is left alone until it half-opens: its backlog waits
@@ -41,6 +45,7 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
       bulk_backlog: from this many pending profiles on, the sync leaves them to the sweeper, which
         sends them in bulk at once (no grace): efficient when heavy, fresh when light.
       metrics: gets each target's backlog and guard state.
+      counted: gets each target's backlog (the process's syncs route by it instead of counting again).
     """
     total = 0
     for esp, target in targets.items():
@@ -56,6 +61,8 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
         backlog = await store.outbox.count_pending(esp, bulk_backlog)
         if metrics is not None:
             metrics.sweeper_backlog.labels(esp).set(backlog)
+        if counted is not None:
+            counted(esp, backlog)
         pending = await store.outbox.claim_pending(esp, policy.sweep_grace(backlog, bulk_backlog, grace), lease, limit=limit)
         if policy.sweep_in_bulk(len(pending)):
             for batch in policy.batches(pending, target.batch_limit):
@@ -69,7 +76,8 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
 
 
 async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, interval: float, grace: timedelta,
-              lease: timedelta, stop: asyncio.Event, bulk_backlog: int = 200, metrics: Metrics | None = None) -> None:
+              lease: timedelta, stop: asyncio.Event, bulk_backlog: int = 200, metrics: Metrics | None = None,
+              counted: Counted | None = None) -> None:
     """Sweep every ``interval`` seconds until ``stop`` is set; survives MongoDB and broker outages.
 
     Parameters:
@@ -77,7 +85,8 @@ async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target
       lease: how long before the same profile may be re-enqueued by a sweep.
     """
     try:
-        await _loop(store, actors, targets, interval=interval, grace=grace, lease=lease, stop=stop, bulk_backlog=bulk_backlog, metrics=metrics)
+        await _loop(store, actors, targets, interval=interval, grace=grace, lease=lease, stop=stop, bulk_backlog=bulk_backlog, metrics=metrics,
+                    counted=counted)
     finally:
         await store.close()
         for target in targets.values():
@@ -86,10 +95,10 @@ async def run(store: ProfileStore, actors: SyncActors, targets: dict[str, Target
 
 
 async def _loop(store: ProfileStore, actors: SyncActors, targets: dict[str, Target], *, interval: float, grace: timedelta,
-                lease: timedelta, stop: asyncio.Event, bulk_backlog: int, metrics: Metrics | None) -> None:
+                lease: timedelta, stop: asyncio.Event, bulk_backlog: int, metrics: Metrics | None, counted: Counted | None) -> None:
     while not stop.is_set():
         try:
-            await sweep_once(store, actors, targets, grace=grace, lease=lease, bulk_backlog=bulk_backlog, metrics=metrics)
+            await sweep_once(store, actors, targets, grace=grace, lease=lease, bulk_backlog=bulk_backlog, metrics=metrics, counted=counted)
         except Exception:  # the loop must outlive any single failure; Sentry and the log see it
             log.exception("sweep failed; retrying in %.1fs", interval)
         try:

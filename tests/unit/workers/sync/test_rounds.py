@@ -12,6 +12,7 @@ from pymongo.errors import AutoReconnect
 from schemas.errors import EspRejected
 from tests.support.outbox import FakeOutbox
 from tests.unit.workers.sync.test_actors import TARGET, Harness, member
+from workers.sync import policy
 from workers.sync.rounds import SyncRounds
 
 
@@ -135,3 +136,28 @@ def test_rounds_can_be_turned_off(fake):
     h.outbox.put("p0", TARGET, member(0))
     h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
     assert "claim_round" not in h.outbox.calls and fake.requests == ["upsert"] and not h.outbox.state("p0", TARGET).pending
+
+
+class CountingPending(FakeOutbox):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = 0
+
+    async def count_pending(self, esp, cap):
+        self.counts += 1
+        return await super().count_pending(esp, cap)
+
+
+def test_syncs_route_by_the_sweepers_backlog_count_and_count_for_themselves_only_when_it_is_stale(fake, monkeypatch):
+    h = Harness()
+    h.outbox = CountingPending()
+
+    async def backlogs():
+        rt = await h._runtime()
+        rt.backlogs.note(TARGET, 7)  # as the sweeper of the process counted it
+        seen = [await rt.backlog(TARGET) for _ in range(3)]
+        monkeypatch.setattr(policy, "BACKLOG_TTL_S", 0.0)
+        return seen, await rt.backlog(TARGET)
+
+    seen, stale = asyncio.run(backlogs())
+    assert seen == [7, 7, 7] and stale == 0 and h.outbox.counts == 1
