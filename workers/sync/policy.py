@@ -2,11 +2,10 @@
 that owns every threshold of that decision. Pure: no I/O, unit-tested without a broker.
 
 A change is, per target:
-- sent now, alone (``SEND``): the default; always for a consent change, an erasure, a replayed
+- sent now (``SEND``), in a sync round with the other syncs in flight (``rounds.py``): the default; always for a consent change, an erasure, a replayed
   dead letter and anything the sweeper or a refused batch sends ``alone``;
 - sent in one bulk request with other pending profiles taken along (``TAKE_ALONG``): where every
-  write is a job anyway (SendGrid; in a sync round only the round's own members go together there),
-  or when at least ``TAKE_ALONG_MIN`` profiles wait;
+  write is a job anyway (SendGrid), or when at least ``TAKE_ALONG_MIN`` profiles wait;
 - left pending for the sweeper (``LEAVE``): while the target's backlog has reached the bulk
   threshold (``MERGETAG_SYNC_BULK_BACKLOG``); the sweeper sends it with the backlog, in bulk.
 
@@ -47,14 +46,13 @@ class Route(enum.Enum):
     LEAVE = "leave"
 
 
-def route(*, urgent: bool, alone: bool, backlog: int, bulk_backlog: int, prefers_bulk: bool, in_round: bool = False) -> Route:
-    """How one scheduled sync of a profile goes to its target (see the module docstring). ``in_round``: the
-    sync joins a round, which sends a bulk target's members in flight in one request anyway."""
+def route(*, urgent: bool, alone: bool, backlog: int, bulk_backlog: int, prefers_bulk: bool) -> Route:
+    """How one scheduled sync of a profile goes to its target (see the module docstring)."""
     if urgent or alone:
         return Route.SEND
     if backlog >= bulk_backlog:
         return Route.LEAVE
-    if (prefers_bulk and not in_round) or backlog >= TAKE_ALONG_MIN:
+    if prefers_bulk or backlog >= TAKE_ALONG_MIN:
         return Route.TAKE_ALONG
     return Route.SEND
 

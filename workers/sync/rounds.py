@@ -1,9 +1,8 @@
 """Group commit for the sync: the plain syncs a worker process has in flight go together.
 
 Each sync of one profile to one target joins the current round. A round claims the send leases of
-all its (target, profile) pairs in one write and one read, sends every member (concurrently, or in
-one bulk request for a target where every write is a job anyway), and records every outcome in one
-unordered bulk write; a message is answered (then acked) only once that write is done. A profile
+all its (target, profile) pairs in one write and one read, sends every member (concurrently, each
+ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is answered (then acked) only once that write is done. A profile
 with address work (erasures, unsubscribes, retirements) takes the single path (``sender``) under the
 round's lease. A lone sync on an idle system makes three round trips, as before it made two.
 """
@@ -43,7 +42,7 @@ class _Outcomes:
 class SyncRounds:
     """Parameters:
       rt: the process's runtime.
-      requeue: where members split out of a refused bulk request and refused members go.
+      requeue: where the single path puts work back (read-backs of erasures).
       max_syncs: most pairs in one round.
       window_s: how long a round waits for more syncs to join it (a change's targets are scheduled together).
     """
@@ -140,10 +139,7 @@ class SyncRounds:
         """Send the members ``esp`` lacks and add what happened to ``out``; what it holds already is released."""
         todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
         released = [pid for pid in states if pid not in todo]
-        if client.prefers_bulk and len(todo) > 1:
-            await self._send_bulk(esp, client, todo, token, out)
-        else:
-            await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out) for pid, state in todo.items()))
+        await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out) for pid, state in todo.items()))
         out.settlement.add(esp, released=released)
 
     async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes) -> None:
@@ -178,42 +174,3 @@ class SyncRounds:
             return
         out.settlement.add(esp, sent=[(pid, state.member_hash)], jobs=jobs)
         out.sent.setdefault(esp, []).append((pid, state))
-
-    async def _send_bulk(self, esp: str, client: Esp, todo: dict[str, SyncState], token: str, out: _Outcomes) -> None:
-        jobs: list[str] = []
-
-        async def accepted(job_id: str) -> None:
-            jobs.append(job_id)
-            await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
-
-        try:
-            refused = await client.upsert_batch([state.member for state in todo.values() if state.member is not None], accepted)
-        except MergetagError as exc:
-            if exc.may_still_land:
-                out.errors.update(dict.fromkeys(((esp, pid) for pid in todo), exc))
-                out.holding.update((esp, pid) for pid in todo)
-                return
-            out.settlement.add(esp, released=list(todo))
-            if isinstance(exc, CircuitOpen):
-                out.parked.setdefault(esp, []).extend(todo)
-            elif isinstance(exc, EspRejected):
-                log.warning("round of %d refused by %s (%s); sending them one by one", len(todo), esp, exc.code)
-                await self._requeue.alone(list(todo), esp)
-            else:
-                out.errors.update(dict.fromkeys(((esp, pid) for pid in todo), exc))
-            return
-        except Exception as exc:  # unknown: the request may still land, so the leases run out by themselves
-            out.errors.update(dict.fromkeys(((esp, pid) for pid in todo), exc))
-            out.holding.update((esp, pid) for pid in todo)
-            return
-        sent: list[tuple[str, str]] = []
-        for pid, state in todo.items():
-            assert state.member is not None and state.member_hash is not None
-            reason = refused.get(client.key(state.member))
-            if reason is None:
-                sent.append((pid, state.member_hash))
-                out.sent.setdefault(esp, []).append((pid, state))
-            else:
-                out.settlement.add(esp, failed=[(pid, state.member_hash, EspRejected.code)], jobs=jobs)
-                await self._requeue.refused(pid, esp, reason)
-        out.settlement.add(esp, sent=sent, jobs=jobs)

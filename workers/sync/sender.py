@@ -254,14 +254,13 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
     rather than sent: while the target's circuit is open, while another send of the profile is in
     flight (the sweeper sends what is left after it), and when the policy leaves it to the sweeper.
 
-    ``rounds``: where a plain sync joins the syncs in flight (``rounds.py``); urgent ones and replayed
-    dead letters go on their own."""
+    ``rounds``: where a sync sent now joins the syncs in flight (``rounds.py``); urgent ones and replayed
+    dead letters go on their own, and a target where every write is a job takes the others along instead."""
     client = rt.esps.get(esp)
-    in_round = rounds is not None and not (urgent or retry_refused)
     if client is not None:
         backlog = 0 if (urgent or alone) else await rt.backlog(esp)
         chosen = policy.route(urgent=urgent, alone=alone, backlog=backlog, bulk_backlog=rt.settings.sync_bulk_backlog,
-                              prefers_bulk=client.prefers_bulk, in_round=in_round)
+                              prefers_bulk=client.prefers_bulk)
         if chosen is policy.Route.LEAVE:
             return  # still pending: the sweeper sends it with the backlog, in bulk
         if chosen is policy.Route.TAKE_ALONG:
@@ -269,7 +268,7 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
             others = await rt.store.outbox.pending_ids(esp, limit=policy.take_along_limit(client.batch_limit))
             await send_batch(rt, requeue, [profile_id, *[pid for pid in others if pid != profile_id]], esp)
             return
-    if rounds is not None and in_round:
+    if rounds is not None and not (urgent or retry_refused):
         await rounds.sync(profile_id, esp)
         return
     try:

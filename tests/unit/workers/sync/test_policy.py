@@ -59,9 +59,3 @@ def test_read_backs_back_off_and_delete_again_after_enough_of_them():
     assert [policy.verify_delay_ms(n) for n in (1, 2, 3)] == [1000, 2000, 3000]
     assert not policy.delete_again(policy.VERIFY_CHECKS - 1) and policy.delete_again(policy.VERIFY_CHECKS)
 
-
-def test_in_a_round_a_bulk_target_sends_the_rounds_members_together_and_takes_others_along_only_in_a_backlog():
-    common = {"urgent": False, "alone": False, "bulk_backlog": 200, "prefers_bulk": True, "in_round": True}
-    assert policy.route(backlog=0, **common) is Route.SEND
-    assert policy.route(backlog=policy.TAKE_ALONG_MIN, **common) is Route.TAKE_ALONG
-    assert policy.route(backlog=200, **common) is Route.LEAVE

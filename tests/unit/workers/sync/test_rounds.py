@@ -99,15 +99,6 @@ def test_address_work_in_a_round_takes_the_single_path_under_the_rounds_lease(fa
     assert not h.outbox.state("p0", TARGET).pending and h.outbox.parked == []
 
 
-def test_where_every_write_is_a_job_the_rounds_members_go_in_one_bulk_request(fake, monkeypatch):
-    monkeypatch.setattr(fake, "prefers_bulk", True)
-    h = Harness()
-    for n in range(4):
-        h.outbox.put(f"p{n}", TARGET, member(n))
-    _, results = asyncio.run(run_round(h, [f"p{n}" for n in range(4)]))
-    assert results == [None] * 4 and fake.requests == ["batch"] and len(fake.contacts) == 4
-
-
 class FailingSettle(FakeOutbox):
     failures = 1
 
