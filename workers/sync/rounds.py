@@ -4,7 +4,7 @@ Each sync of one profile to one target joins the current round. A round claims t
 all its (target, profile) pairs in one write and one read, sends every member (concurrently, each
 ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is answered (then acked) only once that write is done. A profile
 with address work (erasures, unsubscribes, retirements) takes the single path (``sender``) under the
-round's lease. A lone sync on an idle system makes three round trips, as before it made two.
+round's lease. A lone sync on an idle system takes the single path: two round trips, as before.
 """
 
 from __future__ import annotations
@@ -78,7 +78,12 @@ class SyncRounds:
     async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]]) -> None:
         self.rounds += 1
         try:
-            errors = await self._sync_round(list(batch))
+            if len(batch) == 1:  # a lone sync takes the single path: two round trips, not three
+                (esp, pid), = batch
+                await sender.send_or_park(self._rt, self._requeue, pid, esp)
+                errors: dict[Pair, BaseException] = {}
+            else:
+                errors = await self._sync_round(list(batch))
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
         for pair, futures in batch.items():

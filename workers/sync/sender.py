@@ -271,6 +271,11 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
     if rounds is not None and not (urgent or retry_refused):
         await rounds.sync(profile_id, esp)
         return
+    await send_or_park(rt, requeue, profile_id, esp, retry_refused)
+
+
+async def send_or_park(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False) -> None:
+    """:func:`send`, leaving the profile pending for the sweeper while its target's circuit is open or another send holds it."""
     try:
         await send(rt, requeue, profile_id, esp, retry_refused)
     except (CircuitOpen, SyncBusy) as exc:

@@ -152,3 +152,12 @@ def test_syncs_route_by_the_sweepers_backlog_count_and_count_for_themselves_only
 
     seen, stale = asyncio.run(backlogs())
     assert seen == [7, 7, 7] and stale == 0 and h.outbox.counts == 1
+
+
+def test_a_lone_sync_takes_the_single_path(fake):
+    h = Harness()
+    h.outbox = Counting()
+    h.outbox.put("p0", TARGET, member(0))
+    rounds, results = asyncio.run(run_round(h, ["p0"]))
+    assert results == [None] and rounds.rounds == 1 and h.outbox.calls == []  # claim_send and mark_sent, no round
+    assert fake.requests == ["upsert"] and not h.outbox.state("p0", TARGET).pending
