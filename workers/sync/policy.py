@@ -2,8 +2,9 @@
 that owns every threshold of that decision. Pure: no I/O, unit-tested without a broker.
 
 A change is, per target:
-- sent now (``SEND``), in a sync round with the other syncs in flight (``rounds.py``): the default; always for a consent change, an erasure, a replayed
-  dead letter and anything the sweeper or a refused batch sends ``alone``;
+- sent now (``SEND``), in a sync round with the other syncs in flight (``rounds.py``): the default;
+  always for a consent change, an erasure, a replayed dead letter and anything the sweeper or a
+  refused batch sends ``alone``;
 - sent in one bulk request with other pending profiles taken along (``TAKE_ALONG``): where every
   write is a job anyway (SendGrid), or when at least ``TAKE_ALONG_MIN`` profiles wait;
 - left pending for the sweeper (``LEAVE``): while the target's backlog has reached the bulk

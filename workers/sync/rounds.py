@@ -2,9 +2,9 @@
 
 Each sync of one profile to one target joins the current round. A round claims the send leases of
 all its (target, profile) pairs in one write and one read, sends every member (concurrently, each
-ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is answered (then acked) only once that write is done. A profile
-with address work (erasures, unsubscribes, retirements) takes the single path (``sender``) under the
-round's lease. A lone sync on an idle system takes the single path: two round trips, as before.
+ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is
+answered (then acked) only once that write is done. A profile with address work (erasures,
+unsubscribes, retirements) takes the single path (``sender``) under the round's lease. A lone sync on an idle system takes the single path: two round trips, as before.
 """
 
 from __future__ import annotations
@@ -132,11 +132,9 @@ class SyncRounds:
 
     async def _alone(self, esp: str, pid: str, claimed: Claimed, started: float, out: _Outcomes) -> None:
         try:
-            await sender.send_claimed(self._rt, self._requeue, self._rt.esps[esp], pid, esp, claimed.states[esp, pid], claimed.token,
-                                      started=started)
-        except (CircuitOpen, SyncBusy) as exc:
-            await self._rt.store.outbox.park([pid], esp)
-            log.debug("sync of %s to %s parked: %s", pid, esp, exc.code)
+            async with sender.parked_while_blocked(self._rt, pid, esp):
+                await sender.send_claimed(self._rt, self._requeue, self._rt.esps[esp], pid, esp, claimed.states[esp, pid], claimed.token,
+                                          started=started)
         except Exception as exc:
             out.errors[esp, pid] = exc
 

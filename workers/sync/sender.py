@@ -274,10 +274,17 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
     await send_or_park(rt, requeue, profile_id, esp, retry_refused)
 
 
-async def send_or_park(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False) -> None:
-    """:func:`send`, leaving the profile pending for the sweeper while its target's circuit is open or another send holds it."""
+@asynccontextmanager
+async def parked_while_blocked(rt: Runtime, profile_id: str, esp: str) -> AsyncIterator[None]:
+    """Around a send: while its target's circuit is open or another send holds the profile, the profile
+    is left pending for the sweeper instead."""
     try:
-        await send(rt, requeue, profile_id, esp, retry_refused)
+        yield
     except (CircuitOpen, SyncBusy) as exc:
         await rt.store.outbox.park([profile_id], esp)
         log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
+
+
+async def send_or_park(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False) -> None:
+    async with parked_while_blocked(rt, profile_id, esp):
+        await send(rt, requeue, profile_id, esp, retry_refused)
