@@ -2,7 +2,8 @@
 round trips per event, next to the pure merge alone and the store's own bulk-upsert rate, all
 measured in the same run. Prints one JSON object.
 
-- live: events one at a time (a quiet system): each is a round of its own, the single path.
+- live: events one at a time (a quiet system): each is a round of its own (its profile read, unless
+  the process's profile cache holds it from an earlier event).
 - backlog: ``--backlog-events`` over ``--backlog-profiles`` with ``--backlog-concurrency`` merges in
   flight (what the worker's threads hold under a backlog), merged in rounds (``workers/profiles/batch``).
 - the store: unordered bulk upserts of profile-sized documents, ``--store-batch`` a request, doing the
@@ -152,7 +153,7 @@ async def main() -> None:
     # Live: one event at a time, each a round of its own.
     live = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"live-{e.identity.email}"})})
             for e in workload(args.live_events, args.live_events // 3 or 1)]
-    batcher = MergeBatcher(rt, max_merges=500)
+    batcher = MergeBatcher(rt, max_merges=500, cache_profiles=settings.merge_cache_profiles)
     trips.counts.clear()
     for event in live:
         await batcher.merge(event.identity, [event])

@@ -67,7 +67,8 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
     def batcher(rt: Runtime) -> MergeBatcher:
         """The process's merge rounds (one per runtime, so per event loop)."""
         if id(rt) not in batchers:
-            batchers[id(rt)] = MergeBatcher(rt, rt.settings.merge_batch_max, rt.settings.merge_batch_window_ms / 1000)
+            batchers[id(rt)] = MergeBatcher(rt, rt.settings.merge_batch_max, rt.settings.merge_batch_window_ms / 1000,
+                                           rt.settings.merge_cache_profiles)
         return batchers[id(rt)]
 
     async def process_event(delivery: dict[str, Any]) -> None:

@@ -5,8 +5,13 @@ its merges, folds every event of one person into one pure merge in memory, and w
 profiles in one unordered bulk write, each guarded by the version it read. A message is answered
 (then acked) only once the write that holds it is done. What a round cannot do on its own — a
 person spread over several profiles (they merge), a write that lost a race, identifiers past their
-limits — goes through the single path (``resolve.merge_into_profile``) for that message alone. A lone
-message on an idle system takes the single path at once: two round trips, as before.
+limits — goes through the single path (``resolve.merge_into_profile``) for that message alone.
+
+The profiles a round read or wrote stay in the process's :class:`ProfileCache`: a merge whose keys
+are all known there is not read again (its write's version guard still holds it to what it read).
+A merge whose cached profile had changed meanwhile misses its guard and joins the next round, read
+afresh. A lone message on an idle system merges at once, as a round of one: one round trip (its write)
+when its profile is cached, else two (the read and the write), as on the single path.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from dataclasses import dataclass, field
 
 from adapters.store.writes import Save
 from schemas.events import Event, Identity
-from schemas.profile import Profile
+from schemas.profile import Profile, profile_keys
 from schemas.sync import NEW, Stored
+from workers.profiles.cache import ProfileCache
 from workers.profiles.consent import address_work, consent_changed, contacts_held
 from workers.profiles.identity import lookup_keys, new_profile, over_limits
 from workers.profiles.merge import changed_traits, merge_all
@@ -34,6 +40,8 @@ class _Merge:
     events: list[Event]
     keys: list[str]
     done: asyncio.Future[Merged]
+    fresh: bool = False
+    """Read from the store, not the cache (its cached profile had changed)."""
 
 
 @dataclass
@@ -43,18 +51,24 @@ class _Person:
     merges: list[_Merge] = field(default_factory=list)
     owners: dict[str, tuple[Profile, Stored]] = field(default_factory=dict)
 
+    def cached(self, read: dict[str, tuple[Profile, Stored]]) -> bool:
+        """Some profile of the person comes from the cache, not this round's read."""
+        return any(key not in read for key in self.owners)
+
 
 class MergeBatcher:
     """Parameters:
       rt: the process's runtime.
       max_merges: most merges in one round (one bulk write).
       window_s: how long a round waits for more merges to join it; 0: those of one event-loop turn.
+      cache_profiles: most profiles kept from one round for the next (0: every round reads).
     """
 
-    def __init__(self, rt: Runtime, max_merges: int = 500, window_s: float = 0.0) -> None:
+    def __init__(self, rt: Runtime, max_merges: int = 500, window_s: float = 0.0, cache_profiles: int = 0) -> None:
         self._rt = rt
         self._max = max_merges
         self._window = window_s
+        self.cache = ProfileCache(cache_profiles)
         self._pending: list[_Merge] = []
         self._round: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -77,18 +91,30 @@ class MergeBatcher:
             except Exception as exc:  # the store failed: every message of the round is retried by the broker
                 for m in batch:
                     if not m.done.done():
+                        self.cache.forget(m.keys)  # its write may or may not have landed
                         m.done.set_exception(exc)
 
     async def _merge_round(self, batch: list[_Merge]) -> None:
-        if len(batch) == 1:
-            await self._alone(batch)
-            return
         rt = self._rt
-        owners = await rt.store.owners_by_key(sorted({k for m in batch for k in m.keys}), rt.esps)
+        owners: dict[str, tuple[Profile, Stored]] = {}
+        unknown: set[str] = set()
+        for m in batch:
+            known = None if m.fresh else self.cache.owners(m.keys)
+            if known is None:
+                unknown.update(m.keys)
+            else:
+                owners.update(known)
+        read = await rt.store.owners_by_key(sorted(unknown), rt.esps) if unknown else {}
+        self._remember(read)
+        renewed = {profile.id: (profile, stored) for profile, stored in read.values()}
+        owners = {k: renewed.get(profile.id, (profile, stored)) for k, (profile, stored) in owners.items()}
+        owners.update(read)
         alone: list[_Merge] = []
-        saves: list[tuple[Save, list[_Merge], Stored]] = []
+        again: list[_Merge] = []
+        saves: list[tuple[Save, list[_Merge], Stored, bool]] = []
         for person in _people(batch, owners):
             found = {p.id: (p, s) for p, s in person.owners.values()}
+            cached = person.cached(read)
             tombstone = next((p for p, _ in found.values() if p.erased is not None), None)
             if tombstone is not None:
                 # An erased person stays erased: nothing that arrives later is kept, however it names them.
@@ -111,30 +137,67 @@ class MergeBatcher:
                 for m in person.merges:
                     m.done.set_result(Merged(merged.id, []))
                 continue
-            members = rt.members(merged)
-            work = address_work(profile if stored.version is not None else None, merged, contacts_held(stored, rt.esps))
-            urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
             before = profile if stored.version is not None else None
-            saves.append((Save(merged, stored.version, members, urgent, work, stored, before), person.merges, stored))
-        written = await rt.store.save_many([save for save, _, _ in saves])
-        for (save, merges, stored), ok in zip(saves, written, strict=True):
-            if not ok:
-                alone += merges  # lost a race with another writer: read again, alone
+            if cached and address_work(before, merged, dict.fromkeys(rt.esps, True)):
+                again += self._afresh(person.merges)  # address work depends on what the sync recorded since
                 continue
-            result = Merged(save.profile.id, changed(save.members, stored, save.work), save.urgent, (stored.version or 0) + 1,
+            members = rt.members(merged)
+            work = address_work(before, merged, contacts_held(stored, rt.esps))
+            urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
+            saves.append((Save(merged, stored.version, members, urgent, work, stored, before), person.merges, stored, cached))
+        written = await rt.store.save_many([save for save, _, _, _ in saves])
+        for (save, merges, stored, cached), ok in zip(saves, written, strict=True):
+            if not ok:
+                # Lost a race: read again, in the next round when what it read was the cache's, else alone.
+                if cached:
+                    again += self._afresh(merges)
+                else:
+                    self.cache.drop(save.profile.id)
+                    alone += merges
+                continue
+            version = (stored.version or 0) + 1
+            self.cache.put((save.profile, _after(stored, save, version)), profile_keys(save.profile))
+            result = Merged(save.profile.id, changed(save.members, stored, save.work), save.urgent, version,
                             tuple(changed_traits(save.before, save.profile)))
             for m in merges:
                 m.done.set_result(result)
+        self._pending[:0] = again
         if alone:
             log.debug("%d of %d merges of a round go alone", len(alone), len(batch))
             await self._alone(alone)
 
+    def _remember(self, read: dict[str, tuple[Profile, Stored]]) -> None:
+        """Keep what a round read, each profile found by the keys it owns."""
+        keys: dict[str, list[str]] = {}
+        for key, (profile, _) in read.items():
+            keys.setdefault(profile.id, []).append(key)
+        for key, owner in read.items():
+            if keys.get(owner[0].id) is not None:
+                self.cache.put(owner, [*keys.pop(owner[0].id), *(profile_keys(owner[0]) if owner[0].erased is None else [])])
+
+    def _afresh(self, merges: list[_Merge]) -> list[_Merge]:
+        for m in merges:
+            self.cache.forget(m.keys)
+            m.fresh = True
+        return merges
+
     async def _alone(self, merges: list[_Merge]) -> None:
         for m in merges:
+            self.cache.forget(m.keys)  # the single path reads and writes without the cache
             try:
-                m.done.set_result(await merge_into_profile(self._rt, m.identity, m.events))
+                result = await merge_into_profile(self._rt, m.identity, m.events)
             except Exception as exc:  # this message alone is retried by the broker
                 m.done.set_exception(exc)
+                continue
+            self.cache.drop(result.profile_id)
+            m.done.set_result(result)
+
+
+def _after(stored: Stored, save: Save, version: int) -> Stored:
+    """What the cache keeps of a profile's store state after its write: the new version and member
+    hashes (exact: only the merge changes them); the sync's own fields as they were read."""
+    esp = {target: stored.state(target).model_copy(update={"member_hash": digest}) for target, (_, digest) in save.members.items()}
+    return Stored(version=version, esp={**stored.esp, **esp})
 
 
 _KINDS = ("email:", "phone:")
