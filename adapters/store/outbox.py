@@ -321,20 +321,22 @@ class Outbox:
 
     async def _sendable(self, esp: str, query: dict[str, Any], limit: int) -> list[str]:
         """The first ``limit`` profiles of ``query`` a sync can do, oldest change first: the refused ones
-        (rare) are passed over on the documents, so they never take another's place."""
+        (rare) are passed over on the documents, so they never take another's place. One round trip
+        unless some were passed over: each read is limited, so the server closes its cursor itself
+        (no ``getMore``, no ``killCursors``)."""
         if limit <= 0:
             return []
         prefix = f"esp.{esp}"
         fields = {f"{prefix}.{name}": 1 for name in ("pending", "member_hash", "failed_hash", *ADDRESS_LISTS)}
-        cursor = self.profiles.find(query, fields).sort(f"{prefix}.dirty_at", ASCENDING).batch_size(max(limit, 1))
         ids: list[str] = []
-        async with cursor:
-            async for doc in cursor:
-                if SyncState.model_validate(doc["esp"][esp]).sendable:
-                    ids.append(doc["_id"])
-                    if len(ids) >= limit:
-                        break
-        return ids
+        read = 0
+        while True:
+            docs = await self.profiles.find(query, fields).sort(f"{prefix}.dirty_at", ASCENDING).skip(read).limit(limit) \
+                .batch_size(limit + 1).to_list()
+            ids += [doc["_id"] for doc in docs if SyncState.model_validate(doc["esp"][esp]).sendable]
+            read += len(docs)
+            if len(ids) >= limit or len(docs) < limit:
+                return ids[:limit]
 
     async def count_pending(self, esp: str, cap: int) -> int:
         """How many profiles wait for ``esp`` (refused ones aside), counted up to ``cap``."""
