@@ -62,11 +62,13 @@ class DeadLetter:
         }
 
     def sync_target(self) -> dict[str, Any]:
-        """For a single profile's sync: which profile, to which ESP target (ids only, never personal data)."""
+        """For a single profile's sync: which profile, to which ESP target (ids only, never personal data);
+        the targets of a change that shared one message, comma-separated."""
         if self.actor not in (topology.SYNC_PROFILE_ACTOR, topology.SYNC_URGENT_ACTOR) or not self.message.args:
             return {}
         args = self.message.args
-        return {"profile_id": args[0], "esp": args[1] if len(args) > 1 else self.message.kwargs.get("esp", "mailchimp")}
+        esp = args[1] if len(args) > 1 else self.message.kwargs.get("esp", "mailchimp")
+        return {"profile_id": args[0], "esp": ",".join(esp) if isinstance(esp, list) else esp}
 
 
 class UnknownQueue(ValueError):
@@ -131,7 +133,7 @@ class Selection:
         sync = letter.sync_target()
         if self.profile is not None and sync.get("profile_id") != self.profile:
             return False
-        return self.target is None or sync.get("esp") == self.target
+        return self.target is None or self.target in str(sync.get("esp", "")).split(",")
 
 
 def _broker_reason(headers: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Coalescing of ESP syncs: many changes to one profile within a window become one update.
 
-The first change schedules one delayed sync (the window is its delay); later changes find the
-marker and rely on it, since the sync reads the profile's latest state when it runs. The marker
-stays until that sync starts, so however long the sync queue is, it holds at most one coalesced
-message per profile and target (a marker whose message was lost expires after ``HOLD_MS``; the
+The first change schedules one delayed sync (the window is its delay), one message for every ESP
+target it changed; later changes find each target's marker and rely on it, since the sync reads
+the profile's latest state when it runs. The marker stays until that sync starts, so however long
+the sync queue is, it holds at most one coalesced message per profile and target (a marker whose message was lost expires after ``HOLD_MS``; the
 sweeper covers the gap). The freshness bound is the window. Without Redis every change schedules
 its own sync (correct, just not coalesced).
 """
@@ -32,22 +32,27 @@ class Coalescer:
         self.window_ms = window_ms
         self._prefix = f"{prefix}:sync-scheduled:"
 
-    async def first_in_window(self, esp: str, profile_id: str) -> bool:
-        """True when no sync of this profile is scheduled yet: the caller schedules one."""
+    async def first_in_window(self, targets: list[str], profile_id: str) -> list[str]:
+        """The ESP targets of ``targets`` that have no sync of this profile scheduled yet: the caller
+        schedules one for them (one message for them all). One round trip."""
         if self.window_ms <= 0:
-            return True
+            return list(targets)
         try:
-            return bool(await self._redis.set(f"{self._prefix}{esp}:{profile_id}", b"1", nx=True, px=max(self.window_ms, HOLD_MS)))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for esp in targets:
+                    pipe.set(f"{self._prefix}{esp}:{profile_id}", b"1", nx=True, px=max(self.window_ms, HOLD_MS))
+                first = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("coalescing skipped, Redis unavailable: %s", type(exc).__name__)
-            return True
+            return list(targets)
+        return [esp for esp, new in zip(targets, first, strict=True) if new]
 
-    async def started(self, esp: str, profile_id: str) -> None:
-        """The scheduled sync runs now: the next change schedules another."""
-        if self.window_ms <= 0:
+    async def started(self, targets: list[str], profile_id: str) -> None:
+        """The scheduled sync to ``targets`` runs now: the next change schedules another."""
+        if self.window_ms <= 0 or not targets:
             return
         try:
-            await self._redis.delete(f"{self._prefix}{esp}:{profile_id}")
+            await self._redis.delete(*(f"{self._prefix}{esp}:{profile_id}" for esp in targets))
         except (RedisError, OSError) as exc:
             log.warning("coalescing marker not cleared, Redis unavailable: %s", type(exc).__name__)
 

@@ -173,7 +173,8 @@ class Outbox:
 
     async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta]) -> Claimed:
         """:meth:`claim_send` for many (target, profile) pairs in two round trips under one token: one write per
-        profile takes each of its targets' leases that is free, one read returns their states.
+        profile takes each of its targets' leases that is free, one read returns their states (for one
+        profile, one round trip).
 
         Parameters:
           pairs: target -> profiles.
@@ -191,13 +192,19 @@ class Outbox:
             return {f"{prefix}.sending_until": {"$cond": [free, now + leases[esp], f"${prefix}.sending_until"]},
                     f"{prefix}.sending_token": {"$cond": [free, token, f"${prefix}.sending_token"]}}
 
-        ops = [UpdateOne({"_id": pid, "merged_into": {"$exists": False}}, [{"$set": {k: v for esp in esps for k, v in take(esp).items()}}])
-               for pid, esps in targets.items()]
+        live = {"merged_into": {"$exists": False}}
+        updates = {pid: [{"$set": {k: v for esp in esps for k, v in take(esp).items()}}] for pid, esps in targets.items()}
+        fields = {f"esp.{esp}": 1 for esp in pairs}
         claimed = Claimed(token)
         try:
-            await self.profiles.bulk_write(ops, ordered=False)
-            cursor = self.profiles.find({"_id": {"$in": list(targets)}, "merged_into": {"$exists": False}}, {f"esp.{esp}": 1 for esp in pairs})
-            async for doc in cursor:
+            if len(updates) == 1:  # one profile (the targets of one change): one round trip
+                (pid, update), = updates.items()
+                doc = await self.profiles.find_one_and_update({"_id": pid, **live}, update, projection=fields, return_document=ReturnDocument.AFTER)
+                docs = [doc] if doc is not None else []
+            else:
+                await self.profiles.bulk_write([UpdateOne({"_id": pid, **live}, update) for pid, update in updates.items()], ordered=False)
+                docs = await self.profiles.find({"_id": {"$in": list(targets)}, **live}, fields, batch_size=len(targets) + 1).to_list()
+            for doc in docs:
                 for esp in targets[doc["_id"]]:
                     stored = doc.get("esp", {}).get(esp, {})
                     if stored.get("sending_token") == token:

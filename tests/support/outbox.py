@@ -166,11 +166,11 @@ class FakeCoalescer:
     window_ms: int = 0
     started_syncs: list[tuple[str, str]] = field(default_factory=list)
 
-    async def first_in_window(self, esp: str, profile_id: str) -> bool:
-        return True
+    async def first_in_window(self, targets: list[str], profile_id: str) -> list[str]:
+        return list(targets)
 
-    async def started(self, esp: str, profile_id: str) -> None:
-        self.started_syncs.append((esp, profile_id))
+    async def started(self, targets: list[str], profile_id: str) -> None:
+        self.started_syncs += [(esp, profile_id) for esp in targets]
 
     async def close(self) -> None:
         pass

@@ -154,6 +154,22 @@ async def test_a_round_claims_every_free_pair_of_many_targets_in_two_round_trips
     assert [f for f in recording.filters if any(key.startswith("$") for key in f)] == []
 
 
+async def test_a_round_of_one_profile_claims_its_targets_in_one_round_trip(store):
+    """The targets of one change share one message, so one round: a single find-and-modify takes every free lease."""
+    members = {"mailchimp": ({"m": 1}, "h1"), "klaviyo": ({"k": 1}, "k1")}
+    assert await store.save(person("o1", "o1@example.com"), None, members)
+    _, other = await store.outbox.claim_send("o1", "klaviyo", timedelta(seconds=30))
+    leases = {"mailchimp": timedelta(seconds=30), "klaviyo": timedelta(seconds=30)}
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    claimed = await store.outbox.claim_round({"mailchimp": ["o1"], "klaviyo": ["o1"]}, leases)
+    assert recording.calls == ["find_one_and_update"]
+    assert list(claimed.states) == [("mailchimp", "o1")] and claimed.states["mailchimp", "o1"].member_hash == "h1"
+    assert claimed.busy == [("klaviyo", "o1")]
+    assert (await store.outbox.claim_round({"mailchimp": ["nobody"]}, leases)).states == {}
+    store.outbox.profiles = recording._profiles
+    assert (await store.load("o1"))[1].esp["klaviyo"].sending_token == other  # the held lease untouched
+
+
 class LosingAnswers:
     """The profiles collection of a store that goes down under a send: the next ``lost`` writes are applied
     but their answers never arrive (as when the server stops right after applying them), and the

@@ -1,9 +1,9 @@
 """The sync's actors: thin. They route each message to the sender (``sender.py``), which the policy
 (``policy.py``) steers; this module only declares them on a broker and puts work back on the queue.
 
-- ``sync_profile``: one profile to one ESP target, coalesced per window, in a round with the other syncs
-  in flight (``rounds.py``); ``alone`` when the sweeper or a refused batch sends it, ``retry_refused``
-  for a replayed dead letter.
+- ``sync_profile``: one profile to the ESP targets a change gave it (one message for them all),
+  coalesced per window, in a round with the other syncs in flight (``rounds.py``); ``alone`` when the
+  sweeper or a refused batch sends it, ``retry_refused`` for a replayed dead letter (both to one target).
 - ``sync_urgent``: the same for consent changes and erasures, on the urgent queue, ahead of any backlog.
 - ``sync_batch``: a backlog to one target in one bulk request.
 """
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from schemas.errors import EspRejected
 from workers.runtime import Runtime
 from workers.sync import sender
 from workers.sync.rounds import SyncRounds
+
+log = logging.getLogger(__name__)
 
 GetRuntime = Callable[[], Awaitable[Runtime]]
 
@@ -35,13 +38,21 @@ class SyncActors:
     sync_batch: dramatiq.Actor
 
     async def schedule(self, rt: Runtime, profile_id: str, targets: list[str], urgent: bool = False) -> None:
-        """Per ESP target, one delayed sync per profile per coalescing window; it sends whatever the
-        profile is by then. Consent changes and erasures are urgent: they skip the window and jump the queue."""
-        for esp in targets:
-            if urgent:
+        """One delayed sync per profile and ESP target per coalescing window (one message for the targets of a
+        change); it sends whatever the profile is by then. Consent changes and erasures are urgent: they skip
+        the window and jump the queue."""
+        if urgent:
+            for esp in targets:
                 await asyncio.to_thread(self.sync_urgent.send, profile_id, esp)
-            elif await rt.coalescer.first_in_window(esp, profile_id):
-                await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, esp), delay=rt.coalescer.window_ms or None)
+            return
+        first = await rt.coalescer.first_in_window(targets, profile_id)
+        if first:
+            await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, first[0] if len(first) == 1 else first),
+                                    delay=rt.coalescer.window_ms or None)
+
+    async def retry(self, profile_id: str, esp: str, delay_ms: int) -> None:
+        """Try one target of a sync again on its own (with its own retries, and its own dead letter at their end)."""
+        await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, esp), delay=delay_ms)
 
     async def alone(self, profile_ids: list[str], esp: str) -> None:
         for pid in profile_ids:
@@ -71,15 +82,30 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
             rounds[id(rt)] = SyncRounds(rt, actors[0], rt.settings.sync_round_max, rt.settings.sync_round_window_ms / 1000)
         return rounds[id(rt)]
 
-    async def sync_profile(profile_id: str, esp: str, alone: bool = False, retry_refused: bool = False) -> None:
+    async def sync_profile(profile_id: str, esp: str | list[str], alone: bool = False, retry_refused: bool = False) -> None:
         """Parameters:
+          esp: the ESP target, or several (those of one change: they share a round, so one claim and one record).
           alone: send it now even in a backlog (sent by the sweeper, or split out of a refused batch).
           retry_refused: send it even if the ESP refused this very member before (a replayed dead letter).
         """
         rt = await runtime()
+        targets = [esp] if isinstance(esp, str) else esp
         if not (alone or retry_refused):
-            await rt.coalescer.started(esp, profile_id)  # scheduled by a change: the next change schedules another
-        await sender.sync(rt, actors[0], profile_id, esp, alone=alone, retry_refused=retry_refused, rounds=round_of(rt))
+            await rt.coalescer.started(targets, profile_id)  # scheduled by a change: the next change schedules another
+        if len(targets) == 1:
+            await sender.sync(rt, actors[0], profile_id, targets[0], alone=alone, retry_refused=retry_refused, rounds=round_of(rt))
+            return
+        outcomes = await asyncio.gather(*(sender.sync(rt, actors[0], profile_id, t, rounds=round_of(rt)) for t in targets),
+                                        return_exceptions=True)
+        # A target that failed goes on alone, so that only it is retried and only it is dead-lettered.
+        for failed, exc in ((t, e) for t, e in zip(targets, outcomes, strict=True) if isinstance(e, BaseException)):
+            if isinstance(exc, EspRejected):
+                await actors[0].refused(profile_id, failed, exc.detail)
+            elif isinstance(exc, Exception):
+                log.warning("sync of %s to %s failed (%s); retried on its own", profile_id, failed, type(exc).__name__)
+                await actors[0].retry(profile_id, failed, rt.settings.retry_min_backoff_ms)
+            else:
+                raise exc
 
     async def sync_urgent(profile_id: str, esp: str) -> None:
         """On a queue of its own (no backlog ahead of it in RabbitMQ), and first in the worker's own queue (actor priority)."""

@@ -64,7 +64,7 @@ def mask(value: Scalar | None) -> str:
 
 async def field_changes(found: Plan, letters: list[DeadLetter], store: ProfileStore, esps: Mapping[str, Esp]) -> Plan:
     """Add, per target, the merge fields each letter's profile would change there (up to :data:`DIFF_LIMIT`)."""
-    pairs = sorted({(t["profile_id"], t["esp"]) for letter in letters if (t := letter.sync_target())})
+    pairs = sorted({(t["profile_id"], esp) for letter in letters if (t := letter.sync_target()) for esp in t["esp"].split(",")})
     for profile_id, target in pairs[:DIFF_LIMIT]:
         esp = esps.get(target)
         loaded = await store.load(profile_id)

@@ -73,3 +73,10 @@ def test_ages_read_as_a_number_and_a_unit(text, seconds):
 def test_anything_else_is_not_an_age(text):
     with pytest.raises(ValueError, match="not an age"):
         parse_age(text)
+
+
+def test_a_letter_for_the_targets_of_one_change_is_found_by_each_of_them():
+    shared = letter(args=("p_1", ["mailchimp", "klaviyo"]))
+    assert shared.sync_target() == {"profile_id": "p_1", "esp": "mailchimp,klaviyo"}
+    assert Selection(target="klaviyo").matches(shared, NOW) and Selection(target="mailchimp").matches(shared, NOW)
+    assert not Selection(target="sendgrid").matches(shared, NOW)
