@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     retry_min_backoff_ms: int = 1_000
     retry_max_backoff_ms: int = 300_000
     worker_threads: int = 8
-    events_worker_threads: int = 32
+    events_worker_threads: int = 128
     merge_batch_max: int = 100
     merge_batch_window_ms: float = 0.0
     merge_cache_profiles: int = 2_500
