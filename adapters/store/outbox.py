@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
@@ -157,15 +157,21 @@ class Outbox:
         raise SyncBusy("the send lease of this profile keeps changing hands", retry_after=0.5)
 
     async def claim_sends(self, profile_ids: list[str], esp: str, lease: timedelta) -> tuple[dict[str, SyncState], str]:
-        """:meth:`claim_send` for many profiles in two round trips, under one token; profiles whose
-        lease is held are left out. Returns their sync states and the token."""
+        """:meth:`claim_send` for many profiles in two round trips (one for a single profile), under one token;
+        profiles whose lease is held are left out. Returns their sync states and the token."""
         prefix, now, token = f"esp.{esp}", datetime.now(timezone.utc), uuid.uuid4().hex
-        free = {f"{prefix}.sending_until": _not_after(now)}
+        free = {"merged_into": {"$exists": False}, f"{prefix}.sending_until": _not_after(now)}
+        take = {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}}
         try:
-            await each(self.profiles, profile_ids, {"merged_into": {"$exists": False}, **free},
-                       {"$set": {f"{prefix}.sending_until": now + lease, f"{prefix}.sending_token": token}})
-            cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1})
-            found = {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}
+            if len(profile_ids) == 1:  # nothing else to take along: one round trip
+                doc = await self.profiles.find_one_and_update({"_id": profile_ids[0], **free}, take, projection={f"esp.{esp}": 1},
+                                                              return_document=ReturnDocument.AFTER)
+                found = {doc["_id"]: SyncState.model_validate(doc["esp"][esp])} if doc is not None else {}
+            else:
+                await each(self.profiles, profile_ids, free, take)
+                cursor = self.profiles.find({"_id": {"$in": profile_ids}, f"{prefix}.sending_token": token}, {f"esp.{esp}": 1},
+                                            batch_size=len(profile_ids) + 1)
+                found = {doc["_id"]: SyncState.model_validate(doc["esp"][esp]) async for doc in cursor}
             return {pid: found[pid] for pid in profile_ids if pid in found}, token  # in the order asked for
         except PyMongoError:
             await self.release_lost(profile_ids, esp, token, lease)
@@ -326,7 +332,7 @@ class Outbox:
         await each(self.profiles, profile_ids, {}, {"$unset": {f"{prefix}.sent_hash": ""},
                                                     "$set": {f"{prefix}.pending": True, f"{prefix}.dirty_at": datetime(1970, 1, 1, tzinfo=timezone.utc)}})
 
-    async def _sendable(self, esp: str, query: dict[str, Any], limit: int) -> list[str]:
+    async def _sendable(self, esp: str, query: dict[str, Any], limit: int, urgent_first: bool = False) -> list[str]:
         """The first ``limit`` profiles of ``query`` a sync can do, oldest change first: the refused ones
         (rare) are passed over on the documents, so they never take another's place. One round trip
         unless some were passed over: each read is limited, so the server closes its cursor itself
@@ -335,10 +341,11 @@ class Outbox:
             return []
         prefix = f"esp.{esp}"
         fields = {f"{prefix}.{name}": 1 for name in ("pending", "member_hash", "failed_hash", *ADDRESS_LISTS)}
+        order = [(f"{prefix}.urgent", DESCENDING)] if urgent_first else []
         ids: list[str] = []
         read = 0
         while True:
-            docs = await self.profiles.find(query, fields).sort(f"{prefix}.dirty_at", ASCENDING).skip(read).limit(limit) \
+            docs = await self.profiles.find(query, fields).sort([*order, (f"{prefix}.dirty_at", ASCENDING)]).skip(read).limit(limit) \
                 .batch_size(limit + 1).to_list()
             ids += [doc["_id"] for doc in docs if SyncState.model_validate(doc["esp"][esp]).sendable]
             read += len(docs)
@@ -355,10 +362,7 @@ class Outbox:
 
     async def pending_ids(self, esp: str, limit: int) -> list[str]:
         """Profiles waiting for ``esp`` (refused ones aside): urgent ones first, then oldest change first; nothing is claimed."""
-        prefix = f"esp.{esp}"
-        urgent = await self._sendable(esp, _pending_query(prefix, urgent=True), limit)
-        rest = await self._sendable(esp, _pending_query(prefix), limit)
-        return list(dict.fromkeys([*urgent, *rest]))[:limit]  # consent changes and erasures first
+        return await self._sendable(esp, _pending_query(f"esp.{esp}"), limit, urgent_first=True)  # consent changes and erasures first
 
     async def claim_pending(self, esp: str, older_than: timedelta, lease: timedelta, limit: int = 500,
                             urgent: bool = False) -> list[str]:

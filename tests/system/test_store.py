@@ -85,6 +85,17 @@ async def test_refused_members_never_take_the_place_of_sendable_ones(store):
     assert await store.outbox.claim_pending("mailchimp", timedelta(0), timedelta(seconds=60), limit=1) == ["ok"]
 
 
+async def test_pending_ids_put_consent_changes_first_in_one_read_and_a_lone_claim_is_one_round_trip(store):
+    for n in range(4):
+        assert await store.save(person(f"q{n}", f"q{n}@example.com"), None, {"mailchimp": ({"m": n}, f"h{n}")}, urgent=n == 2)
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    assert await store.outbox.pending_ids("mailchimp", limit=3) == ["q2", "q0", "q1"]
+    claimed, _ = await store.outbox.claim_sends(["q3"], "mailchimp", timedelta(seconds=30))
+    assert recording.calls == ["find", "find_one_and_update"] and list(claimed) == ["q3"]
+    assert (await store.outbox.claim_sends(["q3"], "mailchimp", timedelta(seconds=30)))[0] == {}  # its lease is held
+    store.outbox.profiles = recording._profiles
+
+
 async def test_one_send_per_profile_at_a_time(store):
     assert await store.save(person("p1", "a@example.com"), None, {"mailchimp": ({"m": 1}, "h1")})
     state, token = await store.outbox.claim_send("p1", "mailchimp", timedelta(seconds=30))
