@@ -161,6 +161,8 @@ class Sandbox(SandboxBase):
         self.by_email: dict[str, str] = {}
         self.suppressed: dict[str, str] = {}
         self.jobs: dict[str, Job] = {}
+        self.upsert_jobs_peak = 0
+        """The most upsert jobs pending at once (counted as each is accepted)."""
 
     def routes(self, app: web.Application) -> None:
         app.on_response_prepare.append(self._rate_headers)
@@ -196,7 +198,8 @@ class Sandbox(SandboxBase):
     def extra_stats(self) -> dict[str, Any]:
         return {"rate_limits": {group: window.stats() for group, window in self.windows.items()},
                 "throttled": sum(window.throttled for window in self.windows.values()),
-                "jobs_running": sum(1 for job in self.jobs.values() if job.status == "pending")}
+                "jobs_running": sum(1 for job in self.jobs.values() if job.status == "pending"),
+                "upsert_jobs_peak": self.upsert_jobs_peak}
 
     async def _job_delay(self, request: web.Request) -> web.Response:
         """``POST /_sandbox/job-delay {"ms"}``: how long jobs accepted from now on stay pending."""
@@ -207,6 +210,7 @@ class Sandbox(SandboxBase):
     async def _reset_stats(self, request: web.Request) -> web.Response:
         for window in self.windows.values():
             window.peak, window.throttled = window.used, 0
+        self.upsert_jobs_peak = 0
         return await super()._reset_stats(request)
 
     def _base_url(self, request: web.Request) -> str:
@@ -253,6 +257,7 @@ class Sandbox(SandboxBase):
             return sg_errors(404, unknown)
         job = self._job("upsert", len(contacts))
         job.errors = errored
+        self.upsert_jobs_peak = max(self.upsert_jobs_peak, sum(1 for j in self.jobs.values() if j.job_type == "upsert" and j.status == "pending"))
         asyncio.get_running_loop().call_later(self.job_delay_s, self._run_upsert, job, accepted, list(list_ids))
         return web.json_response({"job_id": job.id}, status=202)
 

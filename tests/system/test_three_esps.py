@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from typing import Any
 from unittest import mock
 
@@ -19,9 +20,10 @@ from adapters.settings import Settings
 from adapters.store.profiles import ProfileStore
 from broker import topology
 from broker.publisher import Publisher, encode_message
-from schemas.profile import Profile
+from schemas.profile import Profile, Trait
 from tests.conftest import AMQP_URL, ESP_KEYS, HASHER, ROOT, SENDGRID_LIST_ID, Pipeline, esp_targets, eventually, own_pipeline, post_webhook
 from tests.support.samples import customer, customer_gid, order
+from workers.sync import policy
 
 
 async def klaviyo_profile(http, klaviyo_sandbox, email: str) -> dict[str, Any] | None:
@@ -214,3 +216,44 @@ async def refused_whole_is_split(pipeline: Pipeline, store: ProfileStore, sendgr
     for email in emails:
         assert await sendgrid_contact(http, sendgrid_sandbox, email) is not None
     await client.close()
+
+
+async def test_syncs_to_sendgrid_in_flight_share_one_import_job_at_a_time(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox,
+                                                                           http, tmp_path):
+    """Every SendGrid write is a job: the sync process runs one at a time, and the syncs that arrive
+    while it runs go together in the next one, instead of one import per change."""
+    async with bulk_pipeline(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox, tmp_path) as (pipeline, store):
+        client = clients_of(pipeline, ("sendgrid",))["sendgrid"]
+        tag = uuid.uuid4().hex[:8]
+        emails = [f"lane{n}-{tag}@example.com" for n in range(policy.TAKE_ALONG_MIN - 5)]  # fewer than take a backlog along
+        ids = []
+        for n, email in enumerate(emails):
+            stamp = {"event_time": datetime.now(timezone.utc), "source": "shopify", "event_id": f"lane-{tag}-{n}"}
+            profile = Profile(id=f"p_lane_{uuid.uuid4().hex}", email=email, traits={"first_name": Trait(value=f"Lane{n}", **stamp)})
+            member = client.member(profile)
+            assert await store.save(profile, None, {"sendgrid": (member, _hash(member))})
+            ids.append(profile.id)
+        await sendgrid_sandbox.control(http, "job-delay", {"ms": 1500})
+        await sendgrid_sandbox.control(http, "stats/reset", {})
+        try:
+            queue = topology.sync_queue(pipeline.env["MERGETAG_QUEUE_PREFIX"])
+            publisher = Publisher(AMQP_URL, [queue], 5)
+            for pid in ids:
+                message_id, body = encode_message(queue, topology.SYNC_PROFILE_ACTOR, (pid, "sendgrid"))
+                await publisher.publish(queue, body, message_id)
+            await publisher.close()
+
+            async def all_sent():
+                docs = [d async for d in pipeline.db.profiles.find({"_id": {"$in": ids}})]
+                return all(d["esp"]["sendgrid"].get("sent_hash") == d["esp"]["sendgrid"]["member_hash"] for d in docs)
+
+            await eventually(all_sent, timeout=90)
+            stats = await sendgrid_sandbox.control(http, "stats")
+        finally:
+            await sendgrid_sandbox.control(http, "job-delay", {"ms": 300})
+        assert stats["upsert_jobs_peak"] == 1
+        assert stats["requests"].get("PUT /v3/marketing/contacts", 0) <= len(ids) // 2
+        for n, email in enumerate(emails):
+            contact = await sendgrid_contact(http, sendgrid_sandbox, email)
+            assert contact is not None and contact["first_name"] == f"Lane{n}" and SENDGRID_LIST_ID in contact["list_ids"]
+        await client.close()

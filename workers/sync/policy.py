@@ -5,8 +5,9 @@ A change is, per target:
 - sent now (``SEND``), in a sync round with the other syncs in flight (``rounds.py``): the default;
   always for a consent change, an erasure, a replayed dead letter and anything the sweeper or a
   refused batch sends ``alone``;
-- sent in one bulk request with other pending profiles taken along (``TAKE_ALONG``): where every
-  write is a job anyway (SendGrid), or when at least ``TAKE_ALONG_MIN`` profiles wait;
+- sent in one bulk request with other pending profiles taken along (``TAKE_ALONG``): when at least
+  ``TAKE_ALONG_MIN`` profiles wait, and where every write is a job anyway (SendGrid) unless sync
+  rounds gather its syncs into one job at a time;
 - left pending for the sweeper (``LEAVE``): while the target's backlog has reached the bulk
   threshold (``MERGETAG_SYNC_BULK_BACKLOG``); the sweeper sends it with the backlog, in bulk.
 

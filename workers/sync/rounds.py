@@ -5,6 +5,10 @@ all its (target, profile) pairs in one write and one read, sends every member (c
 ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is
 answered (then acked) only once that write is done. A profile with address work (erasures,
 unsubscribes, retirements) takes the single path (``sender``) under the round's lease. A lone sync on an idle system takes the single path: two round trips, as before.
+
+A target where every write is an asynchronous job (SendGrid: ``prefers_bulk``) is a lane: a round
+sends all its members in one job, and while that job runs the target's next syncs gather for the
+next one, so the target sees one import at a time per process, however fast the changes come.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class _Outcomes:
     sent: dict[str, list[tuple[str, SyncState]]] = field(default_factory=dict)
     holding: set[Pair] = field(default_factory=set)
     """Pairs whose request may still land: their leases run out by themselves, nothing releases them."""
+    alone: dict[str, list[str]] = field(default_factory=dict)
+    """Profiles of a job the ESP refused whole: each is sent on its own once the round is recorded."""
 
 
 class SyncRounds:
@@ -55,27 +61,40 @@ class SyncRounds:
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
         self._gathering: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._busy_lanes: set[str] = set()
         self.rounds = 0
 
     async def sync(self, profile_id: str, esp: str) -> None:
         """Send the profile's member to ``esp``, together with whatever else is in flight."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault((esp, profile_id), []).append(done)  # a repeat of a pair shares its outcome
-        if self._gathering is None or self._gathering.done():
-            self._gathering = asyncio.get_running_loop().create_task(self._gather())
+        self._gather_soon()
         await done
+
+    def _gather_soon(self) -> None:
+        if self._pending and (self._gathering is None or self._gathering.done()):
+            self._gathering = asyncio.get_running_loop().create_task(self._gather())
+
+    def _lane(self, esp: str) -> bool:
+        client = self._rt.esps.get(esp)
+        return client is not None and client.prefers_bulk
 
     async def _gather(self) -> None:
         """Start a round with what joined within the window. Rounds overlap: a slow ESP request does not
-        hold the next round back (a pair in two rounds at once is busy in the second: the lease decides)."""
+        hold the next round back (a pair in two rounds at once is busy in the second: the lease decides),
+        except at a lane whose job is still running: its pairs wait, and the job's end gathers them."""
         while self._pending:
             await asyncio.sleep(self._window)
-            pairs = list(self._pending)[:self._max]
-            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}))
+            pairs = [pair for pair in self._pending if pair[0] not in self._busy_lanes][:self._max]
+            if not pairs:
+                return
+            lanes = {esp for esp, _ in pairs if self._lane(esp)}
+            self._busy_lanes |= lanes
+            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]]) -> None:
+    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str]) -> None:
         self.rounds += 1
         try:
             if len(batch) == 1:  # a lone sync takes the single path: two round trips, not three
@@ -86,6 +105,9 @@ class SyncRounds:
                 errors = await self._sync_round(list(batch))
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
+        finally:
+            self._busy_lanes -= lanes
+            self._gather_soon()
         for pair, futures in batch.items():
             for done in futures:
                 if done.done():
@@ -124,6 +146,8 @@ class SyncRounds:
             raise
         for esp, pids in out.parked.items():
             await rt.store.outbox.park(pids, esp)
+        for esp, pids in out.alone.items():
+            await self._requeue.alone(pids, esp)
         for esp, sent in out.sent.items():
             sender.count_sent(rt, esp, [state for _, state in sent], "single", started, [pid for pid, _ in sent])
             log.info("%d profile(s) synced to %s in a round of %d", len(sent), esp, len(pairs))
@@ -142,8 +166,61 @@ class SyncRounds:
         """Send the members ``esp`` lacks and add what happened to ``out``; what it holds already is released."""
         todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
         released = [pid for pid in states if pid not in todo]
-        await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out) for pid, state in todo.items()))
+        if client.prefers_bulk and todo:
+            await self._send_job(esp, client, todo, token, out)
+        else:
+            await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out) for pid, state in todo.items()))
         out.settlement.add(esp, released=released)
+
+    async def _send_job(self, esp: str, client: Esp, todo: dict[str, SyncState], token: str, out: _Outcomes) -> None:
+        """A lane's members in one bulk request (its job polled to its end): each refused member fails its
+        own message; a request refused whole sends each member on its own, so only a bad one is refused."""
+        jobs: list[str] = []
+
+        async def accepted(job_id: str) -> None:
+            jobs.append(job_id)
+            await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
+
+        pairs = [(esp, pid) for pid in todo]
+        try:
+            refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
+        except EspRejected as exc:
+            if len(todo) == 1:
+                (pid, state), = todo.items()
+                refused = {client.key(state.member): exc.detail}
+            else:
+                out.settlement.add(esp, released=list(todo))
+                out.alone.setdefault(esp, []).extend(todo)
+                log.warning("job of %d refused by %s (%s); sending them one by one", len(todo), esp, exc.code)
+                return
+        except MergetagError as exc:
+            if exc.may_still_land:  # the leases run out by themselves, so nothing overtakes the job
+                out.holding.update(pairs)
+            else:
+                out.settlement.add(esp, released=list(todo))
+            if isinstance(exc, (CircuitOpen, SyncBusy)):
+                out.parked.setdefault(esp, []).extend(todo)
+            else:
+                out.errors.update(dict.fromkeys(pairs, exc))
+            return
+        except Exception as exc:  # unknown: the job may still run
+            out.errors.update(dict.fromkeys(pairs, exc))
+            out.holding.update(pairs)
+            return
+        sent: list[tuple[str, str]] = []
+        failed: list[tuple[str, str, str]] = []
+        for pid, state in todo.items():
+            assert state.member is not None and state.member_hash is not None  # needs_send: there is a member to send
+            reason = refused.get(client.key(state.member))
+            if reason is None:
+                sent.append((pid, state.member_hash))
+                out.sent.setdefault(esp, []).append((pid, state))
+                continue
+            failed.append((pid, state.member_hash, EspRejected.code))
+            out.errors[esp, pid] = EspRejected(reason)
+            if self._rt.trail is not None:
+                self._rt.trail.add([f"profile:{pid}"], "refused", profile=pid, target=esp, request="batch", status=EspRejected.code)
+        out.settlement.add(esp, sent=sent, failed=failed, jobs=jobs)
 
     async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes) -> None:
         jobs: list[str] = []

@@ -161,3 +161,102 @@ def test_a_lone_sync_takes_the_single_path(fake):
     rounds, results = asyncio.run(run_round(h, ["p0"]))
     assert results == [None] and rounds.rounds == 1 and h.outbox.calls == []  # claim_send and mark_sent, no round
     assert fake.requests == ["upsert"] and not h.outbox.state("p0", TARGET).pending
+
+
+class Jobs:
+    """The fake ESP as a target where every write is a job: each bulk request waits for ``release``."""
+
+    def __init__(self, fake, monkeypatch, refuse_whole: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.running = 0
+        self.most_running = 0
+        self.release = asyncio.Event()
+        upsert_batch = fake.upsert_batch
+
+        async def gated(esp, members, on_job=None):
+            self.batches.append(sorted(esp.key(m) for m in members))
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            try:
+                await self.release.wait()
+                if refuse_whole:
+                    raise EspRejected("invalid_request: one member spoils the request")
+                return await upsert_batch(esp, members, on_job)
+            finally:
+                self.running -= 1
+
+        monkeypatch.setattr(fake, "prefers_bulk", True)
+        monkeypatch.setattr(fake, "upsert_batch", gated)
+
+
+async def until(condition, deadline_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + deadline_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def test_a_job_target_gets_one_job_at_a_time_with_the_syncs_that_came_meanwhile(fake, monkeypatch):
+    h = Harness()
+    h.outbox = Counting()
+    jobs = Jobs(fake, monkeypatch)
+    for n in range(6):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), Requeued())
+        first = [asyncio.ensure_future(rounds.sync(pid, TARGET)) for pid in ("p0", "p1")]
+        await until(lambda: len(jobs.batches) == 1)
+        later = [asyncio.ensure_future(rounds.sync(f"p{n}", TARGET)) for n in range(2, 6)]
+        await until(lambda: len(rounds._pending) == 4)  # joined while the job runs: they wait for it
+        jobs.release.set()
+        return await asyncio.gather(*first, *later, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results == [None] * 6
+    assert jobs.batches == [["p0@example.com", "p1@example.com"], [f"p{n}@example.com" for n in range(2, 6)]]
+    assert jobs.most_running == 1 and "upsert" not in fake.requests
+    assert h.outbox.calls == ["claim_round", "settle"] * 2
+    for n in range(6):
+        state = h.outbox.state(f"p{n}", TARGET)
+        assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
+
+
+def test_a_member_refused_in_a_job_fails_its_own_message_only(fake, monkeypatch):
+    h = Harness()
+    jobs = Jobs(fake, monkeypatch)
+    jobs.release.set()
+    for n in range(3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    fake.refuse = {"p1@example.com"}
+    _, results = asyncio.run(run_round(h, ["p0", "p1", "p2"]))
+    assert results[0] is None and results[2] is None and isinstance(results[1], EspRejected)
+    assert len(jobs.batches) == 1 and set(fake.contacts) == {"p0@example.com", "p2@example.com"}
+    assert h.outbox.state("p1", TARGET).failed_code == "esp_rejected" and h.outbox.state("p1", TARGET).sending_until is None
+    assert not h.outbox.state("p0", TARGET).pending and not h.outbox.state("p2", TARGET).pending
+
+
+def test_a_job_refused_whole_sends_each_member_on_its_own_once_the_round_is_recorded(fake, monkeypatch):
+    h = Harness()
+    jobs = Jobs(fake, monkeypatch, refuse_whole=True)
+    jobs.release.set()
+    for n in range(3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    requeued = Requeued()
+    leases_when_requeued: list[object] = []
+    alone = requeued.alone
+
+    async def recorded_first(profile_ids, esp):
+        leases_when_requeued.extend(h.outbox.state(pid, esp).sending_until for pid in profile_ids)
+        await alone(profile_ids, esp)
+
+    requeued.alone = recorded_first
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), requeued)
+        return await asyncio.gather(*(rounds.sync(f"p{n}", TARGET) for n in range(3)), return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results == [None] * 3 and sorted(requeued.sent_alone) == ["p0", "p1", "p2"]
+    assert leases_when_requeued == [None] * 3  # released before they go alone, so they can claim
+    assert all(h.outbox.state(f"p{n}", TARGET).pending for n in range(3)) and fake.contacts == {}
