@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     retry_max: int = 8
     retry_min_backoff_ms: int = 1_000
     retry_max_backoff_ms: int = 300_000
-    worker_threads: int = 8
+    worker_threads: int = 64
     events_worker_threads: int = 128
     merge_batch_max: int = 100
     merge_batch_window_ms: float = 0.0
@@ -106,9 +106,11 @@ class Settings(BaseSettings):
     sync_lease_s: float = 60.0
     sync_coalesce_ms: int = 250
     sync_bulk_backlog: int = 200
-    # Sync rounds (workers/sync/rounds.py): most (target, profile) pairs in one, and how long one waits for more; 0 pairs: each sync alone.
+    # Sync rounds (workers/sync/rounds.py): most (target, profile) pairs in one, and how long one waits for more; 0 pairs: each sync alone;
+    # the least time between two import jobs a process starts at a target where every write is one (SendGrid).
     sync_round_max: int = 500
     sync_round_window_ms: float = 5.0
+    sync_lane_gap_ms: float = 200.0
     # Alerts (Sentry, one per episode) the sync raises beyond exceptions: see workers/sync/alerts.py.
     alert_dead_letters: int = 100
     alert_circuit_open_s: float = 300.0

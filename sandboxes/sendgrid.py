@@ -161,8 +161,9 @@ class Sandbox(SandboxBase):
         self.by_email: dict[str, str] = {}
         self.suppressed: dict[str, str] = {}
         self.jobs: dict[str, Job] = {}
-        self.upsert_jobs_peak = 0
-        """The most upsert jobs pending at once (counted as each is accepted)."""
+        self.last_upsert_at: float | None = None
+        self.upsert_min_gap_ms: float | None = None
+        """The least time between two upsert jobs accepted (since the stats were last reset)."""
 
     def routes(self, app: web.Application) -> None:
         app.on_response_prepare.append(self._rate_headers)
@@ -199,7 +200,7 @@ class Sandbox(SandboxBase):
         return {"rate_limits": {group: window.stats() for group, window in self.windows.items()},
                 "throttled": sum(window.throttled for window in self.windows.values()),
                 "jobs_running": sum(1 for job in self.jobs.values() if job.status == "pending"),
-                "upsert_jobs_peak": self.upsert_jobs_peak}
+                "upsert_min_gap_ms": self.upsert_min_gap_ms}
 
     async def _job_delay(self, request: web.Request) -> web.Response:
         """``POST /_sandbox/job-delay {"ms"}``: how long jobs accepted from now on stay pending."""
@@ -210,7 +211,7 @@ class Sandbox(SandboxBase):
     async def _reset_stats(self, request: web.Request) -> web.Response:
         for window in self.windows.values():
             window.peak, window.throttled = window.used, 0
-        self.upsert_jobs_peak = 0
+        self.last_upsert_at, self.upsert_min_gap_ms = None, None
         return await super()._reset_stats(request)
 
     def _base_url(self, request: web.Request) -> str:
@@ -257,7 +258,11 @@ class Sandbox(SandboxBase):
             return sg_errors(404, unknown)
         job = self._job("upsert", len(contacts))
         job.errors = errored
-        self.upsert_jobs_peak = max(self.upsert_jobs_peak, sum(1 for j in self.jobs.values() if j.job_type == "upsert" and j.status == "pending"))
+        now = time.monotonic()
+        if self.last_upsert_at is not None:
+            gap_ms = (now - self.last_upsert_at) * 1000
+            self.upsert_min_gap_ms = gap_ms if self.upsert_min_gap_ms is None else min(self.upsert_min_gap_ms, gap_ms)
+        self.last_upsert_at = now
         asyncio.get_running_loop().call_later(self.job_delay_s, self._run_upsert, job, accepted, list(list_ids))
         return web.json_response({"job_id": job.id}, status=202)
 

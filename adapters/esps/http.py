@@ -130,16 +130,19 @@ async def _json(response: aiohttp.ClientResponse) -> dict[str, Any] | None:
 async def wait_for_job(check: Callable[[], Awaitable[bool]], timeout_s: float, name: str) -> None:
     """Poll an asynchronous bulk job until ``check`` says it finished; nothing counts as sent before.
 
-    Polls quickly at first, then every few seconds (each poll spends rate budget).
+    Polls quickly at first, then every few seconds (each poll spends rate budget); the first poll
+    waits a first delay too, since no job is done the moment it is accepted.
     Raises EspUnavailable(``esp_timeout``) after ``timeout_s``: the job may still finish, so the
     caller keeps its send lease until it runs out rather than letting another send overtake it.
     """
     deadline = time.monotonic() + timeout_s
     delay = 0.5
-    while not await check():
-        if time.monotonic() + delay > deadline:
+    while True:
+        await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+        if await check():
+            return
+        if time.monotonic() >= deadline:
             raise EspTimeout(f"{name} bulk job still running after {timeout_s:.0f}s")
-        await asyncio.sleep(delay)
         delay = min(5.0, delay * 1.5)
 
 

@@ -103,12 +103,14 @@ async def test_a_customer_reaches_all_three_and_an_unsubscribe_follows(receiver,
 
 
 @asynccontextmanager
-async def bulk_pipeline(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox, tmp_path) -> AsyncIterator[tuple[Pipeline, ProfileStore]]:
+async def bulk_pipeline(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox, tmp_path,
+                        **settings: str) -> AsyncIterator[tuple[Pipeline, ProfileStore]]:
     """A pipeline of its own on the three sandboxes, with a grace long enough that the sweeper never
     steps in before the batch a test publishes by hand runs."""
     esp_file = tmp_path / "esps.json"
     esp_file.write_text(json.dumps(esp_targets(sandbox, klaviyo_sandbox, sendgrid_sandbox)))
-    async with own_pipeline(mongo_uri, None, tmp_path, MERGETAG_ESP_FILE=str(esp_file), MERGETAG_SYNC_GRACE_S="30", **ESP_KEYS) as pipeline:
+    async with own_pipeline(mongo_uri, None, tmp_path, MERGETAG_ESP_FILE=str(esp_file), MERGETAG_SYNC_GRACE_S="30", **ESP_KEYS,
+                            **settings) as pipeline:
         pipeline.start_sync()
         store = ProfileStore.connect(mongo_uri, pipeline.env["MERGETAG_MONGODB_DATABASE"], HASHER)
         try:
@@ -218,11 +220,12 @@ async def refused_whole_is_split(pipeline: Pipeline, store: ProfileStore, sendgr
     await client.close()
 
 
-async def test_syncs_to_sendgrid_in_flight_share_one_import_job_at_a_time(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox,
-                                                                           http, tmp_path):
-    """Every SendGrid write is a job: the sync process runs one at a time, and the syncs that arrive
-    while it runs go together in the next one, instead of one import per change."""
-    async with bulk_pipeline(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox, tmp_path) as (pipeline, store):
+async def test_syncs_to_sendgrid_in_flight_share_import_jobs_a_lane_gap_apart(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox,
+                                                                             http, tmp_path):
+    """Every SendGrid write is a job: the sync process starts one per lane gap at most, and the syncs
+    that arrive meanwhile go together in the next one, instead of one import per change."""
+    async with bulk_pipeline(mongo_uri, sandbox, klaviyo_sandbox, sendgrid_sandbox, tmp_path, MERGETAG_WORKER_THREADS="32",
+                             MERGETAG_SYNC_LANE_GAP_MS="200") as (pipeline, store):
         client = clients_of(pipeline, ("sendgrid",))["sendgrid"]
         tag = uuid.uuid4().hex[:8]
         emails = [f"lane{n}-{tag}@example.com" for n in range(policy.TAKE_ALONG_MIN - 5)]  # fewer than take a backlog along
@@ -251,8 +254,9 @@ async def test_syncs_to_sendgrid_in_flight_share_one_import_job_at_a_time(mongo_
             stats = await sendgrid_sandbox.control(http, "stats")
         finally:
             await sendgrid_sandbox.control(http, "job-delay", {"ms": 300})
-        assert stats["upsert_jobs_peak"] == 1
-        assert stats["requests"].get("PUT /v3/marketing/contacts", 0) <= len(ids) // 2
+        puts = stats["requests"].get("PUT /v3/marketing/contacts", 0)
+        assert 1 <= puts <= len(ids) // 2
+        assert puts == 1 or stats["upsert_min_gap_ms"] >= 200
         for n, email in enumerate(emails):
             contact = await sendgrid_contact(http, sendgrid_sandbox, email)
             assert contact is not None and contact["first_name"] == f"Lane{n}" and SENDGRID_LIST_ID in contact["list_ids"]

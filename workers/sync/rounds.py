@@ -7,8 +7,9 @@ answered (then acked) only once that write is done. A profile with address work 
 unsubscribes, retirements) takes the single path (``sender``) under the round's lease. A lone sync on an idle system takes the single path: two round trips, as before.
 
 A target where every write is an asynchronous job (SendGrid: ``prefers_bulk``) is a lane: a round
-sends all its members in one job, and while that job runs the target's next syncs gather for the
-next one, so the target sees one import at a time per process, however fast the changes come.
+sends all its members in one job, and the target's next syncs gather until that job is accepted and
+the lane's gap has passed, then go in the next one: at most one import per gap per process, however
+fast the changes come (SendGrid allows 600 a minute), each job polled to its end by its own round.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class _Outcomes:
     """Pairs whose request may still land: their leases run out by themselves, nothing releases them."""
     alone: dict[str, list[str]] = field(default_factory=dict)
     """Profiles of a job the ESP refused whole: each is sent on its own once the round is recorded."""
+    lane: object | None = None
+    """The round's hold on its lanes, freed a gap after its job is accepted."""
 
 
 class SyncRounds:
@@ -51,17 +54,20 @@ class SyncRounds:
       requeue: where the single path puts work back (read-backs of erasures).
       max_syncs: most pairs in one round.
       window_s: how long a round waits for more syncs to join it (a change's targets are scheduled together).
+      lane_gap_s: the least time between two jobs a lane starts.
     """
 
-    def __init__(self, rt: Runtime, requeue: Requeue, max_syncs: int = 500, window_s: float = 0.005) -> None:
+    def __init__(self, rt: Runtime, requeue: Requeue, max_syncs: int = 500, window_s: float = 0.005, lane_gap_s: float = 0.2) -> None:
         self._rt = rt
         self._requeue = requeue
         self._max = max_syncs
         self._window = window_s
+        self._gap = lane_gap_s
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
         self._gathering: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._busy_lanes: set[str] = set()
+        self._busy_lanes: dict[str, object] = {}
+        """Each lane held by a round, with that round's hold."""
         self.rounds = 0
 
     async def sync(self, profile_id: str, esp: str) -> None:
@@ -82,19 +88,27 @@ class SyncRounds:
     async def _gather(self) -> None:
         """Start a round with what joined within the window. Rounds overlap: a slow ESP request does not
         hold the next round back (a pair in two rounds at once is busy in the second: the lease decides),
-        except at a lane whose job is still running: its pairs wait, and the job's end gathers them."""
+        except at a lane held by a round whose job is not yet accepted (or was, less than a gap ago): its
+        pairs wait, and the lane's release gathers them."""
         while self._pending:
             await asyncio.sleep(self._window)
             pairs = [pair for pair in self._pending if pair[0] not in self._busy_lanes][:self._max]
             if not pairs:
                 return
-            lanes = {esp for esp, _ in pairs if self._lane(esp)}
-            self._busy_lanes |= lanes
-            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes))
+            lanes, hold = {esp for esp, _ in pairs if self._lane(esp)}, object()
+            self._busy_lanes.update(dict.fromkeys(lanes, hold))
+            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes, hold))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str]) -> None:
+    def _release(self, lanes: set[str], hold: object) -> None:
+        """Free the lanes ``hold`` still holds (a later round's hold is not this one's to free)."""
+        for esp in lanes:
+            if self._busy_lanes.get(esp) is hold:
+                del self._busy_lanes[esp]
+        self._gather_soon()
+
+    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: object) -> None:
         self.rounds += 1
         try:
             if len(batch) == 1:  # a lone sync takes the single path: two round trips, not three
@@ -102,12 +116,11 @@ class SyncRounds:
                 await sender.send_or_park(self._rt, self._requeue, pid, esp)
                 errors: dict[Pair, BaseException] = {}
             else:
-                errors = await self._sync_round(list(batch))
+                errors = await self._sync_round(list(batch), hold)
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
         finally:
-            self._busy_lanes -= lanes
-            self._gather_soon()
+            self._release(lanes, hold)
         for pair, futures in batch.items():
             for done in futures:
                 if done.done():
@@ -117,7 +130,7 @@ class SyncRounds:
                 else:
                     done.set_result(None)
 
-    async def _sync_round(self, pairs: list[Pair]) -> dict[Pair, BaseException]:
+    async def _sync_round(self, pairs: list[Pair], hold: object) -> dict[Pair, BaseException]:
         rt = self._rt
         started = time.perf_counter()
         by_target: dict[str, list[str]] = {}
@@ -127,7 +140,7 @@ class SyncRounds:
         if not by_target:
             return {}
         claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
-        out = _Outcomes(Settlement(claimed.token))
+        out = _Outcomes(Settlement(claimed.token), lane=hold)
         for esp, pid in claimed.busy:
             out.parked.setdefault(esp, []).append(pid)  # another send is in flight: the sweeper sends what is left after it
         plain: dict[str, dict[str, SyncState]] = {}
@@ -180,6 +193,7 @@ class SyncRounds:
         async def accepted(job_id: str) -> None:
             jobs.append(job_id)
             await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
+            asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
 
         pairs = [(esp, pid) for pid in todo]
         try:

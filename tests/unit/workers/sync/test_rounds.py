@@ -5,6 +5,7 @@ the in-memory outbox; the same rounds run against RabbitMQ, MongoDB and the sand
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime, timedelta, timezone
 
 from pymongo.errors import AutoReconnect
@@ -166,8 +167,10 @@ def test_a_lone_sync_takes_the_single_path(fake):
 class Jobs:
     """The fake ESP as a target where every write is a job: each bulk request waits for ``release``."""
 
-    def __init__(self, fake, monkeypatch, refuse_whole: bool = False) -> None:
+    def __init__(self, fake, monkeypatch, refuse_whole: bool = False, accept: bool = False) -> None:
         self.batches: list[list[str]] = []
+        self.started: list[float] = []
+        self.accepted: list[float] = []
         self.running = 0
         self.most_running = 0
         self.release = asyncio.Event()
@@ -175,9 +178,13 @@ class Jobs:
 
         async def gated(esp, members, on_job=None):
             self.batches.append(sorted(esp.key(m) for m in members))
+            self.started.append(time.monotonic())
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             try:
+                if accept and on_job is not None:  # the ESP accepted the job; it runs until released
+                    await on_job(f"job-{len(self.batches)}")
+                    self.accepted.append(time.monotonic())
                 await self.release.wait()
                 if refuse_whole:
                     raise EspRejected("invalid_request: one member spoils the request")
@@ -196,7 +203,7 @@ async def until(condition, deadline_s: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def test_a_job_target_gets_one_job_at_a_time_with_the_syncs_that_came_meanwhile(fake, monkeypatch):
+def test_a_job_target_starts_no_job_before_the_last_is_accepted_and_sends_the_syncs_that_came_meanwhile_in_the_next(fake, monkeypatch):
     h = Harness()
     h.outbox = Counting()
     jobs = Jobs(fake, monkeypatch)
@@ -260,3 +267,27 @@ def test_a_job_refused_whole_sends_each_member_on_its_own_once_the_round_is_reco
     assert results == [None] * 3 and sorted(requeued.sent_alone) == ["p0", "p1", "p2"]
     assert leases_when_requeued == [None] * 3  # released before they go alone, so they can claim
     assert all(h.outbox.state(f"p{n}", TARGET).pending for n in range(3)) and fake.contacts == {}
+
+
+def test_once_a_job_is_accepted_the_next_starts_a_lane_gap_later_while_it_still_runs(fake, monkeypatch):
+    h = Harness()
+    jobs = Jobs(fake, monkeypatch, accept=True)
+    for n in range(4):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), Requeued(), lane_gap_s=0.05)
+        first = [asyncio.ensure_future(rounds.sync(pid, TARGET)) for pid in ("p0", "p1")]
+        await until(lambda: len(jobs.accepted) == 1)
+        later = [asyncio.ensure_future(rounds.sync(pid, TARGET)) for pid in ("p2", "p3")]
+        await until(lambda: len(jobs.batches) == 2)  # the first job still runs
+        jobs.release.set()
+        return await asyncio.gather(*first, *later, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results == [None] * 4 and jobs.most_running == 2
+    assert jobs.batches == [["p0@example.com", "p1@example.com"], ["p2@example.com", "p3@example.com"]]
+    assert jobs.started[1] - jobs.accepted[0] >= 0.05
+    for n in range(4):
+        state = h.outbox.state(f"p{n}", TARGET)
+        assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None and state.jobs == []
