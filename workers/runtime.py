@@ -5,6 +5,7 @@ process, by the composition root (``workers/app.py``); tests build one with fake
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,6 +36,8 @@ class Backlogs:
     that count is stale. The cheap estimate the routing needs, shared by the threads of a process."""
 
     counts: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+    counting: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    """A count in flight per target: the syncs that find the last one stale meanwhile wait for it."""
 
     def note(self, esp: str, count: int) -> None:
         self.counts[esp] = (count, time.monotonic())
@@ -68,12 +71,23 @@ class Runtime:
 
     async def backlog(self, esp: str) -> int:
         """Pending profiles of ``esp`` (up to the bulk threshold): the sweeper's last count, else one of
-        this process's own, at most one per ``policy.BACKLOG_TTL_S``. Each count reads every pending profile."""
+        this process's own, at most one per ``policy.BACKLOG_TTL_S`` and one at a time (the syncs that
+        find it stale meanwhile share it). Each count reads every pending profile."""
         count = self.backlogs.fresh(esp)
-        if count is None:
+        if count is not None:
+            return count
+        counting = self.backlogs.counting.get(esp)
+        if counting is None:
+            counting = self.backlogs.counting[esp] = asyncio.ensure_future(self._count(esp))
+        return await asyncio.shield(counting)
+
+    async def _count(self, esp: str) -> int:
+        try:
             count = await self.store.outbox.count_pending(esp, self.settings.sync_bulk_backlog)
             self.backlogs.note(esp, count)
-        return count
+            return count
+        finally:
+            del self.backlogs.counting[esp]
 
     def members(self, profile: Profile) -> Members:
         """What every ESP target should hold for ``profile``, with its hash. Pure."""

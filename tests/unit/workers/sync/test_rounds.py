@@ -291,3 +291,22 @@ def test_once_a_job_is_accepted_the_next_starts_a_lane_gap_later_while_it_still_
     for n in range(4):
         state = h.outbox.state(f"p{n}", TARGET)
         assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None and state.jobs == []
+
+
+class SlowCount(CountingPending):
+    async def count_pending(self, esp, cap):
+        await asyncio.sleep(0.01)
+        return await super().count_pending(esp, cap)
+
+
+def test_syncs_that_find_the_backlog_count_stale_together_share_one_count(fake):
+    h = Harness()
+    h.outbox = SlowCount()
+    for n in range(3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def together():
+        rt = await h._runtime()
+        return await asyncio.gather(*(rt.backlog(TARGET) for _ in range(20)))
+
+    assert asyncio.run(together()) == [3] * 20 and h.outbox.counts == 1
