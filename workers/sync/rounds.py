@@ -4,7 +4,9 @@ Each sync of one profile to one target joins the current round. A round claims t
 all its (target, profile) pairs in one write and one read, sends every member (concurrently, each
 ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is
 answered (then acked) only once that write is done. A profile with address work (erasures,
-unsubscribes, retirements) takes the single path (``sender``) under the round's lease. A lone sync on an idle system takes the single path: two round trips, as before.
+unsubscribes, retirements) takes the single path (``sender``) under the round's lease. A lone sync
+on an idle system takes the single path: two round trips, as before, except at a lane (below): a
+round's hold on a lane ends a gap after its job is accepted, the single path's only with the job.
 
 A target where every write is an asynchronous job (SendGrid: ``prefers_bulk``) is a lane: a round
 sends all its members in one job, and the target's next syncs gather until that job is accepted and
@@ -111,7 +113,7 @@ class SyncRounds:
     async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: object) -> None:
         self.rounds += 1
         try:
-            if len(batch) == 1:  # a lone sync takes the single path: two round trips, not three
+            if len(batch) == 1 and not lanes:  # a lone sync takes the single path: two round trips, not three
                 (esp, pid), = batch
                 await sender.send_or_park(self._rt, self._requeue, pid, esp)
                 errors: dict[Pair, BaseException] = {}

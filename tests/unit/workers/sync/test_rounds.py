@@ -310,3 +310,24 @@ def test_syncs_that_find_the_backlog_count_stale_together_share_one_count(fake):
         return await asyncio.gather(*(rt.backlog(TARGET) for _ in range(20)))
 
     assert asyncio.run(together()) == [3] * 20 and h.outbox.counts == 1
+
+
+def test_a_lone_sync_at_a_job_target_goes_in_a_round_so_the_next_job_need_not_wait_for_its_end(fake, monkeypatch):
+    h = Harness()
+    h.outbox = Counting()
+    jobs = Jobs(fake, monkeypatch, accept=True)
+    for n in range(2):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), Requeued(), lane_gap_s=0.01)
+        first = asyncio.ensure_future(rounds.sync("p0", TARGET))
+        await until(lambda: len(jobs.accepted) == 1)
+        second = asyncio.ensure_future(rounds.sync("p1", TARGET))
+        await until(lambda: len(jobs.batches) == 2)  # while the first job still runs
+        jobs.release.set()
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == [None, None] and jobs.most_running == 2
+    assert h.outbox.calls == ["claim_round", "claim_round", "settle", "settle"]
+    assert not h.outbox.state("p0", TARGET).pending and not h.outbox.state("p1", TARGET).pending
