@@ -28,7 +28,6 @@ import os
 import sys
 import time
 import uuid
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -36,23 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pymongo import monitoring  # noqa: E402
 
 from bench._store import bulk_upserts  # noqa: E402
-
-
-class RoundTrips(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.counts[event.command_name] += 1
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+from tests.support.commands import CommandCounts  # noqa: E402
 
 
 def workload(n_events: int, n_profiles: int) -> list:
@@ -119,7 +104,7 @@ async def main() -> None:
         by_profile[key] = merge_all(by_profile.get(key, Profile(id=key)), [event], {"bronze": 0})
     pure_eps = len(events) / (time.perf_counter() - start)
 
-    trips = RoundTrips()
+    trips = CommandCounts()
     settings = Settings()
     store = ProfileStore(AsyncMongoClient(uri, tz_aware=True, event_listeners=[trips]), database, settings.hasher())
     await store.ensure_indexes()

@@ -14,7 +14,7 @@ from typing import Any
 
 from pymongo import DESCENDING, AsyncMongoClient
 
-from adapters.store.outbox import each
+from adapters.store.bulk import each
 
 ERASURES = "erasures"
 OPEN = ("pending", "deleted", "failed")

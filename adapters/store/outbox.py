@@ -17,9 +17,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
-from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
+from adapters.store.bulk import each
 from schemas.errors import SyncBusy
 from schemas.sync import ADDRESS_LISTS, Claimed, InFlight, Settlement, SyncState
 
@@ -396,12 +396,3 @@ def _settle_ops(esp: str, token: str, sent: list[tuple[str, str]], failed: list[
     ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *finished, *_settle(prefix)])
             for pid in released]
     return ops
-
-
-async def each(collection: AsyncCollection, ids: list[str], where: dict[str, Any], update: dict[str, Any]) -> None:
-    """``update`` each document of ``ids`` that matches ``where``: one unordered bulk write of
-    single-document updates, never a multi-document update. (SecantusDB runs a multi-document update
-    holding the collection's lock while it retries a conflict with an open transaction, and that
-    transaction's next statement waits for the lock: neither moves until the transaction expires.)"""
-    if ids:
-        await collection.bulk_write([UpdateOne({"_id": i, **where}, update) for i in ids], ordered=False)

@@ -5,34 +5,20 @@ or ignored: the version guard catches it, and the merge is read afresh."""
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from adapters.settings import Settings
 from adapters.store.profiles import ProfileStore
 from schemas.events import ConsentChanged, CustomerErased, CustomerUpdated, Identity, OrderCompleted
+from tests.support.commands import CommandCounts
 from workers.profiles.batch import MergeBatcher
 from workers.profiles.forget import erase_person
 from workers.runtime import close_runtime, create_runtime
 
 T0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
-
-
-class Commands(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.counts[event.command_name] += 1
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
 
 
 @pytest.fixture
@@ -44,7 +30,7 @@ async def runtime(mongo_uri, monkeypatch):
     settings = Settings(mongodb_uri=mongo_uri, mongodb_database=database, queue_prefix=database, esps=["mailchimp"],
                         identity_hash_keys="cache-test-identity-hash-key-0123456789")
     rt = await create_runtime(settings)
-    commands = Commands()
+    commands = CommandCounts()
     counted = ProfileStore(AsyncMongoClient(mongo_uri, tz_aware=True, event_listeners=[commands]), database, settings.hasher())
     counted.feed = rt.store.feed
     plain, rt.store = rt.store, counted
