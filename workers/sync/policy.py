@@ -5,9 +5,9 @@ A change is, per target:
 - sent now (``SEND``), in a sync round with the other syncs in flight (``rounds.py``): the default;
   always for a consent change, an erasure, a replayed dead letter and anything the sweeper or a
   refused batch sends ``alone``;
-- sent in one bulk request with other pending profiles taken along (``TAKE_ALONG``): when at least
-  ``TAKE_ALONG_MIN`` profiles wait, and where every write is a job anyway (SendGrid) unless sync
-  rounds gather its syncs into one job at a time;
+- sent in one bulk request with other pending profiles taken along (``TAKE_ALONG``), when sync
+  rounds are off: once at least ``TAKE_ALONG_MIN`` profiles wait, and always where every write is a
+  job anyway (SendGrid); with rounds, the syncs in flight go together there instead;
 - left pending for the sweeper (``LEAVE``): while the target's backlog has reached the bulk
   threshold (``MERGETAG_SYNC_BULK_BACKLOG``); the sweeper sends it with the backlog, in bulk.
 
@@ -48,12 +48,17 @@ class Route(enum.Enum):
     LEAVE = "leave"
 
 
-def route(*, urgent: bool, alone: bool, backlog: int, bulk_backlog: int, prefers_bulk: bool) -> Route:
-    """How one scheduled sync of a profile goes to its target (see the module docstring)."""
+def route(*, urgent: bool, alone: bool, backlog: int, bulk_backlog: int, prefers_bulk: bool, gathered: bool = False) -> Route:
+    """How one scheduled sync of a profile goes to its target (see the module docstring).
+
+    ``gathered``: sync rounds gather the syncs in flight (one claim, one record; a job target's
+    members in one job), so taking others along would only add a bulk job's wait to each change."""
     if urgent or alone:
         return Route.SEND
     if backlog >= bulk_backlog:
         return Route.LEAVE
+    if gathered:
+        return Route.SEND
     if prefers_bulk or backlog >= TAKE_ALONG_MIN:
         return Route.TAKE_ALONG
     return Route.SEND

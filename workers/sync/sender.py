@@ -255,13 +255,14 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
     flight (the sweeper sends what is left after it), and when the policy leaves it to the sweeper.
 
     ``rounds``: where a sync sent now joins the syncs in flight (``rounds.py``; a target where every write is
-    a job gets one at a time there, with the syncs that came meanwhile); urgent ones and replayed dead letters
-    go on their own. Without rounds, a target where every write is a job takes the others pending along."""
+    a job gets one per lane gap there, with the syncs that came meanwhile); urgent ones and replayed dead
+    letters go on their own. Without rounds, a middling backlog, and every sync of a target where every
+    write is a job, takes the others pending along."""
     client = rt.esps.get(esp)
     if client is not None:
         backlog = 0 if (urgent or alone) else await rt.backlog(esp)
         chosen = policy.route(urgent=urgent, alone=alone, backlog=backlog, bulk_backlog=rt.settings.sync_bulk_backlog,
-                              prefers_bulk=client.prefers_bulk and rounds is None)
+                              prefers_bulk=client.prefers_bulk, gathered=rounds is not None)
         if chosen is policy.Route.LEAVE:
             return  # still pending: the sweeper sends it with the backlog, in bulk
         if chosen is policy.Route.TAKE_ALONG:

@@ -91,13 +91,22 @@ def test_a_change_is_sent_once_and_recorded_and_a_second_sync_finds_nothing_to_s
     assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
 
 
-def test_a_backlog_rides_along_in_one_bulk_request(fake):
-    h = Harness()
+def test_without_sync_rounds_a_backlog_rides_along_in_one_bulk_request(fake):
+    h = Harness(sync_round_max=0)
     for n in range(25):
         h.outbox.put(f"p{n}", TARGET, member(n))
     h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
     assert fake.requests == ["batch"] and len(fake.contacts) == 25
     assert not any(h.outbox.state(f"p{n}", TARGET).pending for n in range(25))
+
+
+def test_with_sync_rounds_a_middling_backlog_is_sent_by_each_profiles_own_sync_not_taken_along(fake):
+    h = Harness()
+    for n in range(25):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    h.run(lambda: h.workers.sync.sync_profile.send("p0", TARGET))
+    assert fake.requests == ["upsert"] and list(fake.contacts) == ["p0@example.com"]
+    assert not h.outbox.state("p0", TARGET).pending and all(h.outbox.state(f"p{n}", TARGET).pending for n in range(1, 25))
 
 
 def test_at_the_bulk_threshold_a_sync_leaves_its_profile_to_the_sweeper(fake):
@@ -111,7 +120,7 @@ def test_at_the_bulk_threshold_a_sync_leaves_its_profile_to_the_sweeper(fake):
 
 
 def test_a_member_refused_in_a_batch_is_recorded_and_dead_lettered_alone(fake):
-    h = Harness()
+    h = Harness(sync_round_max=0)  # a sync takes the backlog along in one batch
     for n in range(25):
         h.outbox.put(f"p{n}", TARGET, member(n))
     fake.refuse = {"p7@example.com"}

@@ -23,6 +23,14 @@ def test_an_esp_whose_writes_are_all_jobs_takes_others_along_even_when_few_wait(
     assert policy.route(urgent=False, alone=False, backlog=0, bulk_backlog=200, prefers_bulk=True) is Route.TAKE_ALONG
 
 
+def test_with_sync_rounds_a_middling_backlog_goes_in_the_rounds_and_a_big_one_is_still_left_to_the_sweeper():
+    for prefers_bulk in (False, True):
+        common = {"urgent": False, "alone": False, "bulk_backlog": 200, "prefers_bulk": prefers_bulk, "gathered": True}
+        assert policy.route(backlog=policy.TAKE_ALONG_MIN, **common) is Route.SEND
+        assert policy.route(backlog=0, **common) is Route.SEND
+        assert policy.route(backlog=200, **common) is Route.LEAVE
+
+
 def test_take_along_leaves_room_for_the_profile_itself():
     assert policy.take_along_limit(500) == 499
     assert policy.take_along_limit(30_000) == policy.TAKE_ALONG
