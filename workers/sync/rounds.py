@@ -194,8 +194,8 @@ class SyncRounds:
 
         async def accepted(job_id: str) -> None:
             jobs.append(job_id)
-            await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
             asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
+            await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
 
         pairs = [(esp, pid) for pid in todo]
         try:
