@@ -34,7 +34,7 @@ beyond the senders and the idle rate (near 0 when the accounting holds). Phases,
   from the sync's start until the ESP holds every backlog profile (``backlog``).
   ``store_ops_per_event_backlog`` counts from the worker's start, per accepted event, split by stage
   (merge: until the sync starts; sync: after); the idle rates are those with only the worker up, then
-  with both up, each measured before they were stopped.
+  with both up, each measured before they were stopped, once no profile waits for any ESP.
 
 ``merge_batch_max`` is the worker's setting (the project's default unless the environment sets
 ``MERGETAG_MERGE_BATCH_MAX``); ``peak_rss_mb`` is each process's peak resident memory (VmHWM, with its
@@ -320,6 +320,15 @@ async def quiet(amqp: str, prefix: str, timeout: float = 300.0, settle: float = 
     await asyncio.sleep(settle)
 
 
+async def drained(client: AsyncMongoClient, database: str, esps: list[str], timeout: float = 300.0) -> None:
+    """Until no profile waits for any ESP target: a sync still holding prefetched messages after a step
+    that failed shows no queue depth, and its work would count as the next measurement's background."""
+    deadline = time.monotonic() + timeout
+    waiting = {"$or": [{f"esp.{esp}.pending": True} for esp in esps]}
+    while await client[database].profiles.find_one(waiting, {"_id": 1}) is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+
+
 async def step(bench: Bench, meter: Meter, rate: float, events: int, emails: list[str], idle: dict[str, float],
                timeout: float, settled: Callable[[], Awaitable[None]]) -> dict[str, Any]:
     """One steady rate on profiles of its own: sent, waited out until every ESP holds the final
@@ -464,6 +473,8 @@ async def main() -> None:
             result["store_ops_per_event_live"] = steps[0]["store_ops_per_event"]
 
             # The backlog's backgrounds (both up, then the worker alone), then both down; the store's own rate while all is quiet.
+            await drained(meter.client, prefix, esps, timeout=args.step_timeout)
+            await settled()
             idle_both = await meter.idle(args.idle)
             pipeline.stop("sync")
             idle_worker = await meter.idle(args.idle)
