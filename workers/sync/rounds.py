@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from adapters.esps.base import Esp
+from adapters.redis.trail import Trail
 from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
 from schemas.sync import Claimed, Settlement, SyncState
 from workers.runtime import Runtime
@@ -48,6 +49,32 @@ class _Outcomes:
     """Profiles of a job the ESP refused whole: each is sent on its own once the round is recorded."""
     lane: object | None = None
     """The round's hold on its lanes, freed a gap after its job is accepted."""
+
+    def add_sent(self, esp: str, pid: str, state: SyncState, jobs: list[str]) -> None:
+        assert state.member_hash is not None  # needs_send: there is a member to send
+        self.settlement.add(esp, sent=[(pid, state.member_hash)], jobs=jobs)
+        self.sent.setdefault(esp, []).append((pid, state))
+
+    def add_refused(self, esp: str, pid: str, state: SyncState, exc: EspRejected, jobs: list[str], trail: Trail | None, request: str) -> None:
+        """A member the ESP refused: recorded as failed, and its own message fails."""
+        assert state.member_hash is not None
+        self.settlement.add(esp, failed=[(pid, state.member_hash, exc.code)], jobs=jobs)
+        self.errors[esp, pid] = exc
+        if trail is not None:
+            trail.add([f"profile:{pid}"], "refused", profile=pid, target=esp, request=request, status=exc.code)
+
+    def add_unsent(self, esp: str, pids: list[str], exc: Exception) -> None:
+        """A request that failed without a refusal: released unless it may still land (then its leases run
+        out by themselves, so nothing overtakes it); parked while blocked, else its messages fail."""
+        pairs = [(esp, pid) for pid in pids]
+        if isinstance(exc, MergetagError) and not exc.may_still_land:
+            self.settlement.add(esp, released=pids)
+        else:  # may still land, or unknown
+            self.holding.update(pairs)
+        if isinstance(exc, (CircuitOpen, SyncBusy)):
+            self.parked.setdefault(esp, []).extend(pids)
+        else:
+            self.errors.update(dict.fromkeys(pairs, exc))
 
 
 class SyncRounds:
@@ -197,46 +224,25 @@ class SyncRounds:
             asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
             await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
 
-        pairs = [(esp, pid) for pid in todo]
         try:
             refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
         except EspRejected as exc:
-            if len(todo) == 1:
-                (pid, state), = todo.items()
-                refused = {client.key(state.member): exc.detail}
-            else:
+            if len(todo) > 1:
                 out.settlement.add(esp, released=list(todo))
                 out.alone.setdefault(esp, []).extend(todo)
                 log.warning("job of %d refused by %s (%s); sending them one by one", len(todo), esp, exc.code)
                 return
-        except MergetagError as exc:
-            if exc.may_still_land:  # the leases run out by themselves, so nothing overtakes the job
-                out.holding.update(pairs)
-            else:
-                out.settlement.add(esp, released=list(todo))
-            if isinstance(exc, (CircuitOpen, SyncBusy)):
-                out.parked.setdefault(esp, []).extend(todo)
-            else:
-                out.errors.update(dict.fromkeys(pairs, exc))
+            (state,) = todo.values()
+            refused = {client.key(state.member): exc.detail}
+        except Exception as exc:
+            out.add_unsent(esp, list(todo), exc)
             return
-        except Exception as exc:  # unknown: the job may still run
-            out.errors.update(dict.fromkeys(pairs, exc))
-            out.holding.update(pairs)
-            return
-        sent: list[tuple[str, str]] = []
-        failed: list[tuple[str, str, str]] = []
         for pid, state in todo.items():
-            assert state.member is not None and state.member_hash is not None  # needs_send: there is a member to send
             reason = refused.get(client.key(state.member))
             if reason is None:
-                sent.append((pid, state.member_hash))
-                out.sent.setdefault(esp, []).append((pid, state))
-                continue
-            failed.append((pid, state.member_hash, EspRejected.code))
-            out.errors[esp, pid] = EspRejected(reason)
-            if self._rt.trail is not None:
-                self._rt.trail.add([f"profile:{pid}"], "refused", profile=pid, target=esp, request="batch", status=EspRejected.code)
-        out.settlement.add(esp, sent=sent, failed=failed, jobs=jobs)
+                out.add_sent(esp, pid, state, jobs)
+            else:
+                out.add_refused(esp, pid, state, EspRejected(reason), jobs, self._rt.trail, "batch")
 
     async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes) -> None:
         jobs: list[str] = []
@@ -245,28 +251,13 @@ class SyncRounds:
             jobs.append(job_id)
             await self._rt.store.outbox.note_job(esp, token, job_id, [pid])
 
-        assert state.member is not None and state.member_hash is not None  # needs_send: there is a member to send
+        assert state.member is not None  # needs_send: there is a member to send
         try:
             await client.upsert(state.member, accepted)
         except EspRejected as exc:
-            out.settlement.add(esp, failed=[(pid, state.member_hash, exc.code)])
-            out.errors[esp, pid] = exc
-            if self._rt.trail is not None:
-                self._rt.trail.add([f"profile:{pid}"], "refused", profile=pid, target=esp, request="single", status=exc.code)
+            out.add_refused(esp, pid, state, exc, [], self._rt.trail, "single")
             return
-        except MergetagError as exc:
-            if exc.may_still_land:  # the lease runs out by itself, so nothing overtakes the send
-                out.holding.add((esp, pid))
-            else:
-                out.settlement.add(esp, released=[pid])
-            if isinstance(exc, (CircuitOpen, SyncBusy)):
-                out.parked.setdefault(esp, []).append(pid)
-            else:
-                out.errors[esp, pid] = exc
+        except Exception as exc:
+            out.add_unsent(esp, [pid], exc)
             return
-        except Exception as exc:  # unknown: the request may still land
-            out.errors[esp, pid] = exc
-            out.holding.add((esp, pid))
-            return
-        out.settlement.add(esp, sent=[(pid, state.member_hash)], jobs=jobs)
-        out.sent.setdefault(esp, []).append((pid, state))
+        out.add_sent(esp, pid, state, jobs)
