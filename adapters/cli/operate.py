@@ -216,7 +216,7 @@ async def _quarantine(args: argparse.Namespace) -> int:
         async def step(chunk: list[str]) -> int:
             done = await quarantine.redrive(publish, chunk)
             report.add(done)
-            return len(done.redriven)
+            return done.published
 
         try:
             await at_rate(chosen, args.rate, step)

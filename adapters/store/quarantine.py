@@ -170,6 +170,12 @@ class Redrive:
     skipped: int = 0
     failed: int = 0
 
+    @property
+    def published(self) -> int:
+        """Deliveries sent back through the pipeline: a redrive's progress. One the worker refused again
+        before the mark was still redriven (requarantined), so it counts."""
+        return len(self.redriven) + self.requarantined
+
     def add(self, other: Redrive) -> None:
         """Count ``other`` (one step of a paced redrive) in."""
         self.redriven += other.redriven

@@ -138,6 +138,7 @@ async def test_a_delivery_quarantined_again_while_it_is_redriven_stays_quarantin
 
         report = await quarantine.redrive(publish_then_a_worker_quarantines_it_again, [key])
         assert report.summary() == {"redriven": [], "count": 0, "requarantined": 1, "skipped": 0, "failed": 0}
+        assert report.published == 1  # a redrive's progress counts it: it went back through the pipeline
         doc = await quarantine.get(key)
         assert doc["status"] == "quarantined" and doc["attempts"] == 2
         assert [d["_id"] for d in await quarantine.list()] == [key]

@@ -244,7 +244,7 @@ def setup_console(app: web.Application, settings: Settings, store_key: web.AppKe
             report = await store.redrive(publish, chunk)
             if report.failed:
                 raise BrokerUnavailable(f"{report.failed} of {len(chunk)} deliveries could not be published")
-            return len(report.redriven)
+            return report.published
 
         selection = {"keys": len(keys), **({"reason": str(form["reason"])} if form.get("reason") else {})}
         job = await request.app[REPLAYS].start("quarantine", keys, _rate(form), request[SESSION].token, selection, step)
