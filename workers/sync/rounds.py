@@ -12,6 +12,8 @@ A target where every write is an asynchronous job (SendGrid: ``prefers_bulk``) i
 sends all its members in one job, and the target's next syncs gather until that job is accepted and
 the lane's gap has passed, then go in the next one: at most one import per gap per process, however
 fast the changes come (SendGrid allows 600 a minute), each job polled to its end by its own round.
+Once that job is accepted, a profile waiting for the lane keeps its other targets' syncs back too (at
+most a gap): a change's targets then share one claim and one record rather than two of each.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ Pair = tuple[str, str]
 """A target and a profile."""
 
 
+class _Hold:
+    """A round's hold on its lanes: ``freeing`` once its job is accepted, and the lanes free a gap later."""
+
+    __slots__ = ("freeing",)
+
+    def __init__(self) -> None:
+        self.freeing = False
+
+
 @dataclass
 class _Outcomes:
     """What one round records, per pair, and what each pair's message is answered with."""
@@ -47,7 +58,7 @@ class _Outcomes:
     """Pairs whose request may still land: their leases run out by themselves, nothing releases them."""
     alone: dict[str, list[str]] = field(default_factory=dict)
     """Profiles of a job the ESP refused whole: each is sent on its own once the round is recorded."""
-    lane: object | None = None
+    lane: _Hold | None = None
     """The round's hold on its lanes, freed a gap after its job is accepted."""
 
     def add_sent(self, esp: str, pid: str, state: SyncState, jobs: list[str]) -> None:
@@ -95,7 +106,7 @@ class SyncRounds:
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
         self._gathering: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._busy_lanes: dict[str, object] = {}
+        self._busy_lanes: dict[str, _Hold] = {}
         """Each lane held by a round, with that round's hold."""
         self.rounds = 0
 
@@ -118,26 +129,28 @@ class SyncRounds:
         """Start a round with what joined within the window. Rounds overlap: a slow ESP request does not
         hold the next round back (a pair in two rounds at once is busy in the second: the lease decides),
         except at a lane held by a round whose job is not yet accepted (or was, less than a gap ago): its
-        pairs wait, and the lane's release gathers them."""
+        pairs wait, and the lane's release gathers them. Once that job is accepted, the other pairs of
+        their profiles wait with them, to go in the same round."""
         while self._pending:
             await asyncio.sleep(self._window)
-            pairs = [pair for pair in self._pending if pair[0] not in self._busy_lanes][:self._max]
+            freeing = {pid for esp, pid in self._pending if (lane := self._busy_lanes.get(esp)) is not None and lane.freeing}
+            pairs = [pair for pair in self._pending if pair[0] not in self._busy_lanes and pair[1] not in freeing][:self._max]
             if not pairs:
                 return
-            lanes, hold = {esp for esp, _ in pairs if self._lane(esp)}, object()
+            lanes, hold = {esp for esp, _ in pairs if self._lane(esp)}, _Hold()
             self._busy_lanes.update(dict.fromkeys(lanes, hold))
             task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes, hold))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _release(self, lanes: set[str], hold: object) -> None:
+    def _release(self, lanes: set[str], hold: _Hold) -> None:
         """Free the lanes ``hold`` still holds (a later round's hold is not this one's to free)."""
         for esp in lanes:
             if self._busy_lanes.get(esp) is hold:
                 del self._busy_lanes[esp]
         self._gather_soon()
 
-    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: object) -> None:
+    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: _Hold) -> None:
         self.rounds += 1
         try:
             if len(batch) == 1 and not lanes:  # a lone sync takes the single path: two round trips, not three
@@ -159,7 +172,7 @@ class SyncRounds:
                 else:
                     done.set_result(None)
 
-    async def _sync_round(self, pairs: list[Pair], hold: object) -> dict[Pair, BaseException]:
+    async def _sync_round(self, pairs: list[Pair], hold: _Hold) -> dict[Pair, BaseException]:
         rt = self._rt
         started = time.perf_counter()
         by_target: dict[str, list[str]] = {}
@@ -221,6 +234,8 @@ class SyncRounds:
 
         async def accepted(job_id: str) -> None:
             jobs.append(job_id)
+            assert out.lane is not None  # a lane's round holds it
+            out.lane.freeing = True
             asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
             await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
 

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pymongo.errors import AutoReconnect
 
 from schemas.errors import EspRejected
+from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeOutbox
 from tests.unit.workers.sync.test_actors import TARGET, Harness, member
 from workers.sync import policy
@@ -331,3 +332,108 @@ def test_a_lone_sync_at_a_job_target_goes_in_a_round_so_the_next_job_need_not_wa
     assert asyncio.run(scenario()) == [None, None] and jobs.most_running == 2
     assert h.outbox.calls == ["claim_round", "claim_round", "settle", "settle"]
     assert not h.outbox.state("p0", TARGET).pending and not h.outbox.state("p1", TARGET).pending
+
+
+LANE = "lane"
+
+
+class Lane(FakeEsp):
+    """A second target where every write is a job, accepted at once and running until ``release``."""
+
+    prefers_bulk = True
+
+    def __init__(self) -> None:
+        super().__init__(LANE, {"first_name": "first_name"})
+        self.release = asyncio.Event()
+        self.jobs: list[list[str]] = []
+        self.accepted_at: list[float] = []
+
+    async def upsert_batch(self, members, on_job=None):
+        self.jobs.append(sorted(self.key(m) for m in members))
+        await on_job(f"job-{len(self.jobs)}")
+        self.accepted_at.append(time.monotonic())
+        await self.release.wait()
+        return {}
+
+
+class Claims(Counting):
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed: list[list[tuple[str, str]]] = []
+        self.claimed_at: dict[tuple[str, str], float] = {}
+
+    async def claim_round(self, pairs, leases):
+        self.claimed.append(sorted((esp, pid) for esp, pids in pairs.items() for pid in pids))
+        self.claimed_at.update({(esp, pid): time.monotonic() for esp, pids in pairs.items() for pid in pids})
+        return await super().claim_round(pairs, leases)
+
+    async def claim_send(self, profile_id, esp, lease):
+        self.claimed.append([(esp, profile_id)])
+        self.claimed_at[esp, profile_id] = time.monotonic()
+        return await super().claim_send(profile_id, esp, lease)
+
+
+async def with_lane(h: Harness, lane: Lane, gap_s: float) -> SyncRounds:
+    rt = await h._runtime()
+    rt.esps[LANE] = lane
+    rt.leases[LANE] = rt.leases[TARGET]
+    return SyncRounds(rt, Requeued(), lane_gap_s=gap_s)
+
+
+def test_once_a_lane_job_is_accepted_a_profile_waiting_for_the_lane_keeps_its_other_targets_back_for_one_round(fake):
+    h = Harness()
+    h.outbox = Claims()
+    lane = Lane()
+    h.outbox.put("p0", LANE, member(0))
+    for esp in (TARGET, LANE):
+        h.outbox.put("p1", esp, member(1))
+
+    async def scenario():
+        rounds = await with_lane(h, lane, gap_s=0.15)
+        first = asyncio.ensure_future(rounds.sync("p0", LANE))
+        await until(lambda: len(lane.accepted_at) == 1)
+        change = [asyncio.ensure_future(rounds.sync("p1", esp)) for esp in (TARGET, LANE)]  # one change, both targets
+        await until(lambda: len(lane.jobs) == 2)
+        lane.release.set()
+        return await asyncio.gather(first, *change, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == [None] * 3
+    assert h.outbox.claimed == [[(LANE, "p0")], [(TARGET, "p1"), (LANE, "p1")]]  # the change: one claim
+    assert h.outbox.calls.count("settle") == 2
+    assert h.outbox.claimed_at[TARGET, "p1"] - lane.accepted_at[0] >= 0.15  # it waited for the lane's gap
+    assert lane.jobs == [["p0@example.com"], ["p1@example.com"]] and fake.contacts.keys() == {"p1@example.com"}
+    for esp in (TARGET, LANE):
+        state = h.outbox.state("p1", esp)
+        assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
+
+
+def test_before_the_lane_job_is_accepted_the_other_targets_of_a_profile_waiting_for_the_lane_go_ahead(fake, monkeypatch):
+    h = Harness()
+    h.outbox = Claims()
+    lane = Lane()
+    accept = asyncio.Event()
+    upsert_batch = lane.upsert_batch
+
+    async def accepted_when_let(members, on_job=None):
+        await accept.wait()
+        return await upsert_batch(members, on_job)
+
+    monkeypatch.setattr(lane, "upsert_batch", accepted_when_let)
+    h.outbox.put("p0", LANE, member(0))
+    for esp in (TARGET, LANE):
+        h.outbox.put("p1", esp, member(1))
+
+    async def scenario():
+        rounds = await with_lane(h, lane, gap_s=0.01)
+        first = asyncio.ensure_future(rounds.sync("p0", LANE))
+        await until(lambda: len(h.outbox.claimed) == 1)
+        change = [asyncio.ensure_future(rounds.sync("p1", esp)) for esp in (TARGET, LANE)]
+        await until(lambda: "p1@example.com" in fake.contacts)  # sent while the lane's job waits for acceptance
+        assert len(lane.jobs) == 0
+        accept.set()
+        lane.release.set()
+        return await asyncio.gather(first, *change, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == [None] * 3
+    assert h.outbox.claimed == [[(LANE, "p0")], [(TARGET, "p1")], [(LANE, "p1")]]
+    assert lane.jobs == [["p0@example.com"], ["p1@example.com"]]
