@@ -19,6 +19,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import PyMongoError
 
+from adapters.store import records
 from adapters.store.bulk import each
 from schemas.errors import SyncBusy
 from schemas.sync import ADDRESS_LISTS, Claimed, InFlight, Settlement, SyncState
@@ -32,18 +33,6 @@ RELEASE_RETRY_S = 0.5
 JOB_NOTE_WAIT_S = 60.0
 """How long recording a bulk job the ESP accepted waits for a failing store."""
 
-
-
-def _waiting(prefix: str) -> list[dict[str, Any]]:
-    return [{"$gt": [{"$size": {"$ifNull": [f"${prefix}.{name}", []]}}, 0]} for name in ADDRESS_LISTS]
-
-
-def _pending(prefix: str) -> dict[str, Any]:
-    """Pending: the ESP does not hold exactly the profile's member yet, or addresses wait for their work."""
-    member_hash = f"${prefix}.member_hash"
-    differs = {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
-                        {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
-    return {"$or": [differs, *_waiting(prefix)]}
 
 
 def _pending_query(prefix: str, **more: Any) -> dict[str, Any]:
@@ -61,20 +50,9 @@ def _not_after(moment: datetime) -> dict[str, Any]:
     return {"$not": {"$gt": moment}}
 
 
-def _settle(prefix: str) -> list[dict[str, Any]]:
-    """Pipeline stages that recompute ``pending``; an ``urgent`` mark lasts only while something is pending."""
-    return [{"$set": {f"{prefix}.pending": _pending(prefix)}},
-            {"$set": {f"{prefix}.urgent": {"$and": [{"$ifNull": [f"${prefix}.urgent", False]}, f"${prefix}.pending"]}}}]
-
-
-def _literal(value: Any) -> dict[str, Any]:
-    """Values inside pipeline updates must not be read as expressions (a trait may start with ``$``)."""
-    return {"$literal": value}
-
-
 def _with_work(prefix: str, lists: dict[str, list[str]]) -> dict[str, Any]:
     """Pipeline ``$set`` entries adding ``lists`` (name -> addresses) to a target's address lists."""
-    return {f"{prefix}.{name}": {"$setUnion": [{"$ifNull": [f"${prefix}.{name}", []]}, _literal(sorted(emails))]}
+    return {f"{prefix}.{name}": {"$setUnion": [{"$ifNull": [f"${prefix}.{name}", []]}, records.literal(sorted(emails))]}
             for name, emails in lists.items() if emails}
 
 
@@ -83,11 +61,6 @@ def carry(carried: dict[str, InFlight]) -> tuple[dict[str, Any], dict[str, Any]]
     jobs = {f"esp.{esp}.jobs": {"$each": list(f.jobs)} for esp, f in carried.items() if f.jobs}
     until = {f"esp.{esp}.fence_until": f.until for esp, f in carried.items() if f.until is not None}
     return jobs, until
-
-
-def _owned(profile_id: str, esp: str, token: str) -> dict[str, Any]:
-    """The filter of a write that only the holder of the send lease may make."""
-    return {"_id": profile_id, f"esp.{esp}.sending_token": token}
 
 
 class Outbox:
@@ -102,23 +75,23 @@ class Outbox:
     async def forget(self, profile_id: str, esp: str, token: str, emails: list[str]) -> None:
         """The ESP deleted these contacts: they wait for their read-back now, no longer for deletion."""
         prefix = f"esp.{esp}"
-        await self.profiles.update_one(_owned(profile_id, esp, token),
+        await self.profiles.update_one(records.owned(profile_id, esp, token),
                                        {"$pullAll": {f"{prefix}.erase": emails}, "$addToSet": {f"{prefix}.verify": {"$each": emails}}})
 
     async def done(self, profile_id: str, esp: str, token: str, name: str, emails: list[str]) -> None:
         """Addresses of list ``name`` (verify, unsubscribe, retire) whose work at the ESP is done."""
-        await self.profiles.update_one(_owned(profile_id, esp, token), {"$pullAll": {f"esp.{esp}.{name}": emails}})
+        await self.profiles.update_one(records.owned(profile_id, esp, token), {"$pullAll": {f"esp.{esp}.{name}": emails}})
 
     async def redo(self, profile_id: str, esp: str, token: str, emails: list[str]) -> None:
         """Contacts the ESP still holds after their deletion: delete them again."""
         prefix = f"esp.{esp}"
-        await self.profiles.update_one(_owned(profile_id, esp, token),
+        await self.profiles.update_one(records.owned(profile_id, esp, token),
                                        {"$pullAll": {f"{prefix}.verify": emails}, "$addToSet": {f"{prefix}.erase": {"$each": emails}},
                                         "$unset": {f"{prefix}.verify_checks": ""}})
 
     async def checked(self, profile_id: str, esp: str, token: str) -> int:
         """Count one more read-back that still found an erased contact; returns how many so far."""
-        doc = await self.profiles.find_one_and_update(_owned(profile_id, esp, token), {"$inc": {f"esp.{esp}.verify_checks": 1}},
+        doc = await self.profiles.find_one_and_update(records.owned(profile_id, esp, token), {"$inc": {f"esp.{esp}.verify_checks": 1}},
                                                       projection={f"esp.{esp}.verify_checks": 1}, return_document=ReturnDocument.AFTER)
         return int(((doc or {}).get("esp", {}).get(esp) or {}).get("verify_checks", 0))
 
@@ -241,19 +214,21 @@ class Outbox:
                     return False
                 await asyncio.sleep(RELEASE_RETRY_S)
 
-    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
+    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str], settled: Settlement | None = None) -> None:
         """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure
-        of any of them waits for it (it could otherwise land after the deletion).
+        of any of them waits for it (it could otherwise land after the deletion). ``settled``: outcomes
+        at other targets under the same token, recorded in the same write.
 
         The job runs whatever the store does, so a store that fails here is waited for (up to
         ``JOB_NOTE_WAIT_S``): giving up would leave a running job nobody knows of, its leases held
-        until they run out. ``$addToSet`` makes a repeat harmless.
+        until they run out. ``$addToSet`` makes a repeat harmless, as the token does a settlement's.
         """
         deadline = time.monotonic() + JOB_NOTE_WAIT_S
+        ops = [UpdateOne({"_id": pid, f"esp.{esp}.sending_token": token}, {"$addToSet": {f"esp.{esp}.jobs": job_id}}) for pid in profile_ids]
+        ops += records.settlement_ops(settled) if settled is not None else []
         while True:
             try:
-                await each(self.profiles, profile_ids, {f"esp.{esp}.sending_token": token},
-                           {"$addToSet": {f"esp.{esp}.jobs": job_id}})
+                await self.profiles.bulk_write(ops, ordered=False)
                 return
             except PyMongoError:
                 if time.monotonic() + RELEASE_RETRY_S > deadline:
@@ -261,7 +236,7 @@ class Outbox:
                 await asyncio.sleep(RELEASE_RETRY_S)
 
     async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
-        await self.profiles.update_one(_owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})
+        await self.profiles.update_one(records.owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})
 
     async def settle_many(self, esp: str, token: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]],
                           released: list[str], jobs: list[str] | None = None) -> None:
@@ -275,8 +250,7 @@ class Outbox:
 
     async def settle(self, settlement: Settlement) -> None:
         """Record sends' outcomes at any targets in one round trip; only where the settlement's token still holds the lease."""
-        ops = [op for esp, *part in settlement.parts for op in _settle_ops(esp, settlement.token, *part)]
-        if ops:
+        if ops := records.settlement_ops(settlement):
             await self.profiles.bulk_write(ops, ordered=False)
 
     async def park(self, profile_ids: list[str], esp: str) -> None:
@@ -286,8 +260,7 @@ class Outbox:
 
     async def release_send(self, profile_id: str, esp: str, token: str) -> None:
         """End the send lease and settle ``pending`` from what is stored (a no-op send leaves nothing pending)."""
-        prefix = f"esp.{esp}"
-        await self.profiles.update_one(_owned(profile_id, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *_settle(prefix)])
+        await self.profiles.update_one(records.owned(profile_id, esp, token), records.released(f"esp.{esp}", []))
 
     async def mark_sent(self, profile_id: str, esp: str, token: str, sent_hash: str, jobs: list[str] | None = None) -> bool:
         """Record what the ESP now holds; still pending if the profile moved on meanwhile.
@@ -296,26 +269,12 @@ class Outbox:
         ran out and another send took it): that send records its own outcome, this one must not
         overwrite it.
         """
-        prefix = f"esp.{esp}"
-        finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
-        done = await self.profiles.update_one(
-            _owned(profile_id, esp, token),
-            [
-                {"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc),
-                          f"{prefix}.sending_until": None}},
-                {"$unset": f"{prefix}.swept_at"},  # sent: the next change is claimable at once
-                *finished,
-                *_settle(prefix),
-            ],
-        )
+        done = await self.profiles.update_one(records.owned(profile_id, esp, token), records.sent(f"esp.{esp}", sent_hash, jobs or []))
         return done.matched_count == 1
 
     async def mark_failed(self, profile_id: str, esp: str, token: str, failed_hash: str, code: str) -> None:
         """Remember a member the ESP refused, so the sweeper does not resend it until it changes."""
-        await self.profiles.update_one(
-            _owned(profile_id, esp, token),
-            {"$set": {f"esp.{esp}.failed_hash": failed_hash, f"esp.{esp}.failed_code": code, f"esp.{esp}.sending_until": None}},
-        )
+        await self.profiles.update_one(records.owned(profile_id, esp, token), records.failed(f"esp.{esp}", failed_hash, code, []))
 
     async def synced_sample(self, esp: str, limit: int) -> list[dict[str, Any]]:
         """Profiles whose member the ESP should hold, as last sent (a random sample; all when ``limit`` is 0)."""
@@ -382,17 +341,3 @@ class Outbox:
         return ids
 
 
-def _settle_ops(esp: str, token: str, sent: list[tuple[str, str]], failed: list[tuple[str, str, str]], released: list[str],
-                jobs: list[str]) -> list[UpdateOne]:
-    """The writes of one part of a :class:`Settlement`, each only where ``token`` still holds the lease."""
-    prefix, now = f"esp.{esp}", datetime.now(timezone.utc)
-    finished = [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, _literal(jobs)]}}}] if jobs else []
-    ops = [UpdateOne(_owned(pid, esp, token),
-                     [{"$set": {f"{prefix}.sent_hash": h, f"{prefix}.sent_at": now, f"{prefix}.sending_until": None}},
-                      {"$unset": f"{prefix}.swept_at"}, *finished, *_settle(prefix)]) for pid, h in sent]
-    ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.failed_hash": h, f"{prefix}.failed_code": code,
-                                                          f"{prefix}.sending_until": None}}, *finished])
-            for pid, h, code in failed]
-    ops += [UpdateOne(_owned(pid, esp, token), [{"$set": {f"{prefix}.sending_until": None}}, *finished, *_settle(prefix)])
-            for pid in released]
-    return ops

@@ -1,0 +1,77 @@
+"""The writes that record what a send did at one target (``profile.esp.<target>``): pipeline updates the
+outbox puts in its bulk writes, each guarded by the send lease's token."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pymongo import UpdateOne
+
+from schemas.sync import ADDRESS_LISTS, Settlement
+
+
+def waiting(prefix: str) -> list[dict[str, Any]]:
+    """Expressions true while a target's address list (erase, verify, unsubscribe, retire) holds work."""
+    return [{"$gt": [{"$size": {"$ifNull": [f"${prefix}.{name}", []]}}, 0]} for name in ADDRESS_LISTS]
+
+
+def pending(prefix: str) -> dict[str, Any]:
+    """Pending: the ESP does not hold exactly the profile's member yet, or addresses wait for their work."""
+    member_hash = f"${prefix}.member_hash"
+    differs = {"$and": [{"$ne": [{"$ifNull": [member_hash, None]}, None]},
+                        {"$ne": [member_hash, {"$ifNull": [f"${prefix}.sent_hash", None]}]}]}
+    return {"$or": [differs, *waiting(prefix)]}
+
+
+def settle_pending(prefix: str) -> list[dict[str, Any]]:
+    """Pipeline stages that recompute ``pending``; an ``urgent`` mark lasts only while something is pending."""
+    return [{"$set": {f"{prefix}.pending": pending(prefix)}},
+            {"$set": {f"{prefix}.urgent": {"$and": [{"$ifNull": [f"${prefix}.urgent", False]}, f"${prefix}.pending"]}}}]
+
+
+def literal(value: Any) -> dict[str, Any]:
+    """Values inside pipeline updates must not be read as expressions (a trait may start with ``$``)."""
+    return {"$literal": value}
+
+
+def owned(profile_id: str, esp: str, token: str) -> dict[str, Any]:
+    """The filter of a write that only the holder of the send lease may make."""
+    return {"_id": profile_id, f"esp.{esp}.sending_token": token}
+
+
+def finished(prefix: str, jobs: list[str]) -> list[dict[str, Any]]:
+    """The pipeline stage taking bulk jobs confirmed finished off a target's list."""
+    return [{"$set": {f"{prefix}.jobs": {"$setDifference": [{"$ifNull": [f"${prefix}.jobs", []]}, literal(jobs)]}}}] if jobs else []
+
+
+def sent(prefix: str, sent_hash: str, jobs: list[str]) -> list[dict[str, Any]]:
+    """The pipeline recording a member the ESP now holds (still pending if the profile moved on); sent, its
+    next change is claimable at once."""
+    return [{"$set": {f"{prefix}.sent_hash": sent_hash, f"{prefix}.sent_at": datetime.now(timezone.utc), f"{prefix}.sending_until": None}},
+            {"$unset": f"{prefix}.swept_at"}, *finished(prefix, jobs), *settle_pending(prefix)]
+
+
+def failed(prefix: str, failed_hash: str, code: str, jobs: list[str]) -> list[dict[str, Any]]:
+    """The pipeline recording a member the ESP refused."""
+    return [{"$set": {f"{prefix}.failed_hash": failed_hash, f"{prefix}.failed_code": code, f"{prefix}.sending_until": None}},
+            *finished(prefix, jobs)]
+
+
+def released(prefix: str, jobs: list[str]) -> list[dict[str, Any]]:
+    """The pipeline ending a send lease with nothing sent, ``pending`` settled from what is stored."""
+    return [{"$set": {f"{prefix}.sending_until": None}}, *finished(prefix, jobs), *settle_pending(prefix)]
+
+
+def part_ops(esp: str, token: str, sent_: list[tuple[str, str]], failed_: list[tuple[str, str, str]], released_: list[str],
+             jobs: list[str]) -> list[UpdateOne]:
+    """The writes of one part of a :class:`Settlement`, each only where ``token`` still holds the lease."""
+    prefix = f"esp.{esp}"
+    return [*(UpdateOne(owned(pid, esp, token), sent(prefix, h, jobs)) for pid, h in sent_),
+            *(UpdateOne(owned(pid, esp, token), failed(prefix, h, code, jobs)) for pid, h, code in failed_),
+            *(UpdateOne(owned(pid, esp, token), released(prefix, jobs)) for pid in released_)]
+
+
+def settlement_ops(settlement: Settlement) -> list[UpdateOne]:
+    """Every write of ``settlement``, for one unordered bulk write."""
+    return [op for esp, *part in settlement.parts for op in part_ops(esp, settlement.token, *part)]
