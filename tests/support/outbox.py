@@ -74,10 +74,12 @@ class FakeOutbox:
         for esp, sent, failed, released, jobs in settlement.parts:
             await self.settle_many(esp, settlement.token, sent, failed, released, jobs)
 
-    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str]) -> None:
+    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str], settled: Settlement | None = None) -> None:
         for pid in profile_ids:
             if (state := self._owned(pid, esp, token)) is not None:
                 state.setdefault("jobs", []).append(job_id)
+        for part in settled.parts if settled is not None else ():  # in the same write
+            await self.settle_many(part[0], settled.token, *part[1:])
 
     async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
         if (state := self._owned(profile_id, esp, token)) is not None:

@@ -13,7 +13,8 @@ sends all its members in one job, and the target's next syncs gather until that 
 the lane's gap has passed, then go in the next one: at most one import per gap per process, however
 fast the changes come (SendGrid allows 600 a minute), each job polled to its end by its own round.
 Once that job is accepted, a profile waiting for the lane keeps its other targets' syncs back too (at
-most a gap): a change's targets then share one claim and one record rather than two of each.
+most a gap): a change's targets then share one claim and one record rather than two of each. Their
+outcomes go in the write that notes the job, and their messages are answered then, not at the job's end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapters.esps.base import Esp
 from adapters.redis.trail import Trail
@@ -60,6 +63,23 @@ class _Outcomes:
     """Profiles of a job the ESP refused whole: each is sent on its own once the round is recorded."""
     lane: _Hold | None = None
     """The round's hold on its lanes, freed a gap after its job is accepted."""
+    others: tuple[dict[str, list[str]], asyncio.Future[Any]] | None = None
+    """In a round with a lane, the other targets' profiles and their sends: recorded with the job's note."""
+    answer: Callable[[dict[Pair, BaseException | None]], None] = lambda outcomes: None
+    """Answers the messages of pairs recorded before the round's end."""
+
+    def take_others(self) -> tuple[Settlement, dict[Pair, BaseException | None]] | None:
+        """The other targets' outcomes, once their sends are done (and only once): their part of the
+        settlement, taken out of the round's, and what each of their pairs is answered with. Parked
+        pairs stay for the round's end, where they are parked."""
+        if self.others is None or not self.others[1].done() or self.others[1].cancelled() or self.others[1].exception():
+            return None
+        targets, self.others = self.others[0], None
+        early = Settlement(self.settlement.token, [part for part in self.settlement.parts if part[0] in targets])
+        self.settlement.parts = [part for part in self.settlement.parts if part[0] not in targets]
+        answers = {(esp, pid): self.errors.get((esp, pid)) for esp, pids in targets.items() for pid in pids
+                   if pid not in self.parked.get(esp, ())}
+        return early, answers
 
     def add_sent(self, esp: str, pid: str, state: SyncState, jobs: list[str]) -> None:
         assert state.member_hash is not None  # needs_send: there is a member to send
@@ -158,21 +178,15 @@ class SyncRounds:
                 await sender.send_or_park(self._rt, self._requeue, pid, esp)
                 errors: dict[Pair, BaseException] = {}
             else:
-                errors = await self._sync_round(list(batch), hold)
+                errors = await self._sync_round(list(batch), hold, lambda outcomes: _answer(batch, outcomes))
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
         finally:
             self._release(lanes, hold)
-        for pair, futures in batch.items():
-            for done in futures:
-                if done.done():
-                    continue
-                if pair in errors:
-                    done.set_exception(errors[pair])
-                else:
-                    done.set_result(None)
+        _answer(batch, {pair: errors.get(pair) for pair in batch})
 
-    async def _sync_round(self, pairs: list[Pair], hold: _Hold) -> dict[Pair, BaseException]:
+    async def _sync_round(self, pairs: list[Pair], hold: _Hold, answer: Callable[[dict[Pair, BaseException | None]], None]
+                          ) -> dict[Pair, BaseException]:
         rt = self._rt
         started = time.perf_counter()
         by_target: dict[str, list[str]] = {}
@@ -182,7 +196,7 @@ class SyncRounds:
         if not by_target:
             return {}
         claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
-        out = _Outcomes(Settlement(claimed.token), lane=hold)
+        out = _Outcomes(Settlement(claimed.token), lane=hold, answer=answer)
         for esp, pid in claimed.busy:
             out.parked.setdefault(esp, []).append(pid)  # another send is in flight: the sweeper sends what is left after it
         plain: dict[str, dict[str, SyncState]] = {}
@@ -193,7 +207,12 @@ class SyncRounds:
             else:
                 plain.setdefault(esp, {})[pid] = state
         try:
-            await asyncio.gather(*(self._send(esp, rt.esps[esp], states, claimed.token, out) for esp, states in plain.items()))
+            lanes = {esp for esp in plain if self._lane(esp)}
+            others = asyncio.gather(*(self._send(esp, rt.esps[esp], states, claimed.token, out) for esp, states in plain.items()
+                                      if esp not in lanes))
+            if lanes and len(lanes) < len(plain):
+                out.others = ({esp: list(states) for esp, states in plain.items() if esp not in lanes}, others)
+            await asyncio.gather(others, *(self._send(esp, rt.esps[esp], plain[esp], claimed.token, out) for esp in lanes))
             await rt.store.outbox.settle(out.settlement)
         except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
             for esp, states in plain.items():
@@ -237,7 +256,7 @@ class SyncRounds:
             assert out.lane is not None  # a lane's round holds it
             out.lane.freeing = True
             asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
-            await self._rt.store.outbox.note_job(esp, token, job_id, list(todo))
+            await self._note_job(esp, token, job_id, list(todo), out)
 
         try:
             refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
@@ -259,6 +278,21 @@ class SyncRounds:
             else:
                 out.add_refused(esp, pid, state, EspRejected(reason), jobs, self._rt.trail, "batch")
 
+    async def _note_job(self, esp: str, token: str, job_id: str, pids: list[str], out: _Outcomes) -> None:
+        """Note the job, with the other targets' outcomes when their sends are done within half a gap (they
+        usually are: the job's acceptance takes a request too); their messages are answered once it is written."""
+        if out.others is not None:
+            await asyncio.wait([out.others[1]], timeout=self._gap / 2)
+        early = out.take_others()
+        try:
+            await self._rt.store.outbox.note_job(esp, token, job_id, pids, early[0] if early else None)
+        except BaseException:
+            if early:
+                out.settlement.parts += early[0].parts  # recorded with the rest of the round, then
+            raise
+        if early:
+            out.answer(early[1])
+
     async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes) -> None:
         jobs: list[str] = []
 
@@ -276,3 +310,15 @@ class SyncRounds:
             out.add_unsent(esp, [pid], exc)
             return
         out.add_sent(esp, pid, state, jobs)
+
+
+def _answer(batch: dict[Pair, list[asyncio.Future[None]]], outcomes: dict[Pair, BaseException | None]) -> None:
+    """Answer the messages of ``outcomes``' pairs (each once: a pair answered before the round's end keeps its answer)."""
+    for pair, exc in outcomes.items():
+        for done in batch.get(pair, ()):
+            if done.done():
+                continue
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)

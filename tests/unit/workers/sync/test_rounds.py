@@ -437,3 +437,63 @@ def test_before_the_lane_job_is_accepted_the_other_targets_of_a_profile_waiting_
     assert asyncio.run(scenario()) == [None] * 3
     assert h.outbox.claimed == [[(LANE, "p0")], [(TARGET, "p1")], [(LANE, "p1")]]
     assert lane.jobs == [["p0@example.com"], ["p1@example.com"]]
+
+
+class Notes(Claims):
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: list[list[str]] = []
+
+    async def note_job(self, esp, token, job_id, profile_ids, settled=None):
+        self.notes.append(sorted({part[0] for part in settled.parts}) if settled is not None else [])
+        return await super().note_job(esp, token, job_id, profile_ids, settled)
+
+
+def test_a_rounds_other_targets_are_recorded_with_the_lane_jobs_note_and_answered_before_the_job_ends(fake):
+    h = Harness()
+    h.outbox = Notes()
+    lane = Lane()
+    for esp in (TARGET, LANE):
+        h.outbox.put("p1", esp, member(1))
+
+    async def scenario():
+        rounds = await with_lane(h, lane, gap_s=0.05)
+        other, at_lane = (asyncio.ensure_future(rounds.sync("p1", esp)) for esp in (TARGET, LANE))
+        await until(other.done)  # while the lane's job still runs
+        state = h.outbox.state("p1", TARGET)
+        assert state.sent_hash == state.member_hash and state.sending_until is None and not at_lane.done()
+        assert h.outbox.state("p1", LANE).jobs == ["job-1"]
+        lane.release.set()
+        return await asyncio.gather(other, at_lane, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == [None, None]
+    assert h.outbox.notes == [[TARGET]]  # the other target's outcome went with the note
+    assert h.outbox.calls == ["claim_round", "settle"]  # one claim, the note, one record: three writes for the change
+    state = h.outbox.state("p1", LANE)
+    assert state.sent_hash == state.member_hash and state.jobs == [] and state.sending_until is None
+
+
+def test_when_the_jobs_note_fails_the_other_targets_are_recorded_with_the_rest_of_the_round(fake):
+    h = Harness()
+
+    class Failing(Notes):
+        async def note_job(self, esp, token, job_id, profile_ids, settled=None):
+            self.notes.append(sorted({part[0] for part in settled.parts}) if settled is not None else [])
+            raise AutoReconnect("the store went away")
+
+    h.outbox = Failing()
+    lane = Lane()
+    lane.release.set()
+    for esp in (TARGET, LANE):
+        h.outbox.put("p1", esp, member(1))
+
+    async def scenario():
+        rounds = await with_lane(h, lane, gap_s=0.05)
+        return await asyncio.gather(*(rounds.sync("p1", esp) for esp in (TARGET, LANE)), return_exceptions=True)
+
+    other, at_lane = asyncio.run(scenario())
+    assert other is None and isinstance(at_lane, AutoReconnect)  # the job's message is retried
+    assert h.outbox.notes == [[TARGET]] and h.outbox.calls == ["claim_round", "settle"]
+    state = h.outbox.state("p1", TARGET)
+    assert state.sent_hash == state.member_hash and state.sending_until is None  # recorded by the round's own write
+    assert h.outbox.state("p1", LANE).sending_until is not None  # its job may have run: the lease runs out by itself
