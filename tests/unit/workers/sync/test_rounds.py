@@ -184,8 +184,8 @@ class Jobs:
             self.most_running = max(self.most_running, self.running)
             try:
                 if accept and on_job is not None:  # the ESP accepted the job; it runs until released
+                    self.accepted.append(time.monotonic())  # before the round hears of it: the gap counts from then or later
                     await on_job(f"job-{len(self.batches)}")
-                    self.accepted.append(time.monotonic())
                 await self.release.wait()
                 if refuse_whole:
                     raise EspRejected("invalid_request: one member spoils the request")
@@ -350,8 +350,8 @@ class Lane(FakeEsp):
 
     async def upsert_batch(self, members, on_job=None):
         self.jobs.append(sorted(self.key(m) for m in members))
+        self.accepted_at.append(time.monotonic())  # before the round hears of it: the gap counts from then or later
         await on_job(f"job-{len(self.jobs)}")
-        self.accepted_at.append(time.monotonic())
         await self.release.wait()
         return {}
 
@@ -380,13 +380,18 @@ async def with_lane(h: Harness, lane: Lane, gap_s: float) -> SyncRounds:
     return SyncRounds(rt, Requeued(), lane_gap_s=gap_s)
 
 
+def a_lane_sync_and_a_change(outbox: FakeOutbox) -> None:
+    """p0 pending at the lane only; p1, one change, pending at both targets."""
+    outbox.put("p0", LANE, member(0))
+    for esp in (TARGET, LANE):
+        outbox.put("p1", esp, member(1))
+
+
 def test_once_a_lane_job_is_accepted_a_profile_waiting_for_the_lane_keeps_its_other_targets_back_for_one_round(fake):
     h = Harness()
     h.outbox = Claims()
     lane = Lane()
-    h.outbox.put("p0", LANE, member(0))
-    for esp in (TARGET, LANE):
-        h.outbox.put("p1", esp, member(1))
+    a_lane_sync_and_a_change(h.outbox)
 
     async def scenario():
         rounds = await with_lane(h, lane, gap_s=0.15)
@@ -419,9 +424,7 @@ def test_before_the_lane_job_is_accepted_the_other_targets_of_a_profile_waiting_
         return await upsert_batch(members, on_job)
 
     monkeypatch.setattr(lane, "upsert_batch", accepted_when_let)
-    h.outbox.put("p0", LANE, member(0))
-    for esp in (TARGET, LANE):
-        h.outbox.put("p1", esp, member(1))
+    a_lane_sync_and_a_change(h.outbox)
 
     async def scenario():
         rounds = await with_lane(h, lane, gap_s=0.01)
