@@ -224,7 +224,7 @@ class Outbox:
         until they run out. ``$addToSet`` makes a repeat harmless, as the token does a settlement's.
         """
         deadline = time.monotonic() + JOB_NOTE_WAIT_S
-        ops = [UpdateOne({"_id": pid, f"esp.{esp}.sending_token": token}, {"$addToSet": {f"esp.{esp}.jobs": job_id}}) for pid in profile_ids]
+        ops = [UpdateOne(records.owned(pid, esp, token), {"$addToSet": {f"esp.{esp}.jobs": job_id}}) for pid in profile_ids]
         ops += records.settlement_ops(settled) if settled is not None else []
         while True:
             try:

@@ -54,6 +54,8 @@ class _Outcomes:
     """What one round records, per pair, and what each pair's message is answered with."""
 
     settlement: Settlement
+    answer: Callable[[dict[Pair, BaseException | None]], None]
+    """Answers the messages of pairs recorded before the round's end."""
     parked: dict[str, list[str]] = field(default_factory=dict)
     errors: dict[Pair, BaseException] = field(default_factory=dict)
     sent: dict[str, list[tuple[str, SyncState]]] = field(default_factory=dict)
@@ -65,8 +67,6 @@ class _Outcomes:
     """The round's hold on its lanes, freed a gap after its job is accepted."""
     others: tuple[dict[str, list[str]], asyncio.Future[Any]] | None = None
     """In a round with a lane, the other targets' profiles and their sends: recorded with the job's note."""
-    answer: Callable[[dict[Pair, BaseException | None]], None] = lambda outcomes: None
-    """Answers the messages of pairs recorded before the round's end."""
 
     def take_others(self) -> tuple[Settlement, dict[Pair, BaseException | None]] | None:
         """The other targets' outcomes, once their sends are done (and only once): their part of the
@@ -196,7 +196,7 @@ class SyncRounds:
         if not by_target:
             return {}
         claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
-        out = _Outcomes(Settlement(claimed.token), lane=hold, answer=answer)
+        out = _Outcomes(Settlement(claimed.token), answer, lane=hold)
         for esp, pid in claimed.busy:
             out.parked.setdefault(esp, []).append(pid)  # another send is in flight: the sweeper sends what is left after it
         plain: dict[str, dict[str, SyncState]] = {}
