@@ -14,14 +14,16 @@ from adapters.settings import Settings, get_settings
 
 
 def _serve_http(component: str, create: Any, host: str, port: int) -> int:
-    """Run the aiohttp app ``create(settings)`` of ``component`` (Sentry first) until stopped."""
+    """Run the aiohttp app ``create(settings)`` of ``component`` (Sentry first) until stopped, on uvloop:
+    its transports cost the receiver's many small socket reads and writes (HTTP, AMQP, Redis) less CPU."""
+    import uvloop
     from aiohttp import web
 
     from adapters.sentry import init_sentry
 
     settings = get_settings()
     init_sentry(settings, component)
-    web.run_app(create(settings), host=host, port=port, access_log=None,
+    web.run_app(create(settings), host=host, port=port, access_log=None, loop=uvloop.new_event_loop(),
                 print=lambda *_: logging.getLogger("mergetag").info("%s on %s:%s", component, host, port))
     return 0
 
