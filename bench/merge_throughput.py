@@ -12,11 +12,15 @@ measured in the same run. Prints one JSON object.
   (``store_bulk_upserts_per_s``); and, for comparison with runs before 2026-12-01, inserts of new
   documents into an unindexed collection (``store_bulk_inserts_unindexed_per_s``).
 
+The store's rate and the backlog are measured ``--repeats`` times, alternately (new people each time), and
+reported as medians; ``ratio_to_store_bulk`` is the median of each repeat's ratio of the two, measured
+minutes apart at most, so a machine that slows down for a while moves both sides of one ratio.
+
 Uses ``MONGODB_URI`` when set, else a SecantusDB process of its own (a functional stand-in: its
 absolute speed says nothing about MongoDB's; the ratios and round-trip counts are what carry over).
 
     python bench/merge_throughput.py [--events 2000] [--profiles 200] [--concurrency 8]
-        [--backlog-events 20000] [--backlog-profiles 2000] [--backlog-concurrency 512]
+        [--backlog-events 20000] [--backlog-profiles 2000] [--backlog-concurrency 512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -68,6 +73,7 @@ async def main() -> None:
     parser.add_argument("--backlog-concurrency", type=int, default=512)
     parser.add_argument("--store-docs", type=int, default=10_000)
     parser.add_argument("--store-batch", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="alternate the store's rate and the backlog this many times")
     args = parser.parse_args()
 
     from sandboxes.local import start_secantus
@@ -114,8 +120,11 @@ async def main() -> None:
     # The same work as the backlog's writes: as many upserts per id, into a collection indexed like profiles.
     per_profile = max(1, args.backlog_events // args.backlog_profiles)
     sized = by_profile["bench-0@example.com"]
-    store_bulk = await bulk_upserts(store, args.store_docs, args.store_batch, sized, rt.members(sized),
-                                    distinct=max(1, args.store_docs // per_profile))
+
+    async def store_rate() -> float:
+        return await bulk_upserts(store, args.store_docs, args.store_batch, sized, rt.members(sized),
+                                  distinct=max(1, args.store_docs // per_profile))
+
     store_inserts_unindexed = await bulk_upserts(store, args.store_docs, args.store_batch, sized, rt.members(sized), indexed=False)
     trips.counts.clear()
     queue: asyncio.Queue = asyncio.Queue()
@@ -173,13 +182,22 @@ async def main() -> None:
         eps = len(backlog) / (time.perf_counter() - start)
         return eps, sum(trips.counts.values()), dict(trips.counts), batcher.rounds - rounds
 
-    backlog_eps, backlog_total, backlog_by_command, backlog_rounds = await run_backlog("b", with_trail=False)
+    store_runs, backlog_runs, backlog_total, backlog_rounds, backlog_by_command = [], [], 0, 0, {}
+    for repeat in range(max(1, args.repeats)):
+        store_runs.append(await store_rate())
+        eps, total_trips, by_command_backlog, rounds = await run_backlog(f"b{repeat}", with_trail=False)
+        backlog_runs.append(eps)
+        backlog_total += total_trips
+        backlog_rounds += rounds
+        backlog_by_command = backlog_by_command or by_command_backlog
     trail_eps, _, _, _ = await run_backlog("t", with_trail=True)
     trail_round_trips = trail.round_trips
     await trail.close()
+    store_bulk, backlog_eps = statistics.median(store_runs), statistics.median(backlog_runs)
+    ratios = [b / s for b, s in zip(backlog_runs, store_runs, strict=True)]
     backlog = range(args.backlog_events)
-    backlog_trips = backlog_total / len(backlog)
-    check = await store.load((await store.find_by_keys(["email:b-bench-0@example.com"]))[0].id)
+    backlog_trips = backlog_total / (len(backlog) * len(backlog_runs))
+    check = await store.load((await store.find_by_keys(["email:b0-bench-0@example.com"]))[0].id)
     await store.client.drop_database(database)
     await store.close()
     if process:
@@ -200,12 +218,16 @@ async def main() -> None:
         "backlog_profiles": args.backlog_profiles,
         "backlog_concurrency": args.backlog_concurrency,
         "backlog_events_per_s": round(backlog_eps, 1),
-        "ratio_to_store_bulk": round(backlog_eps / store_bulk, 3),
+        "ratio_to_store_bulk": round(statistics.median(ratios), 3),
+        "repeats": len(ratios),
+        "store_bulk_upserts_per_s_by_repeat": [round(r, 1) for r in store_runs],
+        "backlog_events_per_s_by_repeat": [round(r, 1) for r in backlog_runs],
+        "ratio_to_store_bulk_by_repeat": [round(r, 3) for r in ratios],
         "store_bulk_inserts_unindexed_per_s": round(store_inserts_unindexed, 1),
         "ratio_to_unindexed_inserts": round(backlog_eps / store_inserts_unindexed, 3),
         "round_trips_per_event_backlog": round(backlog_trips, 4),
         "round_trips_by_command_backlog": backlog_by_command,
-        "merges_per_round_backlog": round(len(backlog) / max(backlog_rounds, 1), 1),
+        "merges_per_round_backlog": round(len(backlog) * len(backlog_runs) / max(backlog_rounds, 1), 1),
         "round_trips_per_event_live": round(live_trips, 3),
         "round_trips_by_command_live": live_by_command,
         "orders_of_backlog_profile_0": check[0].computed.order_count,
