@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     events_worker_threads: int = 128
     merge_batch_max: int = 100
     merge_batch_window_ms: float = 0.0
+    merge_rounds_in_flight: int = 2
     merge_cache_profiles: int = 2_500
 
     esps: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["mailchimp"])

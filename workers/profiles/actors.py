@@ -68,7 +68,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
         """The process's merge rounds (one per runtime, so per event loop)."""
         if id(rt) not in batchers:
             batchers[id(rt)] = MergeBatcher(rt, rt.settings.merge_batch_max, rt.settings.merge_batch_window_ms / 1000,
-                                           rt.settings.merge_cache_profiles)
+                                           rt.settings.merge_cache_profiles, rt.settings.merge_rounds_in_flight)
         return batchers[id(rt)]
 
     async def process_event(delivery: dict[str, Any]) -> None:

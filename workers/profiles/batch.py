@@ -12,12 +12,17 @@ are all known there is not read again (its write's version guard still holds it 
 A merge whose cached profile had changed meanwhile misses its guard and joins the next round, read
 afresh. A lone message on an idle system merges at once, as a round of one: one round trip (its write)
 when its profile is cached, else two (the read and the write), as on the single path.
+
+Up to ``depth`` rounds are in flight at once, so one round's pure merges run while the store writes
+the one before: the store does not wait for the process, nor the process for the store. A merge whose
+keys a round in flight holds waits for that round (it would only lose its version guard to it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from adapters.store.writes import Save
@@ -62,14 +67,18 @@ class MergeBatcher:
       max_merges: most merges in one round (one bulk write).
       window_s: how long a round waits for more merges to join it; 0: those of one event-loop turn.
       cache_profiles: most profiles kept from one round for the next (0: every round reads).
+      depth: most rounds in flight at once (1: one after the other).
     """
 
-    def __init__(self, rt: Runtime, max_merges: int = 500, window_s: float = 0.0, cache_profiles: int = 0) -> None:
+    def __init__(self, rt: Runtime, max_merges: int = 500, window_s: float = 0.0, cache_profiles: int = 0, depth: int = 2) -> None:
         self._rt = rt
         self._max = max_merges
         self._window = window_s
+        self._depth = max(1, depth)
         self.cache = ProfileCache(cache_profiles)
         self._pending: list[_Merge] = []
+        self._held: Counter[str] = Counter()
+        self._arrived = asyncio.Event()
         self._round: asyncio.Task[None] | None = None
         self.rounds = 0
 
@@ -77,22 +86,50 @@ class MergeBatcher:
         """Merge ``events`` into the identity's profile, together with whatever else is in flight."""
         done: asyncio.Future[Merged] = asyncio.get_running_loop().create_future()
         self._pending.append(_Merge(identity, events, lookup_keys(identity, events[0].source), done))
+        self._arrived.set()
         if self._round is None or self._round.done():
             self._round = asyncio.get_running_loop().create_task(self._rounds())
         return await done
 
     async def _rounds(self) -> None:
-        while self._pending:
-            await asyncio.sleep(self._window)  # the merges of this loop turn (or window) join the round
-            batch, self._pending = self._pending[:self._max], self._pending[self._max:]
-            self.rounds += 1
-            try:
-                await self._merge_round(batch)
-            except Exception as exc:  # the store failed: every message of the round is retried by the broker
-                for m in batch:
-                    if not m.done.done():
-                        self.cache.forget(m.keys)  # its write may or may not have landed
-                        m.done.set_exception(exc)
+        flying: set[asyncio.Task[None]] = set()
+        while self._pending or flying:
+            if self._pending and len(flying) < self._depth:
+                await asyncio.sleep(self._window)  # the merges of this loop turn (or window) join the round
+                batch = self._take()
+                if batch:
+                    self.rounds += 1
+                    flying.add(asyncio.get_running_loop().create_task(self._round_of(batch)))
+                    continue
+            self._arrived.clear()
+            arrival = asyncio.get_running_loop().create_task(self._arrived.wait())
+            await asyncio.wait([*flying, arrival], return_when=asyncio.FIRST_COMPLETED)
+            arrival.cancel()
+            flying = {task for task in flying if not task.done()}
+
+    def _take(self) -> list[_Merge]:
+        """The next round: pending merges, oldest first, whose keys no round in flight holds."""
+        batch: list[_Merge] = []
+        left: list[_Merge] = []
+        for m in self._pending:
+            (batch if len(batch) < self._max and not any(k in self._held for k in m.keys) else left).append(m)
+        self._pending = left
+        for m in batch:
+            self._held.update(m.keys)
+        return batch
+
+    async def _round_of(self, batch: list[_Merge]) -> None:
+        try:
+            await self._merge_round(batch)
+        except Exception as exc:  # the store failed: every message of the round is retried by the broker
+            for m in batch:
+                if not m.done.done():
+                    self.cache.forget(m.keys)  # its write may or may not have landed
+                    m.done.set_exception(exc)
+        finally:
+            for m in batch:
+                self._held.subtract(m.keys)
+            self._held = +self._held
 
     async def _merge_round(self, batch: list[_Merge]) -> None:
         rt = self._rt
