@@ -73,6 +73,7 @@ async def main() -> None:
     parser.add_argument("--backlog-concurrency", type=int, default=512)
     parser.add_argument("--store-docs", type=int, default=10_000)
     parser.add_argument("--store-batch", type=int, default=500)
+    parser.add_argument("--round-max", type=int, default=500, help="most merges in one round (MERGETAG_MERGE_BATCH_MAX)")
     parser.add_argument("--repeats", type=int, default=3, help="alternate the store's rate and the backlog this many times")
     args = parser.parse_args()
 
@@ -147,7 +148,7 @@ async def main() -> None:
     # Live: one event at a time, each a round of its own.
     live = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"live-{e.identity.email}"})})
             for e in workload(args.live_events, args.live_events // 3 or 1)]
-    batcher = MergeBatcher(rt, max_merges=500, cache_profiles=settings.merge_cache_profiles, depth=settings.merge_rounds_in_flight)
+    batcher = MergeBatcher(rt, max_merges=args.round_max, cache_profiles=settings.merge_cache_profiles, depth=settings.merge_rounds_in_flight)
     trips.counts.clear()
     for event in live:
         await batcher.merge(event.identity, [event])

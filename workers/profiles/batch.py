@@ -14,8 +14,9 @@ afresh. A lone message on an idle system merges at once, as a round of one: one 
 when its profile is cached, else two (the read and the write), as on the single path.
 
 Up to ``depth`` rounds are in flight at once, so one round's pure merges run while the store writes
-the one before: the store does not wait for the process, nor the process for the store. A merge whose
-keys a round in flight holds waits for that round (it would only lose its version guard to it).
+the one before: the store does not wait for the process, nor the process for the store. A round
+joins one in flight only when it is full (more than ``max_merges`` wait), so rounds do not shrink. A
+merge whose keys a round in flight holds waits for that round (it would only lose its guard to it).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class MergeBatcher:
         """Merge ``events`` into the identity's profile, together with whatever else is in flight."""
         done: asyncio.Future[Merged] = asyncio.get_running_loop().create_future()
         self._pending.append(_Merge(identity, events, lookup_keys(identity, events[0].source), done))
-        self._arrived.set()
+        if len(self._pending) >= self._max:
+            self._arrived.set()  # a full round: it may join the one in flight
         if self._round is None or self._round.done():
             self._round = asyncio.get_running_loop().create_task(self._rounds())
         return await done
@@ -94,7 +96,8 @@ class MergeBatcher:
     async def _rounds(self) -> None:
         flying: set[asyncio.Task[None]] = set()
         while self._pending or flying:
-            if self._pending and len(flying) < self._depth:
+            # A round joins one in flight only when it is full: small rounds would cost the store more.
+            if self._pending and (not flying or len(self._pending) >= self._max) and len(flying) < self._depth:
                 await asyncio.sleep(self._window)  # the merges of this loop turn (or window) join the round
                 batch = self._take()
                 if batch:
