@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     retry_max_backoff_ms: int = 300_000
     worker_threads: int = 64
     events_worker_threads: int = 128
-    merge_batch_max: int = 100
+    merge_batch_max: int = 64
     merge_batch_window_ms: float = 0.0
     merge_rounds_in_flight: int = 2
     merge_cache_profiles: int = 2_500

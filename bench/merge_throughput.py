@@ -5,7 +5,8 @@ measured in the same run. Prints one JSON object.
 - live: events one at a time (a quiet system): each is a round of its own (its profile read, unless
   the process's profile cache holds it from an earlier event).
 - backlog: ``--backlog-events`` over ``--backlog-profiles`` with ``--backlog-concurrency`` merges in
-  flight (what the worker's threads hold under a backlog), merged in rounds (``workers/profiles/batch``).
+  flight (what the worker's threads hold under a backlog), merged in rounds (``workers/profiles/batch``)
+  of at most half of them, two rounds in flight (the worker's defaults: 64 of 128).
 - the store: unordered bulk upserts of profile-sized documents, ``--store-batch`` a request, doing the
   backlog's work: as many upserts per document as the backlog has events per profile (the first
   inserts, the rest change it), into a collection with the profile collection's indexes
@@ -73,7 +74,8 @@ async def main() -> None:
     parser.add_argument("--backlog-concurrency", type=int, default=512)
     parser.add_argument("--store-docs", type=int, default=10_000)
     parser.add_argument("--store-batch", type=int, default=500)
-    parser.add_argument("--round-max", type=int, default=500, help="most merges in one round (MERGETAG_MERGE_BATCH_MAX)")
+    parser.add_argument("--round-max", type=int, help="most merges in one round (MERGETAG_MERGE_BATCH_MAX); default: half the "
+                        "backlog's merges in flight, so two full rounds can be in flight, as the worker's defaults do")
     parser.add_argument("--repeats", type=int, default=3, help="alternate the store's rate and the backlog this many times")
     args = parser.parse_args()
 
@@ -148,7 +150,7 @@ async def main() -> None:
     # Live: one event at a time, each a round of its own.
     live = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"live-{e.identity.email}"})})
             for e in workload(args.live_events, args.live_events // 3 or 1)]
-    batcher = MergeBatcher(rt, max_merges=args.round_max, cache_profiles=settings.merge_cache_profiles, depth=settings.merge_rounds_in_flight)
+    batcher = MergeBatcher(rt, max_merges=args.round_max or max(1, args.backlog_concurrency // 2), cache_profiles=settings.merge_cache_profiles, depth=settings.merge_rounds_in_flight)
     trips.counts.clear()
     for event in live:
         await batcher.merge(event.identity, [event])
