@@ -72,7 +72,7 @@ async def main() -> None:
     parser.add_argument("--backlog-events", type=int, default=20_000)
     parser.add_argument("--backlog-profiles", type=int, default=2_000)
     parser.add_argument("--backlog-concurrency", type=int, default=512)
-    parser.add_argument("--store-docs", type=int, default=10_000)
+    parser.add_argument("--store-docs", type=int, default=5_000)
     parser.add_argument("--store-batch", type=int, default=500)
     parser.add_argument("--round-max", type=int, help="most merges in one round (MERGETAG_MERGE_BATCH_MAX); default: half the "
                         "backlog's merges in flight, so two full rounds can be in flight, as the worker's defaults do")
