@@ -150,7 +150,8 @@ async def main() -> None:
     # Live: one event at a time, each a round of its own.
     live = [e.model_copy(update={"identity": e.identity.model_copy(update={"email": f"live-{e.identity.email}"})})
             for e in workload(args.live_events, args.live_events // 3 or 1)]
-    batcher = MergeBatcher(rt, max_merges=args.round_max or max(1, args.backlog_concurrency // 2), cache_profiles=settings.merge_cache_profiles, depth=settings.merge_rounds_in_flight)
+    batcher = MergeBatcher(rt, max_merges=args.round_max or max(1, args.backlog_concurrency // 2),
+                           cache_profiles=settings.merge_cache_profiles, depth=settings.merge_rounds_in_flight)
     trips.counts.clear()
     for event in live:
         await batcher.merge(event.identity, [event])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 
 from adapters.store.writes import Save
@@ -78,7 +77,8 @@ class MergeBatcher:
         self._depth = max(1, depth)
         self.cache = ProfileCache(cache_profiles)
         self._pending: list[_Merge] = []
-        self._held: Counter[str] = Counter()
+        self._held: set[str] = set()
+        """The keys of the rounds in flight: no two of them share one, so a set is exact."""
         self._arrived = asyncio.Event()
         self._round: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -117,8 +117,7 @@ class MergeBatcher:
         for m in self._pending:
             (batch if len(batch) < self._max and not any(k in self._held for k in m.keys) else left).append(m)
         self._pending = left
-        for m in batch:
-            self._held.update(m.keys)
+        self._held.update(k for m in batch for k in m.keys)
         return batch
 
     async def _round_of(self, batch: list[_Merge]) -> None:
@@ -130,9 +129,7 @@ class MergeBatcher:
                     self.cache.forget(m.keys)  # its write may or may not have landed
                     m.done.set_exception(exc)
         finally:
-            for m in batch:
-                self._held.subtract(m.keys)
-            self._held = +self._held
+            self._held.difference_update(k for m in batch for k in m.keys)
 
     async def _merge_round(self, batch: list[_Merge]) -> None:
         rt = self._rt
