@@ -454,7 +454,9 @@ class Pipeline:
     processes: list[subprocess.Popen]
 
     def start_sync(self) -> None:
-        self.processes.append(spawn(self.env, self.logs / "sync.log", "sync"))
+        """One more sync process, logging to a file of its own (``sync.log``, then ``sync-2.log``, ...)."""
+        n = len(list(self.logs.glob("sync*.log")))
+        self.processes.append(spawn(self.env, self.logs / ("sync.log" if n == 0 else f"sync-{n + 1}.log"), "sync"))
 
 
 @asynccontextmanager

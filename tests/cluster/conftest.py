@@ -24,7 +24,8 @@ def _free_base() -> int:
     raise RuntimeError("no free ports for a local cluster")
 
 
-@pytest.fixture(scope="session")
+# Package scope: three Erlang nodes must not keep running (and eating a 2-core machine) through the rest of the suite.
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     reason = available()
     if reason:
