@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -214,10 +215,10 @@ class Outbox:
                     return False
                 await asyncio.sleep(RELEASE_RETRY_S)
 
-    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str], settled: Settlement | None = None) -> None:
+    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str], settled: Sequence[Settlement] = ()) -> None:
         """An ESP accepted a bulk job carrying these profiles: until it is confirmed finished, an erasure
         of any of them waits for it (it could otherwise land after the deletion). ``settled``: outcomes
-        at other targets under the same token, recorded in the same write.
+        of other sends (each under its own token), recorded in the same write.
 
         The job runs whatever the store does, so a store that fails here is waited for (up to
         ``JOB_NOTE_WAIT_S``): giving up would leave a running job nobody knows of, its leases held
@@ -225,7 +226,7 @@ class Outbox:
         """
         deadline = time.monotonic() + JOB_NOTE_WAIT_S
         ops = [UpdateOne(records.owned(pid, esp, token), {"$addToSet": {f"esp.{esp}.jobs": job_id}}) for pid in profile_ids]
-        ops += records.settlement_ops(settled) if settled is not None else []
+        ops += [op for settlement in settled for op in records.settlement_ops(settlement)]
         while True:
             try:
                 await self.profiles.bulk_write(ops, ordered=False)
@@ -248,9 +249,9 @@ class Outbox:
         settlement.add(esp, sent=sent, failed=failed, released=released, jobs=jobs or ())
         await self.settle(settlement)
 
-    async def settle(self, settlement: Settlement) -> None:
-        """Record sends' outcomes at any targets in one round trip; only where the settlement's token still holds the lease."""
-        if ops := records.settlement_ops(settlement):
+    async def settle(self, *settlements: Settlement) -> None:
+        """Record sends' outcomes at any targets in one round trip; only where each settlement's token still holds the lease."""
+        if ops := [op for settlement in settlements for op in records.settlement_ops(settlement)]:
             await self.profiles.bulk_write(ops, ordered=False)
 
     async def park(self, profile_ids: list[str], esp: str) -> None:

@@ -5,6 +5,7 @@ outbox is tested against MongoDB (SecantusDB or ``MONGODB_URI``)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -70,16 +71,16 @@ class FakeOutbox:
                     claimed.states[esp, pid] = SyncState.model_validate(state)
         return claimed
 
-    async def settle(self, settlement: Settlement) -> None:
-        for esp, sent, failed, released, jobs in settlement.parts:
-            await self.settle_many(esp, settlement.token, sent, failed, released, jobs)
+    async def settle(self, *settlements: Settlement) -> None:
+        for settlement in settlements:
+            for esp, sent, failed, released, jobs in settlement.parts:
+                await self.settle_many(esp, settlement.token, sent, failed, released, jobs)
 
-    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str], settled: Settlement | None = None) -> None:
+    async def note_job(self, esp: str, token: str, job_id: str, profile_ids: list[str], settled: Sequence[Settlement] = ()) -> None:
         for pid in profile_ids:
             if (state := self._owned(pid, esp, token)) is not None:
                 state.setdefault("jobs", []).append(job_id)
-        for part in settled.parts if settled is not None else ():  # in the same write
-            await self.settle_many(part[0], settled.token, *part[1:])
+        await FakeOutbox.settle(self, *settled)  # in the same write
 
     async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
         if (state := self._owned(profile_id, esp, token)) is not None:

@@ -80,7 +80,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
             return None
         if id(rt) not in rounds:
             rounds[id(rt)] = SyncRounds(rt, actors[0], rt.settings.sync_round_max, rt.settings.sync_round_window_ms / 1000,
-                                        rt.settings.sync_lane_gap_ms / 1000)
+                                        rt.settings.sync_lane_gap_ms / 1000, rt.settings.sync_record_carry_ms / 1000)
         return rounds[id(rt)]
 
     async def sync_profile(profile_id: str, esp: str | list[str], alone: bool = False, retry_refused: bool = False) -> None:

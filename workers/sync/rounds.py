@@ -15,6 +15,9 @@ fast the changes come (SendGrid allows 600 a minute), each job polled to its end
 Once that job is accepted, a profile waiting for the lane keeps its other targets' syncs back too (at
 most a gap): a change's targets then share one claim and one record rather than two of each. Their
 outcomes go in the write that notes the job, and their messages are answered then, not at the job's end.
+The job's own outcome, once it ends, rides the next write the process's rounds make (a later job's
+note, a round's record) or goes on its own a carry later: while changes keep coming, a change costs
+one claim and one write, not two. A message is answered only once the write holding its outcome is done.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,14 @@ log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
 """A target and a profile."""
+
+
+@dataclass(eq=False)
+class _Carried:
+    """A lane round's record waiting for a write to ride; ``written`` once one carried it."""
+
+    settlement: Settlement
+    written: asyncio.Future[None]
 
 
 class _Hold:
@@ -115,14 +126,18 @@ class SyncRounds:
       max_syncs: most pairs in one round.
       window_s: how long a round waits for more syncs to join it (a change's targets are scheduled together).
       lane_gap_s: the least time between two jobs a lane starts.
+      carry_s: how long a lane round's record waits for another write to ride (0: written at once).
     """
 
-    def __init__(self, rt: Runtime, requeue: Requeue, max_syncs: int = 500, window_s: float = 0.005, lane_gap_s: float = 0.2) -> None:
+    def __init__(self, rt: Runtime, requeue: Requeue, max_syncs: int = 500, window_s: float = 0.005, lane_gap_s: float = 0.2,
+                 carry_s: float = 0.4) -> None:
         self._rt = rt
         self._requeue = requeue
         self._max = max_syncs
         self._window = window_s
         self._gap = lane_gap_s
+        self._carry = carry_s
+        self._carried: list[_Carried] = []
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
         self._gathering: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -213,7 +228,7 @@ class SyncRounds:
             if lanes and len(lanes) < len(plain):
                 out.others = ({esp: list(states) for esp, states in plain.items() if esp not in lanes}, others)
             await asyncio.gather(others, *(self._send(esp, rt.esps[esp], plain[esp], claimed.token, out) for esp in lanes))
-            await rt.store.outbox.settle(out.settlement)
+            await (self._record_later(out.settlement) if lanes else self._record(out.settlement))
         except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
             for esp, states in plain.items():
                 await rt.store.outbox.release_lost([pid for pid in states if (esp, pid) not in out.holding], esp, claimed.token, rt.leases[esp])
@@ -227,6 +242,51 @@ class SyncRounds:
             log.info("%d profile(s) synced to %s in a round of %d", len(sent), esp, len(pairs))
         await asyncio.gather(*(self._alone(esp, pid, claimed, started, out) for esp, pid in alone))
         return out.errors
+
+    @property
+    def waiting_records(self) -> int:
+        """Lane records waiting for a write to ride."""
+        return len(self._carried)
+
+    def _riders(self) -> list[_Carried]:
+        riders, self._carried = self._carried, []
+        return riders
+
+    def _carried_by(self, write: Awaitable[None], riders: list[_Carried]) -> Awaitable[None]:
+        """``write`` with ``riders`` in it: answered once it is done; back to wait for the next on failure."""
+        async def run() -> None:
+            try:
+                await write
+            except BaseException:
+                self._carried[:0] = riders
+                raise
+            for rider in riders:
+                if not rider.written.done():
+                    rider.written.set_result(None)
+        return run()
+
+    async def _record(self, settlement: Settlement) -> None:
+        """Write a round's record now, with the lane records waiting for a ride."""
+        riders = self._riders()
+        await self._carried_by(self._rt.store.outbox.settle(settlement, *(r.settlement for r in riders)), riders)
+
+    async def _record_later(self, settlement: Settlement) -> None:
+        """Write a lane round's record with the next write of these rounds, or on its own after the carry.
+        A write that took it and failed puts it back, so it is never lost between two."""
+        if self._carry <= 0:
+            await self._record(settlement)
+            return
+        mine = _Carried(settlement, asyncio.get_running_loop().create_future())
+        self._carried.append(mine)
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(mine.written), self._carry)
+                return
+            except TimeoutError:
+                if any(c is mine for c in self._carried):  # no ride came: it goes now, with any others waiting
+                    self._carried.remove(mine)
+                    await self._record(settlement)
+                    return
 
     async def _alone(self, esp: str, pid: str, claimed: Claimed, started: float, out: _Outcomes) -> None:
         try:
@@ -284,8 +344,10 @@ class SyncRounds:
         if out.others is not None:
             await asyncio.wait([out.others[1]], timeout=self._gap / 2)
         early = out.take_others()
+        riders = self._riders()
+        note = self._rt.store.outbox.note_job(esp, token, job_id, pids, [*([early[0]] if early else []), *(r.settlement for r in riders)])
         try:
-            await self._rt.store.outbox.note_job(esp, token, job_id, pids, early[0] if early else None)
+            await self._carried_by(note, riders)
         except BaseException:
             if early:
                 out.settlement.parts += early[0].parts  # recorded with the rest of the round, then
