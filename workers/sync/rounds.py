@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from adapters.esps.base import Esp
@@ -228,6 +229,7 @@ class SyncRounds:
             if lanes and len(lanes) < len(plain):
                 out.others = ({esp: list(states) for esp, states in plain.items() if esp not in lanes}, others)
             await asyncio.gather(others, *(self._send(esp, rt.esps[esp], plain[esp], claimed.token, out) for esp in lanes))
+            accepted_at = datetime.now(timezone.utc)  # the freshness ends here, not when a carried record is written
             await (self._record_later(out.settlement) if lanes else self._record(out.settlement))
         except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
             for esp, states in plain.items():
@@ -238,7 +240,7 @@ class SyncRounds:
         for esp, pids in out.alone.items():
             await self._requeue.alone(pids, esp)
         for esp, sent in out.sent.items():
-            sender.count_sent(rt, esp, [state for _, state in sent], "single", started, [pid for pid, _ in sent])
+            sender.count_sent(rt, esp, [state for _, state in sent], "single", started, [pid for pid, _ in sent], accepted_at)
             log.info("%d profile(s) synced to %s in a round of %d", len(sent), esp, len(pairs))
         await asyncio.gather(*(self._alone(esp, pid, claimed, started, out) for esp, pid in alone))
         return out.errors

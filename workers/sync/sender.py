@@ -118,10 +118,11 @@ async def send_batch(rt: Runtime, requeue: Requeue, profile_ids: list[str], esp:
     log.info("batch of %d synced to %s: %d sent, %d refused", len(todo), esp, len(sent), len(failed))
 
 
-def count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float, ids: list[str]) -> None:
+def count_sent(rt: Runtime, esp: str, states: list[SyncState], kind: str, started: float, ids: list[str],
+               accepted_at: datetime | None = None) -> None:
     """The metrics of a send the ESP accepted (its duration, each member's freshness from the merge
-    that changed it to now) and its entry in each profile's trail."""
-    now = datetime.now(timezone.utc)
+    that changed it to ``accepted_at``, default now) and its entry in each profile's trail."""
+    now = accepted_at or datetime.now(timezone.utc)
     if rt.trail is not None:
         for profile_id in ids:
             rt.trail.add([f"profile:{profile_id}"], "synced", profile=profile_id, target=esp, request=kind, status="accepted")
