@@ -211,6 +211,8 @@ class SyncRounds:
                 by_target.setdefault(esp, []).append(pid)
         if not by_target:
             return {}
+        if any(_touches(c.settlement, pairs) for c in self._carried):
+            await self._record(Settlement(""))  # a waiting record of one of these pairs goes first: its lease would make it busy
         claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
         out = _Outcomes(Settlement(claimed.token), answer, lane=hold)
         for esp, pid in claimed.busy:
@@ -230,7 +232,10 @@ class SyncRounds:
                 out.others = ({esp: list(states) for esp, states in plain.items() if esp not in lanes}, others)
             await asyncio.gather(others, *(self._send(esp, rt.esps[esp], plain[esp], claimed.token, out) for esp in lanes))
             accepted_at = datetime.now(timezone.utc)  # the freshness ends here, not when a carried record is written
-            await (self._record_later(out.settlement) if lanes else self._record(out.settlement))
+            # Only a round whose job was accepted and that records its members there carries it (it freed its lane already).
+            at_lanes = [(esp, pid) for esp in lanes for pid in plain[esp]]
+            carry = hold.freeing and _touches(out.settlement, at_lanes)
+            await (self._record_later(out.settlement) if carry else self._record(out.settlement))
         except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
             for esp, states in plain.items():
                 await rt.store.outbox.release_lost([pid for pid in states if (esp, pid) not in out.holding], esp, claimed.token, rt.leases[esp])
@@ -374,6 +379,13 @@ class SyncRounds:
             out.add_unsent(esp, [pid], exc)
             return
         out.add_sent(esp, pid, state, jobs)
+
+
+def _touches(settlement: Settlement, pairs: list[Pair]) -> bool:
+    """Whether ``settlement`` records an outcome of any of ``pairs``."""
+    wanted = set(pairs)
+    return any((esp, pid) in wanted for esp, sent, failed, released, _ in settlement.parts
+               for pid in [*(p for p, _ in sent), *(p for p, _, _ in failed), *released])
 
 
 def _answer(batch: dict[Pair, list[asyncio.Future[None]]], outcomes: dict[Pair, BaseException | None]) -> None:

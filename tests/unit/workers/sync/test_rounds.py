@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from pymongo.errors import AutoReconnect
 
+from adapters.esps.base import member_hash
 from schemas.errors import EspRejected
 from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeOutbox
@@ -545,6 +546,7 @@ def test_a_lane_jobs_record_rides_the_next_write_of_the_rounds_and_its_message_i
         assert not second.done() and h.outbox.notes == [[], [LANE]]
         lane.releases[1].set()
         await until(lambda: rounds.waiting_records == 1)
+        assert not second.done()  # its record waits for a ride
         # A round at another target (two profiles: not the single path) records the second job's outcome with its own.
         others = await asyncio.gather(*(rounds.sync(pid, TARGET) for pid in ("p2", "p3")))
         return [await first, await second, *others]
@@ -575,13 +577,14 @@ def test_a_lane_record_that_rode_a_failed_write_waits_for_the_next_or_goes_on_it
         rt = await h._runtime()
         rt.esps[LANE] = lane
         rt.leases[LANE] = rt.leases[TARGET]
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=0.2)
+        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=2.0)
         first = asyncio.ensure_future(rounds.sync("p0", LANE))
         await until(lambda: len(lane.releases) == 1)
         lane.releases[0].set()
         await until(lambda: rounds.waiting_records == 1)
         second = asyncio.ensure_future(rounds.sync("p1", LANE))
         await until(lambda: len(lane.releases) == 2)
+        await until(lambda: h.outbox.notes == [[], ["failed"]])  # the first's record rode the second's failed note
         lane.releases[1].set()
         return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 30)  # a lost record would hang
 
@@ -591,3 +594,54 @@ def test_a_lane_record_that_rode_a_failed_write_waits_for_the_next_or_goes_on_it
     assert first is None and isinstance(second, AutoReconnect)
     state = h.outbox.state("p0", LANE)
     assert state.sent_hash == state.member_hash and state.sending_until is None
+
+
+def test_a_lane_round_without_an_accepted_job_records_at_once(fake):
+    """Nothing to carry: the member is already at the lane, so the round releases it and answers at once."""
+    h = Harness()
+    h.outbox = Notes()
+    lane = JobByJob()
+    h.outbox.put("p0", LANE, member(0))
+    h.outbox.states["p0", LANE]["sent_hash"] = h.outbox.states["p0", LANE]["member_hash"]
+
+    async def scenario():
+        rt = await h._runtime()
+        rt.esps[LANE] = lane
+        rt.leases[LANE] = rt.leases[TARGET]
+        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60)
+        return await asyncio.wait_for(rounds.sync("p0", LANE), 10)  # not the 60 s carry
+
+    assert asyncio.run(scenario()) is None
+    assert lane.jobs == [] and h.outbox.state("p0", LANE).sending_until is None
+
+
+def test_a_change_at_the_lane_of_a_profile_whose_record_waits_writes_that_record_first_rather_than_parking(fake):
+    h = Harness()
+    h.outbox = Notes()
+    lane = JobByJob()
+    h.outbox.put("p0", LANE, member(0))
+
+    async def scenario():
+        rt = await h._runtime()
+        rt.esps[LANE] = lane
+        rt.leases[LANE] = rt.leases[TARGET]
+        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60)
+        first = asyncio.ensure_future(rounds.sync("p0", LANE))
+        await until(lambda: len(lane.releases) == 1)
+        lane.releases[0].set()
+        await until(lambda: rounds.waiting_records == 1)
+        h.outbox.put("p0", LANE, member(5))  # the next change, while the first job's record waits
+        second = asyncio.ensure_future(rounds.sync("p0", LANE))
+        await until(lambda: len(lane.releases) == 2)  # sent, not parked: the waiting record went before the claim
+        assert first.done() and await first is None
+        lane.releases[1].set()
+        await until(lambda: rounds.waiting_records == 1)
+        others = asyncio.gather(*(rounds.sync(pid, TARGET) for pid in ("p2", "p3")))  # a round whose record takes it along
+        return await asyncio.wait_for(asyncio.gather(second, others), 10)
+
+    for pid in ("p2", "p3"):
+        h.outbox.put(pid, TARGET, member(int(pid[1])))
+    asyncio.run(scenario())
+    assert h.outbox.parked == [] and len(lane.jobs) == 2
+    state = h.outbox.state("p0", LANE)
+    assert state.sent_hash == state.member_hash == member_hash(member(5)) and state.sending_until is None
