@@ -375,11 +375,11 @@ class Claims(Counting):
         return await super().claim_send(profile_id, esp, lease)
 
 
-async def with_lane(h: Harness, lane: Lane, gap_s: float) -> SyncRounds:
+async def with_lane(h: Harness, lane: Lane, gap_s: float, carry_s: float = 1.0) -> SyncRounds:
     rt = await h._runtime()
     rt.esps[LANE] = lane
     rt.leases[LANE] = rt.leases[TARGET]
-    return SyncRounds(rt, Requeued(), lane_gap_s=gap_s, carry_s=1.0)
+    return SyncRounds(rt, Requeued(), lane_gap_s=gap_s, carry_s=carry_s)
 
 
 def a_lane_sync_and_a_change(outbox: FakeOutbox) -> None:
@@ -519,6 +519,15 @@ class JobByJob(Lane):
         return {}
 
 
+async def first_job_ended(rounds: SyncRounds, lane: JobByJob) -> asyncio.Future[None]:
+    """A lane sync of p0 whose job ended: its record now waits for a ride."""
+    first = asyncio.ensure_future(rounds.sync("p0", LANE))
+    await until(lambda: len(lane.releases) == 1)
+    lane.releases[0].set()
+    await until(lambda: rounds.waiting_records == 1)
+    return first
+
+
 def test_a_lane_jobs_record_rides_the_next_write_of_the_rounds_and_its_message_is_answered_only_then(fake):
     h = Harness()
     h.outbox = Notes()
@@ -529,14 +538,8 @@ def test_a_lane_jobs_record_rides_the_next_write_of_the_rounds_and_its_message_i
         h.outbox.put(f"p{n}", TARGET, member(n))
 
     async def scenario():
-        rt = await h._runtime()
-        rt.esps[LANE] = lane
-        rt.leases[LANE] = rt.leases[TARGET]
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60)  # no record goes on its own in this test
-        first = asyncio.ensure_future(rounds.sync("p0", LANE))
-        await until(lambda: len(lane.releases) == 1)
-        lane.releases[0].set()
-        await until(lambda: rounds.waiting_records == 1)  # the first job ended: its record waits for a ride
+        rounds = await with_lane(h, lane, gap_s=0.01, carry_s=60)  # no record goes on its own in this test
+        first = await first_job_ended(rounds, lane)
         state = h.outbox.state("p0", LANE)
         assert not first.done() and state.sent_hash is None and state.sending_until is not None
         second = asyncio.ensure_future(rounds.sync("p1", LANE))
@@ -574,14 +577,8 @@ def test_a_lane_record_that_rode_a_failed_write_waits_for_the_next_or_goes_on_it
         h.outbox.put(f"p{n}", LANE, member(n))
 
     async def scenario():
-        rt = await h._runtime()
-        rt.esps[LANE] = lane
-        rt.leases[LANE] = rt.leases[TARGET]
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=2.0)
-        first = asyncio.ensure_future(rounds.sync("p0", LANE))
-        await until(lambda: len(lane.releases) == 1)
-        lane.releases[0].set()
-        await until(lambda: rounds.waiting_records == 1)
+        rounds = await with_lane(h, lane, gap_s=0.01, carry_s=2.0)
+        first = await first_job_ended(rounds, lane)
         second = asyncio.ensure_future(rounds.sync("p1", LANE))
         await until(lambda: len(lane.releases) == 2)
         await until(lambda: h.outbox.notes == [[], ["failed"]])  # the first's record rode the second's failed note
@@ -605,10 +602,7 @@ def test_a_lane_round_without_an_accepted_job_records_at_once(fake):
     h.outbox.states["p0", LANE]["sent_hash"] = h.outbox.states["p0", LANE]["member_hash"]
 
     async def scenario():
-        rt = await h._runtime()
-        rt.esps[LANE] = lane
-        rt.leases[LANE] = rt.leases[TARGET]
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60)
+        rounds = await with_lane(h, lane, gap_s=0.01, carry_s=60)
         return await asyncio.wait_for(rounds.sync("p0", LANE), 10)  # not the 60 s carry
 
     assert asyncio.run(scenario()) is None
@@ -622,14 +616,8 @@ def test_a_change_at_the_lane_of_a_profile_whose_record_waits_writes_that_record
     h.outbox.put("p0", LANE, member(0))
 
     async def scenario():
-        rt = await h._runtime()
-        rt.esps[LANE] = lane
-        rt.leases[LANE] = rt.leases[TARGET]
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60)
-        first = asyncio.ensure_future(rounds.sync("p0", LANE))
-        await until(lambda: len(lane.releases) == 1)
-        lane.releases[0].set()
-        await until(lambda: rounds.waiting_records == 1)
+        rounds = await with_lane(h, lane, gap_s=0.01, carry_s=60)
+        first = await first_job_ended(rounds, lane)
         h.outbox.put("p0", LANE, member(5))  # the next change, while the first job's record waits
         second = asyncio.ensure_future(rounds.sync("p0", LANE))
         await until(lambda: len(lane.releases) == 2)  # sent, not parked: the waiting record went before the claim
