@@ -211,8 +211,8 @@ class SyncRounds:
                 by_target.setdefault(esp, []).append(pid)
         if not by_target:
             return {}
-        if any(_touches(c.settlement, pairs) for c in self._carried):
-            await self._record(Settlement(""))  # a waiting record of one of these pairs goes first: its lease would make it busy
+        if any(_touches(c.settlement, set(pairs)) for c in self._carried):
+            await self._record()  # a waiting record of one of these pairs goes first: its lease would make it busy
         claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
         out = _Outcomes(Settlement(claimed.token), answer, lane=hold)
         for esp, pid in claimed.busy:
@@ -233,8 +233,7 @@ class SyncRounds:
             await asyncio.gather(others, *(self._send(esp, rt.esps[esp], plain[esp], claimed.token, out) for esp in lanes))
             accepted_at = datetime.now(timezone.utc)  # the freshness ends here, not when a carried record is written
             # Only a round whose job was accepted and that records its members there carries it (it freed its lane already).
-            at_lanes = [(esp, pid) for esp in lanes for pid in plain[esp]]
-            carry = hold.freeing and _touches(out.settlement, at_lanes)
+            carry = hold.freeing and _touches(out.settlement, {(esp, pid) for esp in lanes for pid in plain[esp]})
             await (self._record_later(out.settlement) if carry else self._record(out.settlement))
         except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
             for esp, states in plain.items():
@@ -259,23 +258,21 @@ class SyncRounds:
         riders, self._carried = self._carried, []
         return riders
 
-    def _carried_by(self, write: Awaitable[None], riders: list[_Carried]) -> Awaitable[None]:
-        """``write`` with ``riders`` in it: answered once it is done; back to wait for the next on failure."""
-        async def run() -> None:
-            try:
-                await write
-            except BaseException:
-                self._carried[:0] = riders
-                raise
-            for rider in riders:
-                if not rider.written.done():
-                    rider.written.set_result(None)
-        return run()
+    async def _carrying(self, write: Awaitable[None], riders: list[_Carried]) -> None:
+        """Await ``write``, which holds ``riders``: they are written once it is done, back to wait for the next on failure."""
+        try:
+            await write
+        except BaseException:
+            self._carried[:0] = riders
+            raise
+        for rider in riders:
+            if not rider.written.done():
+                rider.written.set_result(None)
 
-    async def _record(self, settlement: Settlement) -> None:
-        """Write a round's record now, with the lane records waiting for a ride."""
+    async def _record(self, *settlements: Settlement) -> None:
+        """Write round records now, with the lane records waiting for a ride."""
         riders = self._riders()
-        await self._carried_by(self._rt.store.outbox.settle(settlement, *(r.settlement for r in riders)), riders)
+        await self._carrying(self._rt.store.outbox.settle(*settlements, *(r.settlement for r in riders)), riders)
 
     async def _record_later(self, settlement: Settlement) -> None:
         """Write a lane round's record with the next write of these rounds, or on its own after the carry.
@@ -354,7 +351,7 @@ class SyncRounds:
         riders = self._riders()
         note = self._rt.store.outbox.note_job(esp, token, job_id, pids, [*([early[0]] if early else []), *(r.settlement for r in riders)])
         try:
-            await self._carried_by(note, riders)
+            await self._carrying(note, riders)
         except BaseException:
             if early:
                 out.settlement.parts += early[0].parts  # recorded with the rest of the round, then
@@ -381,10 +378,9 @@ class SyncRounds:
         out.add_sent(esp, pid, state, jobs)
 
 
-def _touches(settlement: Settlement, pairs: list[Pair]) -> bool:
+def _touches(settlement: Settlement, pairs: set[Pair]) -> bool:
     """Whether ``settlement`` records an outcome of any of ``pairs``."""
-    wanted = set(pairs)
-    return any((esp, pid) in wanted for esp, sent, failed, released, _ in settlement.parts
+    return any((esp, pid) in pairs for esp, sent, failed, released, _ in settlement.parts
                for pid in [*(p for p, _ in sent), *(p for p, _, _ in failed), *released])
 
 
