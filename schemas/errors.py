@@ -15,6 +15,7 @@
         │   └── EspHeld             our own guard held the call back: the ESP was never called
         │       ├── CircuitOpen     the account's circuit is open (or its trial found it still down)
         │       └── EspBusy         no room in the shared budget within the wait
+    │           └── RateSpent   the rate of one kind of request (a bucket) is spent: another kind may have room
         ├── SyncBusy                another send of the profile holds its lease
         ├── SourceUnavailable       a polled source failed or did not answer
         │   └── SourceRefused       it refused the request (a stale cursor, say)
@@ -123,6 +124,13 @@ class CircuitOpen(EspHeld):
 
 class EspBusy(EspHeld):
     code = "esp_busy"
+
+
+class RateSpent(EspBusy):
+    """Only this bucket's rate is spent: a sync that can send the same members another way (a bulk job,
+    whose bucket is its own) does that instead of waiting."""
+
+    code = "esp_rate_spent"
 
 
 class SyncBusy(RetryableError):

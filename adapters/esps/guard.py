@@ -28,13 +28,14 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import redis.asyncio as redis
 
-from schemas.errors import CircuitOpen, EspBusy, MergetagError
+from schemas.errors import CircuitOpen, EspBusy, MergetagError, RateSpent
 
 ACQUIRE = """
 local slots, key, now, lease, token, max = KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
@@ -73,6 +74,19 @@ Rates = dict[str, list[tuple[int, float]]]
 Observe = Callable[[str, "int | str", float], None]
 """(method, HTTP status or ``timeout``/``unreachable``, seconds) of one request."""
 WINDOW_MARGIN = 1.1
+
+_rate_patience: ContextVar[float | None] = ContextVar("rate_patience", default=None)
+
+
+@contextmanager
+def rate_patience(seconds: float) -> Iterator[None]:
+    """Calls made within wait at most ``seconds`` for their bucket's rate (not ``wait_s``), then raise
+    RateSpent: for a caller with another way to send, a bucket of its own, that is quicker than waiting."""
+    reset = _rate_patience.set(seconds)
+    try:
+        yield
+    finally:
+        _rate_patience.reset(reset)
 
 
 def account_id(esp: str, api_key: str) -> str:
@@ -177,6 +191,9 @@ class EspGuard:
         windows = self.rates.get(bucket)
         if not windows:
             return
+        patience = _rate_patience.get()
+        if patience is not None:
+            deadline = min(deadline, time.monotonic() + patience)
         while True:
             now_ms = int(time.time() * 1000)
             scale = float(await self._redis.hget(self._key, "rate_scale") or 1.0)
@@ -191,7 +208,7 @@ class EspGuard:
             if not wait_ms:
                 return
             if time.monotonic() + wait_ms / 1000 > deadline:
-                raise EspBusy(f"{self.account} {bucket} rate spent", retry_after=wait_ms / 1000)
+                raise RateSpent(f"{self.account} {bucket} rate spent", retry_after=wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
 
     async def rate_seen(self, remaining: int | None, reset_in_s: float | None) -> None:

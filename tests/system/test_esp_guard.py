@@ -6,9 +6,9 @@ import uuid
 import aiohttp
 import pytest
 
-from adapters.esps.guard import EspGuard
+from adapters.esps.guard import EspGuard, rate_patience
 from broker import admin, topology
-from schemas.errors import EspRejected, EspUnavailable
+from schemas.errors import EspRejected, EspUnavailable, RateSpent
 from tests.conftest import AMQP_URL, API_KEY, eventually, post_webhook, spawn, stop
 from tests.support.samples import customer
 
@@ -105,6 +105,25 @@ async def test_half_open_lets_one_trial_through_and_a_failed_trial_reopens_witho
     assert failed_trial.value.code == "circuit_open"
     assert (await g.state())["circuit"] == "open"
     await g.close()
+
+
+async def test_a_spent_bucket_raises_rate_spent_at_once_within_patience_and_leaves_other_buckets_free():
+    """Within ``rate_patience`` a call whose bucket has no room for longer than that fails, as RateSpent
+    (an EspBusy), and counts nothing (without it, the call would wait the 5.5 s for room: within
+    ``wait_s``); another bucket of the account still has room."""
+    a, b = guards(2, wait_s=30, rates={"import": [(2, 5.0)], "bulk": [(10, 1.0)]})
+    for guard in (a, b):
+        async with guard.call("import"):
+            pass
+    with rate_patience(0.2), pytest.raises(RateSpent) as spent:
+        async with a.call("import", kind="POST"):
+            pytest.fail("a spent bucket must not call the ESP")
+    assert spent.value.retry_after and spent.value.retry_after > 1.0
+    async with b.call("bulk", kind="POST"):  # the bulk bucket is its own
+        pass
+    assert await a.requests() == {"request": 2, "POST": 1}
+    for g in (a, b):
+        await g.close()
 
 
 async def test_admitted_requests_are_counted_per_kind_across_holders():

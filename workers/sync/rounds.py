@@ -18,6 +18,12 @@ outcomes go in the write that notes the job, and their messages are answered the
 The job's own outcome, once it ends, rides the next write the process's rounds make (a later job's
 note, a round's record) or goes on its own a carry later: while changes keep coming, a change costs
 one claim and one write, not two. A message is answered only once the write holding its outcome is done.
+
+A target whose single writes' rate is spent (Klaviyo: 750 imports a minute) is a lane too while it is:
+a single send waits at most a gap for room, and the members that found none go in one job of the
+round (bulk jobs have a budget of their own), then the target's syncs gather for jobs until its single
+writes have room again. One ESP's spent rate then costs its own syncs a job's latency, and holds no
+worker, nor the other targets' syncs, in the guard's wait.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from adapters.esps.base import Esp
+from adapters.esps.guard import rate_patience
 from adapters.redis.trail import Trail
-from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
+from schemas.errors import CircuitOpen, EspRejected, MergetagError, RateSpent, SyncBusy
 from schemas.sync import Claimed, Settlement, SyncState
 from workers.runtime import Runtime
 from workers.sync import policy, sender
@@ -144,6 +151,8 @@ class SyncRounds:
         self._running: set[asyncio.Task[None]] = set()
         self._busy_lanes: dict[str, _Hold] = {}
         """Each lane held by a round, with that round's hold."""
+        self._spent: dict[str, float] = {}
+        """Targets whose single writes' rate is spent, until when (monotonic): lanes meanwhile."""
         self.rounds = 0
 
     async def sync(self, profile_id: str, esp: str) -> None:
@@ -159,7 +168,13 @@ class SyncRounds:
 
     def _lane(self, esp: str) -> bool:
         client = self._rt.esps.get(esp)
-        return client is not None and client.prefers_bulk
+        return client is not None and (client.prefers_bulk or self._spent.get(esp, 0.0) > time.monotonic())
+
+    @property
+    def spent(self) -> set[str]:
+        """The targets that go in jobs now because their single writes' rate is spent."""
+        now = time.monotonic()
+        return {esp for esp, until in self._spent.items() if until > now}
 
     async def _gather(self) -> None:
         """Start a round with what joined within the window. Rounds overlap: a slow ESP request does not
@@ -194,15 +209,15 @@ class SyncRounds:
                 await sender.send_or_park(self._rt, self._requeue, pid, esp)
                 errors: dict[Pair, BaseException] = {}
             else:
-                errors = await self._sync_round(list(batch), hold, lambda outcomes: _answer(batch, outcomes))
+                errors = await self._sync_round(list(batch), lanes, hold, lambda outcomes: _answer(batch, outcomes))
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
         finally:
             self._release(lanes, hold)
         _answer(batch, {pair: errors.get(pair) for pair in batch})
 
-    async def _sync_round(self, pairs: list[Pair], hold: _Hold, answer: Callable[[dict[Pair, BaseException | None]], None]
-                          ) -> dict[Pair, BaseException]:
+    async def _sync_round(self, pairs: list[Pair], held: set[str], hold: _Hold,
+                          answer: Callable[[dict[Pair, BaseException | None]], None]) -> dict[Pair, BaseException]:
         rt = self._rt
         started = time.perf_counter()
         by_target: dict[str, list[str]] = {}
@@ -225,12 +240,13 @@ class SyncRounds:
             else:
                 plain.setdefault(esp, {})[pid] = state
         try:
-            lanes = {esp for esp in plain if self._lane(esp)}
+            lanes = {esp for esp in plain if esp in held}
             others = asyncio.gather(*(self._send(esp, rt.esps[esp], states, claimed.token, out) for esp, states in plain.items()
                                       if esp not in lanes))
             if lanes and len(lanes) < len(plain):
                 out.others = ({esp: list(states) for esp, states in plain.items() if esp not in lanes}, others)
-            await asyncio.gather(others, *(self._send(esp, rt.esps[esp], plain[esp], claimed.token, out) for esp in lanes))
+            await asyncio.gather(others, *(self._send_job(esp, rt.esps[esp], plain[esp], claimed.token, out, held=True)
+                                           for esp in lanes))
             accepted_at = datetime.now(timezone.utc)  # the freshness ends here, not when a carried record is written
             # Only a round whose job was accepted and that records its members there carries it (it freed its lane already).
             carry = hold.freeing and _touches(out.settlement, {(esp, pid) for esp in lanes for pid in plain[esp]})
@@ -301,26 +317,37 @@ class SyncRounds:
             out.errors[esp, pid] = exc
 
     async def _send(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: _Outcomes) -> None:
-        """Send the members ``esp`` lacks and add what happened to ``out``; what it holds already is released."""
+        """Send the members ``esp`` lacks one by one, each waiting at most a gap for the rate; those that
+        found it spent go in one job (and the target is a lane until its rate has room); what it holds already
+        is released."""
         todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
-        released = [pid for pid in states if pid not in todo]
-        if client.prefers_bulk and todo:
-            await self._send_job(esp, client, todo, token, out)
-        else:
-            await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out) for pid, state in todo.items()))
-        out.settlement.add(esp, released=released)
+        out.settlement.add(esp, released=[pid for pid in states if pid not in todo])
+        spent: dict[str, SyncState] = {}
+        with rate_patience(self._gap):
+            await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out, spent) for pid, state in todo.items()))
+        if spent:
+            log.info("%s's single writes are spent: %d member(s) go in a job", esp, len(spent))
+            await self._send_job(esp, client, spent, token, out, held=False)
 
-    async def _send_job(self, esp: str, client: Esp, todo: dict[str, SyncState], token: str, out: _Outcomes) -> None:
-        """A lane's members in one bulk request (its job polled to its end): each refused member fails its
-        own message; a request refused whole sends each member on its own, so only a bad one is refused."""
+    async def _send_job(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: _Outcomes, held: bool) -> None:
+        """The members ``esp`` lacks in one bulk request (its job polled to its end), what it holds already
+        released: each refused member fails its own message; a request refused whole sends each member on
+        its own, so only a bad one is refused. ``held``: the round holds ``esp``'s lane, and frees it a gap
+        after the job is accepted."""
+        todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
+        if released := [pid for pid in states if pid not in todo]:
+            out.settlement.add(esp, released=released)
+        if not todo:
+            return
         jobs: list[str] = []
 
         async def accepted(job_id: str) -> None:
             jobs.append(job_id)
-            assert out.lane is not None  # a lane's round holds it
-            out.lane.freeing = True
-            asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
-            await self._note_job(esp, token, job_id, list(todo), out)
+            if held:
+                assert out.lane is not None  # a lane's round holds it
+                out.lane.freeing = True
+                asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
+            await self._note_job(esp, token, job_id, list(todo), out, held)
 
         try:
             refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
@@ -342,10 +369,11 @@ class SyncRounds:
             else:
                 out.add_refused(esp, pid, state, EspRejected(reason), jobs, self._rt.trail, "batch")
 
-    async def _note_job(self, esp: str, token: str, job_id: str, pids: list[str], out: _Outcomes) -> None:
+    async def _note_job(self, esp: str, token: str, job_id: str, pids: list[str], out: _Outcomes, held: bool) -> None:
         """Note the job, with the other targets' outcomes when their sends are done within half a gap (they
-        usually are: the job's acceptance takes a request too); their messages are answered once it is written."""
-        if out.others is not None:
+        usually are: the job's acceptance takes a request too); their messages are answered once it is written.
+        (A job of a spent target in a round that holds no lane for it is one of those sends: it waits for none.)"""
+        if held and out.others is not None:
             await asyncio.wait([out.others[1]], timeout=self._gap / 2)
         early = out.take_others()
         riders = self._riders()
@@ -359,7 +387,9 @@ class SyncRounds:
         if early:
             out.answer(early[1])
 
-    async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes) -> None:
+    async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes,
+                        spent: dict[str, SyncState]) -> None:
+        """One member; into ``spent`` if the rate had no room for it."""
         jobs: list[str] = []
 
         async def accepted(job_id: str) -> None:
@@ -371,6 +401,10 @@ class SyncRounds:
             await client.upsert(state.member, accepted)
         except EspRejected as exc:
             out.add_refused(esp, pid, state, exc, [], self._rt.trail, "single")
+            return
+        except RateSpent as exc:
+            self._spent[esp] = time.monotonic() + max(self._gap, exc.retry_after or 0.0)
+            spent[pid] = state
             return
         except Exception as exc:
             out.add_unsent(esp, [pid], exc)

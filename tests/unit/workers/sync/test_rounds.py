@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pymongo.errors import AutoReconnect
 
 from adapters.esps.base import member_hash
-from schemas.errors import EspRejected
+from schemas.errors import EspRejected, RateSpent
 from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeOutbox
 from tests.unit.workers.sync.test_actors import TARGET, Harness, member
@@ -633,3 +633,65 @@ def test_a_change_at_the_lane_of_a_profile_whose_record_waits_writes_that_record
     assert h.outbox.parked == [] and len(lane.jobs) == 2
     state = h.outbox.state("p0", LANE)
     assert state.sent_hash == state.member_hash == member_hash(member(5)) and state.sending_until is None
+
+
+class SingleBudget:
+    """The fake ESP with ``left`` single writes in its rate (then RateSpent, as the guard raises it): its
+    bulk requests have a budget of their own."""
+
+    def __init__(self, fake, monkeypatch, left: int, retry_after: float = 30.0) -> None:
+        self.left, self.attempts = left, 0
+        upsert = fake.upsert
+
+        async def limited(esp, member, on_job=None):
+            self.attempts += 1
+            if self.left <= 0:
+                raise RateSpent("fake import rate spent", retry_after=retry_after)
+            self.left -= 1
+            return await upsert(esp, member, on_job)
+
+        monkeypatch.setattr(fake, "upsert", limited)
+
+
+def test_members_that_find_the_single_rate_spent_go_in_one_job_and_the_target_goes_in_jobs_while_it_is_spent(fake, monkeypatch):
+    h = Harness()
+    budget = SingleBudget(fake, monkeypatch, left=1)
+    for n in range(6):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), Requeued())
+        first = await asyncio.gather(*(rounds.sync(f"p{n}", TARGET) for n in range(4)), return_exceptions=True)
+        spent_after_first = rounds.spent
+        lone = await asyncio.gather(rounds.sync("p4", TARGET), return_exceptions=True)  # alone, yet in a job while spent
+        later = await asyncio.gather(rounds.sync("p5", TARGET), return_exceptions=True)
+        return [*first, *lone, *later], spent_after_first
+
+    results, spent = asyncio.run(scenario())
+    assert results == [None] * 6 and spent == {TARGET}
+    assert budget.attempts == 4  # the first round tried each once; while spent, nothing tries a single write
+    assert fake.requests == ["upsert", "batch", "batch", "batch"]
+    assert set(fake.contacts) == {f"p{n}@example.com" for n in range(6)}
+    for n in range(6):
+        state = h.outbox.state(f"p{n}", TARGET)
+        assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
+
+
+def test_a_target_goes_back_to_single_writes_once_its_rate_has_room_again(fake, monkeypatch):
+    h = Harness()
+    budget = SingleBudget(fake, monkeypatch, left=0, retry_after=0.05)
+    for n in range(4):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), Requeued(), lane_gap_s=0.05)
+        spilled = await asyncio.gather(*(rounds.sync(f"p{n}", TARGET) for n in range(2)), return_exceptions=True)
+        assert rounds.spent == {TARGET}
+        await until(lambda: not rounds.spent)  # a gap, or the rate's own retry_after if longer
+        budget.left = 5
+        again = await asyncio.gather(*(rounds.sync(f"p{n}", TARGET) for n in range(2, 4)), return_exceptions=True)
+        return [*spilled, *again]
+
+    assert asyncio.run(scenario()) == [None] * 4
+    assert fake.requests == ["batch", "upsert", "upsert"] and budget.attempts == 4
+    assert set(fake.contacts) == {f"p{n}@example.com" for n in range(4)}
