@@ -225,8 +225,8 @@ class Outbox:
         until they run out. ``$addToSet`` makes a repeat harmless, as the token does a settlement's.
         """
         deadline = time.monotonic() + JOB_NOTE_WAIT_S
-        ops = [UpdateOne(records.owned(pid, esp, token), {"$addToSet": {f"esp.{esp}.jobs": job_id}}) for pid in profile_ids]
-        ops += [op for settlement in settled for op in records.settlement_ops(settlement)]
+        writes = [records.Write(pid, esp, token, records.noted(f"esp.{esp}", job_id)) for pid in profile_ids]
+        ops = records.one_per_profile([*writes, *(w for settlement in settled for w in records.settlement_writes(settlement))])
         while True:
             try:
                 await self.profiles.bulk_write(ops, ordered=False)
@@ -251,7 +251,7 @@ class Outbox:
 
     async def settle(self, *settlements: Settlement) -> None:
         """Record sends' outcomes at any targets in one round trip; only where each settlement's token still holds the lease."""
-        if ops := [op for settlement in settlements for op in records.settlement_ops(settlement)]:
+        if ops := records.one_per_profile([w for settlement in settlements for w in records.settlement_writes(settlement)]):
             await self.profiles.bulk_write(ops, ordered=False)
 
     async def park(self, profile_ids: list[str], esp: str) -> None:

@@ -1,10 +1,12 @@
 """The writes that record what a send did at one target (``profile.esp.<target>``): pipeline updates the
-outbox puts in its bulk writes, each guarded by the send lease's token."""
+outbox puts in its bulk writes, each guarded by the send lease's token. Several of one profile in one
+bulk write (a change's targets) become one update of the document, each target's stages guarded by
+its own token inside the pipeline: one document write instead of one per target."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from pymongo import UpdateOne
 
@@ -63,15 +65,60 @@ def released(prefix: str, jobs: list[str]) -> list[dict[str, Any]]:
     return [{"$set": {f"{prefix}.sending_until": None}}, *finished(prefix, jobs), *settle_pending(prefix)]
 
 
-def part_ops(esp: str, token: str, sent_: list[tuple[str, str]], failed_: list[tuple[str, str, str]], released_: list[str],
-             jobs: list[str]) -> list[UpdateOne]:
-    """The writes of one part of a :class:`Settlement`, each only where ``token`` still holds the lease."""
+class Write(NamedTuple):
+    """A pipeline update of one profile's record at one target, only where ``token`` holds its send lease."""
+
+    profile_id: str
+    esp: str
+    token: str
+    pipeline: list[dict[str, Any]]
+
+
+def noted(prefix: str, job_id: str) -> list[dict[str, Any]]:
+    """The pipeline adding a bulk job the ESP accepted to a target's list (a repeat adds nothing)."""
+    return [{"$set": {f"{prefix}.jobs": {"$setUnion": [{"$ifNull": [f"${prefix}.jobs", []]}, literal([job_id])]}}}]
+
+
+def part_writes(esp: str, token: str, sent_: list[tuple[str, str]], failed_: list[tuple[str, str, str]], released_: list[str],
+                jobs: list[str]) -> list[Write]:
+    """The writes of one part of a :class:`Settlement`."""
     prefix = f"esp.{esp}"
-    return [*(UpdateOne(owned(pid, esp, token), sent(prefix, h, jobs)) for pid, h in sent_),
-            *(UpdateOne(owned(pid, esp, token), failed(prefix, h, code, jobs)) for pid, h, code in failed_),
-            *(UpdateOne(owned(pid, esp, token), released(prefix, jobs)) for pid in released_)]
+    return [*(Write(pid, esp, token, sent(prefix, h, jobs)) for pid, h in sent_),
+            *(Write(pid, esp, token, failed(prefix, h, code, jobs)) for pid, h, code in failed_),
+            *(Write(pid, esp, token, released(prefix, jobs)) for pid in released_)]
 
 
-def settlement_ops(settlement: Settlement) -> list[UpdateOne]:
-    """Every write of ``settlement``, for one unordered bulk write."""
-    return [op for esp, *part in settlement.parts for op in part_ops(esp, settlement.token, *part)]
+def settlement_writes(settlement: Settlement) -> list[Write]:
+    return [w for esp, *part in settlement.parts for w in part_writes(esp, settlement.token, *part)]
+
+
+def guarded(prefix: str, token: str, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``pipeline``'s stages applied only where ``token`` holds the target's lease (else each field keeps
+    its value): the lease's guard moved from the write's filter into the update."""
+    owns = {"$eq": [f"${prefix}.sending_token", literal(token)]}
+    stages = []
+    for stage in pipeline:
+        (operator, spec), = stage.items()
+        if operator == "$set":
+            stages.append({"$set": {name: {"$cond": [owns, value, f"${name}"]} for name, value in spec.items()}})
+        elif operator == "$unset":
+            stages.append({"$set": {name: {"$cond": [owns, "$$REMOVE", f"${name}"]} for name in ([spec] if isinstance(spec, str) else spec)}})
+        else:
+            raise ValueError(f"no guarded form of {operator}")
+    return stages
+
+
+def one_per_profile(writes: list[Write]) -> list[UpdateOne]:
+    """One update per profile for an unordered bulk write: a lone write keeps its guard in the filter;
+    several, at one profile's targets (or several of one target, in their order), share one document write."""
+    by_profile: dict[str, list[Write]] = {}
+    for write in writes:
+        by_profile.setdefault(write.profile_id, []).append(write)
+    ops = []
+    for pid, mine in by_profile.items():
+        if len(mine) == 1:
+            (write,) = mine
+            ops.append(UpdateOne(owned(pid, write.esp, write.token), write.pipeline))
+        else:
+            ops.append(UpdateOne({"_id": pid}, [stage for w in mine for stage in guarded(f"esp.{w.esp}", w.token, w.pipeline)]))
+    return ops

@@ -8,6 +8,7 @@ import pytest
 from pymongo import monitoring
 from pymongo.errors import AutoReconnect
 
+from adapters.store import records
 from adapters.store.profiles import ProfileStore
 from schemas.errors import SyncBusy
 from schemas.profile import Profile
@@ -155,8 +156,10 @@ async def test_a_round_claims_every_free_pair_of_many_targets_in_two_round_trips
     settlement = Settlement(claimed.token)
     settlement.add("mailchimp", sent=[("r1", "h1")], failed=[("r2", "h1", "esp_rejected")])
     settlement.add("klaviyo", sent=[("r1", "k1"), ("r2", "k1")], released=["r3"])
+    before = len(recording.filters)
     await store.outbox.settle(settlement)
     assert recording.calls == ["bulk_write", "find", "bulk_write"]
+    assert sorted(f["_id"] for f in recording.filters[before:]) == ["r1", "r2", "r3"]  # one document write per profile
     r1, r2, r3 = [(await store.load(pid))[1].esp for pid in ("r1", "r2", "r3")]
     assert r1["mailchimp"].sent_hash == "h1" and r1["klaviyo"].sent_hash == "k1" and not r1["mailchimp"].pending
     assert r2["mailchimp"].failed_code == "esp_rejected" and r2["mailchimp"].sending_until is None
@@ -179,6 +182,32 @@ async def test_a_round_of_one_profile_claims_its_targets_in_one_round_trip(store
     assert (await store.outbox.claim_round({"mailchimp": ["nobody"]}, leases)).states == {}
     store.outbox.profiles = recording._profiles
     assert (await store.load("o1"))[1].esp["klaviyo"].sending_token == other  # the held lease untouched
+
+
+async def test_a_changes_targets_are_recorded_in_one_document_write_each_target_only_under_its_own_lease(store):
+    """A job's note and other targets' records of one profile, in one bulk write, are one update of its
+    document: each target's part applies only where its own token holds that target's lease."""
+    members = {"mailchimp": ({"m": 1}, "h1"), "klaviyo": ({"k": 1}, "k1"), "sendgrid": ({"s": 1}, "s1")}
+    assert await store.save(person("c1", "c1@example.com"), None, members)
+    for esp in ("mailchimp", "sendgrid"):
+        await store.outbox.claim_pending(esp, timedelta(0), timedelta(seconds=60))  # stamps swept_at, which a send clears
+    _, other = await store.outbox.claim_send("c1", "klaviyo", timedelta(seconds=30))  # another send holds one target
+    claimed = await store.outbox.claim_round({esp: ["c1"] for esp in members}, {esp: timedelta(seconds=30) for esp in members})
+    assert claimed.busy == [("klaviyo", "c1")]
+    early = Settlement(claimed.token)
+    early.add("mailchimp", sent=[("c1", "h1")])
+    early.add("klaviyo", failed=[("c1", "k1", "esp_rejected")])  # not this token's to record
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    await store.outbox.note_job("sendgrid", claimed.token, "job-1", ["c1"], [early])
+    await store.outbox.note_job("sendgrid", claimed.token, "job-1", ["c1"])  # a repeat adds nothing
+    assert recording.calls == ["bulk_write", "bulk_write"] and recording.filters == [{"_id": "c1"}, records.owned("c1", "sendgrid", claimed.token)]
+    store.outbox.profiles = recording._profiles
+    esp = (await store.load("c1"))[1].esp
+    assert esp["mailchimp"].sent_hash == "h1" and not esp["mailchimp"].pending and esp["mailchimp"].sending_until is None
+    assert esp["klaviyo"].failed_code is None and esp["klaviyo"].sending_token == other and esp["klaviyo"].pending
+    assert esp["sendgrid"].jobs == ["job-1"] and esp["sendgrid"].sending_token == claimed.token and esp["sendgrid"].pending
+    doc = await store.profiles.find_one({"_id": "c1"})
+    assert "swept_at" not in doc["esp"]["mailchimp"] and "swept_at" in doc["esp"]["sendgrid"]  # the $unset, guarded too
 
 
 class LosingAnswers:
