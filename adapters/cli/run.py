@@ -12,6 +12,9 @@ from typing import Any
 
 from adapters.settings import Settings, get_settings
 
+DELAY_POLL_MS = 20
+"""How late a delayed message (a coalesced sync) may run: how often the delay queues' consumers wake."""
+
 
 def _serve_http(component: str, create: Any, host: str, port: int) -> int:
     """Run the aiohttp app ``create(settings)`` of ``component`` (Sentry first) until stopped, on uvloop:
@@ -38,17 +41,16 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 def _serve(queues: list[str], sweep: bool, component: str, threads: int, metrics_port: int) -> int:
     """Consume ``queues`` with a Dramatiq worker of ``threads`` threads until SIGTERM/SIGINT; optionally
     run the sweeper. Prometheus scrapes ``metrics_port`` (0: not served)."""
-    import dramatiq
-
     from adapters.metrics import Metrics
+    from broker.setup import Worker
     from workers import app
 
     settings = get_settings()
     metrics = Metrics()
     workers = app.build(settings, component=component, metrics=metrics)
     server = metrics.serve(metrics_port) if metrics_port else None
-    # A short poll: delayed messages (coalesced syncs, abandonment checks) run close to their time.
-    worker = dramatiq.Worker(workers.broker, queues=set(queues), worker_threads=threads, worker_timeout=100)
+    # A short poll of the delay queues: delayed messages (coalesced syncs, abandonment checks) run close to their time.
+    worker = Worker(workers.broker, queues=set(queues), worker_threads=threads, worker_timeout=100, delay_poll_ms=DELAY_POLL_MS)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -6,19 +6,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import aiohttp
+import dramatiq
 import pika
 import pytest
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
+from dramatiq.common import dq_name
 from dramatiq.errors import ConnectionClosed
 
 from broker import admin, topology
 from broker.dead_letters import DeadLetters
 from broker.migrate import MigrationRefused, migrate, temporary_name
 from broker.publisher import Publisher, encode_message
-from broker.setup import TopologyBroker
+from broker.setup import TopologyBroker, Worker
 from sandboxes.local import free_port, wait_for_port
 from tests.conftest import AMQP_URL, ROOT, SHOPIFY_SECRET, eventually, post_webhook, source_env, stop
 from tests.support.samples import customer
@@ -299,4 +302,28 @@ def test_a_message_delivered_too_often_is_dead_lettered_with_its_reason_and_read
         assert letters[0].age_s is not None and letters[0].age_s < 300
         assert depth(xq) == 1
     finally:
+        drop(prefix)
+
+
+def test_the_delay_queues_consumers_wake_every_delay_poll_and_a_delayed_message_runs(rabbitmq):
+    """A delayed message is moved to its queue when its delay queue's consumer wakes: that consumer polls
+    every ``delay_poll_ms``; the queue's own consumer and the worker threads keep ``worker_timeout``."""
+    prefix = "dp" + uuid.uuid4().hex[:8]
+    queue = topology.events_queue(prefix)
+    broker = TopologyBroker(url=AMQP_URL, middleware=[])
+    ran: list[str] = []
+    actor = dramatiq.actor(ran.append, broker=broker, actor_name="note", queue_name=queue)
+    worker = Worker(broker, worker_threads=2, worker_timeout=500, delay_poll_ms=20)
+    worker.start()
+    try:
+        actor.send_with_options(args=("later",), delay=300)
+        deadline = time.monotonic() + 60
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ran == ["later"]
+        assert worker.consumers[dq_name(queue)].worker_timeout == 20 and worker.consumers[queue].worker_timeout == 500
+        assert {thread.timeout for thread in worker.workers} == {0.5}
+    finally:
+        worker.stop()
+        broker.close()
         drop(prefix)
