@@ -27,7 +27,9 @@ beyond the senders and the idle rate (near 0 when the accounting holds). Phases,
   stopped, before the backlog's events are sent): the same server's own unordered bulk-upsert rate
   (``bench/_store.py``, as in ``bench/merge_throughput.py``) with a merged profile of this run, read
   from its database, ``--store-upserts-per-id`` upserts per id (``store_bulk_upserts_per_s``);
-  ``ratio_to_store_bulk`` is ``max_rate_p99_under_1s`` over it.
+  ``ratio_to_store_bulk`` is ``max_rate_p99_under_1s`` over it. The store's CPU time (its process's,
+  background included) per accepted event of each step (``store_cpu_ms_per_event``) against that per
+  bulk upsert there (``store_cpu_ms_per_bulk_upsert``) says how much of the store one event uses.
 - backlog: the worker and the sync are down while ``--backlog`` events for as many new profiles queue
   in RabbitMQ; the worker starts and merges them all, then the sync starts. Reports per ESP the write
   requests made against the minimum possible, ceil(profiles / the ESP's batch size), and ``drain_s``
@@ -255,6 +257,13 @@ class Mark:
     at: float
     requests: int
     commands: dict[int, tuple[str, Counter[str]]]
+    store_cpu_s: float
+
+
+def cpu_s(pid: int) -> float:
+    """The user and system CPU seconds process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def commands(a: Mark, b: Mark) -> dict[str, Counter[str]]:
@@ -277,11 +286,11 @@ class Meter:
     """Store requests counted at the server, less the background: the sweeper's polls as counted, and the
     rest (heartbeats, this bench's own requests) as a rate measured while idle."""
 
-    def __init__(self, client: AsyncMongoClient, processes: Processes) -> None:
-        self.client, self.processes = client, processes
+    def __init__(self, client: AsyncMongoClient, processes: Processes, store_pid: int) -> None:
+        self.client, self.processes, self.store_pid = client, processes, store_pid
 
     async def mark(self) -> Mark:
-        return Mark(time.monotonic(), await server_requests(self.client), await self.processes.commands())
+        return Mark(time.monotonic(), await server_requests(self.client), await self.processes.commands(), cpu_s(self.store_pid))
 
     async def idle(self, seconds: float) -> dict[str, float]:
         """While nothing is sent: the requests per second besides the sweeper's polls, and those polls."""
@@ -355,6 +364,7 @@ async def step(bench: Bench, meter: Meter, rate: float, events: int, emails: lis
     result["store_background_per_event"] = used["background"]
     result["store_commands_per_event"] = used["by_sender"]
     result["store_unattributed_per_event"] = used["unattributed"]
+    result["store_cpu_ms_per_event"] = round((end.store_cpu_s - start.store_cpu_s) * 1000 / max(accepted, 1), 2)
     result["passed"] = passed
     return result
 
@@ -426,7 +436,7 @@ async def main() -> None:
     pipeline.start("worker")
     wait_for_port(receiver_port, process=pipeline.start("receiver", "--port", str(receiver_port)))
     pipeline.start("sync")
-    meter = Meter(AsyncMongoClient(uri), pipeline)
+    meter = Meter(AsyncMongoClient(uri), pipeline, mongo.pid)
     result: dict[str, Any] = {}
 
     async def settled() -> None:
@@ -481,8 +491,10 @@ async def main() -> None:
             pipeline.stop("worker")
             result["idle_requests_per_s"] = {name: {kind: round(rate, 2) for kind, rate in idle.items()} for name, idle in
                                              (("live", idle_live), ("backlog_worker", idle_worker), ("backlog_worker_and_sync", idle_both))}
+            cpu_before = cpu_s(mongo.pid)
             store_bulk, result["merge_batch_max"] = await store_rate(env, args)
             result["store_bulk_upserts_per_s"] = round(store_bulk, 1)
+            result["store_cpu_ms_per_bulk_upsert"] = round((cpu_s(mongo.pid) - cpu_before) * 1000 / args.store_docs, 3)
             result["ratio_to_store_bulk"] = round(result["max_rate_p99_under_1s"] / store_bulk, 3)
 
             # Backlog: the events wait in RabbitMQ; the worker merges them all, then the sync starts.
