@@ -8,8 +8,9 @@
   logs per bucket, checked and counted atomically for every window at once, so no stretch
   of a window's length holds more than its limit, whatever the ESP's own alignment. A 429
   halves the usable rate as well; successes win it back.
-- A shared pause: a ``Retry-After``, or rate-limit headers saying the budget is spent
-  (SendGrid's ``X-RateLimit-Remaining: 0``), pause every process until the reset.
+- A shared pause: a ``Retry-After`` pauses every process's calls to the account until it passes;
+  rate-limit headers saying a budget is spent (SendGrid's ``X-RateLimit-Remaining: 0``, Klaviyo's
+  ``RateLimit-Remaining``: both per endpoint) pause that bucket's calls until the reset.
 - A circuit breaker: after ``failures`` consecutive transient failures the account
   is "open" for ``open_s`` seconds and calls fail fast (retried later, so other
   accounts and ESPs are not slowed by this one); then one trial call decides, while
@@ -132,8 +133,8 @@ class EspGuard:
         it was sent, or tried).
         Raises EspUnavailable (``circuit_open``, or ``esp_busy`` when no room comes within ``wait_s``).
         """
-        state = await self._redis.hmget(self._key, ["opened_until", "paused_until", "consecutive_failures"])
-        opened_until, paused_until, failures = (float(v or 0) for v in state)
+        state = await self._redis.hmget(self._key, ["opened_until", "paused_until", "consecutive_failures", f"paused_until:{bucket}"])
+        opened_until, paused_until, failures, bucket_paused_until = (float(v or 0) for v in state)
         now = time.time()
         if opened_until > now:
             raise CircuitOpen(f"{self.account} circuit open", retry_after=opened_until - now)
@@ -144,7 +145,7 @@ class EspGuard:
         token = uuid.uuid4().hex
         admitted = False
         try:
-            await self._admit(bucket, paused_until - now, token)
+            await self._admit(bucket, paused_until - now, bucket_paused_until - now, token)
             admitted = True
             try:
                 yield
@@ -168,8 +169,9 @@ class EspGuard:
             if trial:
                 await self._redis.delete(self._trial)
 
-    async def _admit(self, bucket: str, paused_s: float, token: str) -> None:
-        """Wait out a pause, then take a rate slot and a connection slot; all within ``wait_s``.
+    async def _admit(self, bucket: str, paused_s: float, bucket_paused_s: float, token: str) -> None:
+        """Wait out a pause (the account's, then the bucket's), then take a rate slot and a connection
+        slot; all within ``wait_s`` (a bucket's pause and rate within the caller's patience).
 
         Raises EspUnavailable(``esp_busy``) rather than wait longer: the message comes back later
         without holding a worker meanwhile.
@@ -179,6 +181,11 @@ class EspGuard:
             if paused_s > self._wait:
                 raise EspBusy(f"{self.account} is paused by its rate limit", retry_after=paused_s)
             await asyncio.sleep(paused_s)
+        if bucket_paused_s > 0:
+            patience = _rate_patience.get()
+            if time.monotonic() + bucket_paused_s > (deadline if patience is None else min(deadline, time.monotonic() + patience)):
+                raise RateSpent(f"{self.account} {bucket} is paused by its rate limit", retry_after=bucket_paused_s)
+            await asyncio.sleep(bucket_paused_s)
         await self._take_rate(bucket, deadline)
         delay = 0.01
         while not await self._acquire(keys=[self._slots, self._key], args=[int(time.time() * 1000), self._lease, token, self.limit]):
@@ -211,17 +218,17 @@ class EspGuard:
                 raise RateSpent(f"{self.account} {bucket} rate spent", retry_after=wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
 
-    async def rate_seen(self, remaining: int | None, reset_in_s: float | None) -> None:
-        """Rate-limit headers of a response: when the ESP says the budget is spent, every process
-        waits for its reset instead of provoking 429s."""
+    async def rate_seen(self, remaining: int | None, reset_in_s: float | None, bucket: str = "default") -> None:
+        """Rate-limit headers of a response to a call of ``bucket``: when the ESP says that budget is
+        spent, every process's calls of the bucket wait for its reset instead of provoking 429s."""
         if remaining is not None and remaining <= 0 and reset_in_s is not None and reset_in_s > 0:
-            await self._pause(reset_in_s)
+            await self._pause(reset_in_s, f"paused_until:{bucket}")
 
-    async def _pause(self, seconds: float) -> None:
+    async def _pause(self, seconds: float, field: str = "paused_until") -> None:
         until = time.time() + seconds
-        current = float(await self._redis.hget(self._key, "paused_until") or 0)
+        current = float(await self._redis.hget(self._key, field) or 0)
         if until > current:
-            await self._redis.hset(self._key, "paused_until", until)
+            await self._redis.hset(self._key, field, until)
 
     async def _succeeded(self) -> None:
         """Close the circuit; win back one connection and a twentieth of the rate (additive increase)."""
@@ -261,7 +268,7 @@ class EspGuard:
             "connection_limit": min(int(raw.get("limit", self.limit) or self.limit), self.limit),
             "connections_in_use": await self._redis.zcount(self._slots, int(now * 1000), "+inf"),
             "rate_scale": round(min(float(raw.get("rate_scale", 1.0) or 1.0), 1.0), 2),
-            "paused_for_s": round(max(0.0, float(raw.get("paused_until", 0) or 0) - now), 1),
+            "paused_for_s": round(max([0.0, *(float(v or 0) - now for k, v in raw.items() if k.startswith("paused_until"))]), 1),
         }
 
     async def requests(self) -> dict[str, int]:

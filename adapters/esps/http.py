@@ -59,10 +59,10 @@ class EspHttp:
         if self.guard is None:
             return await self._send(method, path, body, gone_ok, content_type, account_errors)
         async with self.guard.call(bucket, kind=method):
-            return await self._send(method, path, body, gone_ok, content_type, account_errors)
+            return await self._send(method, path, body, gone_ok, content_type, account_errors, bucket)
 
     async def _send(self, method: str, path: str, body: Any, gone_ok: bool, content_type: str,
-                    account_errors: frozenset[int]) -> tuple[int, dict[str, Any] | None]:
+                    account_errors: frozenset[int], bucket: str = "default") -> tuple[int, dict[str, Any] | None]:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         url = path if path.startswith("http") else self.base + path
@@ -73,7 +73,7 @@ class EspHttp:
                 status, headers_in = response.status, response.headers
                 self._observed(method, status, started)
                 if self._rate is not None and self.guard is not None:
-                    await self.guard.rate_seen(*self._rate(headers_in))
+                    await self.guard.rate_seen(*self._rate(headers_in), bucket=bucket)
                 if gone_ok and status == 404:
                     return status, None
                 parsed = await _json(response)

@@ -201,3 +201,19 @@ async def test_a_429_storm_slows_the_sync_and_loses_or_repeats_nothing(receiver,
     assert all(m["merge_fields"]["FNAME"] == "Storm" for m in members)
     assert all(m["update_count"] == 1 for m in members)  # refused attempts never landed twice
     assert (await sandbox.control(http, "faults", {"count": 0}))["pending_faults"] == 0
+
+
+async def test_rate_headers_saying_a_budget_is_spent_pause_that_bucket_only():
+    """Klaviyo's and SendGrid's rate-limit headers describe one endpoint's budget: the imports' being spent
+    pauses imports in every holder (RateSpent within patience), not the bulk jobs."""
+    a, b = guards(2, wait_s=30)
+    await a.rate_seen(0, 20.0, bucket="import")
+    with rate_patience(0.2), pytest.raises(RateSpent) as spent:
+        async with b.call("import"):
+            pytest.fail("a paused bucket must not call the ESP")
+    assert spent.value.retry_after and spent.value.retry_after > 10
+    async with b.call("bulk"):
+        pass
+    assert (await a.state())["paused_for_s"] > 10 and await b.requests() == {"request": 1}
+    for g in (a, b):
+        await g.close()
