@@ -170,6 +170,10 @@ class SyncRounds:
         client = self._rt.esps.get(esp)
         return client is not None and (client.prefers_bulk or self._spent.get(esp, 0.0) > time.monotonic())
 
+    def _spend(self, esp: str, exc: RateSpent) -> None:
+        """``esp``'s single writes are spent: it is a lane until they have room (at least a gap)."""
+        self._spent[esp] = time.monotonic() + max(self._gap, exc.retry_after or 0.0)
+
     @property
     def spent(self) -> set[str]:
         """The targets that go in jobs now because their single writes' rate is spent."""
@@ -206,7 +210,12 @@ class SyncRounds:
         try:
             if len(batch) == 1 and not lanes:  # a lone sync takes the single path: two round trips, not three
                 (esp, pid), = batch
-                await sender.send_or_park(self._rt, self._requeue, pid, esp)
+                try:
+                    with rate_patience(self._gap):
+                        await sender.send_or_park(self._rt, self._requeue, pid, esp)
+                except RateSpent as exc:  # its lease is released: it goes again, in the lane's next job
+                    self._spend(esp, exc)
+                    await self.sync(pid, esp)
                 errors: dict[Pair, BaseException] = {}
             else:
                 errors = await self._sync_round(list(batch), lanes, hold, lambda outcomes: _answer(batch, outcomes))
@@ -403,7 +412,7 @@ class SyncRounds:
             out.add_refused(esp, pid, state, exc, [], self._rt.trail, "single")
             return
         except RateSpent as exc:
-            self._spent[esp] = time.monotonic() + max(self._gap, exc.retry_after or 0.0)
+            self._spend(esp, exc)
             spent[pid] = state
             return
         except Exception as exc:

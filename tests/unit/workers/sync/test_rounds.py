@@ -695,3 +695,18 @@ def test_a_target_goes_back_to_single_writes_once_its_rate_has_room_again(fake, 
     assert asyncio.run(scenario()) == [None] * 4
     assert fake.requests == ["batch", "upsert", "upsert"] and budget.attempts == 4
     assert set(fake.contacts) == {f"p{n}@example.com" for n in range(4)}
+
+
+def test_a_lone_sync_that_finds_the_single_rate_spent_goes_again_in_a_job(fake, monkeypatch):
+    h = Harness()
+    budget = SingleBudget(fake, monkeypatch, left=0)
+    h.outbox.put("p0", TARGET, member(0))
+
+    async def scenario():
+        rounds = SyncRounds(await h._runtime(), Requeued())
+        return await rounds.sync("p0", TARGET), rounds.spent
+
+    assert asyncio.run(scenario()) == (None, {TARGET})
+    assert budget.attempts == 1 and fake.requests == ["batch"] and set(fake.contacts) == {"p0@example.com"}
+    state = h.outbox.state("p0", TARGET)
+    assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
