@@ -29,7 +29,8 @@ beyond the senders and the idle rate (near 0 when the accounting holds). Phases,
   from its database, ``--store-upserts-per-id`` upserts per id (``store_bulk_upserts_per_s``);
   ``ratio_to_store_bulk`` is ``max_rate_p99_under_1s`` over it. The store's CPU time (its process's,
   background included) per accepted event of each step (``store_cpu_ms_per_event``) against that per
-  bulk upsert there (``store_cpu_ms_per_bulk_upsert``) says how much of the store one event uses.
+  bulk upsert there (``store_cpu_ms_per_bulk_upsert``) says how much of the store one event uses; the
+  store's CPU while the pipeline is idle (the sweeper's polls, heartbeats) is ``store_cpu_ms_per_s_idle``.
 - backlog: the worker and the sync are down while ``--backlog`` events for as many new profiles queue
   in RabbitMQ; the worker starts and merges them all, then the sync starts. Reports per ESP the write
   requests made against the minimum possible, ceil(profiles / the ESP's batch size), and ``drain_s``
@@ -293,11 +294,13 @@ class Meter:
         return Mark(time.monotonic(), await server_requests(self.client), await self.processes.commands(), cpu_s(self.store_pid))
 
     async def idle(self, seconds: float) -> dict[str, float]:
-        """While nothing is sent: the requests per second besides the sweeper's polls, and those polls."""
+        """While nothing is sent: the requests per second besides the sweeper's polls, those polls, and the
+        store's CPU milliseconds per second."""
         a = await self.mark()
         await asyncio.sleep(seconds)
         b = await self.mark()
-        return {"other": (b.requests - a.requests - polls(a, b)) / (b.at - a.at), "sweeper_polls": polls(a, b) / (b.at - a.at)}
+        return {"other": (b.requests - a.requests - polls(a, b)) / (b.at - a.at), "sweeper_polls": polls(a, b) / (b.at - a.at),
+                "store_cpu_ms": (b.store_cpu_s - a.store_cpu_s) * 1000 / (b.at - a.at)}
 
     @staticmethod
     def background(marks: list[Mark], idle: list[dict[str, float]]) -> float:
@@ -481,6 +484,7 @@ async def main() -> None:
                 note = f"every step up to --step-max-rate passed: {max(passed):g}/s is a lower bound"
             result["note"] = note
             result["store_ops_per_event_live"] = steps[0]["store_ops_per_event"]
+            result["store_cpu_ms_per_s_idle"] = round(idle_live["store_cpu_ms"], 1)
 
             # The backlog's backgrounds (both up, then the worker alone), then both down; the store's own rate while all is quiet.
             await drained(meter.client, prefix, esps, timeout=args.step_timeout)
@@ -489,7 +493,7 @@ async def main() -> None:
             pipeline.stop("sync")
             idle_worker = await meter.idle(args.idle)
             pipeline.stop("worker")
-            result["idle_requests_per_s"] = {name: {kind: round(rate, 2) for kind, rate in idle.items()} for name, idle in
+            result["idle_requests_per_s"] = {name: {kind: round(rate, 2) for kind, rate in idle.items() if kind != "store_cpu_ms"} for name, idle in
                                              (("live", idle_live), ("backlog_worker", idle_worker), ("backlog_worker_and_sync", idle_both))}
             cpu_before = cpu_s(mongo.pid)
             store_bulk, result["merge_batch_max"] = await store_rate(env, args)
