@@ -181,12 +181,13 @@ class EspGuard:
             if paused_s > self._wait:
                 raise EspBusy(f"{self.account} is paused by its rate limit", retry_after=paused_s)
             await asyncio.sleep(paused_s)
+        patience = _rate_patience.get()
+        rate_deadline = deadline if patience is None else min(deadline, time.monotonic() + patience)
         if bucket_paused_s > 0:
-            patience = _rate_patience.get()
-            if time.monotonic() + bucket_paused_s > (deadline if patience is None else min(deadline, time.monotonic() + patience)):
+            if time.monotonic() + bucket_paused_s > rate_deadline:
                 raise RateSpent(f"{self.account} {bucket} is paused by its rate limit", retry_after=bucket_paused_s)
             await asyncio.sleep(bucket_paused_s)
-        await self._take_rate(bucket, deadline)
+        await self._take_rate(bucket, rate_deadline)
         delay = 0.01
         while not await self._acquire(keys=[self._slots, self._key], args=[int(time.time() * 1000), self._lease, token, self.limit]):
             if time.monotonic() > deadline:
@@ -198,9 +199,6 @@ class EspGuard:
         windows = self.rates.get(bucket)
         if not windows:
             return
-        patience = _rate_patience.get()
-        if patience is not None:
-            deadline = min(deadline, time.monotonic() + patience)
         while True:
             now_ms = int(time.time() * 1000)
             scale = float(await self._redis.hget(self._key, "rate_scale") or 1.0)

@@ -171,8 +171,9 @@ class SyncRounds:
         return client is not None and (client.prefers_bulk or self._spent.get(esp, 0.0) > time.monotonic())
 
     def _spend(self, esp: str, exc: RateSpent) -> None:
-        """``esp``'s single writes are spent: it is a lane until they have room (at least a gap)."""
-        self._spent[esp] = time.monotonic() + max(self._gap, exc.retry_after or 0.0)
+        """``esp``'s single writes are spent: it is a lane until they have room (at least a gap, and several
+        round windows, so a sync sent again finds it a lane)."""
+        self._spent[esp] = time.monotonic() + max(self._gap, 10 * self._window, exc.retry_after or 0.0)
 
     @property
     def spent(self) -> set[str]:
@@ -211,9 +212,8 @@ class SyncRounds:
             if len(batch) == 1 and not lanes:  # a lone sync takes the single path: two round trips, not three
                 (esp, pid), = batch
                 try:
-                    with rate_patience(self._gap):
-                        await sender.send_or_park(self._rt, self._requeue, pid, esp)
-                except RateSpent as exc:  # its lease is released: it goes again, in the lane's next job
+                    await sender.send_or_park(self._rt, self._requeue, pid, esp, patience=self._gap)
+                except RateSpent as exc:  # the member's write found it spent, its lease released: it goes again, in the lane's next job
                     self._spend(esp, exc)
                     await self.sync(pid, esp)
                 errors: dict[Pair, BaseException] = {}

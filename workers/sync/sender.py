@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, Protocol
 
 from adapters.esps.base import Esp
+from adapters.esps.guard import rate_patience
 from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
 from schemas.sync import SyncState
 from workers.runtime import Runtime
@@ -146,20 +147,22 @@ async def _calls(rt: Runtime, profile_id: str, esp: str, token: str, calls: list
         raise
 
 
-async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False) -> None:
+async def send(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False,
+               patience: float | None = None) -> None:
     """Send one profile's pending work to one target: erasures and their read-back, the person's other
-    addresses, then the member. Idempotent: what the target already holds is skipped without a request."""
+    addresses, then the member. Idempotent: what the target already holds is skipped without a request.
+    ``patience``: how long the member's write waits for its rate (then RateSpent; address work waits as ever)."""
     client = target(rt, esp)
     if client is None:
         return
     started = time.perf_counter()
     claim = await rt.store.outbox.claim_send(profile_id, esp, rt.leases[esp])
     if claim is not None:
-        await send_claimed(rt, requeue, client, profile_id, esp, *claim, started=started, retry_refused=retry_refused)
+        await send_claimed(rt, requeue, client, profile_id, esp, *claim, started=started, retry_refused=retry_refused, patience=patience)
 
 
 async def send_claimed(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp: str, state: SyncState, token: str, *,
-                       started: float, retry_refused: bool = False) -> None:
+                       started: float, retry_refused: bool = False, patience: float | None = None) -> None:
     """:func:`send` once its lease is held (``token``): also the path of a sync round's profiles with address work."""
     lease = rt.leases[esp]
     if state.has_address_work:
@@ -186,7 +189,8 @@ async def send_claimed(rt: Runtime, requeue: Requeue, client: Esp, profile_id: s
         await rt.store.outbox.note_job(esp, token, job_id, [profile_id])
 
     try:
-        await _calls(rt, profile_id, esp, token, [partial(client.upsert, state.member, accepted)])
+        with rate_patience(patience) if patience is not None else nullcontext():
+            await _calls(rt, profile_id, esp, token, [partial(client.upsert, state.member, accepted)])
     except EspRejected as exc:
         async with _released_if_it_fails(rt, esp, token, [profile_id], lease):
             await rt.store.outbox.mark_failed(profile_id, esp, token, state.member_hash, exc.code)
@@ -288,6 +292,7 @@ async def parked_while_blocked(rt: Runtime, profile_id: str, esp: str) -> AsyncI
         log.debug("sync of %s to %s parked: %s", profile_id, esp, exc.code)
 
 
-async def send_or_park(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False) -> None:
+async def send_or_park(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, retry_refused: bool = False,
+                       patience: float | None = None) -> None:
     async with parked_while_blocked(rt, profile_id, esp):
-        await send(rt, requeue, profile_id, esp, retry_refused)
+        await send(rt, requeue, profile_id, esp, retry_refused, patience)
