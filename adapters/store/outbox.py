@@ -222,7 +222,7 @@ class Outbox:
 
         The job runs whatever the store does, so a store that fails here is waited for (up to
         ``JOB_NOTE_WAIT_S``): giving up would leave a running job nobody knows of, its leases held
-        until they run out. ``$addToSet`` makes a repeat harmless, as the token does a settlement's.
+        until they run out. A set union makes a repeat harmless, as the token does a settlement's.
         """
         deadline = time.monotonic() + JOB_NOTE_WAIT_S
         writes = [records.Write(pid, esp, token, records.noted(f"esp.{esp}", job_id)) for pid in profile_ids]

@@ -120,5 +120,7 @@ def one_per_profile(writes: list[Write]) -> list[UpdateOne]:
             (write,) = mine
             ops.append(UpdateOne(owned(pid, write.esp, write.token), write.pipeline))
         else:
-            ops.append(UpdateOne({"_id": pid}, [stage for w in mine for stage in guarded(f"esp.{w.esp}", w.token, w.pipeline)]))
+            # Never a profile merged into another (its pointer has no sync state to guard, nor to create).
+            ops.append(UpdateOne({"_id": pid, "merged_into": {"$exists": False}},
+                                 [stage for w in mine for stage in guarded(f"esp.{w.esp}", w.token, w.pipeline)]))
     return ops

@@ -200,7 +200,8 @@ async def test_a_changes_targets_are_recorded_in_one_document_write_each_target_
     store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
     await store.outbox.note_job("sendgrid", claimed.token, "job-1", ["c1"], [early])
     await store.outbox.note_job("sendgrid", claimed.token, "job-1", ["c1"])  # a repeat adds nothing
-    assert recording.calls == ["bulk_write", "bulk_write"] and recording.filters == [{"_id": "c1"}, records.owned("c1", "sendgrid", claimed.token)]
+    assert recording.calls == ["bulk_write", "bulk_write"] and recording.filters == [{"_id": "c1", "merged_into": {"$exists": False}},
+                                                                         records.owned("c1", "sendgrid", claimed.token)]
     store.outbox.profiles = recording._profiles
     esp = (await store.load("c1"))[1].esp
     assert esp["mailchimp"].sent_hash == "h1" and not esp["mailchimp"].pending and esp["mailchimp"].sending_until is None
@@ -208,6 +209,23 @@ async def test_a_changes_targets_are_recorded_in_one_document_write_each_target_
     assert esp["sendgrid"].jobs == ["job-1"] and esp["sendgrid"].sending_token == claimed.token and esp["sendgrid"].pending
     doc = await store.profiles.find_one({"_id": "c1"})
     assert "swept_at" not in doc["esp"]["mailchimp"] and "swept_at" in doc["esp"]["sendgrid"]  # the $unset, guarded too
+
+
+async def test_a_profile_merged_into_another_gets_no_record_of_a_round(store):
+    """Its pointer keeps no sync state: one update of several targets' records (guarded inside the update, not
+    by the filter) must not write to it."""
+    members = {"mailchimp": ({"m": 1}, "h1"), "klaviyo": ({"k": 1}, "k1")}
+    for pid in ("keep", "gone"):
+        assert await store.save(person(pid, f"{pid}@example.com"), None, members)
+    claimed = await store.outbox.claim_round({esp: ["gone"] for esp in members}, {esp: timedelta(seconds=30) for esp in members})
+    profile, meta = await store.load("keep")
+    assert await store.absorb(profile, meta.version, [("gone", 1)], members, {}, {})  # "gone" is a pointer now
+    late = Settlement(claimed.token)
+    late.add("mailchimp", sent=[("gone", "h1")])
+    late.add("klaviyo", released=["gone"])
+    await store.outbox.settle(late)
+    doc = await store.profiles.find_one({"_id": "gone"})
+    assert doc["merged_into"] == "keep" and "esp" not in doc
 
 
 class LosingAnswers:
