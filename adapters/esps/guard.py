@@ -9,8 +9,8 @@
   of a window's length holds more than its limit, whatever the ESP's own alignment. A 429
   halves the usable rate as well; successes win it back.
 - A shared pause: a ``Retry-After`` pauses every process's calls to the account until it passes;
-  rate-limit headers saying a budget is spent (SendGrid's ``X-RateLimit-Remaining: 0``, Klaviyo's
-  ``RateLimit-Remaining``: both per endpoint) pause that bucket's calls until the reset.
+  rate-limit headers saying a budget is spent (``X-RateLimit-Remaining: 0``, ``RateLimit-Remaining``:
+  both per endpoint) pause that bucket's calls until the reset.
 - A circuit breaker: after ``failures`` consecutive transient failures the account
   is "open" for ``open_s`` seconds and calls fail fast (retried later, so other
   accounts and ESPs are not slowed by this one); then one trial call decides, while

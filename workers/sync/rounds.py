@@ -19,7 +19,7 @@ The job's own outcome, once it ends, rides the next write the process's rounds m
 note, a round's record) or goes on its own a carry later: while changes keep coming, a change costs
 one claim and one write, not two. A message is answered only once the write holding its outcome is done.
 
-A target whose single writes' rate is spent (Klaviyo: 750 imports a minute) is a lane too while it is:
+A target whose single writes' rate is spent (an ESP's single imports a minute) is a lane too while it is:
 a single send waits at most a gap for room, and the members that found none go in one job of the
 round (bulk jobs have a budget of their own), then the target's syncs gather for jobs until its single
 writes have room again. One ESP's spent rate then costs its own syncs a job's latency, and holds no
@@ -32,100 +32,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from adapters.esps.base import Esp
 from adapters.esps.guard import rate_patience
-from adapters.redis.trail import Trail
-from schemas.errors import CircuitOpen, EspRejected, MergetagError, RateSpent, SyncBusy
+from schemas.errors import EspRejected, RateSpent
 from schemas.sync import Claimed, Settlement, SyncState
 from workers.runtime import Runtime
 from workers.sync import policy, sender
+from workers.sync.outcomes import Carried, Hold, Outcomes, Pair, answer_all, touches
 from workers.sync.sender import Requeue
 
 log = logging.getLogger(__name__)
-
-Pair = tuple[str, str]
-"""A target and a profile."""
-
-
-@dataclass(eq=False)
-class _Carried:
-    """A lane round's record waiting for a write to ride; ``written`` once one carried it."""
-
-    settlement: Settlement
-    written: asyncio.Future[None]
-
-
-class _Hold:
-    """A round's hold on its lanes: ``freeing`` once its job is accepted, and the lanes free a gap later."""
-
-    __slots__ = ("freeing",)
-
-    def __init__(self) -> None:
-        self.freeing = False
-
-
-@dataclass
-class _Outcomes:
-    """What one round records, per pair, and what each pair's message is answered with."""
-
-    settlement: Settlement
-    answer: Callable[[dict[Pair, BaseException | None]], None]
-    """Answers the messages of pairs recorded before the round's end."""
-    parked: dict[str, list[str]] = field(default_factory=dict)
-    errors: dict[Pair, BaseException] = field(default_factory=dict)
-    sent: dict[str, list[tuple[str, SyncState]]] = field(default_factory=dict)
-    holding: set[Pair] = field(default_factory=set)
-    """Pairs whose request may still land: their leases run out by themselves, nothing releases them."""
-    alone: dict[str, list[str]] = field(default_factory=dict)
-    """Profiles of a job the ESP refused whole: each is sent on its own once the round is recorded."""
-    lane: _Hold | None = None
-    """The round's hold on its lanes, freed a gap after its job is accepted."""
-    others: tuple[dict[str, list[str]], asyncio.Future[Any]] | None = None
-    """In a round with a lane, the other targets' profiles and their sends: recorded with the job's note."""
-
-    def take_others(self) -> tuple[Settlement, dict[Pair, BaseException | None]] | None:
-        """The other targets' outcomes, once their sends are done (and only once): their part of the
-        settlement, taken out of the round's, and what each of their pairs is answered with. Parked
-        pairs stay for the round's end, where they are parked."""
-        if self.others is None or not self.others[1].done() or self.others[1].cancelled() or self.others[1].exception():
-            return None
-        targets, self.others = self.others[0], None
-        early = Settlement(self.settlement.token, [part for part in self.settlement.parts if part[0] in targets])
-        self.settlement.parts = [part for part in self.settlement.parts if part[0] not in targets]
-        answers = {(esp, pid): self.errors.get((esp, pid)) for esp, pids in targets.items() for pid in pids
-                   if pid not in self.parked.get(esp, ())}
-        return early, answers
-
-    def add_sent(self, esp: str, pid: str, state: SyncState, jobs: list[str]) -> None:
-        assert state.member_hash is not None  # needs_send: there is a member to send
-        self.settlement.add(esp, sent=[(pid, state.member_hash)], jobs=jobs)
-        self.sent.setdefault(esp, []).append((pid, state))
-
-    def add_refused(self, esp: str, pid: str, state: SyncState, exc: EspRejected, jobs: list[str], trail: Trail | None, request: str) -> None:
-        """A member the ESP refused: recorded as failed, and its own message fails."""
-        assert state.member_hash is not None
-        self.settlement.add(esp, failed=[(pid, state.member_hash, exc.code)], jobs=jobs)
-        self.errors[esp, pid] = exc
-        if trail is not None:
-            trail.add([f"profile:{pid}"], "refused", profile=pid, target=esp, request=request, status=exc.code)
-
-    def add_unsent(self, esp: str, pids: list[str], exc: Exception) -> None:
-        """A request that failed without a refusal: released unless it may still land (then its leases run
-        out by themselves, so nothing overtakes it); parked while blocked, else its messages fail."""
-        pairs = [(esp, pid) for pid in pids]
-        if isinstance(exc, MergetagError) and not exc.may_still_land:
-            self.settlement.add(esp, released=pids)
-        else:  # may still land, or unknown
-            self.holding.update(pairs)
-        if isinstance(exc, (CircuitOpen, SyncBusy)):
-            self.parked.setdefault(esp, []).extend(pids)
-        else:
-            self.errors.update(dict.fromkeys(pairs, exc))
-
 
 class SyncRounds:
     """Parameters:
@@ -145,11 +63,11 @@ class SyncRounds:
         self._window = window_s
         self._gap = lane_gap_s
         self._carry = carry_s
-        self._carried: list[_Carried] = []
+        self._carried: list[Carried] = []
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
         self._gathering: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._busy_lanes: dict[str, _Hold] = {}
+        self._busy_lanes: dict[str, Hold] = {}
         """Each lane held by a round, with that round's hold."""
         self._spent: dict[str, float] = {}
         """Targets whose single writes' rate is spent, until when (monotonic): lanes meanwhile."""
@@ -193,20 +111,20 @@ class SyncRounds:
             pairs = [pair for pair in self._pending if pair[0] not in self._busy_lanes and pair[1] not in freeing][:self._max]
             if not pairs:
                 return
-            lanes, hold = {esp for esp, _ in pairs if self._lane(esp)}, _Hold()
+            lanes, hold = {esp for esp, _ in pairs if self._lane(esp)}, Hold()
             self._busy_lanes.update(dict.fromkeys(lanes, hold))
             task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes, hold))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _release(self, lanes: set[str], hold: _Hold) -> None:
+    def _release(self, lanes: set[str], hold: Hold) -> None:
         """Free the lanes ``hold`` still holds (a later round's hold is not this one's to free)."""
         for esp in lanes:
             if self._busy_lanes.get(esp) is hold:
                 del self._busy_lanes[esp]
         self._gather_soon()
 
-    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: _Hold) -> None:
+    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: Hold) -> None:
         self.rounds += 1
         try:
             if len(batch) == 1 and not lanes:  # a lone sync takes the single path: two round trips, not three
@@ -218,14 +136,14 @@ class SyncRounds:
                     await self.sync(pid, esp)
                 errors: dict[Pair, BaseException] = {}
             else:
-                errors = await self._sync_round(list(batch), lanes, hold, lambda outcomes: _answer(batch, outcomes))
+                errors = await self._sync_round(list(batch), lanes, hold, lambda outcomes: answer_all(batch, outcomes))
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
         finally:
             self._release(lanes, hold)
-        _answer(batch, {pair: errors.get(pair) for pair in batch})
+        answer_all(batch, {pair: errors.get(pair) for pair in batch})
 
-    async def _sync_round(self, pairs: list[Pair], held: set[str], hold: _Hold,
+    async def _sync_round(self, pairs: list[Pair], held: set[str], hold: Hold,
                           answer: Callable[[dict[Pair, BaseException | None]], None]) -> dict[Pair, BaseException]:
         rt = self._rt
         started = time.perf_counter()
@@ -235,10 +153,10 @@ class SyncRounds:
                 by_target.setdefault(esp, []).append(pid)
         if not by_target:
             return {}
-        if any(_touches(c.settlement, set(pairs)) for c in self._carried):
+        if any(touches(c.settlement, set(pairs)) for c in self._carried):
             await self._record()  # a waiting record of one of these pairs goes first: its lease would make it busy
         claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
-        out = _Outcomes(Settlement(claimed.token), answer, lane=hold)
+        out = Outcomes(Settlement(claimed.token), answer, lane=hold)
         for esp, pid in claimed.busy:
             out.parked.setdefault(esp, []).append(pid)  # another send is in flight: the sweeper sends what is left after it
         plain: dict[str, dict[str, SyncState]] = {}
@@ -258,7 +176,7 @@ class SyncRounds:
                                            for esp in lanes))
             accepted_at = datetime.now(timezone.utc)  # the freshness ends here, not when a carried record is written
             # Only a round whose job was accepted and that records its members there carries it (it freed its lane already).
-            carry = hold.freeing and _touches(out.settlement, {(esp, pid) for esp in lanes for pid in plain[esp]})
+            carry = hold.freeing and touches(out.settlement, {(esp, pid) for esp in lanes for pid in plain[esp]})
             await (self._record_later(out.settlement) if carry else self._record(out.settlement))
         except Exception:  # the store failed while nothing of these sends is in flight: their leases go at once
             for esp, states in plain.items():
@@ -279,11 +197,11 @@ class SyncRounds:
         """Lane records waiting for a write to ride."""
         return len(self._carried)
 
-    def _riders(self) -> list[_Carried]:
+    def _riders(self) -> list[Carried]:
         riders, self._carried = self._carried, []
         return riders
 
-    async def _carrying(self, write: Awaitable[None], riders: list[_Carried]) -> None:
+    async def _carrying(self, write: Awaitable[None], riders: list[Carried]) -> None:
         """Await ``write``, which holds ``riders``: they are written once it is done, back to wait for the next on failure."""
         try:
             await write
@@ -305,7 +223,7 @@ class SyncRounds:
         if self._carry <= 0:
             await self._record(settlement)
             return
-        mine = _Carried(settlement, asyncio.get_running_loop().create_future())
+        mine = Carried(settlement, asyncio.get_running_loop().create_future())
         self._carried.append(mine)
         while True:
             try:
@@ -317,7 +235,7 @@ class SyncRounds:
                     await self._record(settlement)
                     return
 
-    async def _alone(self, esp: str, pid: str, claimed: Claimed, started: float, out: _Outcomes) -> None:
+    async def _alone(self, esp: str, pid: str, claimed: Claimed, started: float, out: Outcomes) -> None:
         try:
             async with sender.parked_while_blocked(self._rt, pid, esp):
                 await sender.send_claimed(self._rt, self._requeue, self._rt.esps[esp], pid, esp, claimed.states[esp, pid], claimed.token,
@@ -325,7 +243,7 @@ class SyncRounds:
         except Exception as exc:
             out.errors[esp, pid] = exc
 
-    async def _send(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: _Outcomes) -> None:
+    async def _send(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: Outcomes) -> None:
         """Send the members ``esp`` lacks one by one, each waiting at most a gap for the rate; those that
         found it spent go in one job (and the target is a lane until its rate has room); what it holds already
         is released."""
@@ -338,7 +256,7 @@ class SyncRounds:
             log.info("%s's single writes are spent: %d member(s) go in a job", esp, len(spent))
             await self._send_job(esp, client, spent, token, out, held=False)
 
-    async def _send_job(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: _Outcomes, held: bool) -> None:
+    async def _send_job(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: Outcomes, held: bool) -> None:
         """The members ``esp`` lacks in one bulk request (its job polled to its end), what it holds already
         released: each refused member fails its own message; a request refused whole sends each member on
         its own, so only a bad one is refused. ``held``: the round holds ``esp``'s lane, and frees it a gap
@@ -378,7 +296,7 @@ class SyncRounds:
             else:
                 out.add_refused(esp, pid, state, EspRejected(reason), jobs, self._rt.trail, "batch")
 
-    async def _note_job(self, esp: str, token: str, job_id: str, pids: list[str], out: _Outcomes, held: bool) -> None:
+    async def _note_job(self, esp: str, token: str, job_id: str, pids: list[str], out: Outcomes, held: bool) -> None:
         """Note the job, with the other targets' outcomes when their sends are done within half a gap (they
         usually are: the job's acceptance takes a request too); their messages are answered once it is written.
         (A job of a spent target in a round that holds no lane for it is one of those sends: it waits for none.)"""
@@ -396,7 +314,7 @@ class SyncRounds:
         if early:
             out.answer(early[1])
 
-    async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: _Outcomes,
+    async def _send_one(self, esp: str, client: Esp, pid: str, state: SyncState, token: str, out: Outcomes,
                         spent: dict[str, SyncState]) -> None:
         """One member; into ``spent`` if the rate had no room for it."""
         jobs: list[str] = []
@@ -419,21 +337,3 @@ class SyncRounds:
             out.add_unsent(esp, [pid], exc)
             return
         out.add_sent(esp, pid, state, jobs)
-
-
-def _touches(settlement: Settlement, pairs: set[Pair]) -> bool:
-    """Whether ``settlement`` records an outcome of any of ``pairs``."""
-    return any((esp, pid) in pairs for esp, sent, failed, released, _ in settlement.parts
-               for pid in [*(p for p, _ in sent), *(p for p, _, _ in failed), *released])
-
-
-def _answer(batch: dict[Pair, list[asyncio.Future[None]]], outcomes: dict[Pair, BaseException | None]) -> None:
-    """Answer the messages of ``outcomes``' pairs (each once: a pair answered before the round's end keeps its answer)."""
-    for pair, exc in outcomes.items():
-        for done in batch.get(pair, ()):
-            if done.done():
-                continue
-            if exc is not None:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
