@@ -12,6 +12,7 @@ from typing import Any
 from adapters.redis.trail import Trail
 from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
 from schemas.sync import Settlement, SyncState
+from workers.sync import policy
 
 Pair = tuple[str, str]
 """A target and a profile."""
@@ -65,6 +66,13 @@ class Outcomes:
         answers = {(esp, pid): self.errors.get((esp, pid)) for esp, pids in targets.items() for pid in pids
                    if pid not in self.parked.get(esp, ())}
         return early, answers
+
+    def lacking(self, esp: str, states: dict[str, SyncState]) -> dict[str, SyncState]:
+        """The members ``esp`` lacks, to send; the pairs whose member it holds already are released."""
+        todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
+        if released := [pid for pid in states if pid not in todo]:
+            self.settlement.add(esp, released=released)
+        return todo
 
     def add_sent(self, esp: str, pid: str, state: SyncState, jobs: list[str]) -> None:
         assert state.member_hash is not None  # needs_send: there is a member to send

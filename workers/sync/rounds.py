@@ -39,7 +39,7 @@ from adapters.esps.guard import rate_patience
 from schemas.errors import EspRejected, RateSpent
 from schemas.sync import Claimed, Settlement, SyncState
 from workers.runtime import Runtime
-from workers.sync import policy, sender
+from workers.sync import sender
 from workers.sync.outcomes import Carried, Hold, Outcomes, Pair, answer_all, touches
 from workers.sync.sender import Requeue
 
@@ -172,7 +172,7 @@ class SyncRounds:
                                       if esp not in lanes))
             if lanes and len(lanes) < len(plain):
                 out.others = ({esp: list(states) for esp, states in plain.items() if esp not in lanes}, others)
-            await asyncio.gather(others, *(self._send_job(esp, rt.esps[esp], plain[esp], claimed.token, out, held=True)
+            await asyncio.gather(others, *(self._send_job(esp, rt.esps[esp], out.lacking(esp, plain[esp]), claimed.token, out, held=True)
                                            for esp in lanes))
             accepted_at = datetime.now(timezone.utc)  # the freshness ends here, not when a carried record is written
             # Only a round whose job was accepted and that records its members there carries it (it freed its lane already).
@@ -247,8 +247,7 @@ class SyncRounds:
         """Send the members ``esp`` lacks one by one, each waiting at most a gap for the rate; those that
         found it spent go in one job (and the target is a lane until its rate has room); what it holds already
         is released."""
-        todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
-        out.settlement.add(esp, released=[pid for pid in states if pid not in todo])
+        todo = out.lacking(esp, states)
         spent: dict[str, SyncState] = {}
         with rate_patience(self._gap):
             await asyncio.gather(*(self._send_one(esp, client, pid, state, token, out, spent) for pid, state in todo.items()))
@@ -256,14 +255,10 @@ class SyncRounds:
             log.info("%s's single writes are spent: %d member(s) go in a job", esp, len(spent))
             await self._send_job(esp, client, spent, token, out, held=False)
 
-    async def _send_job(self, esp: str, client: Esp, states: dict[str, SyncState], token: str, out: Outcomes, held: bool) -> None:
-        """The members ``esp`` lacks in one bulk request (its job polled to its end), what it holds already
-        released: each refused member fails its own message; a request refused whole sends each member on
-        its own, so only a bad one is refused. ``held``: the round holds ``esp``'s lane, and frees it a gap
-        after the job is accepted."""
-        todo = {pid: state for pid, state in states.items() if policy.needs_send(state, False)}
-        if released := [pid for pid in states if pid not in todo]:
-            out.settlement.add(esp, released=released)
+    async def _send_job(self, esp: str, client: Esp, todo: dict[str, SyncState], token: str, out: Outcomes, held: bool) -> None:
+        """Members ``esp`` lacks in one bulk request (its job polled to its end): each refused member fails its
+        own message; a request refused whole sends each member on its own, so only a bad one is refused.
+        ``held``: the round holds ``esp``'s lane, and frees it a gap after the job is accepted."""
         if not todo:
             return
         jobs: list[str] = []
