@@ -9,6 +9,7 @@ import dramatiq
 
 from broker import admin, publisher, setup, topology
 from sandboxes.local import free_port
+from schemas.errors import BrokerUnavailable
 from tests.conftest import AMQP_URL, delete_queues, queue_counts
 
 
@@ -54,3 +55,27 @@ async def test_a_node_that_is_gone_is_passed_over_for_the_next(rabbitmq):
         await pub.close()
         broker.close()
         await asyncio.to_thread(delete_queues, prefix)
+
+
+async def test_a_refused_publish_is_broker_unavailable_and_its_neighbours_are_confirmed(rabbitmq):
+    """One batch, three fates read by aiormq's reader from our hand-packed frames: a queue that does not
+    exist returns the message (mandatory), a full queue nacks it (``reject-publish``), the rest are acked."""
+    prefix = "ref" + uuid.uuid4().hex[:8]
+    queue, full = topology.events_queue(prefix), f"{prefix}.full"
+    pub = publisher.Publisher(AMQP_URL, [queue], 30)
+    try:
+        await pub.connect()
+        await pub._channel.queue_declare(full, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+        sends = [(queue, n) for n in range(20)] + [(f"{prefix}.nowhere", 20), (full, 21), (full, 22)]
+        messages = [(q, *publisher.encode_message(q, topology.PROCESS_EVENT_ACTOR, ({"n": n},))) for q, n in sends]
+        results = await asyncio.gather(*(pub.publish(q, body, mid) for q, mid, body in messages), return_exceptions=True)
+        assert results[:20] == [None] * 20
+        assert isinstance(results[20], BrokerUnavailable)  # unroutable: returned
+        assert results[21] is None  # the first fits in the full queue
+        assert isinstance(results[22], BrokerUnavailable)  # nacked
+        await pub.publish(queue, *reversed(publisher.encode_message(queue, topology.PROCESS_EVENT_ACTOR, ({"n": 23},))))
+        assert (await asyncio.to_thread(queue_counts, prefix))[queue] == 21  # the channel still publishes after both
+        await pub._channel.queue_delete(full)
+    finally:
+        await pub.close()
+        delete_queues(prefix)

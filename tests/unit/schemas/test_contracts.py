@@ -1,11 +1,14 @@
 """Contracts that must not drift: exported JSON Schemas, queue declarations, scrubbing."""
 
 import json
+import time
+from datetime import datetime, timezone
 
 from adapters.sentry import REDACTED, scrub
 from broker import topology
-from broker.publisher import encode_message
+from broker.publisher import encode_delivery, encode_message
 from broker.setup import TopologyBroker
+from schemas.delivery import Delivery
 from schemas.events import EVENT_SCHEMA_VERSION
 from schemas.export import DIRECTORY, render, schemas
 
@@ -87,3 +90,18 @@ def test_events_of_an_older_minor_version_still_validate():
     for name, definition in old["$defs"].items():
         if "required" in definition and name in new["$defs"]:
             assert set(new["$defs"][name].get("required", [])) == set(definition["required"]), name
+
+
+def test_an_encoded_delivery_is_the_dramatiq_message_of_its_json_dump():
+    import dramatiq
+
+    delivery = Delivery(source="shopify", topic="customers/update", delivery_id="w-1", dedup_key="k", meta={"shop": "ü"},
+                        received_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc),
+                        payload={"email": "a@example.com", "n": 2**63 - 1, "x": 1.5, "nested": [{"é": None}]})
+    message_id, body = encode_delivery("x.events", delivery)
+    decoded = dramatiq.Message.decode(body)
+    assert (decoded.queue_name, decoded.actor_name, decoded.message_id) == ("x.events", "process_event", message_id)
+    assert decoded.args == (delivery.model_dump(mode="json"),)
+    assert (decoded.kwargs, decoded.options) == ({}, {})
+    assert Delivery.model_validate(decoded.args[0]) == delivery
+    assert abs(decoded.message_timestamp - time.time() * 1000) < 60_000
