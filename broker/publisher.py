@@ -16,6 +16,7 @@ import asyncio
 import functools
 import json
 import logging
+import random
 import time
 import uuid
 from typing import Any
@@ -66,6 +67,7 @@ class Publisher:
         self._lock = asyncio.Lock()
         self._confirmed_at = 0.0
         self._held: list[tuple[str, bytes, str, asyncio.Future[Any]]] = []
+        self._held_deadline = 0.0
 
     @property
     def ready(self) -> bool:
@@ -109,14 +111,14 @@ class Publisher:
 
         A publish that times out resets the connection only when nothing was confirmed since it began
         (the connection looks dead); a broker that is merely slow keeps it, and the requests in flight
-        with their confirms."""
+        with their confirms. The deadline is one timer per batch (``_send_held``), not one per request."""
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self._timeout):
-                if not self.ready:
+            if not self.ready:
+                async with asyncio.timeout(self._timeout):
                     await self.connect()
-                assert self._channel is not None
-                confirm = await self._hold(self._channel, queue, body, message_id)
+            assert self._channel is not None
+            confirm = await self._hold(self._channel, queue, body, message_id, started + self._timeout)
             if not isinstance(confirm, spec.Basic.Ack):
                 raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(confirm).__name__}")
             self._confirmed_at = time.monotonic()
@@ -140,11 +142,13 @@ class Publisher:
                 await self._reset()
             raise BrokerUnavailable(f"RabbitMQ did not confirm: {type(exc).__name__}") from None
 
-    def _hold(self, channel: AbstractChannel, queue: str, body: bytes, message_id: str) -> asyncio.Future[Any]:
-        """This publish's confirm, to come; its frames leave with the others of this loop turn."""
+    def _hold(self, channel: AbstractChannel, queue: str, body: bytes, message_id: str, deadline: float) -> asyncio.Future[Any]:
+        """This publish's confirm, to come (or TimeoutError at ``deadline``, monotonic); its frames leave
+        with the others of this loop turn."""
         confirm = channel.create_future()
         self._held.append((queue, body, message_id, confirm))
         if len(self._held) == 1:
+            self._held_deadline = deadline
             asyncio.get_running_loop().call_soon(self._send_held, channel)
         return confirm
 
@@ -159,17 +163,18 @@ class Publisher:
                     confirm.set_exception(BrokerUnavailable("RabbitMQ is not taking publishes"))
             return
         payload: list[bytes] = []
+        sent: list[tuple[str, int, asyncio.Future[Any]]] = []
         for queue, body, message_id, confirm in held:
             if confirm.done():
                 continue  # its request gave up before it left
             channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            channel.confirmations[tag] = confirm
-            channel.message_id_delivery_tag[message_id] = tag
-            confirm.add_done_callback(functools.partial(_forget_message_id, channel, message_id, tag))
+            channel.confirmations[channel.delivery_tag] = confirm
+            channel.message_id_delivery_tag[message_id] = channel.delivery_tag
+            sent.append((message_id, channel.delivery_tag, confirm))
             payload += frames.publish_frames(channel.number, queue, message_id, body, channel.max_content_size)
-        if payload:
+        if sent:
             channel.write_queue.put_nowait(ChannelFrame(payload=b"".join(payload), should_close=False))
+            _Sent(channel, sent, self._held_deadline - time.monotonic())
 
     async def close(self) -> None:
         async with self._lock:
@@ -181,9 +186,29 @@ class Publisher:
             await _close_quietly(connection)
 
 
-def _forget_message_id(channel: AbstractChannel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        del channel.message_id_delivery_tag[message_id]
+class _Sent:
+    """The confirms of one write under one deadline timer, cancelled once the last is in."""
+
+    __slots__ = ("_channel", "_confirms", "_left", "_timer")
+
+    def __init__(self, channel: AbstractChannel, sent: list[tuple[str, int, asyncio.Future[Any]]], delay: float) -> None:
+        self._channel, self._confirms, self._left = channel, [confirm for *_, confirm in sent], len(sent)
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire)
+        for message_id, tag, confirm in sent:
+            confirm.add_done_callback(functools.partial(self._settled, message_id, tag))
+
+    def _settled(self, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
+        if self._channel.message_id_delivery_tag.get(message_id) == tag:
+            del self._channel.message_id_delivery_tag[message_id]
+        self._left -= 1
+        if not self._left:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        """Whatever is still unconfirmed fails (a confirm that comes later is logged and ignored)."""
+        for confirm in self._confirms:
+            if not confirm.done():
+                confirm.set_exception(TimeoutError())
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:
@@ -196,8 +221,9 @@ async def _close_quietly(connection: AbstractConnection) -> None:
 
 def encode_delivery(queue: str, delivery: Delivery) -> tuple[str, bytes]:
     """``encode_message`` of one delivery for ``process_event``, the same message, with pydantic writing its
-    JSON: the receiver's hot path, where a dict and ``json.dumps`` cost five times as much."""
-    message_id = str(uuid.uuid4())
+    JSON: the receiver's hot path, where a dict and ``json.dumps`` cost five times as much. The id is a
+    random UUID as aiormq draws its own (no system call: it names a message, it guards nothing)."""
+    message_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
     return message_id, b"".join((
         _message_head(queue), delivery.model_dump_json().encode(), b'],"kwargs":{},"options":{},"message_id":"',
         message_id.encode(), b'","message_timestamp":', str(int(time.time() * 1000)).encode(), b"}",

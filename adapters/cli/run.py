@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -16,6 +17,20 @@ DELAY_POLL_MS = 20
 """How late a delayed message (a coalesced sync) may run: how often the delay queues' consumers wake."""
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The collector's thresholds in the HTTP processes: a request allocates hundreds of short-lived
+objects, and at the default (700) the receiver ran a collection every 30 requests and a full one
+every few thousand (16 µs a request, and the p99 went from 16 to 40 ms)."""
+
+
+def _settle_heap() -> None:
+    """What startup built (modules, models, the app) is frozen out of every collection; the rest is
+    collected rarely: nearly all of it is freed by reference counting anyway."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _serve_http(component: str, create: Any, host: str, port: int) -> int:
     """Run the aiohttp app ``create(settings)`` of ``component`` (Sentry first) until stopped, on uvloop:
     its transports cost the receiver's many small socket reads and writes (HTTP, AMQP, Redis) less CPU."""
@@ -26,7 +41,9 @@ def _serve_http(component: str, create: Any, host: str, port: int) -> int:
 
     settings = get_settings()
     init_sentry(settings, component)
-    web.run_app(create(settings), host=host, port=port, access_log=None, loop=uvloop.new_event_loop(),
+    app = create(settings)
+    _settle_heap()
+    web.run_app(app, host=host, port=port, access_log=None, loop=uvloop.new_event_loop(),
                 print=lambda *_: logging.getLogger("mergetag").info("%s on %s:%s", component, host, port))
     return 0
 
