@@ -18,6 +18,7 @@ from aiohttp import web
 from adapters.http.openapi import document
 from adapters.metrics import CONTENT_TYPE, Metrics
 from adapters.redis.dedup import Dedup
+from adapters.redis.rounds import Rounds
 from adapters.redis.trail import Trail, delivery_subject
 from adapters.settings import Settings
 from adapters.sources.base import Inbound, Rejected, Source, check_names
@@ -58,12 +59,13 @@ def create_app(
     """
     sources = dict(sources) if sources is not None else build_sources(settings)
     publisher = publisher or Publisher(settings.amqp_url, topology.all_queues(settings.queue_prefix), settings.publish_timeout_s)
-    dedup = dedup or Dedup(settings.redis_url, settings.dedup_window_s, settings.queue_prefix)
+    rounds = Rounds(settings.redis_url)  # the de-duplication and the trail share each round trip
+    dedup = dedup or Dedup(rounds, settings.dedup_window_s, settings.queue_prefix)
     queue = topology.events_queue(settings.queue_prefix)
     retry_after = {"Retry-After": str(settings.retry_after_s)}
     metrics = metrics or Metrics()
     deliveries = metrics.deliveries
-    trail = Trail(settings.redis_url, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s)
+    trail = Trail(rounds, settings.queue_prefix, settings.trail_cap, settings.trail_ttl_s)
 
     def count(source: str, outcome: str, reason: str = "", n: int = 1) -> None:
         if n:
@@ -160,6 +162,7 @@ def create_app(
         await app[PUBLISHER].close()
         await app[DEDUP].close()
         await trail.close()
+        await rounds.close()
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_json_errors])
     app[PUBLISHER] = publisher

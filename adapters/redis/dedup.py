@@ -7,8 +7,9 @@ derived from content) is the fallback, so a duplicate then costs work, not
 correctness.
 
 Group commit: the lookups of every request in flight and the keys confirmed since the last round
-trip share one pipeline of two commands (one MGET, one script), so the receiver makes at most one
-Redis round trip per request, fewer under load. Remembering is not waited for: a key lost with the
+trip share two commands (one MGET, one script) of one pipeline, with the trail's entries beside them
+(:class:`~adapters.redis.rounds.Rounds`), so the receiver makes at most one Redis round trip per
+request, fewer under load. Remembering is not waited for: a key lost with the
 process costs a duplicate's work.
 """
 
@@ -20,10 +21,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
-from adapters.redis.scripts import Scripts
+from adapters.redis.rounds import Done, Rounds
+from adapters.redis.scripts import Segment
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +39,24 @@ def _mget(keys: list[str], pipe: Any) -> None:
 
 class Dedup:
     """Parameters:
-      url: Redis URL.
+      redis: a Redis URL, or the :class:`Rounds` this shares with the process's other parts.
       window_s: how long a key is remembered (cover the senders' retry horizon).
       prefix: key namespace (tests and deployments sharing a Redis use their own).
     """
 
-    def __init__(self, url: str, window_s: int, prefix: str = "mergetag") -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    def __init__(self, redis: str | Rounds, window_s: int, prefix: str = "mergetag") -> None:
+        self._own = not isinstance(redis, Rounds)
+        self._rounds = Rounds(redis) if isinstance(redis, str) else redis
+        self._rounds.join(self)
         self._window = window_s
         self._prefix = f"{prefix}:dedup:"
         self._lookups: list[tuple[list[str], asyncio.Future[set[str]]]] = []
         self._confirmed: list[str] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self._round_trips = 0
-        self._scripts = Scripts(self._redis)
 
     @property
     def round_trips(self) -> int:
         """Redis round trips made so far (the benchmark divides them by requests)."""
-        return self._round_trips
+        return self._rounds.round_trips
 
     async def seen(self, keys: Sequence[str]) -> set[str]:
         """The keys already remembered; empty when Redis is unavailable (nothing is filtered then)."""
@@ -66,41 +64,36 @@ class Dedup:
             return set()
         found: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
         self._lookups.append((list(keys), found))
-        self._schedule()
+        self._rounds.wake()
         return await found
 
     def remember(self, keys: Sequence[str]) -> None:
         """Remember confirmed keys with the next round trip (without waiting for it)."""
         if keys:
             self._confirmed.extend(keys)
-            self._schedule()
+            self._rounds.wake()
 
-    def _schedule(self) -> None:
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+    def take(self) -> tuple[Segment, Done] | None:
+        """Every lookup and every confirmed key gathered since the last round: one MGET, one script."""
+        if not self._lookups and not self._confirmed:
+            return None
+        lookups, self._lookups = self._lookups, []
+        confirmed, self._confirmed = self._confirmed, []
+        asked = [self._prefix + k for keys, _ in lookups for k in keys]
+        remember = [(REMEMBER, [self._prefix + k for k in confirmed], [self._window])] if confirmed else []
+        return (remember, functools.partial(_mget, asked) if asked else None), functools.partial(self._answer, lookups, bool(asked))
 
-    async def _flush(self) -> None:
-        """One pipeline per round: every lookup and every confirmed key gathered while the last one ran."""
-        while self._lookups or self._confirmed:
-            await asyncio.sleep(0)  # let the requests of this loop iteration join the round
-            lookups, self._lookups = self._lookups, []
-            confirmed, self._confirmed = self._confirmed, []
-            asked = [self._prefix + k for keys, _ in lookups for k in keys]
-            try:
-                remember = [(REMEMBER, [self._prefix + k for k in confirmed], [self._window])] if confirmed else []
-                results = await self._scripts.run(remember, functools.partial(_mget, asked) if asked else None)
-                self._round_trips += 1
-            except (RedisError, OSError) as exc:
-                log.warning("dedup round trip skipped, Redis unavailable: %s", type(exc).__name__)
-                results = []
-            values = results[-1] if asked and results and isinstance(results[-1], list) else [None] * len(asked)
-            at = 0
-            for keys, found in lookups:
-                if not found.done():
-                    found.set_result({k for k, v in zip(keys, values[at:at + len(keys)], strict=True) if v is not None})
-                at += len(keys)
+    def _answer(self, lookups: list[tuple[list[str], asyncio.Future[set[str]]]], asked: bool, results: list[Any] | Exception) -> None:
+        if isinstance(results, Exception):
+            log.warning("dedup round trip skipped, Redis unavailable: %s", type(results).__name__)
+        values = results[-1] if asked and isinstance(results, list) and results and isinstance(results[-1], list) else None
+        at = 0
+        for keys, found in lookups:
+            if not found.done():
+                found.set_result(set() if values is None else
+                                 {k for k, v in zip(keys, values[at:at + len(keys)], strict=True) if v is not None})
+            at += len(keys)
 
     async def close(self) -> None:
-        if self._flushing is not None:
-            await asyncio.gather(self._flushing, return_exceptions=True)
-        await self._redis.aclose()
+        if self._own:
+            await self._rounds.close()

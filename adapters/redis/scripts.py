@@ -17,6 +17,10 @@ Call = tuple[str, Sequence[str], Sequence[Any]]
 """(script source, keys, arguments)."""
 
 
+Segment = tuple[Sequence[Call], Callable[[Any], None] | None]
+"""One party's share of a pipeline: its script calls, then whatever its function adds to the pipeline."""
+
+
 class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
@@ -25,17 +29,25 @@ class Scripts:
     async def run(self, calls: Sequence[Call], also: Callable[[Any], None] | None = None) -> list[Any]:
         """Every call in one pipeline (then whatever ``also`` adds to it); results in order, errors in
         place. Raises RedisError when Redis cannot be reached."""
+        return (await self.run_segments([(calls, also)]))[0]
+
+    async def run_segments(self, segments: Sequence[Segment]) -> list[list[Any]]:
+        """Every segment in one pipeline; each segment's results, in order, errors in place. Raises
+        RedisError when Redis cannot be reached."""
         for attempt in range(2):
-            for script in {script for script, _, _ in calls} - self._shas.keys():
+            for script in {script for calls, _ in segments for script, _, _ in calls} - self._shas.keys():
                 self._shas[script] = await self._redis.script_load(script)
+            ends: list[int] = []
             async with self._redis.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.execute_command("EVALSHA", self._shas[script], len(keys), *keys, *args)
-                if also is not None:
-                    also(pipe)
-                results = await pipe.execute(raise_on_error=False)
+                for calls, also in segments:
+                    for script, keys, args in calls:
+                        pipe.execute_command("EVALSHA", self._shas[script], len(keys), *keys, *args)
+                    if also is not None:
+                        also(pipe)
+                    ends.append(len(pipe))
+                results = await pipe.execute(raise_on_error=False) if len(pipe) else []
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 self._shas.clear()
                 continue
-            return results
-        return results
+            break
+        return [results[start:end] for start, end in zip([0, *ends], ends, strict=False)]

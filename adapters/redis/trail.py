@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis as redis_sync
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from adapters.redis.scripts import Scripts
+from adapters.redis.rounds import Done, Rounds, first_error
+from adapters.redis.scripts import Segment
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +50,34 @@ RATE_WINDOW_S = 60
 
 class Trail:
     """Parameters:
-      url: Redis URL.
+      redis: a Redis URL, or the :class:`Rounds` this shares with the process's other parts.
       prefix: key namespace (the deployment's queue prefix).
       cap: most entries kept per subject.
       ttl_s: how long a subject's trail outlives its last entry.
     """
 
-    def __init__(self, url: str, prefix: str, cap: int = 100, ttl_s: int = 7 * 86400) -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    def __init__(self, redis: str | Rounds, prefix: str, cap: int = 100, ttl_s: int = 7 * 86400) -> None:
+        self._own = not isinstance(redis, Rounds)
+        self._rounds = Rounds(redis) if isinstance(redis, str) else redis
+        self._rounds.join(self)
+        self._redis = self._rounds.redis
         self._key = f"{prefix}:trail:"
         self._rate = f"{prefix}:accepted:"
         self._cap, self._ttl = cap, ttl_s
         self._pending: list[tuple[Sequence[str], str]] = []
         self._tallies: dict[str, int] = {}
-        self._flushing: asyncio.Task[None] | None = None
-        self._scripts = Scripts(self._redis)
         self.round_trips = 0
 
     def add(self, subjects: Sequence[str], stage: str, **facts: Any) -> None:
         """Add one entry to the trail of each of ``subjects``, with the next round trip."""
         entry = json.dumps({"stage": stage, "at": datetime.now(timezone.utc).isoformat(), **facts}, default=str, separators=(",", ":"))
         self._pending.append((subjects, entry))
-        self._schedule()
+        self._rounds.wake()
 
     def tally(self, source: str, n: int) -> None:
         """Count ``n`` events accepted from ``source`` (the console's events per second), with the next round trip."""
         self._tallies[source] = self._tallies.get(source, 0) + n
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        self._rounds.wake()
 
     async def rates(self) -> dict[str, float]:
         """Events per second accepted by every receiver, per source, over about the last minute (the
@@ -96,22 +93,23 @@ class Trail:
                 totals[source.decode()] = totals.get(source.decode(), 0) + int(n)
         return {source: round(n / seconds, 2) for source, n in sorted(totals.items())}
 
-    async def _flush(self) -> None:
-        while self._pending or self._tallies:
-            await asyncio.sleep(0)  # what the rest of this loop turn adds joins the round trip
-            batch, self._pending = self._pending, []
-            tallies, self._tallies = self._tallies, {}
-            keys = [self._key + s for subjects, _ in batch for s in subjects]
-            args = [self._cap, self._ttl, *(x for subjects, entry in batch for x in (len(subjects), entry))]
-            try:
-                failed = [r for r in await self._scripts.run([(ADD, keys, args)] if batch else [],
-                                                             functools.partial(self._count, tallies) if tallies else None)
-                          if isinstance(r, Exception)]
-                if failed:
-                    raise failed[0]
-                self.round_trips += 1
-            except RedisError as exc:
-                log.warning("event trail not written (%d entries): %s", len(batch), type(exc).__name__)
+    def take(self) -> tuple[Segment, Done] | None:
+        """Every entry and tally added since the last round: one script, a few counters."""
+        if not self._pending and not self._tallies:
+            return None
+        batch, self._pending = self._pending, []
+        tallies, self._tallies = self._tallies, {}
+        keys = [self._key + s for subjects, _ in batch for s in subjects]
+        args = [self._cap, self._ttl, *(x for subjects, entry in batch for x in (len(subjects), entry))]
+        segment = ([(ADD, keys, args)] if batch else [], functools.partial(self._count, tallies) if tallies else None)
+        return segment, functools.partial(self._written, len(batch))
+
+    def _written(self, entries: int, results: list[Any] | Exception) -> None:
+        failure = results if isinstance(results, Exception) else first_error(results)
+        if failure is None:
+            self.round_trips += 1
+        else:
+            log.warning("event trail not written (%d entries): %s", entries, type(failure).__name__)
 
     def _count(self, tallies: dict[str, int], pipe: Any) -> None:
         bucket = f"{self._rate}{int(time.time()) // RATE_BUCKET_S}"
@@ -121,8 +119,7 @@ class Trail:
 
     async def flushed(self) -> None:
         """Wait for what was added so far (tests, benchmarks, shutdown)."""
-        while self._flushing is not None and not self._flushing.done():
-            await self._flushing
+        await self._rounds.flushed()
 
     async def read(self, subject: str) -> list[dict[str, Any]]:
         """A subject's trail, oldest first."""
@@ -130,7 +127,8 @@ class Trail:
 
     async def close(self) -> None:
         await self.flushed()
-        await self._redis.aclose()
+        if self._own:
+            await self._rounds.close()
 
 
 def delivery_subject(source: Any, delivery_id: Any) -> str:
