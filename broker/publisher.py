@@ -25,6 +25,7 @@ import aiormq
 import dramatiq
 from aiormq.abc import AbstractChannel, AbstractConnection, ChannelFrame
 from pamqp import commands as spec
+from pydantic_core import PydanticSerializationError
 from yarl import URL
 
 from broker import frames, nodes, topology
@@ -224,8 +225,13 @@ def encode_delivery(queue: str, delivery: Delivery) -> tuple[str, bytes]:
     JSON: the receiver's hot path, where a dict and ``json.dumps`` cost five times as much. The id is a
     random UUID as aiormq draws its own (no system call: it names a message, it guards nothing)."""
     message_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
+    try:
+        args = delivery.model_dump_json().encode()
+    except PydanticSerializationError:
+        # A lone surrogate (the receiver refuses them; a re-drive may carry one): json.dumps escapes it.
+        return encode_message(queue, topology.PROCESS_EVENT_ACTOR, (delivery.model_dump(mode="json"),), message_id)
     return message_id, b"".join((
-        _message_head(queue), delivery.model_dump_json().encode(), b'],"kwargs":{},"options":{},"message_id":"',
+        _message_head(queue), args, b'],"kwargs":{},"options":{},"message_id":"',
         message_id.encode(), b'","message_timestamp":', str(int(time.time() * 1000)).encode(), b"}",
     ))
 

@@ -44,6 +44,7 @@ end
 """
 """Entries into the trails of the subjects they name, as many as one round gathered, in one command:
 ARGV = cap, ttl, then per entry how many subjects (KEYS, in order) and the entry."""
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
 RATE_BUCKET_S = 10
 RATE_WINDOW_S = 60
 
@@ -70,7 +71,7 @@ class Trail:
 
     def add(self, subjects: Sequence[str], stage: str, **facts: Any) -> None:
         """Add one entry to the trail of each of ``subjects``, with the next round trip."""
-        entry = json.dumps({"stage": stage, "at": datetime.now(timezone.utc).isoformat(), **facts}, default=str, separators=(",", ":"))
+        entry = _encode({"stage": stage, "at": datetime.now(timezone.utc).isoformat(), **facts})
         self._pending.append((subjects, entry))
         self._rounds.wake()
 

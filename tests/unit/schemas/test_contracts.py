@@ -105,3 +105,12 @@ def test_an_encoded_delivery_is_the_dramatiq_message_of_its_json_dump():
     assert (decoded.kwargs, decoded.options) == ({}, {})
     assert Delivery.model_validate(decoded.args[0]) == delivery
     assert abs(decoded.message_timestamp - time.time() * 1000) < 60_000
+
+
+def test_a_delivery_holding_a_lone_surrogate_is_encoded_escaped():
+    import dramatiq
+
+    delivery = Delivery(source="tracking", topic="identify", delivery_id="m-\ud800", received_at=datetime.now(timezone.utc),
+                        payload={"traits": {"first_name": "Ada\ud800"}})
+    message_id, body = encode_delivery("x.events", delivery)
+    assert dramatiq.Message.decode(body).args == (delivery.model_dump(mode="json"),)
