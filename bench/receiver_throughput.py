@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,6 +48,15 @@ app = web.Application()
 app.router.add_post("/webhooks/{source}", handle)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
 """
+
+
+def forget_keys(prefix: str) -> None:
+    """The run's de-duplication keys and trail entries: they would outlive it by days in a shared Redis."""
+    client = redis.Redis.from_url(os.environ.get("MERGETAG_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    for at in range(0, len(keys), 1000):
+        client.delete(*keys[at:at + 1000])
+    client.close()
 
 
 def payload(i: int) -> bytes:
@@ -118,6 +128,7 @@ async def main() -> None:
         receiver.wait()
         bare.wait()
         admin.drop_queues(amqp, prefix)
+        forget_keys(prefix)
 
     receiver_rps, bare_rps = statistics.median(receiver_runs), statistics.median(bare_runs)
     cuts = statistics.quantiles(latencies, n=100)
