@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import hiredis
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
@@ -22,6 +23,21 @@ log = logging.getLogger(__name__)
 
 Done = Callable[[list[Any] | Exception], None]
 """Receives a part's results (errors in place), or the failure that kept the round from Redis."""
+
+
+_PLAIN = frozenset({str, bytes, int})
+
+
+class PackedConnection(redis.Connection):
+    """Commands packed by hiredis, in C, rather than by redis-py's Python: a round of the receiver
+    carries hundreds of arguments (keys, trail entries), a few microseconds a request. The bytes are
+    the same; a command named in two words (``SCRIPT LOAD``), or an argument of another type, is
+    packed by redis-py as before."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " not in args[0] and all(type(a) in _PLAIN for a in args):
+            return [hiredis.pack_command(args)]
+        return super().pack_command(*args)
 
 
 class Part(Protocol):
@@ -35,7 +51,7 @@ class Rounds:
     """
 
     def __init__(self, url: str = "", client: redis.Redis | None = None) -> None:
-        self.redis = client or redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.redis = client or redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, connection_class=PackedConnection)
         self._scripts = Scripts(self.redis)
         self._parts: list[Part] = []
         self._flushing: asyncio.Task[None] | None = None

@@ -41,3 +41,13 @@ async def test_without_redis_lookups_find_nothing_and_entries_are_dropped_not_ra
     await trail.flushed()
     assert (rounds.round_trips, trail.round_trips) == (0, 0)
     await rounds.close()
+
+
+def test_hiredis_packs_a_round_as_redis_py_does():
+    from redis.asyncio.connection import Connection
+
+    from adapters.redis.rounds import PackedConnection
+
+    commands = [("MGET", "p:dedup:a", "p:dedup:é"), ("EVALSHA", "f" * 40, 1, "p:trail:x", 100, 604800, 1, '{"n":1}'),
+                ("HINCRBY", b"k", "shopify", -3), ("SCRIPT LOAD", "return 1"), ("SET", "k", 1.5)]
+    assert b"".join(PackedConnection().pack_commands(commands)) == b"".join(Connection().pack_commands(commands))
