@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 HOLD_MS = 600_000
+MAX_CONNECTIONS = 32
 
 
 class Coalescer:
@@ -28,7 +29,12 @@ class Coalescer:
     """
 
     def __init__(self, url: str, window_ms: int, prefix: str = "mergetag") -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # A worker merges up to a hundred messages at once: past the pool's connections a call waits
+        # for one (at most the socket timeout) instead of failing with MaxConnectionsError, which a
+        # 40 events/s burst met (redis-py's async pool holds 100), and skipping the coalescing.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=0.5,
+                                                     socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._redis = redis.Redis.from_pool(pool)
         self.window_ms = window_ms
         self._prefix = f"{prefix}:sync-scheduled:"
 

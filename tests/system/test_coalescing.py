@@ -34,3 +34,20 @@ async def test_changes_while_a_sync_waits_add_no_second_message(rabbitmq, mongo_
             return member if member and member["merge_fields"]["FNAME"] == "C7" else None
 
         await eventually(synced)
+
+
+async def test_many_changes_at_once_each_find_their_marker_past_the_pool_size(rabbitmq):
+    """Hundreds of merges of one worker ask at once: they wait for a connection, none is refused
+    (refused, the change would schedule a sync of its own)."""
+    from adapters.redis.coalesce import MAX_CONNECTIONS, Coalescer
+
+    prefix = "co" + uuid.uuid4().hex[:8]
+    coalescer = Coalescer("redis://127.0.0.1:6379/0", 5_000, prefix)
+    try:
+        profiles = [f"p_{n}" for n in range(MAX_CONNECTIONS * 5)]
+        asked = await asyncio.gather(*(coalescer.first_in_window(["mailchimp", "klaviyo"], p) for p in profiles * 2))
+        for n in range(len(profiles)):  # one change of each profile schedules the sync, the other relies on it
+            assert sorted([asked[n], asked[n + len(profiles)]]) == [[], ["mailchimp", "klaviyo"]]
+    finally:
+        await coalescer._redis.delete(*(f"{prefix}:sync-scheduled:{esp}:{p}" for p in profiles for esp in ("mailchimp", "klaviyo")))
+        await coalescer.close()
