@@ -55,14 +55,18 @@ async def sweep_once(store: ProfileStore, actors: SyncActors, targets: dict[str,
         if state is not None and state["circuit"] == "open":
             continue
         limit = policy.sweep_limit(target.batch_limit)
-        urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
-        for profile_id in urgent:
-            await asyncio.to_thread(actors.sync_urgent.send, profile_id, esp)
+        # Counted first: with nothing pending (an idle system) both claims would find nothing, so a
+        # sweep costs one read a target instead of three.
         backlog = await store.outbox.count_pending(esp, bulk_backlog)
         if metrics is not None:
             metrics.sweeper_backlog.labels(esp).set(backlog)
         if counted is not None:
             counted(esp, backlog)
+        if not backlog:
+            continue
+        urgent = await store.outbox.claim_pending(esp, timedelta(0), lease, limit=limit, urgent=True)
+        for profile_id in urgent:
+            await asyncio.to_thread(actors.sync_urgent.send, profile_id, esp)
         pending = await store.outbox.claim_pending(esp, policy.sweep_grace(backlog, bulk_backlog, grace), lease, limit=limit)
         if policy.sweep_in_bulk(len(pending)):
             for batch in policy.batches(pending, target.batch_limit):
