@@ -9,7 +9,7 @@ import pytest
 from adapters.store.profiles import ProfileStore
 from schemas.profile import Profile
 from tests.conftest import HASHER
-from tests.system.test_store import Commands
+from tests.support.commands import CommandCounts
 from workers.sync.sweeper import Target, sweep_once
 
 TARGETS = ("mailchimp", "klaviyo", "sendgrid")
@@ -29,10 +29,10 @@ class Actors:
 
 @pytest.fixture
 async def counted(mongo_uri):
-    listener = Commands()
-    store = ProfileStore.connect(mongo_uri, "sweep" + uuid.uuid4().hex[:8], HASHER, event_listeners=[listener])
+    commands = CommandCounts()
+    store = ProfileStore.connect(mongo_uri, "sweep" + uuid.uuid4().hex[:8], HASHER, event_listeners=[commands])
     await store.ensure_indexes(TARGETS)
-    yield store, listener
+    yield store, commands
     await store.client.drop_database(store.profiles.database.name)
     await store.close()
 
@@ -44,11 +44,11 @@ async def sweep(store: ProfileStore, actors: Actors, backlog: dict[str, int]) ->
 
 
 async def test_an_idle_sweep_reads_once_a_target_and_a_pending_profile_is_still_swept(counted):
-    store, listener = counted
+    store, commands = counted
     actors, backlog = Actors(), {}
-    listener.sent.clear()
+    commands.counts.clear()
     assert await sweep(store, actors, backlog) == 0
-    assert [name for name, _ in listener.sent] == ["find"] * len(TARGETS)
+    assert list(commands.counts.elements()) == ["find"] * len(TARGETS)
     assert backlog == dict.fromkeys(TARGETS, 0)
 
     # A consent change pending at Klaviyo only: swept there, urgently, and nowhere else.
