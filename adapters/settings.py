@@ -109,11 +109,13 @@ class Settings(BaseSettings):
     sync_bulk_backlog: int = 200
     # Sync rounds (workers/sync/rounds.py): most (target, profile) pairs in one, and how long one waits for more; 0 pairs: each sync alone;
     # the least time between two import jobs a process starts at a target where every write is one (SendGrid), and how long
-    # such a job's record, once it ended, waits to ride another write of the rounds (0: written at once).
+    # such a job's record, once it ended, waits to ride another write of the rounds (0: written at once), and how long
+    # its note (the job's id, while it runs) waits to ride the next round's claim (0: written at once; the lease holds meanwhile).
     sync_round_max: int = 500
     sync_round_window_ms: float = 5.0
     sync_lane_gap_ms: float = 200.0
     sync_record_carry_ms: float = 400.0
+    sync_note_carry_ms: float = 400.0
     # Alerts (Sentry, one per episode) the sync raises beyond exceptions: see workers/sync/alerts.py.
     alert_dead_letters: int = 100
     alert_circuit_open_s: float = 300.0

@@ -98,10 +98,28 @@ class Settlement:
 
     token: str
     parts: list[tuple[str, list[tuple[str, str]], list[tuple[str, str, str]], list[str], list[str]]] = field(default_factory=list)
+    noted: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    """Bulk jobs an ESP accepted (target, job id, profiles), written before the parts: their leases stay held."""
 
     def add(self, esp: str, *, sent: Iterable[tuple[str, str]] = (), failed: Iterable[tuple[str, str, str]] = (),
             released: Iterable[str] = (), jobs: Iterable[str] = ()) -> None:
         self.parts.append((esp, list(sent), list(failed), list(released), list(jobs)))
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a merge wrote for one target of a profile, handed to its sync: the member, its hash, and when
+    (the change's ``dirty_at``, near enough for freshness). Only a hint: the sync's lease is taken on it only
+    where the stored state is exactly this (see ``Outbox.claim_expected``), else the sync reads."""
+
+    member: dict[str, Any]
+    member_hash: str
+    at: datetime
+
+    def state(self, token: str, until: datetime) -> SyncState:
+        """The sync state a read taking the lease would have found."""
+        return SyncState(member=self.member, member_hash=self.member_hash, pending=True, dirty_at=self.at,
+                         sending_until=until, sending_token=token)
 
 
 class InFlight(BaseModel):

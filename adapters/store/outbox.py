@@ -23,7 +23,7 @@ from pymongo.errors import PyMongoError
 from adapters.store import records
 from adapters.store.bulk import each
 from schemas.errors import SyncBusy
-from schemas.sync import ADDRESS_LISTS, Claimed, InFlight, Settlement, SyncState
+from schemas.sync import ADDRESS_LISTS, Claimed, Expected, InFlight, Settlement, SyncState
 
 PROFILES = "profiles"
 Members = dict[str, tuple[dict[str, Any] | None, str | None]]
@@ -151,7 +151,49 @@ class Outbox:
             await self.release_lost(profile_ids, esp, token, lease)
             raise
 
-    async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta]) -> Claimed:
+    async def claim_expected(self, expected: dict[str, dict[str, Expected]], leases: dict[str, timedelta],
+                             riders: Sequence[Settlement] = (), token: str | None = None) -> tuple[Claimed, list[str]]:
+        """:meth:`claim_round` without the read, for profiles whose merge handed its members to the sync
+        (profile -> target -> :class:`Expected`): each profile's write takes its targets' leases only where
+        the stored state is exactly what the merge wrote — that member, neither held by the ESP nor refused
+        as it is, no address work, the lease free, not merged away — so the state handed over is the one a
+        read would have found. ``riders``: records waiting for a write, written in this one. One round trip;
+        one more, a read, when some profile's write did not match. Returns the claimed pairs and the profiles
+        left for :meth:`claim_round` (their state was not as handed over)."""
+        now, token = datetime.now(timezone.utc), token or uuid.uuid4().hex
+        takes = []
+        for pid, targets in expected.items():
+            match: dict[str, Any] = {"_id": pid, "merged_into": {"$exists": False}}
+            take: dict[str, Any] = {}
+            for esp, hint in targets.items():
+                prefix = f"esp.{esp}"
+                match.update({f"{prefix}.member_hash": hint.member_hash, f"{prefix}.sent_hash": {"$ne": hint.member_hash},
+                              f"{prefix}.failed_hash": {"$ne": hint.member_hash}, f"{prefix}.sending_until": _not_after(now),
+                              **{f"{prefix}.{name}.0": {"$exists": False} for name in ADDRESS_LISTS}})
+                take.update({f"{prefix}.sending_until": now + leases[esp], f"{prefix}.sending_token": token})
+            takes.append(UpdateOne(match, {"$set": take}))
+        ops = [*records.one_per_profile([w for settlement in riders for w in records.settlement_writes(settlement)]), *takes]
+        claimed, left = Claimed(token), list(expected)
+        try:
+            result = await self.profiles.bulk_write(ops, ordered=False)
+            if result.matched_count == len(ops):
+                taken = set(expected)
+            else:  # some write did not match (a rider's lease lost, or a take): which takes did, the tokens say
+                fields = {f"esp.{esp}.sending_token": 1 for targets in expected.values() for esp in targets}
+                docs = await self.profiles.find({"_id": {"$in": list(expected)}}, fields, batch_size=len(expected) + 1).to_list()
+                taken = {doc["_id"] for doc in docs if all(doc.get("esp", {}).get(esp, {}).get("sending_token") == token
+                                                           for esp in expected[doc["_id"]])}
+        except PyMongoError:
+            for pid, targets in expected.items():
+                for esp in targets:
+                    await self.release_lost([pid], esp, token, leases[esp])
+            raise
+        for pid in taken:
+            for esp, hint in expected[pid].items():
+                claimed.states[esp, pid] = hint.state(token, now + leases[esp])
+        return claimed, [pid for pid in left if pid not in taken]
+
+    async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta], token: str | None = None) -> Claimed:
         """:meth:`claim_send` for many (target, profile) pairs in two round trips under one token: one write per
         profile takes each of its targets' leases that is free, one read returns their states (for one
         profile, one round trip).
@@ -160,7 +202,7 @@ class Outbox:
           pairs: target -> profiles.
           leases: each target's lease.
         """
-        now, token = datetime.now(timezone.utc), uuid.uuid4().hex
+        now, token = datetime.now(timezone.utc), token or uuid.uuid4().hex
         targets: dict[str, list[str]] = {}
         for esp, pids in pairs.items():
             for pid in pids:
@@ -224,17 +266,7 @@ class Outbox:
         ``JOB_NOTE_WAIT_S``): giving up would leave a running job nobody knows of, its leases held
         until they run out. A set union makes a repeat harmless, as the token does a settlement's.
         """
-        deadline = time.monotonic() + JOB_NOTE_WAIT_S
-        writes = [records.Write(pid, esp, token, records.noted(f"esp.{esp}", job_id)) for pid in profile_ids]
-        ops = records.one_per_profile([*writes, *(w for settlement in settled for w in records.settlement_writes(settlement))])
-        while True:
-            try:
-                await self.profiles.bulk_write(ops, ordered=False)
-                return
-            except PyMongoError:
-                if time.monotonic() + RELEASE_RETRY_S > deadline:
-                    raise
-                await asyncio.sleep(RELEASE_RETRY_S)
+        await self.settle(Settlement(token, noted=[(esp, job_id, profile_ids)]), *settled, wait_s=JOB_NOTE_WAIT_S)
 
     async def job_finished(self, profile_id: str, esp: str, token: str, job_id: str) -> None:
         await self.profiles.update_one(records.owned(profile_id, esp, token), {"$pull": {f"esp.{esp}.jobs": job_id}})
@@ -249,10 +281,19 @@ class Outbox:
         settlement.add(esp, sent=sent, failed=failed, released=released, jobs=jobs or ())
         await self.settle(settlement)
 
-    async def settle(self, *settlements: Settlement) -> None:
-        """Record sends' outcomes at any targets in one round trip; only where each settlement's token still holds the lease."""
-        if ops := records.one_per_profile([w for settlement in settlements for w in records.settlement_writes(settlement)]):
-            await self.profiles.bulk_write(ops, ordered=False)
+    async def settle(self, *settlements: Settlement, wait_s: float = 0.0) -> None:
+        """Record sends' outcomes (and noted jobs) at any targets in one round trip; only where each settlement's
+        token still holds the lease. ``wait_s``: how long a failing store is tried again (a noted job's wait)."""
+        ops = records.one_per_profile([w for settlement in settlements for w in records.settlement_writes(settlement)])
+        deadline = time.monotonic() + wait_s
+        while ops:
+            try:
+                await self.profiles.bulk_write(ops, ordered=False)
+                return
+            except PyMongoError:
+                if time.monotonic() + RELEASE_RETRY_S > deadline:
+                    raise
+                await asyncio.sleep(RELEASE_RETRY_S)
 
     async def park(self, profile_ids: list[str], esp: str) -> None:
         """Leave pending profiles to the sweeper's next run (their ESP is down): they wait in MongoDB

@@ -89,7 +89,9 @@ def part_writes(esp: str, token: str, sent_: list[tuple[str, str]], failed_: lis
 
 
 def settlement_writes(settlement: Settlement) -> list[Write]:
-    return [w for esp, *part in settlement.parts for w in part_writes(esp, settlement.token, *part)]
+    """The writes of a :class:`Settlement`: its noted jobs first, so a job's record after them takes it off again."""
+    noted_ = [Write(pid, esp, settlement.token, noted(f"esp.{esp}", job_id)) for esp, job_id, pids in settlement.noted for pid in pids]
+    return [*noted_, *(w for esp, *part in settlement.parts for w in part_writes(esp, settlement.token, *part))]
 
 
 def guarded(prefix: str, token: str, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from adapters.esps.base import member_hash
 from schemas.errors import SyncBusy
-from schemas.sync import ADDRESS_LISTS, Claimed, Settlement, SyncState
+from schemas.sync import ADDRESS_LISTS, Claimed, Expected, Settlement, SyncState
 
 
 class FakeOutbox:
@@ -57,8 +57,25 @@ class FakeOutbox:
                 claimed[pid] = SyncState.model_validate(state)
         return claimed, token
 
-    async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta]) -> Claimed:
-        claimed, now = Claimed(uuid.uuid4().hex), datetime.now(timezone.utc)
+    async def claim_expected(self, expected: dict[str, dict[str, Expected]], leases: dict[str, timedelta],
+                             riders: Sequence[Settlement] = (), token: str | None = None) -> tuple[Claimed, list[str]]:
+        await FakeOutbox.settle(self, *riders)  # in the same write
+        claimed, now, left = Claimed(token or uuid.uuid4().hex), datetime.now(timezone.utc), []
+        self.takes = getattr(self, "takes", 0) + 1
+        for pid, targets in expected.items():
+            states = {esp: self.states.get((pid, esp)) for esp in targets}
+            if not all(state is not None and state.get("member_hash") == hint.member_hash and state.get("sent_hash") != hint.member_hash
+                       and state.get("failed_hash") != hint.member_hash and not (state.get("sending_until") and state["sending_until"] > now)
+                       and not any(state.get(name) for name in ADDRESS_LISTS) for (esp, hint), state in zip(targets.items(), states.values())):
+                left.append(pid)
+                continue
+            for esp, hint in targets.items():
+                self.states[pid, esp].update(sending_until=now + leases[esp], sending_token=claimed.token)
+                claimed.states[esp, pid] = hint.state(claimed.token, now + leases[esp])
+        return claimed, left
+
+    async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta], token: str | None = None) -> Claimed:
+        claimed, now = Claimed(token or uuid.uuid4().hex), datetime.now(timezone.utc)
         for esp, pids in pairs.items():
             for pid in pids:
                 state = self.states.get((pid, esp))
@@ -71,8 +88,12 @@ class FakeOutbox:
                     claimed.states[esp, pid] = SyncState.model_validate(state)
         return claimed
 
-    async def settle(self, *settlements: Settlement) -> None:
+    async def settle(self, *settlements: Settlement, wait_s: float = 0.0) -> None:
         for settlement in settlements:
+            for esp, job_id, pids in settlement.noted:
+                for pid in pids:
+                    if (state := self._owned(pid, esp, settlement.token)) is not None:
+                        state.setdefault("jobs", []).append(job_id)
             for esp, sent, failed, released, jobs in settlement.parts:
                 await self.settle_many(esp, settlement.token, sent, failed, released, jobs)
 

@@ -116,7 +116,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, sync: SyncActors, pref
             to_check += [(result.profile_id, e.checkout_id, e.event_time.isoformat())
                          for e in group if isinstance(e, CheckoutChanged) and not e.completed]
         for result in merged:
-            await sync.schedule(rt, result.profile_id, result.targets, result.urgent)
+            await sync.schedule(rt, result.profile_id, result.targets, result.urgent, result.handed)
         delay_ms = int(rt.settings.cart_abandon_delay_s * 1000)
         for args in to_check:
             # If nothing has touched the checkout by then, the cart counts as abandoned.

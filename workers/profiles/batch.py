@@ -33,7 +33,7 @@ from workers.profiles.cache import ProfileCache
 from workers.profiles.consent import address_work, consent_changed, contacts_held
 from workers.profiles.identity import lookup_keys, new_profile, over_limits
 from workers.profiles.merge import changed_traits, merge_all
-from workers.profiles.resolve import Merged, changed, merge_into_profile
+from workers.profiles.resolve import Merged, changed, handed, merge_into_profile
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,9 @@ class MergeBatcher:
                 continue
             version = (stored.version or 0) + 1
             self.cache.put((save.profile, _after(stored, save, version)), profile_keys(save.profile))
-            result = Merged(save.profile.id, changed(save.members, stored, save.work), save.urgent, version,
-                            tuple(changed_traits(save.before, save.profile)))
+            targets = changed(save.members, stored, save.work)
+            result = Merged(save.profile.id, targets, save.urgent, version, tuple(changed_traits(save.before, save.profile)),
+                            handed(save.members, targets, save.work))
             for m in merges:
                 m.done.set_result(result)
         self._pending[:0] = again

@@ -9,14 +9,14 @@ limits. Every write is guarded by the version read, so a lost race re-reads and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from adapters.store.outbox import Members, Work
 from schemas.errors import LostRace
 from schemas.events import Event, Identity
 from schemas.profile import Profile, identity_key, profile_keys
-from schemas.sync import NEW, Stored, in_flight
+from schemas.sync import NEW, Expected, Stored, in_flight
 from workers.profiles.consent import address_work, consent_changed, contacts_held
 from workers.profiles.enrich import enrich, expire_checkout
 from workers.profiles.identity import lookup_keys, new_profile, over_limits, without
@@ -40,6 +40,16 @@ class Merged:
     """The profile version the merge wrote (None: nothing written)."""
     traits: tuple[str, ...] = ()
     """The traits it set, changed or removed (for the event trail)."""
+    handed: dict[str, Expected] = field(default_factory=dict)
+    """Per target, the member it wrote, for the sync to send without reading it back (none where address work waits)."""
+
+
+def handed(members: Members, targets: list[str], work: Work | None = None) -> dict[str, Expected]:
+    """The members a merge just wrote for ``targets``, as the sync's hints; a target with address work gets
+    none (its sync reads what the ESP holds and what waits)."""
+    now = datetime.now(timezone.utc)
+    return {esp: Expected(member, digest, now) for esp in targets if not any((work or {}).get(esp, {}).values())
+            for member, digest in [members[esp]] if member is not None and digest is not None}
 
 
 def changed(members: Members, stored: Stored, work: Work | None = None) -> list[str]:
@@ -86,7 +96,9 @@ async def merge_into_profile(rt: Runtime, identity: Identity, events: list[Event
         urgent = consent_changed(profile, merged) or any("unsubscribe" in lists for lists in work.values())
         before = profile if stored.version is not None else None
         if await rt.store.save(merged, stored.version, members, urgent=urgent, work=work, stored=stored, before=before):
-            return Merged(merged.id, changed(members, stored, work), urgent, (stored.version or 0) + 1, tuple(changed_traits(before, merged)))
+            targets = changed(members, stored, work)
+            return Merged(merged.id, targets, urgent, (stored.version or 0) + 1, tuple(changed_traits(before, merged)),
+                          handed(members, targets, work))
     raise LostRace(f"profile write lost {MAX_WRITE_ATTEMPTS} races")
 
 

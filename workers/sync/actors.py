@@ -14,12 +14,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import dramatiq
 
 from broker import topology
 from broker.middleware import as_dead_letter
 from schemas.errors import EspRejected
+from schemas.sync import Expected
 from workers.runtime import Runtime
 from workers.sync import sender
 from workers.sync.rounds import SyncRounds
@@ -37,18 +40,21 @@ class SyncActors:
     sync_urgent: dramatiq.Actor
     sync_batch: dramatiq.Actor
 
-    async def schedule(self, rt: Runtime, profile_id: str, targets: list[str], urgent: bool = False) -> None:
+    async def schedule(self, rt: Runtime, profile_id: str, targets: list[str], urgent: bool = False,
+                       handed: dict[str, Expected] | None = None) -> None:
         """One delayed sync per profile and ESP target per coalescing window (one message for the targets of a
         change); it sends whatever the profile is by then. Consent changes and erasures are urgent: they skip
-        the window and jump the queue."""
+        the window and jump the queue. ``handed``: the members the merge wrote, carried in the message so the
+        sync need not read them back (where a later change replaced one, the sync reads after all)."""
         if urgent:
             for esp in targets:
                 await asyncio.to_thread(self.sync_urgent.send, profile_id, esp)
             return
         first = await rt.coalescer.first_in_window(targets, profile_id)
         if first:
+            expect = {esp: [hint.member, hint.member_hash, hint.at.isoformat()] for esp, hint in (handed or {}).items() if esp in first}
             await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, first[0] if len(first) == 1 else first),
-                                    delay=rt.coalescer.window_ms or None)
+                                    kwargs={"expect": expect} if expect else None, delay=rt.coalescer.window_ms or None)
 
     async def retry(self, profile_id: str, esp: str, delay_ms: int) -> None:
         """Try one target of a sync again on its own (with its own retries, and its own dead letter at their end)."""
@@ -80,23 +86,28 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
             return None
         if id(rt) not in rounds:
             rounds[id(rt)] = SyncRounds(rt, actors[0], rt.settings.sync_round_max, rt.settings.sync_round_window_ms / 1000,
-                                        rt.settings.sync_lane_gap_ms / 1000, rt.settings.sync_record_carry_ms / 1000)
+                                        rt.settings.sync_lane_gap_ms / 1000, rt.settings.sync_record_carry_ms / 1000,
+                                        rt.settings.sync_note_carry_ms / 1000)
         return rounds[id(rt)]
 
-    async def sync_profile(profile_id: str, esp: str | list[str], alone: bool = False, retry_refused: bool = False) -> None:
+    async def sync_profile(profile_id: str, esp: str | list[str], alone: bool = False, retry_refused: bool = False,
+                           expect: dict[str, list[Any]] | None = None) -> None:
         """Parameters:
           esp: the ESP target, or several (those of one change: they share a round, so one claim and one record).
           alone: send it now even in a backlog (sent by the sweeper, or split out of a refused batch).
           retry_refused: send it even if the ESP refused this very member before (a replayed dead letter).
+          expect: per target, the member the merge wrote, its hash and when ([member, hash, ISO time]).
         """
         rt = await runtime()
         targets = [esp] if isinstance(esp, str) else esp
+        hints = {t: Expected(m, h, datetime.fromisoformat(at)) for t, (m, h, at) in (expect or {}).items()}
         if not (alone or retry_refused):
             await rt.coalescer.started(targets, profile_id)  # scheduled by a change: the next change schedules another
         if len(targets) == 1:
-            await sender.sync(rt, actors[0], profile_id, targets[0], alone=alone, retry_refused=retry_refused, rounds=round_of(rt))
+            await sender.sync(rt, actors[0], profile_id, targets[0], alone=alone, retry_refused=retry_refused, rounds=round_of(rt),
+                              expect=hints.get(targets[0]))
             return
-        outcomes = await asyncio.gather(*(sender.sync(rt, actors[0], profile_id, t, rounds=round_of(rt)) for t in targets),
+        outcomes = await asyncio.gather(*(sender.sync(rt, actors[0], profile_id, t, rounds=round_of(rt), expect=hints.get(t)) for t in targets),
                                         return_exceptions=True)
         # A target that failed goes on alone, so that only it is retried and only it is dead-lettered.
         for failed, exc in ((t, e) for t, e in zip(targets, outcomes, strict=True) if isinstance(e, BaseException)):

@@ -36,8 +36,9 @@ from datetime import datetime, timezone
 
 from adapters.esps.base import Esp
 from adapters.esps.guard import rate_patience
+from adapters.store.outbox import JOB_NOTE_WAIT_S
 from schemas.errors import EspRejected, RateSpent
-from schemas.sync import Claimed, Settlement, SyncState
+from schemas.sync import Claimed, Expected, Settlement, SyncState
 from workers.runtime import Runtime
 from workers.sync import sender
 from workers.sync.outcomes import Carried, Hold, Outcomes, Pair, answer_all, touches
@@ -53,18 +54,22 @@ class SyncRounds:
       window_s: how long a round waits for more syncs to join it (a change's targets are scheduled together).
       lane_gap_s: the least time between two jobs a lane starts.
       carry_s: how long a lane round's record waits for another write to ride (0: written at once).
+      note_carry_s: how long a lane job's note waits to ride the next round's claim (0: written at once).
     """
 
     def __init__(self, rt: Runtime, requeue: Requeue, max_syncs: int = 500, window_s: float = 0.005, lane_gap_s: float = 0.2,
-                 carry_s: float = 0.4) -> None:
+                 carry_s: float = 0.4, note_carry_s: float = 0.0) -> None:
         self._rt = rt
         self._requeue = requeue
         self._max = max_syncs
         self._window = window_s
         self._gap = lane_gap_s
         self._carry = carry_s
+        self._note_carry = note_carry_s
         self._carried: list[Carried] = []
         self._pending: dict[Pair, list[asyncio.Future[None]]] = {}
+        self._hints: dict[Pair, Expected | None] = {}
+        """What the merge handed over with a pending pair (None: pairs that repeat with another, or without)."""
         self._gathering: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._busy_lanes: dict[str, Hold] = {}
@@ -73,10 +78,13 @@ class SyncRounds:
         """Targets whose single writes' rate is spent, until when (monotonic): lanes meanwhile."""
         self.rounds = 0
 
-    async def sync(self, profile_id: str, esp: str) -> None:
-        """Send the profile's member to ``esp``, together with whatever else is in flight."""
+    async def sync(self, profile_id: str, esp: str, expect: Expected | None = None) -> None:
+        """Send the profile's member to ``esp``, together with whatever else is in flight. ``expect``: what the
+        merge that scheduled it wrote (the round then takes the lease without reading, where it still holds)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault((esp, profile_id), []).append(done)  # a repeat of a pair shares its outcome
+        pair = (esp, profile_id)
+        self._hints[pair] = expect if pair not in self._pending or self._hints.get(pair) == expect else None
+        self._pending.setdefault(pair, []).append(done)  # a repeat of a pair shares its outcome
         self._gather_soon()
         await done
 
@@ -113,7 +121,8 @@ class SyncRounds:
                 return
             lanes, hold = {esp for esp, _ in pairs if self._lane(esp)}, Hold()
             self._busy_lanes.update(dict.fromkeys(lanes, hold))
-            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes, hold))
+            hints = {pair: hint for pair in pairs if (hint := self._hints.pop(pair, None)) is not None}
+            task = asyncio.get_running_loop().create_task(self._run({pair: self._pending.pop(pair) for pair in pairs}, lanes, hold, hints))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -124,7 +133,7 @@ class SyncRounds:
                 del self._busy_lanes[esp]
         self._gather_soon()
 
-    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: Hold) -> None:
+    async def _run(self, batch: dict[Pair, list[asyncio.Future[None]]], lanes: set[str], hold: Hold, hints: dict[Pair, Expected]) -> None:
         self.rounds += 1
         try:
             if len(batch) == 1 and not lanes:  # a lone sync takes the single path: two round trips, not three
@@ -136,7 +145,7 @@ class SyncRounds:
                     await self.sync(pid, esp)
                 errors: dict[Pair, BaseException] = {}
             else:
-                errors = await self._sync_round(list(batch), lanes, hold, lambda outcomes: answer_all(batch, outcomes))
+                errors = await self._sync_round(list(batch), lanes, hold, lambda outcomes: answer_all(batch, outcomes), hints)
         except Exception as exc:  # the store failed: every message of the round is retried by the broker
             errors = dict.fromkeys(batch, exc)
         finally:
@@ -144,7 +153,7 @@ class SyncRounds:
         answer_all(batch, {pair: errors.get(pair) for pair in batch})
 
     async def _sync_round(self, pairs: list[Pair], held: set[str], hold: Hold,
-                          answer: Callable[[dict[Pair, BaseException | None]], None]) -> dict[Pair, BaseException]:
+                          answer: Callable[[dict[Pair, BaseException | None]], None], hints: dict[Pair, Expected]) -> dict[Pair, BaseException]:
         rt = self._rt
         started = time.perf_counter()
         by_target: dict[str, list[str]] = {}
@@ -155,7 +164,7 @@ class SyncRounds:
             return {}
         if any(touches(c.settlement, set(pairs)) for c in self._carried):
             await self._record()  # a waiting record of one of these pairs goes first: its lease would make it busy
-        claimed = await rt.store.outbox.claim_round(by_target, {esp: rt.leases[esp] for esp in by_target})
+        claimed = await self._claim(by_target, hints)
         out = Outcomes(Settlement(claimed.token), answer, lane=hold)
         for esp, pid in claimed.busy:
             out.parked.setdefault(esp, []).append(pid)  # another send is in flight: the sweeper sends what is left after it
@@ -192,6 +201,37 @@ class SyncRounds:
         await asyncio.gather(*(self._alone(esp, pid, claimed, started, out) for esp, pid in alone))
         return out.errors
 
+    async def _claim(self, by_target: dict[str, list[str]], hints: dict[Pair, Expected]) -> Claimed:
+        """The round's leases: taken without a read for the profiles whose every pair came with what its merge
+        wrote (the records waiting for a ride go in that write), read for the rest and for those whose state
+        was no longer as handed over."""
+        outbox, leases = self._rt.store.outbox, {esp: self._rt.leases[esp] for esp in by_target}
+        handed: dict[str, dict[str, Expected]] = {}
+        unhinted: set[str] = set()
+        for esp, pids in by_target.items():
+            for pid in pids:
+                if (hint := hints.get((esp, pid))) is None:
+                    unhinted.add(pid)
+                else:
+                    handed.setdefault(pid, {})[esp] = hint
+        for pid in unhinted:
+            handed.pop(pid, None)
+        if not handed:
+            return await outbox.claim_round(by_target, leases)
+        riders, taken = self._riders(), []
+
+        async def take() -> None:
+            taken.append(await outbox.claim_expected(handed, leases, [r.settlement for r in riders]))
+
+        await self._carrying(take(), riders)
+        (claimed, left), = taken
+        rest = {esp: [pid for pid in pids if pid not in handed or pid in left] for esp, pids in by_target.items()}
+        if rest := {esp: pids for esp, pids in rest.items() if pids}:
+            read = await outbox.claim_round(rest, {esp: leases[esp] for esp in rest}, token=claimed.token)
+            claimed.states.update(read.states)
+            claimed.busy += read.busy
+        return claimed
+
     @property
     def waiting_records(self) -> int:
         """Lane records waiting for a write to ride."""
@@ -212,27 +252,29 @@ class SyncRounds:
             if not rider.written.done():
                 rider.written.set_result(None)
 
-    async def _record(self, *settlements: Settlement) -> None:
+    async def _record(self, *settlements: Settlement, wait_s: float = 0.0) -> None:
         """Write round records now, with the lane records waiting for a ride."""
         riders = self._riders()
-        await self._carrying(self._rt.store.outbox.settle(*settlements, *(r.settlement for r in riders)), riders)
+        await self._carrying(self._rt.store.outbox.settle(*settlements, *(r.settlement for r in riders), wait_s=wait_s), riders)
 
-    async def _record_later(self, settlement: Settlement) -> None:
-        """Write a lane round's record with the next write of these rounds, or on its own after the carry.
-        A write that took it and failed puts it back, so it is never lost between two."""
-        if self._carry <= 0:
-            await self._record(settlement)
+    async def _record_later(self, settlement: Settlement, wait_s: float = 0.0, carry_s: float | None = None) -> None:
+        """Write a lane round's record (or job note) with the next write of these rounds, or on its own after
+        the carry (``wait_s``: how long a failing store is tried then). A write that took it and failed puts it
+        back, so it is never lost between two."""
+        carry = self._carry if carry_s is None else carry_s
+        if carry <= 0:
+            await self._record(settlement, wait_s=wait_s)
             return
         mine = Carried(settlement, asyncio.get_running_loop().create_future())
         self._carried.append(mine)
         while True:
             try:
-                await asyncio.wait_for(asyncio.shield(mine.written), self._carry)
+                await asyncio.wait_for(asyncio.shield(mine.written), carry)
                 return
             except TimeoutError:
                 if any(c is mine for c in self._carried):  # no ride came: it goes now, with any others waiting
                     self._carried.remove(mine)
-                    await self._record(settlement)
+                    await self._record(settlement, wait_s=wait_s)
                     return
 
     async def _alone(self, esp: str, pid: str, claimed: Claimed, started: float, out: Outcomes) -> None:
@@ -298,10 +340,14 @@ class SyncRounds:
         if held and out.others is not None:
             await asyncio.wait([out.others[1]], timeout=self._gap / 2)
         early = out.take_others()
-        riders = self._riders()
-        note = self._rt.store.outbox.note_job(esp, token, job_id, pids, [*([early[0]] if early else []), *(r.settlement for r in riders)])
         try:
-            await self._carrying(note, riders)
+            if held and self._note_carry > 0:  # the job runs meanwhile; its note rides the next round's claim, or goes a carry later
+                await self._record_later(Settlement(token, early[0].parts if early else [], noted=[(esp, job_id, pids)]),
+                                         wait_s=JOB_NOTE_WAIT_S, carry_s=self._note_carry)
+            else:
+                riders = self._riders()
+                note = self._rt.store.outbox.note_job(esp, token, job_id, pids, [*([early[0]] if early else []), *(r.settlement for r in riders)])
+                await self._carrying(note, riders)
         except BaseException:
             if early:
                 out.settlement.parts += early[0].parts  # recorded with the rest of the round, then

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from adapters.esps.base import Esp
 from adapters.esps.guard import rate_patience
 from schemas.errors import CircuitOpen, EspRejected, MergetagError, SyncBusy
-from schemas.sync import SyncState
+from schemas.sync import Expected, SyncState
 from workers.runtime import Runtime
 from workers.sync import policy
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Round(Protocol):
-    async def sync(self, profile_id: str, esp: str) -> None:
-        """Send the profile's member to ``esp`` together with the other syncs in flight."""
+    async def sync(self, profile_id: str, esp: str, expect: Expected | None = None) -> None:
+        """Send the profile's member to ``esp`` together with the other syncs in flight (``expect``: what the merge wrote)."""
 
 
 class Requeue(Protocol):
@@ -254,7 +254,7 @@ async def erase(rt: Runtime, requeue: Requeue, client: Esp, profile_id: str, esp
 
 
 async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent: bool = False, alone: bool = False,
-               retry_refused: bool = False, rounds: Round | None = None) -> None:
+               retry_refused: bool = False, rounds: Round | None = None, expect: Expected | None = None) -> None:
     """One scheduled sync of a profile, routed by the policy. Left pending in MongoDB for the sweeper
     rather than sent: while the target's circuit is open, while another send of the profile is in
     flight (the sweeper sends what is left after it), and when the policy leaves it to the sweeper.
@@ -262,7 +262,7 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
     ``rounds``: where a sync sent now joins the syncs in flight (``rounds.py``; a target where every write is
     a job gets one per lane gap there, with the syncs that came meanwhile); urgent ones and replayed dead
     letters go on their own. Without rounds, a middling backlog, and every sync of a target where every
-    write is a job, takes the others pending along."""
+    write is a job, takes the others pending along. ``expect``: what the merge that scheduled it wrote, for the round."""
     client = rt.esps.get(esp)
     if client is not None:
         backlog = 0 if (urgent or alone) else await rt.backlog(esp)
@@ -276,7 +276,7 @@ async def sync(rt: Runtime, requeue: Requeue, profile_id: str, esp: str, urgent:
             await send_batch(rt, requeue, [profile_id, *[pid for pid in others if pid != profile_id]], esp)
             return
     if rounds is not None and not (urgent or retry_refused):
-        await rounds.sync(profile_id, esp)
+        await rounds.sync(profile_id, esp, expect)
         return
     await send_or_park(rt, requeue, profile_id, esp, retry_refused)
 

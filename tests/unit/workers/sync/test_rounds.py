@@ -24,13 +24,17 @@ class Counting(FakeOutbox):
         super().__init__()
         self.calls: list[str] = []
 
-    async def claim_round(self, pairs, leases):
+    async def claim_round(self, pairs, leases, token=None):
         self.calls.append("claim_round")
-        return await super().claim_round(pairs, leases)
+        return await super().claim_round(pairs, leases, token)
 
-    async def settle(self, *settlements):
+    async def claim_expected(self, expected, leases, riders=(), token=None):
+        self.calls.append("claim_expected")
+        return await super().claim_expected(expected, leases, riders, token)
+
+    async def settle(self, *settlements, wait_s=0.0):
         self.calls.append("settle")
-        return await super().settle(*settlements)
+        return await super().settle(*settlements, wait_s=wait_s)
 
 
 class Requeued:
@@ -105,11 +109,11 @@ def test_address_work_in_a_round_takes_the_single_path_under_the_rounds_lease(fa
 class FailingSettle(FakeOutbox):
     failures = 1
 
-    async def settle(self, *settlements):
+    async def settle(self, *settlements, wait_s=0.0):
         if self.failures:
             self.failures -= 1
             raise AutoReconnect("connection closed")
-        await super().settle(*settlements)
+        await super().settle(*settlements, wait_s=wait_s)
 
 
 def test_a_store_failure_recording_a_round_releases_its_leases_and_fails_every_message(fake):
