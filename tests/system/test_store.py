@@ -12,7 +12,7 @@ from adapters.store import records
 from adapters.store.profiles import ProfileStore
 from schemas.errors import SyncBusy
 from schemas.profile import Profile
-from schemas.sync import Settlement
+from schemas.sync import Expected, Settlement
 from tests.conftest import HASHER
 
 T = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -182,6 +182,44 @@ async def test_a_round_of_one_profile_claims_its_targets_in_one_round_trip(store
     assert (await store.outbox.claim_round({"mailchimp": ["nobody"]}, leases)).states == {}
     store.outbox.profiles = recording._profiles
     assert (await store.load("o1"))[1].esp["klaviyo"].sending_token == other  # the held lease untouched
+
+
+async def test_a_round_takes_the_leases_of_what_the_merge_handed_over_in_one_write_and_reads_only_where_it_moved_on(store):
+    """A merge hands the members it wrote to the sync: their leases are taken without a read, in the write that
+    carries the records waiting for a ride, only where the stored state is exactly that — never a member replaced
+    since, one the ESP holds already, one with address work, or one whose lease another send holds."""
+    members = {"mailchimp": ({"m": 1}, "h1"), "klaviyo": ({"k": 1}, "k1")}
+    for pid in ("same", "replaced", "held", "work", "busy", "rider"):
+        assert await store.save(person(pid, f"{pid}@example.com"), None, members)
+    await store.profiles.update_one({"_id": "replaced"}, {"$set": {"esp.klaviyo.member": {"k": 2}, "esp.klaviyo.member_hash": "k2"}})
+    await store.profiles.update_one({"_id": "held"}, {"$set": {"esp.mailchimp.sent_hash": "h1"}})
+    await store.profiles.update_one({"_id": "work"}, {"$set": {"esp.klaviyo.retire": ["old@example.com"]}})
+    _, other = await store.outbox.claim_send("busy", "mailchimp", timedelta(seconds=30))
+    leases = {"mailchimp": timedelta(seconds=30), "klaviyo": timedelta(seconds=30)}
+    riding = await store.outbox.claim_round({"mailchimp": ["rider"]}, leases)
+    rider = Settlement(riding.token)
+    rider.add("mailchimp", sent=[("rider", "h1")])
+    handed = {esp: Expected(member, digest, T) for esp, (member, digest) in members.items()}
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    claimed, left = await store.outbox.claim_expected({pid: handed for pid in ("same", "replaced", "held", "work", "busy")}, leases, [rider])
+    assert recording.calls == ["bulk_write", "find"]  # the read only because some did not match
+    assert left == ["replaced", "held", "work", "busy"]
+    assert sorted(claimed.states) == [("klaviyo", "same"), ("mailchimp", "same")]
+    assert claimed.states["klaviyo", "same"].member == {"k": 1} and claimed.states["klaviyo", "same"].sending_token == claimed.token
+    store.outbox.profiles = recording._profiles
+    stored = {pid: (await store.load(pid))[1].esp for pid in ("same", "replaced", "held", "work", "busy", "rider")}
+    assert all(stored["same"][esp].sending_token == claimed.token for esp in members)
+    assert all(stored[pid][esp].sending_token != claimed.token for pid in left for esp in members)
+    assert stored["busy"]["mailchimp"].sending_token == other  # the held lease untouched
+    assert stored["rider"]["mailchimp"].sent_hash == "h1" and stored["rider"]["mailchimp"].sending_until is None  # rode the write
+    # What was left is claimed by reading, under the same token; the replaced member is the one read.
+    read = await store.outbox.claim_round({"klaviyo": ["replaced"]}, leases, token=claimed.token)
+    assert read.token == claimed.token and read.states["klaviyo", "replaced"].member == {"k": 2}
+    assert await store.save(person("fresh", "fresh@example.com"), None, members)
+    store.outbox.profiles = recording = RecordingFilters(store.outbox.profiles)
+    claimed, left = await store.outbox.claim_expected({"fresh": handed}, leases)
+    assert recording.calls == ["bulk_write"] and left == [] and len(claimed.states) == 2  # all matched: one round trip
+    store.outbox.profiles = recording._profiles
 
 
 async def test_a_changes_targets_are_recorded_in_one_document_write_each_target_only_under_its_own_lease(store):

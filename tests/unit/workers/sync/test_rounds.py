@@ -12,6 +12,7 @@ from pymongo.errors import AutoReconnect
 
 from adapters.esps.base import member_hash
 from schemas.errors import EspRejected, RateSpent
+from schemas.sync import Expected
 from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeOutbox
 from tests.unit.workers.sync.test_actors import TARGET, Harness, member
@@ -368,10 +369,10 @@ class Claims(Counting):
         self.claimed: list[list[tuple[str, str]]] = []
         self.claimed_at: dict[tuple[str, str], float] = {}
 
-    async def claim_round(self, pairs, leases):
+    async def claim_round(self, pairs, leases, token=None):
         self.claimed.append(sorted((esp, pid) for esp, pids in pairs.items() for pid in pids))
         self.claimed_at.update({(esp, pid): time.monotonic() for esp, pids in pairs.items() for pid in pids})
-        return await super().claim_round(pairs, leases)
+        return await super().claim_round(pairs, leases, token)
 
     async def claim_send(self, profile_id, esp, lease):
         self.claimed.append([(esp, profile_id)])
@@ -714,3 +715,67 @@ def test_a_lone_sync_that_finds_the_single_rate_spent_goes_again_in_a_job(fake, 
     assert budget.attempts == 1 and fake.requests == ["batch"] and set(fake.contacts) == {"p0@example.com"}
     state = h.outbox.state("p0", TARGET)
     assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
+
+
+def handed(m: dict) -> Expected:
+    """What a merge that wrote member ``m`` hands its sync."""
+    return Expected(m, member_hash(m), datetime.now(timezone.utc))
+
+
+def test_a_round_of_what_the_merges_handed_over_takes_its_leases_without_a_read_and_a_stale_hint_sends_what_is_stored(fake):
+    h = Harness()
+    h.outbox = Counting()
+    for n in range(3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+    newer = {**member(2), "fields": {"first_name": "Later"}}
+
+    async def scenario(hints):
+        rounds = SyncRounds(await h._runtime(), Requeued())
+        return await asyncio.gather(*(rounds.sync(pid, TARGET, hint) for pid, hint in hints.items()))
+
+    assert asyncio.run(scenario({f"p{n}": handed(member(n)) for n in (0, 1)})) == [None, None]
+    assert h.outbox.calls == ["claim_expected", "settle"]  # no read: one write takes the leases, one records
+    h.outbox.calls.clear()
+    h.outbox.put("p2", TARGET, newer)  # a later change replaced p2's member after its sync was scheduled
+    h.outbox.put("p0", TARGET, {**member(0), "fields": {"first_name": "Again"}})
+    assert asyncio.run(scenario({"p0": handed(h.outbox.state("p0", TARGET).member), "p2": handed(member(2))})) == [None, None]
+    assert h.outbox.calls == ["claim_expected", "claim_round", "settle"]  # the stale one read back
+    assert fake.contacts["p2@example.com"] == newer  # what is stored is sent, never the stale hint
+    state = h.outbox.state("p2", TARGET)
+    assert state.sent_hash == member_hash(newer) and not state.pending and state.sending_until is None
+    assert fake.contacts["p0@example.com"]["fields"] == {"first_name": "Again"}
+
+
+def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry_later(fake):
+    h = Harness()
+    h.outbox = Notes()
+    lane = JobByJob()
+    for n in range(2):
+        h.outbox.put(f"p{n}", LANE, member(n))
+    for n in (2, 3):
+        h.outbox.put(f"p{n}", TARGET, member(n))
+
+    async def scenario():
+        rt = await h._runtime()
+        rt.esps[LANE] = lane
+        rt.leases[LANE] = rt.leases[TARGET]
+        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60, note_carry_s=60)
+        first = asyncio.ensure_future(rounds.sync("p0", LANE, handed(member(0))))
+        await until(lambda: rounds.waiting_records == 1)  # the job runs; its note waits for a ride
+        assert h.outbox.state("p0", LANE).jobs == [] and not first.done()
+        others = await asyncio.gather(*(rounds.sync(pid, TARGET, handed(member(n))) for n, pid in ((2, "p2"), (3, "p3"))))
+        assert h.outbox.state("p0", LANE).jobs == ["job-1"]  # written by the next round's claim
+        assert h.outbox.calls == ["claim_expected", "claim_expected", "settle"] and h.outbox.notes == []
+        lane.releases[0].set()
+        await until(lambda: rounds.waiting_records == 1)  # the job's record now waits for a ride in its turn
+        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=0.05, note_carry_s=0.05)
+        second = asyncio.ensure_future(rounds.sync("p1", LANE, handed(member(1))))
+        await until(lambda: h.outbox.state("p1", LANE).jobs == ["job-2"])  # no round came: on its own, while the job runs
+        assert not second.done()
+        lane.releases[1].set()
+        return [*others, await second]
+
+    assert asyncio.run(scenario()) == [None] * 3
+    state = h.outbox.state("p1", LANE)
+    assert state.sent_hash == state.member_hash and state.jobs == [] and state.sending_until is None
+    assert h.outbox.state("p0", LANE).jobs == ["job-1"] and h.outbox.state("p0", LANE).sending_until is not None  # its record still waits

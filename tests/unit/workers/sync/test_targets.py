@@ -13,6 +13,7 @@ from pymongo.errors import AutoReconnect
 from broker import topology
 from tests.unit.workers.sync.test_actors import Harness, member
 from tests.unit.workers.sync.test_rounds import Counting
+from workers.profiles.resolve import handed
 from workers.runtime import Runtime
 
 TARGETS = ["one", "two"]
@@ -53,6 +54,25 @@ def test_the_targets_of_one_message_share_one_claim_and_one_record(fake, tmp_pat
         assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
     assert sorted(h.coalescer.started_syncs) == [("one", "p1"), ("two", "p1")]
     assert h.dead_letters() == []
+
+
+def test_the_members_a_merge_wrote_travel_with_its_message_and_the_sync_sends_them_without_a_read(fake, tmp_path):
+    h = TwoTargets(tmp_path)
+    for esp in TARGETS:
+        h.outbox.put("p1", esp, member(1))
+    members = {esp: (member(1), h.outbox.state("p1", esp).member_hash) for esp in TARGETS}
+    hints = handed(members, TARGETS, {"two": {"retire": ["old@example.com"]}})
+    assert list(hints) == ["one"]  # address work is read where it waits, never handed over
+    hints = handed(members, TARGETS)
+    asyncio.run(h.workers.sync.schedule(asyncio.run(h._runtime()), "p1", TARGETS, handed=hints))
+    [raw] = list(h.broker.queues[topology.sync_queue(h.settings.queue_prefix)].queue)
+    message = dramatiq.Message.decode(raw)
+    assert {esp: hint[:2] for esp, hint in message.kwargs["expect"].items()} == {esp: list(pair) for esp, pair in members.items()}
+    h.run(lambda: None)  # the scheduled message itself
+    assert h.outbox.calls == ["claim_expected", "settle"] and fake.requests == ["upsert", "upsert"]
+    for esp in TARGETS:
+        state = h.outbox.state("p1", esp)
+        assert state.sent_hash == state.member_hash and not state.pending and state.sending_until is None
 
 
 def test_a_refusal_is_dead_lettered_per_target(fake, tmp_path):
