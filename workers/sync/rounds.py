@@ -304,6 +304,7 @@ class SyncRounds:
         if not todo:
             return
         jobs: list[str] = []
+        notes: list[asyncio.Future[None]] = []
 
         async def accepted(job_id: str) -> None:
             jobs.append(job_id)
@@ -311,10 +312,19 @@ class SyncRounds:
                 assert out.lane is not None  # a lane's round holds it
                 out.lane.freeing = True
                 asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
-            await self._note_job(esp, token, job_id, list(todo), out, held)
+            note = self._note_job(esp, token, job_id, list(todo), out, held)
+            if held and self._note_carry > 0:  # it waits for a ride while the job runs, not before the job is polled
+                notes.append(asyncio.ensure_future(note))
+            else:
+                await note
 
         try:
-            refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
+            try:
+                refused = await client.upsert_batch([state.member for state in todo.values()], accepted)
+            finally:
+                noted = await asyncio.gather(*notes, return_exceptions=True)  # a job's note is written before its outcome
+            if failed := next((e for e in noted if isinstance(e, BaseException)), None):
+                raise failed
         except EspRejected as exc:
             if len(todo) > 1:
                 out.settlement.add(esp, released=list(todo))
@@ -341,7 +351,7 @@ class SyncRounds:
             await asyncio.wait([out.others[1]], timeout=self._gap / 2)
         early = out.take_others()
         try:
-            if held and self._note_carry > 0:  # the job runs meanwhile; its note rides the next round's claim, or goes a carry later
+            if held and self._note_carry > 0:  # its note rides the next round's claim, or goes a carry later
                 await self._record_later(Settlement(token, early[0].parts if early else [], noted=[(esp, job_id, pids)]),
                                          wait_s=JOB_NOTE_WAIT_S, carry_s=self._note_carry)
             else:

@@ -746,10 +746,25 @@ def test_a_round_of_what_the_merges_handed_over_takes_its_leases_without_a_read_
     assert fake.contacts["p0@example.com"]["fields"] == {"first_name": "Again"}
 
 
+class Polled(JobByJob):
+    """The lane, noting each job whose acceptance was answered (from then on, the ESP client polls it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polled: list[str] = []
+
+    async def upsert_batch(self, members, on_job=None):
+        async def answered(job_id):
+            await on_job(job_id)
+            self.polled.append(job_id)
+
+        return await super().upsert_batch(members, answered)
+
+
 def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry_later(fake):
     h = Harness()
     h.outbox = Notes()
-    lane = JobByJob()
+    lane = Polled()
     for n in range(2):
         h.outbox.put(f"p{n}", LANE, member(n))
     for n in (2, 3):
@@ -763,6 +778,7 @@ def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry
         first = asyncio.ensure_future(rounds.sync("p0", LANE, handed(member(0))))
         await until(lambda: rounds.waiting_records == 1)  # the job runs; its note waits for a ride
         assert h.outbox.state("p0", LANE).jobs == [] and not first.done()
+        assert lane.polled == ["job-1"]  # the job is polled meanwhile: its note holds nothing up
         others = await asyncio.gather(*(rounds.sync(pid, TARGET, handed(member(n))) for n, pid in ((2, "p2"), (3, "p3"))))
         assert h.outbox.state("p0", LANE).jobs == ["job-1"]  # written by the next round's claim
         assert h.outbox.calls == ["claim_expected", "claim_expected", "settle"] and h.outbox.notes == []
