@@ -107,6 +107,12 @@ def touches(settlement: Settlement, pairs: set[Pair]) -> bool:
                for pid in [*(p for p, _ in sent), *(p for p, _, _ in failed), *released])
 
 
+def documents(settlement: Settlement) -> int:
+    """How many profile documents writing ``settlement`` updates (its parts and noted jobs, one update a profile)."""
+    return len({pid for _, sent, failed, released, _ in settlement.parts for pid in [*(p for p, _ in sent), *(p for p, _, _ in failed), *released]}
+               | {pid for _, _, pids in settlement.noted for pid in pids})
+
+
 def answer_all(batch: dict[Pair, list[asyncio.Future[None]]], outcomes: dict[Pair, BaseException | None]) -> None:
     """Answer the messages of ``outcomes``' pairs (each once: a pair answered before the round's end keeps its answer)."""
     for pair, exc in outcomes.items():

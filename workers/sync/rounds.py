@@ -41,10 +41,16 @@ from schemas.errors import EspRejected, RateSpent
 from schemas.sync import Claimed, Expected, Settlement, SyncState
 from workers.runtime import Runtime
 from workers.sync import sender
-from workers.sync.outcomes import Carried, Hold, Outcomes, Pair, answer_all, touches
+from workers.sync.outcomes import Carried, Hold, Outcomes, Pair, answer_all, documents, touches
 from workers.sync.sender import Requeue
 
 log = logging.getLogger(__name__)
+
+RIDERS_OVER_TAKES = 2
+"""A claim carries waiting records of at most this many profiles more than it takes leases of: every send of
+its round waits for it, so a pile of records would make the claim, not the records, late (at 20 events/s the
+p99 to SendGrid went from 0.93 to 1.05–1.2 s with every waiting record on the claims); the rest wait for a
+later claim or their carry."""
 
 class SyncRounds:
     """Parameters:
@@ -218,7 +224,7 @@ class SyncRounds:
             handed.pop(pid, None)
         if not handed:
             return await outbox.claim_round(by_target, leases)
-        riders, taken = self._riders(), []
+        riders, taken = self._riders(len(handed) + RIDERS_OVER_TAKES), []
 
         async def take() -> None:
             taken.append(await outbox.claim_expected(handed, leases, [r.settlement for r in riders]))
@@ -237,8 +243,15 @@ class SyncRounds:
         """Lane records waiting for a write to ride."""
         return len(self._carried)
 
-    def _riders(self) -> list[Carried]:
-        riders, self._carried = self._carried, []
+    def _riders(self, most_documents: int | None = None) -> list[Carried]:
+        """The records waiting for a ride, oldest first: all of them, or those of at most ``most_documents`` profiles."""
+        if most_documents is None:
+            riders, self._carried = self._carried, []
+            return riders
+        riders, room = [], most_documents
+        while self._carried and (size := documents(self._carried[0].settlement)) <= room:
+            room -= size
+            riders.append(self._carried.pop(0))
         return riders
 
     async def _carrying(self, write: Awaitable[None], riders: list[Carried]) -> None:

@@ -12,12 +12,13 @@ from pymongo.errors import AutoReconnect
 
 from adapters.esps.base import member_hash
 from schemas.errors import EspRejected, RateSpent
-from schemas.sync import Expected
+from schemas.sync import Expected, Settlement
 from tests.support.fake_esp import FakeEsp
 from tests.support.outbox import FakeOutbox
 from tests.unit.workers.sync.test_actors import TARGET, Harness, member
 from workers.sync import policy
-from workers.sync.rounds import SyncRounds
+from workers.sync.outcomes import Carried, documents
+from workers.sync.rounds import RIDERS_OVER_TAKES, SyncRounds
 
 
 class Counting(FakeOutbox):
@@ -795,3 +796,26 @@ def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry
     state = h.outbox.state("p1", LANE)
     assert state.sent_hash == state.member_hash and state.jobs == [] and state.sending_until is None
     assert h.outbox.state("p0", LANE).jobs == ["job-1"] and h.outbox.state("p0", LANE).sending_until is not None  # its record still waits
+
+
+def test_a_claim_carries_the_oldest_waiting_records_of_a_bounded_number_of_profiles_in_their_order(fake):
+    """Every send of a round waits for its claim: a claim takes along waiting records of at most
+    ``RIDERS_OVER_TAKES`` profiles more than it takes leases of, oldest first; the rest keep waiting."""
+    def record(*pids: str) -> Settlement:
+        settlement = Settlement("t")
+        settlement.add(TARGET, sent=[(pid, "h") for pid in pids])
+        return settlement
+
+    note = Settlement("t", noted=[(LANE, "job-1", ["a", "b"])])
+    note.add(TARGET, sent=[("a", "h")])
+    assert documents(note) == 2 and documents(record("c")) == 1
+
+    async def scenario():
+        rounds = SyncRounds(await Harness()._runtime(), Requeued())
+        loop = asyncio.get_running_loop()
+        rounds._carried = [Carried(s, loop.create_future()) for s in (note, record("c"), record("d"))]
+        taken = rounds._riders(1 + RIDERS_OVER_TAKES)  # a claim of one profile
+        return [r.settlement for r in taken], [c.settlement for c in rounds._carried]
+
+    taken, left = asyncio.run(scenario())
+    assert taken == [note, record("c")] and left == [record("d")]
