@@ -525,6 +525,14 @@ class JobByJob(Lane):
         return {}
 
 
+def two_at_the_lane_two_at_the_target(outbox: FakeOutbox) -> None:
+    """p0 and p1 pending at the lane, p2 and p3 at the other target."""
+    for n in range(2):
+        outbox.put(f"p{n}", LANE, member(n))
+    for n in (2, 3):
+        outbox.put(f"p{n}", TARGET, member(n))
+
+
 async def first_job_ended(rounds: SyncRounds, lane: JobByJob) -> asyncio.Future[None]:
     """A lane sync of p0 whose job ended: its record now waits for a ride."""
     first = asyncio.ensure_future(rounds.sync("p0", LANE))
@@ -538,10 +546,7 @@ def test_a_lane_jobs_record_rides_the_next_write_of_the_rounds_and_its_message_i
     h = Harness()
     h.outbox = Notes()
     lane = JobByJob()
-    for n in range(2):
-        h.outbox.put(f"p{n}", LANE, member(n))
-    for n in (2, 3):
-        h.outbox.put(f"p{n}", TARGET, member(n))
+    two_at_the_lane_two_at_the_target(h.outbox)
 
     async def scenario():
         rounds = await with_lane(h, lane, gap_s=0.01, carry_s=60)  # no record goes on its own in this test
@@ -766,10 +771,7 @@ def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry
     h = Harness()
     h.outbox = Notes()
     lane = Polled()
-    for n in range(2):
-        h.outbox.put(f"p{n}", LANE, member(n))
-    for n in (2, 3):
-        h.outbox.put(f"p{n}", TARGET, member(n))
+    two_at_the_lane_two_at_the_target(h.outbox)
 
     async def scenario():
         rt = await h._runtime()
