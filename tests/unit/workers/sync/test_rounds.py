@@ -381,11 +381,11 @@ class Claims(Counting):
         return await super().claim_send(profile_id, esp, lease)
 
 
-async def with_lane(h: Harness, lane: Lane, gap_s: float, carry_s: float = 1.0) -> SyncRounds:
+async def with_lane(h: Harness, lane: Lane, gap_s: float, carry_s: float = 1.0, note_carry_s: float = 0.0) -> SyncRounds:
     rt = await h._runtime()
     rt.esps[LANE] = lane
     rt.leases[LANE] = rt.leases[TARGET]
-    return SyncRounds(rt, Requeued(), lane_gap_s=gap_s, carry_s=carry_s)
+    return SyncRounds(rt, Requeued(), lane_gap_s=gap_s, carry_s=carry_s, note_carry_s=note_carry_s)
 
 
 def a_lane_sync_and_a_change(outbox: FakeOutbox) -> None:
@@ -774,10 +774,7 @@ def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry
     two_at_the_lane_two_at_the_target(h.outbox)
 
     async def scenario():
-        rt = await h._runtime()
-        rt.esps[LANE] = lane
-        rt.leases[LANE] = rt.leases[TARGET]
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=60, note_carry_s=60)
+        rounds = await with_lane(h, lane, gap_s=0.01, carry_s=60, note_carry_s=60)
         first = asyncio.ensure_future(rounds.sync("p0", LANE, handed(member(0))))
         await until(lambda: rounds.waiting_records == 1)  # the job runs; its note waits for a ride
         assert h.outbox.state("p0", LANE).jobs == [] and not first.done()
@@ -787,7 +784,7 @@ def test_a_lane_jobs_note_rides_the_next_rounds_claim_or_goes_on_its_own_a_carry
         assert h.outbox.calls == ["claim_expected", "claim_expected", "settle"] and h.outbox.notes == []
         lane.releases[0].set()
         await until(lambda: rounds.waiting_records == 1)  # the job's record now waits for a ride in its turn
-        rounds = SyncRounds(rt, Requeued(), lane_gap_s=0.01, carry_s=0.05, note_carry_s=0.05)
+        rounds = await with_lane(h, lane, gap_s=0.01, carry_s=0.05, note_carry_s=0.05)
         second = asyncio.ensure_future(rounds.sync("p1", LANE, handed(member(1))))
         await until(lambda: h.outbox.state("p1", LANE).jobs == ["job-2"])  # no round came: on its own, while the job runs
         assert not second.done()
