@@ -5,10 +5,11 @@ all its (target, profile) pairs in one write and one read, sends every member (c
 ESP's guard pacing its own), and records every outcome in one unordered bulk write; a message is
 answered (then acked) only once that write is done. Where the merge handed over the members it wrote
 (the message's ``expect``), the claim is one write without a read, taking a lease only where the store
-still holds exactly that member (else that profile is read), and it carries records waiting for a ride. A profile with address work (erasures,
-unsubscribes, retirements) takes the single path (``sender``) under the round's lease. A lone sync
-on an idle system takes the single path: two round trips, as before, except at a lane (below): a
-round's hold on a lane ends a gap after its job is accepted, the single path's only with the job.
+still holds exactly that member (else that profile is read), and it carries records waiting for a ride.
+A profile with address work (erasures, unsubscribes, retirements) takes the single path (``sender``)
+under the round's lease. A lone sync on an idle system takes the single path: two round trips, as
+before, except at a lane (below): a round's hold on a lane ends a gap after its job is accepted, the
+single path's only with the job.
 
 A target where every write is an asynchronous job (SendGrid: ``prefers_bulk``) is a lane: a round
 sends all its members in one job, and the target's next syncs gather until that job is accepted and
@@ -19,7 +20,8 @@ most a gap): a change's targets then share one claim and one record rather than 
 outcomes go in the write that notes the job, and their messages are answered then, not at the job's end.
 The job's own outcome, once it ends, rides the next write the process's rounds make (a later job's
 note, a round's record, the next claim) or goes on its own a carry later; so does the job's note
-itself, while the job runs: while changes keep coming, a change at a lane costs about one write. A message is answered only once the write holding its outcome is done.
+itself, while the job runs: while changes keep coming, a change at a lane costs about one write. A
+message is answered only once the write holding its outcome is done.
 
 A target whose single writes' rate is spent (an ESP's single imports a minute) is a lane too while it is:
 a single send waits at most a gap for room, and the members that found none go in one job of the
