@@ -116,6 +116,15 @@ class Expected:
     member_hash: str
     at: datetime
 
+    def to_message(self) -> list[Any]:
+        """As a sync message carries it (JSON): ``[member, member_hash, ISO time]``."""
+        return [self.member, self.member_hash, self.at.isoformat()]
+
+    @classmethod
+    def from_message(cls, carried: list[Any]) -> Expected:
+        member, member_hash, at = carried
+        return cls(member, member_hash, datetime.fromisoformat(at))
+
     def state(self, token: str, until: datetime) -> SyncState:
         """The sync state a read taking the lease would have found."""
         return SyncState(member=self.member, member_hash=self.member_hash, pending=True, dirty_at=self.at,

@@ -173,7 +173,7 @@ class Outbox:
                 take.update({f"{prefix}.sending_until": now + leases[esp], f"{prefix}.sending_token": token})
             takes.append(UpdateOne(match, {"$set": take}))
         ops = [*records.one_per_profile([w for settlement in riders for w in records.settlement_writes(settlement)]), *takes]
-        claimed, left = Claimed(token), list(expected)
+        claimed = Claimed(token)
         try:
             result = await self.profiles.bulk_write(ops, ordered=False)
             if result.matched_count == len(ops):
@@ -184,14 +184,13 @@ class Outbox:
                 taken = {doc["_id"] for doc in docs if all(doc.get("esp", {}).get(esp, {}).get("sending_token") == token
                                                            for esp in expected[doc["_id"]])}
         except PyMongoError:
-            for pid, targets in expected.items():
-                for esp in targets:
-                    await self.release_lost([pid], esp, token, leases[esp])
+            for esp in {esp for targets in expected.values() for esp in targets}:
+                await self.release_lost([pid for pid, targets in expected.items() if esp in targets], esp, token, leases[esp])
             raise
         for pid in taken:
             for esp, hint in expected[pid].items():
                 claimed.states[esp, pid] = hint.state(token, now + leases[esp])
-        return claimed, [pid for pid in left if pid not in taken]
+        return claimed, [pid for pid in expected if pid not in taken]
 
     async def claim_round(self, pairs: dict[str, list[str]], leases: dict[str, timedelta], token: str | None = None) -> Claimed:
         """:meth:`claim_send` for many (target, profile) pairs in two round trips under one token: one write per

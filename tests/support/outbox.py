@@ -61,7 +61,6 @@ class FakeOutbox:
                              riders: Sequence[Settlement] = (), token: str | None = None) -> tuple[Claimed, list[str]]:
         await FakeOutbox.settle(self, *riders)  # in the same write
         claimed, now, left = Claimed(token or uuid.uuid4().hex), datetime.now(timezone.utc), []
-        self.takes = getattr(self, "takes", 0) + 1
         for pid, targets in expected.items():
             states = {esp: self.states.get((pid, esp)) for esp in targets}
             if not all(state is not None and state.get("member_hash") == hint.member_hash and state.get("sent_hash") != hint.member_hash

@@ -14,7 +14,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import dramatiq
@@ -52,7 +51,7 @@ class SyncActors:
             return
         first = await rt.coalescer.first_in_window(targets, profile_id)
         if first:
-            expect = {esp: [hint.member, hint.member_hash, hint.at.isoformat()] for esp, hint in (handed or {}).items() if esp in first}
+            expect = {esp: hint.to_message() for esp, hint in (handed or {}).items() if esp in first}
             await asyncio.to_thread(self.sync_profile.send_with_options, args=(profile_id, first[0] if len(first) == 1 else first),
                                     kwargs={"expect": expect} if expect else None, delay=rt.coalescer.window_ms or None)
 
@@ -100,7 +99,7 @@ def declare(broker: dramatiq.Broker, runtime: GetRuntime, prefix: str) -> SyncAc
         """
         rt = await runtime()
         targets = [esp] if isinstance(esp, str) else esp
-        hints = {t: Expected(m, h, datetime.fromisoformat(at)) for t, (m, h, at) in (expect or {}).items()}
+        hints = {t: Expected.from_message(carried) for t, carried in (expect or {}).items()}
         if not (alone or retry_refused):
             await rt.coalescer.started(targets, profile_id)  # scheduled by a change: the next change schedules another
         if len(targets) == 1:

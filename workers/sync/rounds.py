@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from adapters.esps.base import Esp
 from adapters.esps.guard import rate_patience
@@ -49,6 +50,7 @@ from workers.sync.outcomes import Carried, Hold, Outcomes, Pair, answer_all, doc
 from workers.sync.sender import Requeue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RIDERS_OVER_TAKES = 2
 """A claim carries waiting records of at most this many profiles more than it takes leases of: every send of
@@ -216,25 +218,16 @@ class SyncRounds:
         wrote (the records waiting for a ride go in that write), read for the rest and for those whose state
         was no longer as handed over."""
         outbox, leases = self._rt.store.outbox, {esp: self._rt.leases[esp] for esp in by_target}
+        pairs = [(esp, pid) for esp, pids in by_target.items() for pid in pids]
+        unhinted = {pid for esp, pid in pairs if (esp, pid) not in hints}
         handed: dict[str, dict[str, Expected]] = {}
-        unhinted: set[str] = set()
-        for esp, pids in by_target.items():
-            for pid in pids:
-                if (hint := hints.get((esp, pid))) is None:
-                    unhinted.add(pid)
-                else:
-                    handed.setdefault(pid, {})[esp] = hint
-        for pid in unhinted:
-            handed.pop(pid, None)
+        for esp, pid in pairs:
+            if pid not in unhinted:
+                handed.setdefault(pid, {})[esp] = hints[esp, pid]
         if not handed:
             return await outbox.claim_round(by_target, leases)
-        riders, taken = self._riders(len(handed) + RIDERS_OVER_TAKES), []
-
-        async def take() -> None:
-            taken.append(await outbox.claim_expected(handed, leases, [r.settlement for r in riders]))
-
-        await self._carrying(take(), riders)
-        (claimed, left), = taken
+        riders = self._riders(len(handed) + RIDERS_OVER_TAKES)
+        claimed, left = await self._carrying(outbox.claim_expected(handed, leases, [r.settlement for r in riders]), riders)
         rest = {esp: [pid for pid in pids if pid not in handed or pid in left] for esp, pids in by_target.items()}
         if rest := {esp: pids for esp, pids in rest.items() if pids}:
             read = await outbox.claim_round(rest, {esp: leases[esp] for esp in rest}, token=claimed.token)
@@ -258,16 +251,17 @@ class SyncRounds:
             riders.append(self._carried.pop(0))
         return riders
 
-    async def _carrying(self, write: Awaitable[None], riders: list[Carried]) -> None:
+    async def _carrying(self, write: Awaitable[T], riders: list[Carried]) -> T:
         """Await ``write``, which holds ``riders``: they are written once it is done, back to wait for the next on failure."""
         try:
-            await write
+            result = await write
         except BaseException:
             self._carried[:0] = riders
             raise
         for rider in riders:
             if not rider.written.done():
                 rider.written.set_result(None)
+        return result
 
     async def _record(self, *settlements: Settlement, wait_s: float = 0.0) -> None:
         """Write round records now, with the lane records waiting for a ride."""
@@ -330,7 +324,7 @@ class SyncRounds:
                 out.lane.freeing = True
                 asyncio.get_running_loop().call_later(self._gap, self._release, {esp}, out.lane)  # the next job may start
             note = self._note_job(esp, token, job_id, list(todo), out, held)
-            if held and self._note_carry > 0:  # it waits for a ride while the job runs, not before the job is polled
+            if self._defers_note(held):  # it waits for a ride while the job runs, not before the job is polled
                 notes.append(asyncio.ensure_future(note))
             else:
                 await note
@@ -360,6 +354,10 @@ class SyncRounds:
             else:
                 out.add_refused(esp, pid, state, EspRejected(reason), jobs, self._rt.trail, "batch")
 
+    def _defers_note(self, held: bool) -> bool:
+        """Whether a job's note waits for a ride: only at a lane the round holds (its others' outcomes go with it)."""
+        return held and self._note_carry > 0
+
     async def _note_job(self, esp: str, token: str, job_id: str, pids: list[str], out: Outcomes, held: bool) -> None:
         """Note the job, with the other targets' outcomes when their sends are done within half a gap (they
         usually are: the job's acceptance takes a request too); their messages are answered once it is written.
@@ -368,7 +366,7 @@ class SyncRounds:
             await asyncio.wait([out.others[1]], timeout=self._gap / 2)
         early = out.take_others()
         try:
-            if held and self._note_carry > 0:  # its note rides the next round's claim, or goes a carry later
+            if self._defers_note(held):  # its note rides the next round's claim, or goes a carry later
                 await self._record_later(Settlement(token, early[0].parts if early else [], noted=[(esp, job_id, pids)]),
                                          wait_s=JOB_NOTE_WAIT_S, carry_s=self._note_carry)
             else:
